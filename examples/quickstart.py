@@ -1,0 +1,33 @@
+"""The README's quickstart: linear regression on 8 replicas, equal to one device on the batch."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import numpy as np
+
+import tpustrat as ts
+
+strategy = ts.TPUStrategy()  # every device; 8 simulated CPU devices here
+n = strategy.num_replicas_in_sync
+x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+y = x @ np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def step(w, batch):
+    xb, yb = batch
+    grad = jax.grad(lambda w: ((xb @ w - yb) ** 2).sum() / len(x))(w)  # this replica's share
+    return w - 0.1 * ts.get_replica_context().all_reduce("sum", grad)  # the global gradient
+
+
+batch = strategy.experimental_distribute_values_from_function(
+    lambda ctx: (
+        np.split(x, n)[ctx.replica_id_in_sync_group],
+        np.split(y, n)[ctx.replica_id_in_sync_group],
+    )
+)
+w = strategy.replicate(np.zeros(3, np.float32))
+for _ in range(200):
+    w = strategy.run(step, args=(w, batch))
+print(strategy, "->", np.round(np.asarray(w.value), 3))  # [ 1.  -2.   0.5]

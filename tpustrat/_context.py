@@ -1,0 +1,174 @@
+"""The replica context: what a step function sees while it runs on one replica."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+from jax import lax
+
+from tpustrat._mesh import REPLICA_AXIS
+
+if TYPE_CHECKING:
+    from tpustrat._strategy import TPUStrategy
+
+PyTree = Any
+
+_REPLICA_CONTEXT: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "tpustrat_replica_context", default=None
+)
+_STRATEGY: contextvars.ContextVar[TPUStrategy | None] = contextvars.ContextVar(
+    "tpustrat_strategy", default=None
+)
+
+
+class ReduceOp(str, enum.Enum):
+    """How values from several replicas combine into one. The plain strings work too."""
+
+    SUM = "sum"
+    MEAN = "mean"
+    MAX = "max"
+    MIN = "min"
+
+    @classmethod
+    def parse(cls, op: ReduceOp | str) -> ReduceOp:
+        """Returns the ReduceOp that ``op`` names, or raises a ValueError listing the choices."""
+        try:
+            return cls(op.lower() if isinstance(op, str) else op)
+        except (ValueError, AttributeError):
+            choices = ", ".join(repr(o.value) for o in cls)
+            raise ValueError(
+                f"unknown reduce op {op!r}; use ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}"
+            ) from None
+
+
+class ReplicaContext:
+    """Inside ``strategy.run``: which replica this is, and collectives across replicas.
+
+    Get it with ``ts.get_replica_context()`` inside the step function.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> def step():
+      ...     ctx = ts.get_replica_context()
+      ...     return ctx.all_reduce("sum", 1.0)
+      >>> float(strategy.run(step).value)
+      8.0
+    """
+
+    def __init__(self, strategy: TPUStrategy):
+        self._strategy = strategy
+        self._active = False
+
+    @property
+    def strategy(self) -> TPUStrategy:
+        """The strategy running this step."""
+        return self._strategy
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """How many replicas run the step together."""
+        return self._strategy.num_replicas_in_sync
+
+    @property
+    def replica_id_in_sync_group(self) -> jax.Array:
+        """This replica's index, a traced int32 scalar in ``[0, num_replicas_in_sync)``."""
+        self._check_active("replica_id_in_sync_group")
+        return lax.axis_index(REPLICA_AXIS)
+
+    def all_reduce(self, reduce_op: ReduceOp | str, value: PyTree) -> PyTree:
+        """Combines ``value`` across replicas; every replica gets the result.
+
+        As in tf.distribute, SUM of a value that is the same on every replica is
+        ``num_replicas_in_sync`` times that value.
+
+        Args:
+          reduce_op: a ReduceOp or one of ``"sum"``, ``"mean"``, ``"max"``, ``"min"``.
+          value: a pytree of arrays (or Python numbers).
+
+        Returns:
+          A pytree like ``value``, identical on every replica.
+        """
+        op = ReduceOp.parse(reduce_op)
+        self._check_active("all_reduce")
+        reduce = {
+            ReduceOp.SUM: lax.psum,
+            ReduceOp.MEAN: lax.pmean,
+            ReduceOp.MAX: lax.pmax,
+            ReduceOp.MIN: lax.pmin,
+        }[op]
+        return jax.tree.map(lambda x: reduce(x, REPLICA_AXIS), value)
+
+    def all_gather(self, value: PyTree, axis: int) -> PyTree:
+        """Concatenates every replica's ``value`` along ``axis``, in replica order.
+
+        Args:
+          value: a pytree of arrays of rank >= 1, the same shapes on every replica.
+          axis: the axis to concatenate along; negative counts from the end.
+
+        Returns:
+          A pytree like ``value`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
+        """
+        self._check_active("all_gather")
+
+        def gather(x):
+            x = jax.numpy.asarray(x)
+            if not -x.ndim <= axis < x.ndim:
+                raise ValueError(
+                    f"all_gather axis {axis} is out of range for a value of shape {x.shape}; "
+                    f"use an axis in [{-x.ndim}, {x.ndim})"
+                    + (" (a scalar has no axis: reshape it to (1,) first)" if x.ndim == 0 else "")
+                )
+            return lax.all_gather(x, REPLICA_AXIS, axis=axis % x.ndim, tiled=True)
+
+        return jax.tree.map(gather, value)
+
+    def _check_active(self, what: str) -> None:
+        if not self._active:
+            raise RuntimeError(
+                f"ReplicaContext.{what} was used outside strategy.run; call it inside the "
+                "function you pass to strategy.run (ts.get_replica_context() is None elsewhere)"
+            )
+
+    @contextlib.contextmanager
+    def _activate(self) -> Iterator[ReplicaContext]:
+        self._active = True
+        token = _REPLICA_CONTEXT.set(self)
+        strategy_token = _STRATEGY.set(self._strategy)
+        try:
+            yield self
+        finally:
+            _STRATEGY.reset(strategy_token)
+            _REPLICA_CONTEXT.reset(token)
+            self._active = False
+
+
+def get_replica_context() -> ReplicaContext | None:
+    """The ReplicaContext of the step being traced by ``strategy.run``; None outside ``run``."""
+    return _REPLICA_CONTEXT.get()
+
+
+def get_strategy() -> TPUStrategy | None:
+    """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> with strategy.scope():
+      ...     ts.get_strategy() is strategy
+      True
+    """
+    return _STRATEGY.get()
+
+
+@contextlib.contextmanager
+def strategy_scope(strategy: TPUStrategy) -> Iterator[TPUStrategy]:
+    """Makes ``strategy`` the one ``get_strategy`` returns, until the block ends."""
+    token = _STRATEGY.set(strategy)
+    try:
+        yield strategy
+    finally:
+        _STRATEGY.reset(token)
