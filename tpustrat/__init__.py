@@ -1,23 +1,37 @@
 """tpustrat: tf.distribute.TPUStrategy for JAX, built on jax.sharding and jax.shard_map."""
 
+from tpustrat._accounting import CompileStats, Recompile
 from tpustrat._context import (
     ReduceOp,
     ReplicaContext,
     get_replica_context,
     get_strategy,
 )
+from tpustrat._input import DistributedDataset, InputContext, InputOptions
+from tpustrat._multistep import StepsResult
+from tpustrat._prefetch import DistributedIterator
 from tpustrat._strategy import RunOptions, TPUStrategy
+from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompileStats",
+    "DeviceAssignment",
+    "DistributedDataset",
+    "DistributedIterator",
+    "InputContext",
+    "InputOptions",
     "Mirrored",
     "PerReplica",
+    "Recompile",
     "ReduceOp",
     "ReplicaContext",
     "RunOptions",
+    "StepsResult",
     "TPUStrategy",
+    "Topology",
     "ValueContext",
     "get_replica_context",
     "get_strategy",

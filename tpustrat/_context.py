@@ -60,8 +60,9 @@ class ReplicaContext:
       8.0
     """
 
-    def __init__(self, strategy: TPUStrategy):
+    def __init__(self, strategy: TPUStrategy, row_mask: jax.Array | None = None):
         self._strategy = strategy
+        self._row_mask = row_mask
         self._active = False
 
     @property
@@ -79,6 +80,16 @@ class ReplicaContext:
         """This replica's index, a traced int32 scalar in ``[0, num_replicas_in_sync)``."""
         self._check_active("replica_id_in_sync_group")
         return lax.axis_index(REPLICA_AXIS)
+
+    @property
+    def row_mask(self) -> jax.Array | None:
+        """With shape bucketing, True for the real rows of this replica's padded batch.
+
+        ``run(..., options=ts.RunOptions(experimental_bucketizing_dynamic_shape=True))`` pads the
+        leading dimension of PerReplica arguments up to a power of two; weigh per-row results
+        with this mask. None when the call was not bucketed.
+        """
+        return self._row_mask
 
     def all_reduce(self, reduce_op: ReduceOp | str, value: PyTree) -> PyTree:
         """Combines ``value`` across replicas; every replica gets the result.

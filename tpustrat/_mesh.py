@@ -13,25 +13,30 @@ LOGICAL_CORE_AXIS = "logical_core"
 
 
 def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: int = 1) -> Mesh:
-    """Arranges ``devices`` into a ``("replica", "logical_core")`` mesh.
+    """Arranges ``devices`` into the mesh a strategy runs on.
 
-    Replica ``r`` owns ``devices[r * C:(r + 1) * C]`` for ``C = num_logical_cores``. Both axes are
-    ``Auto``: ``run`` makes ``replica`` manual and leaves ``logical_core`` to the partitioner, so
-    sharding annotations can split a tensor across the cores of one replica.
+    Replica ``r`` owns ``devices[r * C:(r + 1) * C]`` for ``C = num_logical_cores``. The logical
+    cores are factored into prime-sized sub-axes in row-major order (8 cores become
+    ``logical_core.0`` x ``logical_core.1`` x ``logical_core.2``, each of size 2; a prime count
+    stays one ``logical_core`` axis), so that one tensor can be tiled over several of its
+    dimensions at once, as TF's ``partition_dimensions`` do. ``public_mesh`` gives the plain
+    ``("replica", "logical_core")`` view. Every axis is ``Auto``: ``run`` makes ``replica``
+    manual and leaves the cores to the partitioner.
 
     Args:
       devices: the devices, in replica-major order; a 2-D array is taken as (replica, core).
       num_logical_cores: how many devices each replica spans.
 
     Returns:
-      A ``jax.sharding.Mesh`` of shape ``(len(devices) // num_logical_cores, num_logical_cores)``.
+      A ``jax.sharding.Mesh`` over the devices with the replica axis first.
 
     Example:
-      >>> mesh = build_mesh(jax.devices(), num_logical_cores=2)
-      >>> mesh.axis_names
-      ('replica', 'logical_core')
+      >>> build_mesh(jax.devices(), num_logical_cores=4).axis_names
+      ('replica', 'logical_core.0', 'logical_core.1')
     """
     array = np.asarray(devices, dtype=object)
+    if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):
+        raise TypeError(f"num_logical_cores must be an int, got {num_logical_cores!r}")
     if array.ndim == 2:
         if num_logical_cores not in (1, array.shape[1]):
             raise ValueError(
@@ -42,8 +47,6 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
     array = array.reshape(-1)
     if array.size == 0:
         raise ValueError("devices is empty; pass jax.devices() or a non-empty list of devices")
-    if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):
-        raise TypeError(f"num_logical_cores must be an int, got {num_logical_cores!r}")
     if num_logical_cores < 1 or array.size % num_logical_cores:
         raise ValueError(
             f"{array.size} devices cannot be split into replicas of "
@@ -52,8 +55,26 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
         )
     if len({d.id for d in array}) != array.size:
         raise ValueError("devices lists a device more than once; pass each device once")
-    grid = array.reshape(array.size // num_logical_cores, num_logical_cores)
-    return Mesh(grid, (REPLICA_AXIS, LOGICAL_CORE_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+    sizes = _prime_factors(num_logical_cores)
+    names = logical_core_axes(num_logical_cores)
+    grid = array.reshape(array.size // num_logical_cores, *sizes)
+    return Mesh(grid, (REPLICA_AXIS, *names), axis_types=(AxisType.Auto,) * (1 + len(names)))
+
+
+def logical_core_axes(num_logical_cores: int) -> tuple[str, ...]:
+    """The mesh axes that number a replica's logical cores, major to minor."""
+    count = len(_prime_factors(num_logical_cores))
+    if count <= 1:
+        return (LOGICAL_CORE_AXIS,)
+    return tuple(f"{LOGICAL_CORE_AXIS}.{i}" for i in range(count))
+
+
+def public_mesh(mesh: Mesh) -> Mesh:
+    """The ``("replica", "logical_core")`` view of a strategy's mesh, over the same devices."""
+    if mesh.axis_names == (REPLICA_AXIS, LOGICAL_CORE_AXIS):
+        return mesh
+    grid = mesh.devices.reshape(mesh.devices.shape[0], -1)
+    return Mesh(grid, (REPLICA_AXIS, LOGICAL_CORE_AXIS), axis_types=(AxisType.Auto,) * 2)
 
 
 def per_replica_sharding(mesh: Mesh) -> NamedSharding:
@@ -64,3 +85,13 @@ def per_replica_sharding(mesh: Mesh) -> NamedSharding:
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a value held whole by every device."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def _prime_factors(n: int) -> tuple[int, ...]:
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return tuple(factors) or (1,)

@@ -3,88 +3,131 @@
 from __future__ import annotations
 
 import collections
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import _mesh, _replication
+from tpustrat import _accounting, _mesh, _replication
 from tpustrat._context import ReplicaContext
+from tpustrat._placement import ARRAY_TYPES
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
 PyTree = Any
 
-ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, bool, complex)
+_JAX_DONATION_WARNING = "Some donated buffers were not usable"
 
 
-def build_step(
-    fn: Callable[..., PyTree],
-    mesh: Mesh,
-    make_context: Callable[[], ReplicaContext],
-    donate_argnums: tuple[int, ...] = (),
-) -> Callable[..., PyTree]:
-    """Returns ``step(*args, **kwargs)``: ``fn`` on every replica as one jitted ``shard_map``.
+class Step:
+    """``fn`` on every replica, compiled as one jitted ``shard_map`` over the mesh.
 
     ``shard_map`` is manual over ``"replica"`` only, so ``"logical_core"`` stays with the
     partitioner. Replicated inputs are not marked as varying (``check_vma=False``): a gradient
     with respect to one stays local to the replica, as under ``pmap`` and in tf.distribute.
     Outputs proven identical on every replica (see ``_replication``) come back Mirrored, the
-    rest PerReplica. The jitted function caches one executable per argument signature.
+    rest PerReplica. ``jax.jit`` caches one executable per argument signature; every trace is
+    reported to ``on_trace`` with the signature, for compile accounting.
+
+    Args:
+      fn: the user's step function.
+      mesh: the strategy's mesh.
+      make_context: builds the ReplicaContext for one trace, given the row mask (or None).
+      on_trace: called with the abstract signature of ``(args, kwargs)`` at each trace.
+      donate_argnums: positions of ``args`` whose buffers the program may reuse.
     """
 
-    def body_for(per_replica_flags, rebuild, stacked_outputs):
-        def body(*arrays):
-            local = [a[0] if pr else a for a, pr in zip(arrays, per_replica_flags)]
-            args, kwargs = rebuild(local)
-            with make_context()._activate():
-                out = fn(*args, **kwargs)
-            leaves, tree = _flatten_outputs(out)
-            body.out_tree = tree
-            if stacked_outputs is None:
-                return [x[None] for x in leaves]
-            return [x[None] if s else x for x, s in zip(leaves, stacked_outputs)]
+    def __init__(
+        self,
+        fn: Callable[..., PyTree],
+        mesh: Mesh,
+        make_context: Callable[[jax.Array | None], ReplicaContext],
+        on_trace: Callable[[_accounting.Signature], None],
+        donate_argnums: tuple[int, ...] = (),
+    ):
+        self.name = getattr(fn, "__qualname__", None) or repr(fn)
+        self.traces = 0
+        self._fn, self._mesh, self._make_context = fn, mesh, make_context
+        self._on_trace, self._donate_argnums = on_trace, donate_argnums
+        # With one core per replica nothing is left to the partitioner: every axis is manual,
+        # which also lets host callbacks (jax.pure_callback) run inside the step.
+        one_core = mesh.devices.size == mesh.shape[_mesh.REPLICA_AXIS]
+        self._manual_axes = set(mesh.axis_names) if one_core else {_mesh.REPLICA_AXIS}
+        # The jitted function takes (valid_rows, kwargs, *args): donated positions shift by two.
+        self._jitted = jax.jit(self._trace, donate_argnums=tuple(i + 2 for i in donate_argnums))
 
-        return body
+    def __call__(
+        self, valid_rows: np.int32 | None, args: tuple, kwargs: dict
+    ) -> tuple[PyTree, bool, bool]:
+        """Runs the program; returns its outputs, whether it traced and whether it compiled.
 
-    def step(*args, **kwargs):
+        ``valid_rows`` is the number of real rows of a bucketed call, or None.
+        """
+        traces, compiles = self.traces, _accounting.backend_compiles()
+        if self._donate_argnums:  # _diagnose_donation says it better, once
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_JAX_DONATION_WARNING)
+                outputs = self._jitted(valid_rows, kwargs, *args)
+        else:
+            outputs = self._jitted(valid_rows, kwargs, *args)
+        return outputs, self.traces != traces, _accounting.backend_compiles() != compiles
+
+    def _trace(self, valid_rows, kwargs, *args):
+        self.traces += 1
+        self._on_trace(_accounting.signature((args, kwargs)))
         arrays, per_replica_flags, rebuild = _split_inputs((args, kwargs))
+        if valid_rows is not None:
+            arrays, per_replica_flags = [valid_rows, *arrays], [False, *per_replica_flags]
         in_specs = tuple(P(_mesh.REPLICA_AXIS) if pr else P() for pr in per_replica_flags)
+
+        def body_for(stacked_outputs):
+            def body(*arrays):
+                local = [a[0] if pr else a for a, pr in zip(arrays, per_replica_flags)]
+                mask = None
+                if valid_rows is not None:
+                    rows = _padded_rows(local[1:], per_replica_flags[1:])
+                    mask, local = jnp.arange(rows) < local[0], local[1:]
+                call_args, call_kwargs = rebuild(local)
+                with self._make_context(mask)._activate():
+                    out = self._fn(*call_args, **call_kwargs)
+                leaves, body.out_tree = _flatten_outputs(out)
+                if stacked_outputs is None:
+                    return [x[None] for x in leaves]
+                return [x[None] if s else x for x, s in zip(leaves, stacked_outputs)]
+
+            return body
+
+        def shard_mapped(body, out_specs):
+            return jax.shard_map(
+                body,
+                mesh=self._mesh,
+                in_specs=in_specs,
+                out_specs=out_specs,
+                axis_names=self._manual_axes,
+                check_vma=False,
+            )
+
         # First pass: trace with every output stacked, to learn which outputs vary.
-        probe = body_for(per_replica_flags, rebuild, None)
-        provisional = jax.shard_map(
-            probe,
-            mesh=mesh,
-            in_specs=in_specs,
-            out_specs=P(_mesh.REPLICA_AXIS),
-            axis_names={_mesh.REPLICA_AXIS},
-            check_vma=False,
-        )
-        avals = [_abstract(a) for a in arrays]
-        closed = jax.make_jaxpr(provisional)(*avals)
-        inner = _shard_map_body(closed)
+        provisional = shard_mapped(body_for(None), P(_mesh.REPLICA_AXIS))
+        closed = jax.make_jaxpr(provisional)(*[_abstract(a) for a in arrays])
+        eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map")
         varying = _replication.varying_outputs(
-            inner, [_mesh.REPLICA_AXIS in _spec_axes(s) for s in _shard_map_in_specs(closed)]
+            eqn.params["jaxpr"],
+            [_mesh.REPLICA_AXIS in _spec_axes(s) for s in eqn.params["in_specs"]],
         )
-        body = body_for(per_replica_flags, rebuild, varying)
+        body = body_for(varying)
         out_specs = [P(_mesh.REPLICA_AXIS) if v else P() for v in varying]
-        mapped = jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=in_specs,
-            out_specs=out_specs,
-            axis_names={_mesh.REPLICA_AXIS},
-            check_vma=False,
-        )
-        outputs = mapped(*arrays)
+        outputs = shard_mapped(body, out_specs)(*arrays)
+        if self._donate_argnums:
+            _diagnose_donation(self.name, args, self._donate_argnums, outputs, varying)
         wrapped = [
             PerReplica.from_stacked(x) if v else Mirrored(x) for x, v in zip(outputs, varying)
         ]
         return body.out_tree.unflatten(wrapped)
-
-    return jax.jit(step, donate_argnums=donate_argnums)
 
 
 class DispatchWindow:
@@ -107,21 +150,17 @@ class DispatchWindow:
         if leaves:
             self._pending.append(leaves[0])
         while len(self._pending) > self.size:
-            oldest = self._pending.popleft()
-            if not oldest.is_deleted():  # a donated output was consumed by a later step
-                oldest.block_until_ready()
+            _wait(self._pending.popleft())
 
     def drain(self) -> None:
         """Waits for every pending step."""
         while self._pending:
-            oldest = self._pending.popleft()
-            if not oldest.is_deleted():
-                oldest.block_until_ready()
+            _wait(self._pending.popleft())
 
 
-def _abstract(x) -> jax.ShapeDtypeStruct:
-    aval = jax.typeof(x)
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+def _wait(array: jax.Array) -> None:
+    if not array.is_deleted():  # a donated output was consumed by a later step, which waits
+        array.block_until_ready()
 
 
 def _split_inputs(tree: PyTree):
@@ -152,6 +191,10 @@ def _split_inputs(tree: PyTree):
     return arrays, flags, rebuild
 
 
+def _padded_rows(local_arrays, per_replica_flags) -> int:
+    return next(a.shape[0] for a, pr in zip(local_arrays, per_replica_flags) if pr)
+
+
 def _flatten_outputs(out: PyTree):
     paths_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
     leaves = []
@@ -162,29 +205,52 @@ def _flatten_outputs(out: PyTree):
                 f"{jax.tree_util.keystr(path) or ' (the root)'}; a step can only return arrays, "
                 "numbers and pytrees of them (return metadata outside the step)"
             )
-        leaves.append(jax.numpy.asarray(leaf))
+        leaves.append(jnp.asarray(leaf))
     return leaves, tree
 
 
-def _shard_map_eqn(closed):
-    for eqn in closed.jaxpr.eqns:
-        if eqn.primitive.name == "shard_map":
-            return eqn
-    raise AssertionError(f"no shard_map in the traced step:\n{closed}")
+def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
+    """Warns, once per compilation, about donated buffers that no output can reuse."""
+    free = collections.Counter((tuple(o.shape), str(o.dtype), v) for o, v in zip(outputs, varying))
+    unusable = []
+    for i in donate_argnums:
+        if i >= len(args):
+            raise ValueError(
+                f"donate_argnums names argument {i} but run got {len(args)} args; donate an "
+                "existing position, e.g. donate_argnums=(0,) for the state"
+            )
+        nodes = jax.tree_util.tree_flatten_with_path(args[i], is_leaf=is_distributed)[0]
+        for path, node in nodes:
+            stacked = isinstance(node, PerReplica)
+            value = node.stacked if stacked else node.value if isinstance(node, Mirrored) else node
+            for sub_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+                key = (tuple(leaf.shape), str(leaf.dtype), stacked)
+                if free[key] > 0:
+                    free[key] -= 1
+                    continue
+                kind = "PerReplica" if stacked else "replicated"
+                unusable.append(
+                    f"args[{i}]{jax.tree_util.keystr(path + sub_path)} "
+                    f"({leaf.dtype}{list(leaf.shape)}, {kind})"
+                )
+    if unusable:
+        warnings.warn(
+            f"run({name}): {len(unusable)} donated buffer(s) cannot be reused because no output "
+            f"has the same shape, dtype and placement (PerReplica or replicated): "
+            f"{', '.join(unusable)}. Return the updated value with that shape and dtype, or do "
+            "not donate it.",
+            stacklevel=4,
+        )
 
 
-def _shard_map_body(closed):
-    return _shard_map_eqn(closed).params["jaxpr"]
-
-
-def _shard_map_in_specs(closed):
-    return _shard_map_eqn(closed).params["in_specs"]
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    aval = jax.typeof(x)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
 def _spec_axes(spec) -> set[str]:
     axes = set()
     for entry in spec:
-        if entry is None:
-            continue
-        axes.update(entry if isinstance(entry, tuple) else (entry,))
+        if entry is not None:
+            axes.update(entry if isinstance(entry, tuple) else (entry,))
     return axes

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from tpustrat import _mesh, _run, _values
+from tpustrat import (
+    _accounting,
+    _bucketing,
+    _cross_replica,
+    _input,
+    _logical,
+    _mesh,
+    _multistep,
+    _placement,
+    _run,
+    _values,
+)
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
+from tpustrat._topology import DeviceAssignment
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 
 PyTree = Any
-
-_REDUCERS = {
-    ReduceOp.SUM: jnp.sum,
-    ReduceOp.MEAN: jnp.mean,
-    ReduceOp.MAX: jnp.max,
-    ReduceOp.MIN: jnp.min,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +34,19 @@ class RunOptions:
 
     Attributes:
       donate_argnums: positions in ``args`` whose arrays ``run`` may overwrite with its outputs
-        (the training state, typically), so that an update happens in place. A donated argument
-        must not be used after the call.
+        (the training state, typically), so that an update happens in place and memory does not
+        double. A donated argument must not be used after the call. When a donated buffer
+        cannot be reused (no output of its shape, dtype and placement), ``run`` warns once per
+        compilation, naming the buffer.
+      experimental_bucketizing_dynamic_shape: pad the per-replica leading (batch) dimension of
+        PerReplica arguments up to the next power of two, so that a stream of varying batch
+        sizes compiles at most ``ceil(log2(max)) + 1`` programs. The step reads which rows are
+        real from ``ts.get_replica_context().row_mask``; PerReplica outputs keep the padded
+        rows.
     """
 
     donate_argnums: tuple[int, ...] = ()
+    experimental_bucketizing_dynamic_shape: bool = False
 
 
 class TPUStrategy:
@@ -66,20 +77,47 @@ class TPUStrategy:
         devices: Sequence[jax.Device] | None = None,
         num_logical_cores: int = 1,
         *,
+        device_assignment: DeviceAssignment | None = None,
+        spmd: bool = False,
         max_steps_in_flight: int = 2,
     ):
+        if device_assignment is not None:
+            if devices is not None or num_logical_cores not in (
+                1,
+                device_assignment.num_cores_per_replica,
+            ):
+                raise ValueError(
+                    "pass either device_assignment or devices/num_logical_cores, not both: the "
+                    "device assignment already fixes the devices and cores of every replica"
+                )
+            devices = device_assignment.devices
         self._mesh = _mesh.build_mesh(
             jax.devices() if devices is None else devices, num_logical_cores
         )
+        self._public_mesh = _mesh.public_mesh(self._mesh)
+        self._device_assignment = device_assignment
+        self._spmd = bool(spmd)
         self._window = _run.DispatchWindow(max_steps_in_flight)
         self._per_replica_sharding = _mesh.per_replica_sharding(self._mesh)
         self._replicated_sharding = _mesh.replicated_sharding(self._mesh)
-        self._steps: dict[Any, Callable[..., PyTree]] = {}
+        self._steps: dict[Any, _run.Step] = {}
+        self._multisteps: dict[Any, _multistep.MultiStep] = {}
+        self._ledger = _accounting.Ledger()
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
-        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``."""
-        return self._mesh
+        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``.
+
+        Arrays the strategy places live on an equivalent mesh whose logical cores are factored
+        into prime-sized sub-axes (``logical_core.0``, ...), so that the logical-core
+        annotations can tile a tensor over several dimensions; the devices are the same.
+        """
+        return self._public_mesh
+
+    @property
+    def experimental_device_assignment(self) -> DeviceAssignment | None:
+        """The DeviceAssignment the strategy was built with, if any."""
+        return self._device_assignment
 
     @property
     def num_replicas_in_sync(self) -> int:
@@ -89,7 +127,7 @@ class TPUStrategy:
     @property
     def num_logical_cores(self) -> int:
         """How many devices each replica spans."""
-        return self._mesh.shape[_mesh.LOGICAL_CORE_AXIS]
+        return self._public_mesh.shape[_mesh.LOGICAL_CORE_AXIS]
 
     def __repr__(self) -> str:
         return (
@@ -133,18 +171,97 @@ class TPUStrategy:
                 "argument write args=(x,)"
             )
         options = options or RunOptions()
-        inputs, traced = self._prepare((tuple(args), dict(kwargs or {})))
-        key = (fn, tuple(options.donate_argnums))
-        step = self._steps.get(key)
-        if step is None:
-            step = _run.build_step(
-                fn, self._mesh, lambda: ReplicaContext(self), donate_argnums=key[1]
-            )
-            self._steps[key] = step
-        outputs = step(*inputs[0], **inputs[1])
+        inputs = (tuple(args), dict(kwargs or {}))
+        valid_rows = None
+        if options.experimental_bucketizing_dynamic_shape:
+            inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
+        inputs, traced = _placement.prepare(
+            inputs,
+            self.num_replicas_in_sync,
+            self._per_replica_sharding,
+            self._replicated_sharding,
+        )
+        step = self._step(fn, tuple(options.donate_argnums))
+        outputs, retraced, compiled = step(valid_rows, *inputs)
         if not traced:
+            self._ledger.count((fn, tuple(options.donate_argnums)), step.name, retraced, compiled)
             self._window.admit(outputs)
         return outputs
+
+    def experimental_run_steps(
+        self,
+        fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
+        state: PyTree,
+        iterator: Iterator[PyTree],
+        steps_per_run: int,
+        *,
+        stack_outputs: bool = False,
+        options: RunOptions | None = None,
+    ) -> _multistep.StepsResult:
+        """Runs up to ``steps_per_run`` training steps in one compiled program.
+
+        Takes the next ``steps_per_run`` batches from ``iterator`` (a distributed dataset's
+        iterator, say), stacks them on the devices and runs ``fn`` over them in a ``lax.scan``,
+        carrying the state. The result equals ``steps_per_run`` separate ``run`` calls, with one
+        dispatch instead of many (TF's ``steps_per_run``, Keras's ``steps_per_execution``).
+
+        Args:
+          fn: ``fn(state, batch) -> (state, outputs)``, a step as passed to ``run``.
+          state: the training state, e.g. Mirrored parameters and optimizer state.
+          iterator: yields batches (PerReplica pytrees) of one structure and shape.
+          steps_per_run: how many batches to consume.
+          stack_outputs: return every step's outputs stacked (True) or the last step's (False).
+          options: ``ts.RunOptions`` for the compiled program (``donate_argnums=(0,)`` donates
+            the state).
+
+        Returns:
+          A ``StepsResult(state, outputs, num_steps)``. At the end of the data ``num_steps`` is
+          smaller than asked (the remaining batches run as single steps) and 0 when nothing was
+          left, with ``outputs`` None.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> batches = iter([strategy.experimental_distribute_values_from_function(
+          ...     lambda ctx: np.float32(1.0))] * 3)
+          >>> step = lambda total, x: (total + ts.get_replica_context().all_reduce("sum", x), x)
+          >>> result = strategy.experimental_run_steps(step, np.float32(0), batches, 3)
+          >>> float(result.state.value), result.num_steps
+          (24.0, 3)
+        """
+        key = (fn, stack_outputs)
+        if key not in self._multisteps:
+            self._multisteps[key] = _multistep.MultiStep(fn, stack_outputs)
+        return self._multisteps[key].run(
+            lambda f, *args: self.run(f, args=args, options=options), state, iterator, steps_per_run
+        )
+
+    def compile_stats(self) -> _accounting.CompileStats:
+        """How many programs plain ``run`` calls compiled, the cache hits, and why it recompiled.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> step = lambda x: x + 1
+          >>> for n in (4, 4, 6):
+          ...     _ = strategy.run(step, args=(np.zeros(n),))
+          >>> print(strategy.compile_stats())  # doctest: +ELLIPSIS
+          2 programs compiled, 1 cache hits
+            - <lambda> compiled again: args[0] changed shape from (4,) to (6,)...
+        """
+        return self._ledger.stats()
+
+    def _step(self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]) -> _run.Step:
+        key = (fn, donate_argnums)
+        step = self._steps.get(key)
+        if step is None:
+            step = _run.Step(
+                fn,
+                self._mesh,
+                lambda row_mask: ReplicaContext(self, row_mask),
+                on_trace=lambda signature: self._ledger.traced(key, signature),
+                donate_argnums=donate_argnums,
+            )
+            self._steps[key] = step
+        return step
 
     def reduce(self, reduce_op: ReduceOp | str, value: PyTree, axis: int | None = None) -> PyTree:
         """Combines a distributed value across replicas into one value.
@@ -163,20 +280,7 @@ class TPUStrategy:
           A pytree of ``jax.Array``.
         """
         op = ReduceOp.parse(reduce_op)
-        reducer, n = _REDUCERS[op], self.num_replicas_in_sync
-
-        def per_replica(x):
-            if axis is None:
-                return reducer(x, axis=0)
-            return reducer(x, axis=(0, 1 + _check_axis(axis, np.ndim(x) - 1, "reduce")))
-
-        def mirrored(x):
-            x = jnp.asarray(x)
-            if axis is not None:
-                x = reducer(x, axis=_check_axis(axis, x.ndim, "reduce"))
-            return x * n if op is ReduceOp.SUM else x
-
-        result = _values.map_distributed(value, per_replica, mirrored)
+        result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
         self._window.admit(result)
         return result
 
@@ -190,19 +294,7 @@ class TPUStrategy:
         Returns:
           A pytree of ``jax.Array`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
         """
-        n = self.num_replicas_in_sync
-
-        def per_replica(x):
-            a = _check_axis(axis, np.ndim(x) - 1, "gather")
-            shape = x.shape[1:]
-            moved = jnp.moveaxis(x, 0, a)
-            return moved.reshape(*shape[:a], n * shape[a], *shape[a + 1 :])
-
-        def mirrored(x):
-            x = jnp.asarray(x)
-            return jnp.concatenate([x] * n, axis=_check_axis(axis, x.ndim, "gather"))
-
-        result = _values.map_distributed(value, per_replica, mirrored)
+        result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
         self._window.admit(result)
         return result
 
@@ -216,10 +308,7 @@ class TPUStrategy:
           A tuple with one pytree per local replica, in replica order. In a job of several
           processes only the replicas of this process are included.
         """
-        return tuple(
-            _values.map_distributed(value, lambda x, r=r: _component(x, r), lambda x: x)
-            for r in _values.local_replicas(self._mesh)
-        )
+        return _cross_replica.local_results(value, self._mesh)
 
     def experimental_distribute_values_from_function(
         self, value_fn: Callable[[ValueContext], PyTree]
@@ -252,96 +341,53 @@ class TPUStrategy:
             )
         return _values.place_mirrored(tree, self._mesh)
 
+    def experimental_split_to_logical_devices(
+        self, tensor: jax.Array, partition_dimensions: Sequence[int]
+    ) -> jax.Array:
+        """Inside ``run``: tiles ``tensor`` across this replica's logical cores.
+
+        Dimension ``i`` is cut into ``partition_dimensions[i]`` pieces; the tile with index
+        ``(i0, i1, ...)`` lives on logical core ``np.ravel_multi_index((i0, i1, ...),
+        partition_dimensions)``, TF's tile assignment. Numerically the identity.
+
+        Args:
+          tensor: a value inside the step function.
+          partition_dimensions: one positive int per dimension of ``tensor``, multiplying to
+            ``num_logical_cores``; each must divide its dimension.
+
+        Returns:
+          ``tensor``, annotated.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=4)
+          >>> def step(x):
+          ...     return strategy.experimental_split_to_logical_devices(x, [1, 2, 2]) * 2
+          >>> out = strategy.run(step, args=(np.ones((2, 4, 4), np.float32),))
+          >>> float(out.value.sum())
+          64.0
+        """
+        return _logical.split(self._mesh, tensor, partition_dimensions)
+
+    def experimental_replicate_to_logical_devices(self, tensor: jax.Array) -> jax.Array:
+        """Inside ``run``: keeps a whole copy of ``tensor`` on each of this replica's cores."""
+        return _logical.replicate(self._mesh, tensor)
+
+    def experimental_assign_to_logical_device(
+        self, tensor: jax.Array, logical_device_id: int
+    ) -> jax.Array:
+        """Inside ``run``: TF's placement of ``tensor`` on one logical core.
+
+        Checked as TF checks it (the id must be a core of the replica; not with ``spmd=True``).
+        A JAX program is one SPMD program over all of the replica's cores and cannot keep a
+        tensor on one core alone, so the tensor stays whole on every core, as with
+        ``experimental_replicate_to_logical_devices``; numerically the identity.
+        """
+        return _logical.assign(self._mesh, tensor, logical_device_id, self._spmd)
+
     def experimental_distribute_dataset(self, dataset, options=None):
         """Distributes a dataset of global batches over the replicas; see ``_input``."""
-        from tpustrat import _input
-
         return _input.distribute_dataset(self, dataset, options)
 
     def distribute_datasets_from_function(self, dataset_fn, options=None):
         """Distributes per-process datasets made by ``dataset_fn``; see ``_input``."""
-        from tpustrat import _input
-
         return _input.distribute_datasets_from_function(self, dataset_fn, options)
-
-    def _prepare(self, inputs: PyTree) -> tuple[PyTree, bool]:
-        """Checks ``run``'s inputs and places them on the mesh; also says if they are traced.
-
-        One pass over the inputs; the tree is rebuilt only when some leaf must move.
-        """
-        nodes, tree = jax.tree.flatten(inputs, is_leaf=_values.is_distributed)
-        n = self.num_replicas_in_sync
-        per_replica, replicated = self._per_replica_sharding, self._replicated_sharding
-        traced = moved = False
-        placed_nodes = []
-        for index, node in enumerate(nodes):
-            if isinstance(node, PerReplica):
-                leaves, sub, sharding = *jax.tree.flatten(node.stacked), per_replica
-                if any(np.ndim(x) == 0 or np.shape(x)[0] != n for x in leaves):
-                    raise ValueError(
-                        f"{self._where(inputs, index)} is a PerReplica with {node.num_replicas} "
-                        f"components but the strategy has {n} replicas; build it with one "
-                        "component per replica, e.g. with "
-                        "strategy.experimental_distribute_values_from_function"
-                    )
-            elif isinstance(node, Mirrored):
-                leaves, sub, sharding = *jax.tree.flatten(node.value), replicated
-            else:
-                leaves, sub, sharding = [node], None, replicated
-            placed = []
-            for x in leaves:
-                if isinstance(x, jax.core.Tracer):
-                    traced = True
-                elif not (isinstance(x, jax.Array) and x.sharding == sharding):
-                    if not isinstance(x, _run.ARRAY_TYPES):
-                        raise TypeError(
-                            f"{self._where(inputs, index)} is a {type(x).__name__}; strategy.run "
-                            "passes only arrays, numbers and pytrees of them (close over other "
-                            "values in the step function instead)"
-                        )
-                    x, moved = jax.device_put(x, sharding), True
-                placed.append(x)
-            if sub is None:
-                placed_nodes.append(placed[0])
-            else:
-                value = sub.unflatten(placed)
-                placed_nodes.append(
-                    PerReplica.from_stacked(value)
-                    if isinstance(node, PerReplica)
-                    else Mirrored(value)
-                )
-        if traced or not moved:
-            return inputs, traced
-        return tree.unflatten(placed_nodes), traced
-
-    @staticmethod
-    def _where(inputs: PyTree, index: int) -> str:
-        path = jax.tree_util.tree_flatten_with_path(inputs, is_leaf=_values.is_distributed)[0][
-            index
-        ][0]
-        return ("kwargs" if path[0].idx == 1 else "args") + jax.tree_util.keystr(path[1:])
-
-
-def _check_axis(axis: int, ndim: int, what: str) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{what} axis must be an int, got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{what} axis {axis} is out of range for per-replica values of rank {ndim}; use an "
-            f"axis in [{-ndim}, {ndim})"
-        )
-    return int(axis) % ndim
-
-
-def _component(x: jax.Array, replica: int) -> jax.Array:
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return x[replica]
-    # Several processes: assemble this replica's rows from the shards this process holds.
-    out = np.empty(x.shape[1:], x.dtype)
-    for shard in x.addressable_shards:
-        rows = shard.index[0]
-        start = rows.start or 0
-        stop = x.shape[0] if rows.stop is None else rows.stop
-        if start <= replica < stop:
-            out[shard.index[1:]] = np.asarray(shard.data)[replica - start]
-    return jnp.asarray(out)

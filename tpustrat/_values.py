@@ -155,7 +155,8 @@ def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PerReplic
                 f"replica {r}'s value has structure {tree} but replica {local[0]}'s has "
                 f"{structure}; every replica must produce the same structure"
             )
-        leaves_by_replica[r] = [np.asarray(leaf) for leaf in leaves]
+        # A copy: on CPU, device_put may alias a numpy buffer the caller goes on to change.
+        leaves_by_replica[r] = [np.array(leaf) for leaf in leaves]
     sharding = _mesh.per_replica_sharding(mesh)
     stacked = []
     for k, leaf in enumerate(leaves_by_replica[local[0]]):
@@ -218,8 +219,8 @@ def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
     """(replica index, device) for each device of ``mesh`` this process addresses."""
     pid = jax.process_index()
     return [
-        (r, device)
-        for (r, _), device in np.ndenumerate(mesh.devices)
+        (index[0], device)
+        for index, device in np.ndenumerate(mesh.devices)
         if device.process_index == pid
     ]
 

@@ -1,0 +1,126 @@
+"""Does prefetch hide the input pipeline? Step time with and without a background thread.
+
+A loader sleeps X ms per global batch (standing in for reading and decoding); the step runs a
+matmul loop calibrated to about Y ms on the 8 CPU devices. The loop reads the loss after every
+step, as a loop that logs it does, so without prefetch each step costs about X + Y; with
+``experimental_per_replica_buffer_size=2`` the next batches load while the step runs and a step
+costs about max(X, Y). Runs with and without prefetch, and of the step alone, alternate, so drift
+in the machine's load touches all three; each number is the median over repeats of the
+steady-state time per step (the first step of each epoch, which also fills the buffer, is left
+out).
+
+Usage: python benchmarks/input_pipeline.py  (about 20 s on 2 CPU cores)
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tpustrat as ts
+
+GLOBAL_BATCH = 256
+FEATURES = 128
+BATCHES_PER_EPOCH = 20
+REPEATS = 3
+CONFIGS_MS = [(10, 30), (20, 20), (30, 10)]  # (loader X, step Y)
+
+
+class SleepyLoader:
+    """A re-iterable dataset whose every batch takes ``sleep_ms`` to 'load'."""
+
+    def __init__(self, sleep_ms: float, num_batches: int):
+        self.sleep_s = sleep_ms / 1e3
+        self.num_batches = num_batches
+        rng = np.random.default_rng(0)
+        self.batch = {"x": rng.normal(size=(GLOBAL_BATCH, FEATURES)).astype(np.float32)}
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            time.sleep(self.sleep_s)
+            yield self.batch
+
+    def __len__(self):
+        return self.num_batches
+
+
+def step(batch, weights, iterations):
+    """``iterations`` rounds of a small matmul per replica, then an all-reduced loss."""
+    x = jax.lax.fori_loop(0, iterations, lambda _, h: jnp.tanh(h @ weights), batch["x"])
+    return ts.get_replica_context().all_reduce("mean", jnp.mean(x**2))
+
+
+def step_ms(strategy, batch, weights, iterations: int) -> float:
+    """Median milliseconds of one step with ``iterations`` loop rounds, loss read back."""
+    iterations = np.int32(iterations)
+    float(strategy.run(step, args=(batch, weights, iterations)).value)  # compile, warm up
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        float(strategy.run(step, args=(batch, weights, iterations)).value)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def calibrate(strategy, weights, target_ms: float) -> int:
+    """The loop count that makes one step take about ``target_ms``."""
+    (batch,) = strategy.experimental_distribute_dataset(SleepyLoader(0, 1))
+    low, high = 32, 256  # a line through two points: fixed cost plus cost per round
+    low_ms, high_ms = (step_ms(strategy, batch, weights, n) for n in (low, high))
+    per_round = (high_ms - low_ms) / (high - low)
+    return max(1, round(low + (target_ms - low_ms) / per_round))
+
+
+def epoch_step_ms(strategy, weights, loader, iterations: int, buffer_size: int) -> float:
+    """Steady-state milliseconds per step of one epoch, reading the loss every step."""
+    options = ts.InputOptions(experimental_per_replica_buffer_size=buffer_size)
+    dist = strategy.experimental_distribute_dataset(loader, options)
+    start = None
+    for batch in dist:
+        float(strategy.run(step, args=(batch, weights, iterations)).value)
+        if start is None:
+            start = time.perf_counter()
+    return (time.perf_counter() - start) * 1e3 / (len(loader) - 1)
+
+
+def main():
+    strategy = ts.TPUStrategy()
+    rng = np.random.default_rng(1)
+    weights = strategy.replicate(
+        (rng.normal(size=(FEATURES, FEATURES)) / np.sqrt(FEATURES)).astype(np.float32)
+    )
+    print(f"{strategy}, global batch {GLOBAL_BATCH}x{FEATURES}, {BATCHES_PER_EPOCH} batches")
+    print("ms per step. X: loader sleep per batch; Y: the step alone (target, then measured")
+    print("in the same alternation with a loader that never sleeps)")
+    print(f"{'X':>4} {'Y':>4} {'Y meas':>7} {'prefetch':>9} {'sync':>7} {'max(X,Y)':>9} {'X+Y':>6}")
+    for loader_ms, target_ms in CONFIGS_MS:
+        iterations = np.int32(calibrate(strategy, weights, target_ms))
+        runs = {  # name: (loader, buffer size); "step" is Y alone: a loader that never sleeps
+            "step": (SleepyLoader(0, BATCHES_PER_EPOCH), 0),
+            "prefetch": (SleepyLoader(loader_ms, BATCHES_PER_EPOCH), 2),
+            "sync": (SleepyLoader(loader_ms, BATCHES_PER_EPOCH), 0),
+        }
+        times = {name: [] for name in runs}
+        for _ in range(REPEATS):
+            for name, (loader, buffer_size) in runs.items():  # alternate the three
+                times[name].append(
+                    epoch_step_ms(strategy, weights, loader, iterations, buffer_size)
+                )
+        measured, prefetch, sync = (statistics.median(times[name]) for name in runs)
+        print(
+            f"{loader_ms:>4} {target_ms:>4} {measured:>7.1f} {prefetch:>9.1f} {sync:>7.1f} "
+            f"{max(loader_ms, measured):>9.1f} {loader_ms + measured:>6.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Compile accounting and donation: counts, reasons for recompiles, donated buffers."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import tpustrat as ts
+
+
+def _step(x, scale):
+    return ts.get_replica_context().all_reduce("sum", jax.tree.map(lambda v: v * scale, x))
+
+
+def test_counts_and_reasons():
+    strategy = ts.TPUStrategy()
+    batch = ts.PerReplica.from_stacked(np.ones((8, 4, 2), np.float32))
+    for _ in range(3):
+        strategy.run(_step, args=(batch, 2.0))
+    stats = strategy.compile_stats()
+    assert (stats.num_compiles, stats.num_cache_hits, stats.recompiles) == (1, 2, ())
+
+    strategy.run(_step, args=(ts.PerReplica.from_stacked(np.ones((8, 3, 2), np.float32)), 2.0))
+    strategy.run(_step, args=(ts.PerReplica.from_stacked(np.ones((8, 3, 2), np.int32)), 2.0))
+    strategy.run(_step, args=(ts.PerReplica.from_stacked(np.ones((8, 3, 2), np.int32)), 2))
+    strategy.run(
+        _step, args=(ts.PerReplica.from_stacked(np.ones((8, 3, 2), np.int32)), np.float32(2))
+    )
+    strategy.run(_step, args=((batch,), 2.0))
+    stats = strategy.compile_stats()
+    assert stats.num_compiles == 6
+    reasons = [r.reasons for r in stats.recompiles]
+    assert all(r.function == "_step" for r in stats.recompiles)
+    assert reasons[0] == (
+        "args[0] changed shape from (8, 4, 2) to (8, 3, 2); a partial batch? pad it "
+        "(ts.InputOptions) or pass ts.RunOptions(experimental_bucketizing_dynamic_shape=True)",
+    )
+    assert reasons[1] == ("args[0] changed dtype from float32 to int32; cast it once",)
+    assert reasons[2] == ("args[1] changed dtype from float32 to int32; cast it once",)
+    assert reasons[3] == ("args[1] changed dtype from int32 to float32; cast it once",)
+    assert reasons[4][0].startswith("the argument structure changed (added args[0][0]")
+    assert "removed args[0]" in reasons[4][0]
+    assert "6 programs compiled, 2 cache hits" in str(stats)
+
+
+def test_python_number_versus_array():
+    strategy = ts.TPUStrategy()
+    strategy.run(lambda s: s * 2, args=(2.0,))
+    strategy.run(lambda s: s * 2, args=(2.0,))  # another lambda: another function, no recompile
+    step = lambda s: s * 2
+    strategy.run(step, args=(2.0,))
+    strategy.run(step, args=(np.float32(2.0),))
+    (recompile,) = strategy.compile_stats().recompiles
+    assert "args[0] changed from a Python number to a float32 array" in recompile.reasons[0]
+
+
+def test_runs_inside_jit_are_not_counted():
+    strategy = ts.TPUStrategy()
+    jax.jit(lambda x: strategy.run(lambda v: v + 1, args=(x,)))(1.0)
+    assert strategy.compile_stats().num_compiles == 0
+
+
+DONATE = ts.RunOptions(donate_argnums=(0,))
+
+
+def test_donated_state_is_updated_in_place():
+    strategy = ts.TPUStrategy()
+    state = strategy.replicate({"w": np.ones(16, np.float32), "n": np.int32(0)})
+    old = [state.value["w"], state.value["n"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a usable donation warns nothing, JAX's warning included
+        new = strategy.run(
+            lambda s: {"w": s["w"] * 2, "n": s["n"] + 1}, args=(state,), options=DONATE
+        )
+    assert all(buffer.is_deleted() for buffer in old)
+    np.testing.assert_allclose(np.asarray(new["w"].value), 2 * np.ones(16))
+    with pytest.raises(ValueError, match=r"args\[0\] was donated to an earlier run call"):
+        strategy.run(lambda s: s, args=(state,))
+
+
+def test_unusable_donation_warns_once_naming_the_buffer():
+    strategy = ts.TPUStrategy()
+
+    def shrink(s):
+        return {"w": s["w"][:2], "b": s["b"] + 1}
+
+    def state():
+        return strategy.replicate({"w": np.ones(16, np.float32), "b": np.zeros(3, np.float32)})
+
+    with pytest.warns(UserWarning, match=r"1 donated buffer\(s\) cannot be reused") as record:
+        strategy.run(shrink, args=(state(),), options=DONATE)
+    assert "args[0]['w'] (float32[16], replicated)" in str(record[0].message)
+    assert "Some donated buffers were not usable" not in " ".join(str(r.message) for r in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.run(shrink, args=(state(),), options=DONATE)  # same program: no second warning
+
+
+def test_donating_a_missing_argument_is_an_error():
+    strategy = ts.TPUStrategy()
+    with pytest.raises(ValueError, match="donate_argnums names argument 3 but run got 1 args"):
+        strategy.run(lambda s: s, args=(1.0,), options=ts.RunOptions(donate_argnums=(3,)))

@@ -1,0 +1,455 @@
+"""Distributed input: rows to replicas, masks for partial batches, prefetch threads, errors."""
+
+import gc
+import threading
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tpustrat as ts
+from tpustrat._input import InputContext, InputOptions, _Layout
+
+MASKED = InputOptions(experimental_mask=True)
+
+
+@pytest.fixture
+def eight():
+    """A strategy of 8 replicas, for tests that do not depend on the mesh shape."""
+    return ts.TPUStrategy()
+
+
+def _batches(sizes, features=3):
+    """Batches of the given sizes; row k of the whole dataset has id k and x = 10 * k + [0..)."""
+    out, start = [], 0
+    for size in sizes:
+        ids = np.arange(start, start + size, dtype=np.int32)
+        x = (10 * ids[:, None] + np.arange(features)).astype(np.float32)
+        out.append({"id": ids, "x": x})
+        start += size
+    return out
+
+
+def _prefetch_threads():
+    return {t for t in threading.enumerate() if t.name.startswith("tpustrat-prefetch")}
+
+
+def _is_mirrored(value):
+    return isinstance(value, ts.Mirrored)
+
+
+def _per_replica(value):
+    """The host copy of a PerReplica's stacked array, shape (replicas, *component)."""
+    return np.asarray(value.stacked)
+
+
+def test_rows_go_to_their_replica(strategy):
+    n = strategy.num_replicas_in_sync
+    batches = _batches([16, 16])
+    dist = strategy.experimental_distribute_dataset(batches)
+
+    def step(batch):
+        assert batch["x"].shape == (16 // n, 3)  # the replica's slice, inside the step
+        return ts.get_replica_context().replica_id_in_sync_group, batch["x"]
+
+    for expected, batch in zip(batches, dist):
+        assert isinstance(batch["x"], ts.PerReplica)
+        assert batch["x"].stacked.sharding.spec == P("replica")
+        rows = np.split(expected["x"], n)
+        for i, local in enumerate(strategy.experimental_local_results(batch["x"])):
+            np.testing.assert_array_equal(local, rows[i])
+        replica_ids, seen = strategy.run(step, args=(batch,))
+        np.testing.assert_array_equal(_per_replica(replica_ids), np.arange(n))
+        for i, local in enumerate(strategy.experimental_local_results(seen)):
+            np.testing.assert_array_equal(local, rows[i])
+
+
+def test_host_batches_without_fetch_to_device(strategy):
+    n = strategy.num_replicas_in_sync
+    options = InputOptions(experimental_fetch_to_device=False)
+    (batch,) = strategy.experimental_distribute_dataset(_batches([16]), options)
+    assert type(batch["x"].stacked) is np.ndarray
+    np.testing.assert_array_equal(batch["x"].stacked, _batches([16])[0]["x"].reshape(n, -1, 3))
+    doubled = strategy.run(lambda b: 2 * b["x"], args=(batch,))
+    np.testing.assert_array_equal(_per_replica(doubled), 2 * batch["x"].stacked)
+
+
+def _linear_problem(num_examples, features=4, classes=3):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(num_examples, features)).astype(np.float32)
+    y = rng.integers(0, classes, size=num_examples).astype(np.int32)
+    params = {
+        "w": rng.normal(size=(features, classes)).astype(np.float32),
+        "b": rng.normal(size=classes).astype(np.float32),
+    }
+    return x, y, params
+
+
+def _numpy_reference(x, y, params):
+    """Mean cross-entropy, accuracy and the gradient of the mean loss, in float64."""
+    logits = x.astype(np.float64) @ params["w"] + params["b"]
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    one_hot = np.eye(logits.shape[1])[y]
+    error = (np.exp(log_probs) - one_hot) / len(y)
+    return {
+        "loss": -np.mean(log_probs[np.arange(len(y)), y]),
+        "accuracy": np.mean(np.argmax(logits, axis=1) == y),
+        "w": x.T.astype(np.float64) @ error,
+        "b": error.sum(axis=0),
+    }
+
+
+def _masked_step(params, batch, mask):
+    """The documented recipe: weight by the mask, all-reduce sums, divide by the real count."""
+    weight = mask.astype(jnp.float32)
+
+    def loss_sum(p):
+        logits = batch["x"] @ p["w"] + p["b"]
+        log_probs = jax.nn.log_softmax(logits)
+        per_example = -jnp.take_along_axis(log_probs, batch["y"][:, None], axis=1)[:, 0]
+        return jnp.sum(per_example * weight), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    correct = jnp.sum((jnp.argmax(logits, axis=1) == batch["y"]) * weight)
+    sums = {"loss": loss, "correct": correct, "count": jnp.sum(weight), "grads": grads}
+    return ts.get_replica_context().all_reduce("sum", sums)
+
+
+def test_masked_epoch_matches_numpy_and_compiles_once(strategy, compile_count):
+    x, y, params = _linear_problem(45)  # batches of 16, 16 and a partial 13
+    dataset = [{"x": x[i : i + 16], "y": y[i : i + 16]} for i in range(0, 45, 16)]
+    replicated = strategy.replicate(params)
+    totals, compiles_after_first = None, None
+    for batch, mask in strategy.experimental_distribute_dataset(dataset, MASKED):
+        out = strategy.run(_masked_step, args=(replicated, batch, mask))
+        sums = jax.tree.map(lambda v: np.asarray(v.value, np.float64), out, is_leaf=_is_mirrored)
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        if compiles_after_first is None:
+            compiles_after_first = compile_count()
+    assert compiles_after_first > 0, "the first step should have compiled"
+    assert compile_count() == compiles_after_first, "the partial batch recompiled the step"
+    expected = _numpy_reference(x, y, params)
+    count = totals["count"]
+    assert count == 45
+    np.testing.assert_allclose(totals["loss"] / count, expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(totals["correct"] / count, expected["accuracy"], rtol=1e-5)
+    for name in ("w", "b"):
+        np.testing.assert_allclose(
+            totals["grads"][name] / count, expected[name], rtol=1e-5, atol=1e-7
+        )
+
+
+def test_mask_marks_real_rows_and_padding_copies_a_real_row(strategy):
+    n = strategy.num_replicas_in_sync
+    batches = _batches([16, 13])
+    full, partial = list(strategy.experimental_distribute_dataset(batches, MASKED))
+    np.testing.assert_array_equal(_per_replica(full[1]), np.ones((n, 16 // n), bool))
+    batch, mask = partial
+    np.testing.assert_array_equal(_per_replica(mask), (np.arange(16) < 13).reshape(n, -1))
+    rows = _per_replica(batch["x"]).reshape(16, 3)
+    np.testing.assert_array_equal(rows[:13], batches[1]["x"])
+    np.testing.assert_array_equal(rows[13:], np.repeat(batches[1]["x"][:1], 3, axis=0))
+
+
+def test_global_batch_size_option_sets_the_static_shape(eight):
+    options = InputOptions(experimental_mask=True, global_batch_size=24)
+    (batch, mask), (_, full_mask) = eight.experimental_distribute_dataset(
+        _batches([10, 24]), options
+    )
+    assert batch["x"].stacked.shape == (8, 3, 3)
+    assert _per_replica(mask).sum() == 10
+    assert _per_replica(full_mask).all()
+
+
+def test_partial_batch_without_mask_raises_after_the_full_batches(eight):
+    iterator = iter(eight.experimental_distribute_dataset(_batches([16, 16, 5])))
+    next(iterator), next(iterator)
+    with pytest.raises(
+        ValueError, match="batch 2 has 5 rows, fewer than the static global batch of 16"
+    ) as error:
+        next(iterator)
+    assert "experimental_mask=True" in str(error.value)
+    assert "drop_remainder=True" in str(error.value)
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 13], [16, 16]])
+def test_drop_remainder_drops_exactly_the_remainder(sizes):
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    options = InputOptions(drop_remainder=True)
+    seen = [
+        _per_replica(b["id"]).ravel()
+        for b in strategy.experimental_distribute_dataset(_batches(sizes), options)
+    ]
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(32))
+
+
+def test_distribute_datasets_from_function(strategy):
+    n = strategy.num_replicas_in_sync
+    contexts = []
+
+    def dataset_fn(ctx):
+        contexts.append(ctx)
+        size = 2 * ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return _batches([size, size])
+
+    dist = strategy.distribute_datasets_from_function(dataset_fn)
+    assert contexts == [
+        InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=n)
+    ]
+    ids = [_per_replica(batch["id"]) for batch in dist]
+    np.testing.assert_array_equal(np.stack(ids), np.arange(4 * n).reshape(2, n, 2))
+    assert len(contexts) == 1  # called once, not once per epoch
+
+
+def test_per_process_partial_batch_is_masked(eight):
+    options = InputOptions(experimental_mask=True, global_batch_size=32)
+    batches = [_batches([32])[0], _batches([5])[0]]
+    dist = eight.distribute_datasets_from_function(lambda ctx: batches, options)
+    (_, full), (_, partial) = dist
+    assert _per_replica(full).all()
+    np.testing.assert_array_equal(_per_replica(partial), (np.arange(32) < 5).reshape(8, 4))
+
+
+def test_input_context():
+    ctx = InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=8)
+    assert ctx.get_per_replica_batch_size(64) == 8
+    with pytest.raises(ValueError, match="global batch 250 is not divisible by 8 replicas"):
+        ctx.get_per_replica_batch_size(250)
+    with pytest.raises(ValueError, match="input_pipeline_id 2 is out of range for 2"):
+        InputContext(num_input_pipelines=2, input_pipeline_id=2, num_replicas_in_sync=8)
+
+
+def test_new_iter_starts_a_new_epoch(eight):
+    dist = eight.experimental_distribute_dataset(_batches([16, 16, 16]))
+    epochs = [[_per_replica(b["id"]).ravel() for b in dist] for _ in range(2)]
+    np.testing.assert_array_equal(epochs[0], epochs[1])
+    np.testing.assert_array_equal(np.concatenate(epochs[0]), np.arange(48))
+
+
+def test_one_shot_dataset_iterates_once(eight):
+    dist = eight.experimental_distribute_dataset(iter(_batches([16, 16])))
+    assert len(list(dist)) == 2
+    with pytest.raises(ValueError, match="one-shot list_iterator that an earlier iter"):
+        iter(dist)
+
+
+@pytest.mark.parametrize("buffer_size", [0, 2])
+def test_end_of_data_keeps_raising_stop_iteration(eight, buffer_size):
+    before = _prefetch_threads()
+    options = InputOptions(experimental_per_replica_buffer_size=buffer_size)
+    iterator = iter(eight.experimental_distribute_dataset(_batches([16, 16]), options))
+    assert len([next(iterator), next(iterator)]) == 2
+    for _ in range(3):
+        with pytest.raises(StopIteration):
+            next(iterator)
+    assert not _prefetch_threads() - before
+
+
+class LoaderError(Exception):
+    pass
+
+
+def failing_loader():
+    yield _batches([16])[0]
+    raise LoaderError("disk on fire at batch 1")
+
+
+@pytest.mark.parametrize("buffer_size", [0, 2])
+def test_loader_error_surfaces_with_type_message_and_traceback(eight, buffer_size):
+    options = InputOptions(experimental_per_replica_buffer_size=buffer_size)
+    iterator = iter(eight.experimental_distribute_dataset(failing_loader(), options))
+    next(iterator)
+    with pytest.raises(LoaderError, match="disk on fire at batch 1") as error:
+        next(iterator)
+    assert "failing_loader" in [entry.name for entry in error.traceback]
+    with pytest.raises(StopIteration):
+        next(iterator)
+
+
+class CountingLoader:
+    """Batches without end, counting how many were read."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def __iter__(self):
+        while True:
+            self.reads += 1
+            yield _batches([16])[0]
+
+
+@pytest.mark.parametrize("buffer_size", [0, 1, 2])
+def test_prefetch_reads_buffer_size_batches_ahead(eight, buffer_size):
+    loader, before = CountingLoader(), _prefetch_threads()
+    options = InputOptions(experimental_per_replica_buffer_size=buffer_size)
+    with iter(eight.experimental_distribute_dataset(loader, options)) as iterator:
+        next(iterator)
+        deadline = time.monotonic() + 10
+        while loader.reads < 1 + buffer_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time enough to run further ahead, if it would
+        assert loader.reads == 1 + buffer_size
+        assert len(_prefetch_threads() - before) == (1 if buffer_size else 0)
+
+
+def test_close_and_with_block_stop_the_thread(eight):
+    dist, before = eight.experimental_distribute_dataset(CountingLoader()), _prefetch_threads()
+    iterator = iter(dist)
+    next(iterator)
+    (thread,) = _prefetch_threads() - before
+    iterator.close()
+    assert not thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(iterator)
+    with iter(dist) as iterator:
+        next(iterator)
+        (thread,) = _prefetch_threads() - before
+    assert not thread.is_alive()
+
+
+def test_dropped_iterator_stops_its_thread(eight):
+    before = _prefetch_threads()
+    iterator = iter(eight.experimental_distribute_dataset(CountingLoader()))
+    next(iterator)
+    (thread,) = _prefetch_threads() - before
+    alive = weakref.ref(iterator)
+    del iterator
+    gc.collect()
+    assert alive() is None, "something (the thread?) keeps the iterator alive"
+    assert not thread.is_alive()
+    assert not _prefetch_threads() - before
+
+
+def test_element_spec_and_len(strategy):
+    n = strategy.num_replicas_in_sync
+    dist = strategy.experimental_distribute_dataset(_batches([16, 16, 5]), MASKED)
+    assert len(dist) == 3
+    batch_spec, mask_spec = dist.element_spec
+    assert batch_spec == {
+        "id": jax.ShapeDtypeStruct((16 // n,), jnp.int32),
+        "x": jax.ShapeDtypeStruct((16 // n, 3), jnp.float32),
+    }
+    assert mask_spec == jax.ShapeDtypeStruct((16 // n,), jnp.bool_)
+    iterator = iter(dist)
+    assert iterator.element_spec == dist.element_spec
+    assert len(list(iterator)) == 3  # reading the spec consumed nothing
+
+
+def test_len_unknown(eight):
+    with pytest.raises(TypeError, match="has no len"):
+        len(eight.experimental_distribute_dataset(CountingLoader()))
+    dropping = eight.experimental_distribute_dataset(
+        _batches([16]), InputOptions(drop_remainder=True)
+    )
+    with pytest.raises(TypeError, match="drop_remainder=True is unknown"):
+        len(dropping)
+
+
+class FakeTFDataset:
+    """Quacks like a tf.data.Dataset: numpy batches only through as_numpy_iterator."""
+
+    __module__ = "tensorflow.python.data.ops.dataset_ops"
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def as_numpy_iterator(self):
+        return iter(self.batches)
+
+    def __iter__(self):
+        raise AssertionError("tf.data yields tf.Tensors from __iter__; use as_numpy_iterator")
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_tf_data_is_read_through_as_numpy_iterator(eight):
+    dist = eight.experimental_distribute_dataset(FakeTFDataset(_batches([16, 16])))
+    assert len(dist) == 2
+    ids = [_per_replica(b["id"]).ravel() for b in dist]
+    np.testing.assert_array_equal(np.concatenate(ids), np.arange(32))
+
+
+def _x(size, **others):
+    return {"x": np.zeros((size, 2), np.float32), **others}
+
+
+@pytest.mark.parametrize(
+    "batches, match",
+    [
+        (
+            [_x(250)],
+            r"global batch 250 \(batch 0\) is not divisible by 8 replicas; use a batch "
+            "size that is a multiple of 8",
+        ),
+        (
+            [_x(16, y=np.zeros(15))],
+            r"batch 0 has leaves with different leading sizes \(\['x'\] 16, \['y'\] 15\)",
+        ),
+        ([_x(16, name=np.array(["a"] * 16))], r"batch 0 leaf \['name'\] has dtype <U1"),
+        (
+            [_x(16, tokens=np.array([np.zeros(2), np.zeros(3)] * 8, dtype=object))],
+            r"leaf \['tokens'\] has dtype object; .* pad ragged rows",
+        ),
+        ([_x(16, lr=0.1)], r"batch 0 leaf \['lr'\] is a scalar \(float64\) with no batch axis"),
+        ([np.float32(1.0)], r"leaf \(the whole batch\) is a scalar"),
+        ([_x(16), _x(24)], "batch 1 has 24 rows, more than the static global batch of 16"),
+        ([_x(16), _x(16, y=np.zeros(16))], "batch 1 has structure .* but batch 0 had"),
+        (
+            [_x(16), {"x": np.zeros((16, 2), np.int32)}],
+            r"\{'x': int32\[B, 2\]\} but batch 0 had \{'x': float32\[B, 2\]\}",
+        ),
+        ([_x(0)], "batch 0 is empty"),
+        ([{}], "batch 0 has no arrays"),
+    ],
+)
+def test_bad_batches_raise_clear_errors(eight, batches, match):
+    with pytest.raises(ValueError, match=match):
+        list(eight.experimental_distribute_dataset(batches))
+
+
+@pytest.mark.parametrize(
+    "dataset, options, error, match",
+    [
+        (np.zeros((16, 2)), None, TypeError, r"single array of shape \(16, 2\)"),
+        ({"x": np.zeros((16, 2))}, None, TypeError, "got a dict, not a dataset"),
+        (5, None, TypeError, "needs an iterable of batches .* got int"),
+        ([], {"global_batch_size": 250}, ValueError, "global batch 250 is not divisible by 8"),
+        ([], "fast", TypeError, "options must be a ts.InputOptions, got str"),
+    ],
+)
+def test_bad_arguments_raise_at_distribute_time(eight, dataset, options, error, match):
+    if isinstance(options, dict):
+        options = InputOptions(**options)
+    with pytest.raises(error, match=match):
+        eight.experimental_distribute_dataset(dataset, options)
+
+
+def test_bad_options_and_dataset_fn(eight):
+    with pytest.raises(
+        ValueError, match="experimental_per_replica_buffer_size must be an int >= 0, got -1"
+    ):
+        InputOptions(experimental_per_replica_buffer_size=-1)
+    with pytest.raises(ValueError, match="global_batch_size must be an int >= 1, got 0"):
+        InputOptions(global_batch_size=0)
+    with pytest.raises(TypeError, match="needs a callable dataset_fn, got list"):
+        eight.distribute_datasets_from_function([])
+
+
+def test_a_process_keeps_only_its_replicas_rows(eight):
+    # As process 1 of 2 would: 4 replica slices per batch, this process addresses the last two.
+    layout = _Layout(
+        eight.mesh,
+        positions=(2, 3),
+        num_slices=4,
+        static_size=None,
+        batch_name="global batch",
+        slices_name="replicas",
+    )
+    rows = layout.local_rows(np.arange(16).reshape(8, 2), slice_size=2)
+    np.testing.assert_array_equal(rows, np.arange(8, 16).reshape(2, 2, 2))

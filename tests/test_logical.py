@@ -1,0 +1,241 @@
+"""Logical-core annotations: tiling checked in the compiled program, identity numerics, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tpustrat as ts
+
+
+def _per_device_shapes(strategy, step, *args):
+    lowered = jax.jit(lambda *a: strategy.run(step, args=a)).lower(*args)
+    return set(re.findall(r"f32\[([0-9,]*)\]", lowered.compile().as_text()))
+
+
+@pytest.mark.parametrize(
+    ("cores", "dims", "tile"),
+    [
+        (2, [1, 2], "8,8"),
+        (4, [2, 2], "4,8"),
+        (4, [1, 4], "8,4"),
+        (8, [2, 4], "4,4"),
+        (8, [8, 1], "1,16"),
+    ],
+)
+def test_split_tiles_the_compiled_program(cores, dims, tile):
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+
+    def step(x):
+        y = strategy.experimental_split_to_logical_devices(jnp.sin(x), dims)
+        return jnp.cos(y) * 2
+
+    x = jnp.ones((8, 16), jnp.float32)
+    assert tile in _per_device_shapes(strategy, step, x)
+
+
+def test_split_of_rank_four_tiles_two_by_four_in_tf_order():
+    """[1, 2, 4, 1] on 8 cores: tile (i, j) lives on logical core 4 * i + j, as in TF."""
+    strategy = ts.TPUStrategy(num_logical_cores=8)
+    x = np.arange(2 * 4 * 8 * 3, dtype=np.float32).reshape(2, 4, 8, 3)
+
+    def step(x):
+        return strategy.experimental_split_to_logical_devices(x + 0.0, [1, 2, 4, 1])
+
+    assert "2,2,2,3" in _per_device_shapes(strategy, step, x)
+    out = strategy.run(step, args=(x,))
+    np.testing.assert_array_equal(np.asarray(out.value), x)
+    devices = list(strategy.mesh.devices[0])
+    placed = {}
+    for shard in out.value.addressable_shards:  # the result keeps the tiling
+        rows, cols = shard.index[1], shard.index[2]
+        placed[devices.index(shard.device)] = (rows.start // 2, cols.start // 2)
+    assert placed == {core: tuple(map(int, np.unravel_index(core, (2, 4)))) for core in range(8)}
+
+
+@pytest.mark.parametrize("annotate", ["split", "replicate", "assign"])
+def test_annotations_are_the_identity_gradients_included(annotate):
+    strategy = ts.TPUStrategy(num_logical_cores=4)
+
+    def mark(x):
+        if annotate == "split":
+            return strategy.experimental_split_to_logical_devices(x, [1, 4])
+        if annotate == "replicate":
+            return strategy.experimental_replicate_to_logical_devices(x)
+        return strategy.experimental_assign_to_logical_device(x, 3)
+
+    def f(w, x):
+        return jnp.sum(jnp.tanh(mark(x @ w)) ** 2)
+
+    def step(w, x):
+        return f(w, x), jax.grad(f)(w, x)
+
+    w = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    value, grad = strategy.run(step, args=(w, x))
+    np.testing.assert_allclose(float(value.value), float(_plain(w, x)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(grad.value), np.asarray(jax.grad(_plain)(w, x)), rtol=1e-5, atol=1e-6
+    )
+
+
+def _plain(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, [1, 2, 2]),
+            ValueError,
+            r"partition_dimensions \[1, 2, 2\] has 3 entries but the tensor has rank 2",
+        ),
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, [1, 2]),
+            ValueError,
+            r"multiply to 2 but each replica has 4 logical cores",
+        ),
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, [4, 1]),
+            ValueError,
+            r"dimension 0 of the tensor has size 6, which is not divisible by "
+            r"partition_dimensions\[0\]=4",
+        ),
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, [0, 4]),
+            ValueError,
+            r"must be positive",
+        ),
+        (
+            lambda s, x: s.experimental_assign_to_logical_device(x, 4),
+            ValueError,
+            r"logical_device_id 4 is out of range: each replica has 4 logical cores",
+        ),
+    ],
+)
+def test_validation(call, error, message):
+    strategy = ts.TPUStrategy(num_logical_cores=4)
+    with pytest.raises(error, match=message):
+        strategy.run(lambda x: call(strategy, x), args=(np.ones((6, 8), np.float32),))
+
+
+def test_assign_is_refused_in_spmd_mode():
+    strategy = ts.TPUStrategy(num_logical_cores=2, spmd=True)
+    with pytest.raises(ValueError, match="not available with spmd=True"):
+        strategy.run(lambda x: strategy.experimental_assign_to_logical_device(x, 0), args=(1.0,))
+
+
+def test_annotations_outside_run_are_refused():
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    with pytest.raises(
+        RuntimeError, match=r"call it inside the function you pass to strategy\.run"
+    ):
+        strategy.experimental_split_to_logical_devices(jnp.ones((2, 2)), [1, 2])
+
+
+def test_split_that_does_not_fit_the_core_factors():
+    strategy = ts.TPUStrategy(devices=jax.devices()[:6], num_logical_cores=6)  # factored 2 x 3
+    with pytest.raises(
+        ValueError, match=r"cannot be laid out on logical cores factored as \[2, 3\]"
+    ):
+        strategy.run(
+            lambda x: strategy.experimental_split_to_logical_devices(x, [3, 2]),
+            args=(np.ones((6, 6), np.float32),),
+        )
+
+
+@pytest.mark.parametrize("shape", [[1, 1, 1, 2], [1, 1, 1, 4]])
+def test_strategy_from_device_assignment(shape):
+    topology = ts.Topology.from_devices(jax.devices())
+    cores = int(np.prod(shape))
+    assignment = ts.DeviceAssignment.build(
+        topology, computation_shape=shape, num_replicas=8 // cores
+    )
+    strategy = ts.TPUStrategy(device_assignment=assignment, spmd=True)
+    assert strategy.num_replicas_in_sync == 8 // cores
+    assert strategy.num_logical_cores == cores
+    assert strategy.experimental_device_assignment is assignment
+    assert [[d.id for d in row] for row in strategy.mesh.devices] == [
+        [d.id for d in row] for row in assignment.devices
+    ]
+    with pytest.raises(ValueError, match="either device_assignment or devices"):
+        ts.TPUStrategy(devices=jax.devices(), device_assignment=assignment)
+
+
+OPTIMIZER = optax.sgd(0.2, momentum=0.9)
+WIDE = 64
+
+
+def _mlp(params, x):
+    hidden = jax.nn.relu(x @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+def _loss(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(_mlp(params, x), y)
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)], ids=["4x2", "2x4"])
+def test_model_parallel_training_equals_one_device(mesh_shape):
+    """A wide Dense layer split across each replica's cores, data parallel across replicas."""
+    replicas, cores = mesh_shape
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": rng.normal(size=(5, WIDE)).astype(np.float32) * 0.3,
+        "b1": np.zeros(WIDE, np.float32),
+        "w2": rng.normal(size=(WIDE, 3)).astype(np.float32) * 0.3,
+        "b2": np.zeros(3, np.float32),
+    }
+    x = rng.normal(size=(10, 16, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=(10, 16)).astype(np.int32)
+
+    @jax.jit
+    def reference_step(params, opt_state, xb, yb):
+        grads = jax.grad(lambda p: _loss(p, xb, yb).mean())(params)
+        updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    want, opt_state = params, OPTIMIZER.init(params)
+    for t in range(10):
+        want, opt_state = reference_step(want, opt_state, x[t], y[t])
+
+    def split_params(p):
+        return dict(
+            p,
+            w1=strategy.experimental_split_to_logical_devices(p["w1"], [1, cores]),
+            b1=strategy.experimental_split_to_logical_devices(p["b1"], [cores]),
+            w2=strategy.experimental_split_to_logical_devices(p["w2"], [cores, 1]),
+        )
+
+    def train_step(state, batch):
+        (p, opt_state), (xb, yb) = state, batch
+        loss = lambda p: _loss(split_params(p), xb, yb).sum() / 16
+        grads = ts.get_replica_context().all_reduce("sum", jax.grad(loss)(p))
+        updates, opt_state = OPTIMIZER.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    state = strategy.replicate((params, OPTIMIZER.init(params)))
+    per_replica = 16 // replicas
+    for t in range(10):
+        batch = ts.PerReplica.from_stacked(
+            (x[t].reshape(replicas, per_replica, 5), y[t].reshape(replicas, per_replica))
+        )
+        state = strategy.run(train_step, args=(state, batch))
+    got = {k: np.asarray(v.value) for k, v in state[0].items()}
+    stats = strategy.compile_stats()  # once for the replicated start, once for tiled params
+    assert (stats.num_compiles, stats.num_cache_hits) == (2, 8)
+    assert "shardings changed" in stats.recompiles[0].reasons[0]
+    for k in params:
+        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=2e-5, atol=1e-6)
+    text = (
+        jax.jit(lambda s, b: strategy.run(train_step, args=(s, b)))
+        .lower(state, batch)
+        .compile()
+        .as_text()
+    )
+    assert f"f32[5,{WIDE // cores}]" in text  # the wide layer really is split across the cores

@@ -1,0 +1,128 @@
+"""experimental_run_steps: N steps in one program, equal to N separate run calls."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import tpustrat as ts
+
+OPTIMIZER = optax.adam(0.05)
+
+
+def _loss(params, x, y):
+    return ((x @ params["w"] + params["b"] - y) ** 2).sum()
+
+
+def _train_step(state, batch):
+    params, opt_state = state
+    x, y = batch
+    ctx = ts.get_replica_context()
+    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    grads = ctx.all_reduce("sum", grads)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), ctx.all_reduce("sum", loss)
+
+
+def _batches(strategy, count, rows=4):
+    rng = np.random.default_rng(0)
+    n = strategy.num_replicas_in_sync
+    out = []
+    for _ in range(count):
+        x = rng.normal(size=(n, rows, 3)).astype(np.float32)
+        y = rng.normal(size=(n, rows, 2)).astype(np.float32)
+        out.append(ts.PerReplica.from_stacked((x, y)))
+    return out
+
+
+def _initial_state(strategy):
+    params = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    return strategy.replicate((params, OPTIMIZER.init(params)))
+
+
+def _values(tree):
+    return jax.tree.map(
+        lambda v: np.asarray(v.value), tree, is_leaf=lambda v: isinstance(v, ts.Mirrored)
+    )
+
+
+@pytest.mark.parametrize("steps_per_run", [1, 4, 8])
+def test_equals_separate_runs(strategy, steps_per_run):
+    batches = _batches(strategy, 8)
+    state = _initial_state(strategy)
+    losses = []
+    for batch in batches:
+        state, loss = strategy.run(_train_step, args=(state, batch))
+        losses.append(float(loss.value))
+
+    fused = _initial_state(strategy)
+    iterator = iter(batches)
+    fused_losses = []
+    for _ in range(8 // steps_per_run):
+        fused, stacked, num = strategy.experimental_run_steps(
+            _train_step, fused, iterator, steps_per_run, stack_outputs=True
+        )
+        assert num == steps_per_run
+        assert isinstance(stacked, ts.Mirrored)
+        fused_losses += list(np.asarray(stacked.value))
+    np.testing.assert_allclose(fused_losses, losses, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(_values(fused)), jax.tree.leaves(_values(state))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_end_of_data_runs_the_remainder_and_then_nothing():
+    strategy = ts.TPUStrategy()
+    batches = _batches(strategy, 5)
+    iterator = iter(batches)
+    state = _initial_state(strategy)
+    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    assert num == 4 and isinstance(last, ts.Mirrored)
+    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    assert num == 1
+    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    assert (num, last) == (0, None)
+
+    separate = _initial_state(strategy)
+    for batch in batches:
+        separate, _ = strategy.run(_train_step, args=(separate, batch))
+    for got, want in zip(jax.tree.leaves(_values(state)), jax.tree.leaves(_values(separate))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_per_replica_outputs_stack_after_the_replica_axis():
+    strategy = ts.TPUStrategy()
+    batches = _batches(strategy, 3)
+
+    def step(total, batch):
+        x, _ = batch
+        return total + ts.get_replica_context().all_reduce("sum", x.sum()), x.sum()
+
+    total, local, num_steps = strategy.experimental_run_steps(
+        step, np.float32(0), iter(batches), 3, stack_outputs=True
+    )
+    assert num_steps == 3
+    assert isinstance(local, ts.PerReplica)
+    assert local.stacked.shape == (8, 3)
+    want = np.stack([b.stacked[0].sum(axis=(1, 2)) for b in batches], axis=1)
+    np.testing.assert_allclose(np.asarray(local.stacked), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total.value), want.sum(), rtol=1e-5)
+
+
+def test_repeated_calls_compile_once(compile_count):
+    strategy = ts.TPUStrategy()
+    iterator = iter(_batches(strategy, 12))
+    state = _initial_state(strategy)
+    state, _, _ = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    before = compile_count()
+    for _ in range(2):
+        state, _, _ = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    assert compile_count() == before
+
+
+def test_errors():
+    strategy = ts.TPUStrategy()
+    with pytest.raises(ValueError, match="steps_per_run must be an int >= 1, got 0"):
+        strategy.experimental_run_steps(_train_step, None, iter([]), 0)
+    batches = iter(_batches(strategy, 2))
+    with pytest.raises(TypeError, match=r"needs fn\(state, batch\) -> \(state, outputs\)"):
+        strategy.experimental_run_steps(lambda s, b: s, np.float32(0), batches, 2)

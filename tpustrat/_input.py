@@ -1,0 +1,527 @@
+"""Distributed input: batches from a host dataset onto the replicas, prefetched onto the devices.
+
+``strategy.experimental_distribute_dataset(dataset)`` takes any iterable of global batches (a
+list, a generator, a ``tf.data.Dataset``, a grain loader): each element is a pytree of arrays
+whose leaves share a leading batch axis of size ``B``, and replica ``i`` receives rows
+``[i * B / R, (i + 1) * B / R)``. Each element of the distributed dataset is the same pytree with
+every leaf a ``ts.PerReplica``, so ``for x, y in dist`` and ``batch["image"]`` work as in
+tf.distribute; inside ``strategy.run`` a leaf is the replica's ``(B / R, ...)`` slice. A
+background thread keeps ``InputOptions.experimental_per_replica_buffer_size`` batches already on
+the devices while the current step runs.
+
+Every batch has one static shape, the first batch's (or ``InputOptions.global_batch_size``), so
+a step compiles once. A last batch with fewer rows is never dropped silently: by default it
+raises a ValueError; with ``InputOptions(drop_remainder=True)`` it is dropped; with
+``InputOptions(experimental_mask=True)`` it is padded to the static shape, with copies of its
+first row so that the step computes nothing NaN, and every element becomes ``(batch, mask)``
+where ``mask`` is a PerReplica bool of shape ``(B / R,)`` per replica, True on real rows. Full
+batches carry an all-True mask, so the structure never changes and nothing recompiles.
+
+The recipe for exact epoch metrics and gradients: weight each example by its mask, sum across
+replicas, divide by the number of real examples::
+
+  def step(params, batch, mask):
+      ctx = ts.get_replica_context()
+      weight = mask.astype(jnp.float32)
+      per_example = loss_fn(params, batch)                    # shape (B / R,)
+      loss_sum = ctx.all_reduce("sum", jnp.sum(per_example * weight))
+      count = ctx.all_reduce("sum", jnp.sum(weight))
+      return loss_sum / count     # or return both and sum them over the epoch on the host
+
+  for batch, mask in strategy.experimental_distribute_dataset(
+          dataset, ts.InputOptions(experimental_mask=True)):
+      loss = strategy.run(step, args=(params, batch, mask))
+
+For gradients, differentiate ``jnp.sum(per_example * weight) / count`` (``count`` being the
+all-reduced number of real rows) and all-reduce SUM the gradients.
+
+Several processes: each process reads the whole global batch but places only the rows of the
+replicas whose devices it addresses (``jax.make_array_from_process_local_data``). With
+``distribute_datasets_from_function`` each process's dataset yields only that process's batch,
+``global_batch_size // ctx.num_input_pipelines`` rows, split over its replicas in order. Every
+process must yield the same number of batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from tpustrat import _mesh
+from tpustrat._prefetch import DistributedIterator
+from tpustrat._values import PerReplica, local_replicas
+
+if TYPE_CHECKING:
+    from tpustrat._strategy import TPUStrategy
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class InputContext:
+    """What ``distribute_datasets_from_function`` tells ``dataset_fn`` about its input pipeline.
+
+    There is one input pipeline per process; pipeline ``input_pipeline_id`` feeds that process's
+    replicas, so its dataset should yield batches of ``global_batch_size // num_input_pipelines``
+    rows (and read only its share of the files, e.g. shard ``input_pipeline_id`` of
+    ``num_input_pipelines``).
+
+    Attributes:
+      num_input_pipelines: how many pipelines (processes) feed the replicas.
+      input_pipeline_id: this pipeline's index in ``[0, num_input_pipelines)``.
+      num_replicas_in_sync: how many replicas run each step together.
+
+    Example:
+      >>> ctx = InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=8)
+      >>> ctx.get_per_replica_batch_size(64)
+      8
+    """
+
+    num_input_pipelines: int = 1
+    input_pipeline_id: int = 0
+    num_replicas_in_sync: int = 1
+
+    def __post_init__(self):
+        for name in ("num_input_pipelines", "num_replicas_in_sync"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("input_pipeline_id", self.input_pipeline_id, minimum=0)
+        if self.input_pipeline_id >= self.num_input_pipelines:
+            raise ValueError(
+                f"input_pipeline_id {self.input_pipeline_id} is out of range for "
+                f"{self.num_input_pipelines} input pipelines; use an id in "
+                f"[0, {self.num_input_pipelines})"
+            )
+
+    def get_per_replica_batch_size(self, global_batch_size: int) -> int:
+        """The rows each replica gets of a global batch of ``global_batch_size`` rows.
+
+        Raises:
+          ValueError: if ``global_batch_size`` is not a multiple of ``num_replicas_in_sync``.
+        """
+        _check_int("global_batch_size", global_batch_size, minimum=1)
+        if global_batch_size % self.num_replicas_in_sync:
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by "
+                f"{self.num_replicas_in_sync} replicas; use a global batch size that is a "
+                f"multiple of {self.num_replicas_in_sync}"
+            )
+        return global_batch_size // self.num_replicas_in_sync
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """How a distributed dataset moves batches onto the replicas.
+
+    Attributes:
+      experimental_fetch_to_device: True puts each batch on the devices in the background
+        thread; False leaves host numpy arrays in the PerReplica values (one process only), and
+        ``strategy.run`` copies them when it is called.
+      experimental_per_replica_buffer_size: how many batches the background thread keeps ready
+        ahead of the step; 0 reads and places each batch synchronously in ``next`` (no thread).
+      experimental_mask: make every element ``(batch, mask)`` and pad a partial batch to the
+        static shape; ``mask`` marks the real rows (see the module docstring for the recipe).
+      drop_remainder: drop a batch with fewer rows than the static shape, as tf.data does.
+      global_batch_size: the static global batch every batch is padded to; default the first
+        batch's size. Set it when the first batch may itself be partial.
+
+    Example:
+      >>> InputOptions(experimental_mask=True).experimental_per_replica_buffer_size
+      2
+    """
+
+    experimental_fetch_to_device: bool = True
+    experimental_per_replica_buffer_size: int = 2
+    experimental_mask: bool = False
+    drop_remainder: bool = False
+    global_batch_size: int | None = None
+
+    def __post_init__(self):
+        _check_int(
+            "experimental_per_replica_buffer_size",
+            self.experimental_per_replica_buffer_size,
+            minimum=0,
+        )
+        if self.global_batch_size is not None:
+            _check_int("global_batch_size", self.global_batch_size, minimum=1)
+
+
+class DistributedDataset:
+    """A dataset whose elements are pytrees of PerReplica values, one slice per replica.
+
+    Made by ``strategy.experimental_distribute_dataset`` or
+    ``strategy.distribute_datasets_from_function``. Each ``iter(dist)`` starts an epoch over
+    the underlying dataset; a dataset that is itself an iterator (a generator) can be iterated
+    only once.
+    """
+
+    def __init__(self, dataset: Iterable[PyTree], layout: _Layout, options: InputOptions):
+        self._dataset = dataset
+        self._layout = layout
+        self._options = options
+        self._one_shot = isinstance(dataset, Iterator)
+        self._started = False
+        self._element_spec = None
+
+    def __iter__(self) -> DistributedIterator:
+        if self._one_shot:
+            if self._started:
+                raise ValueError(
+                    f"this distributed dataset reads a one-shot {type(self._dataset).__name__} "
+                    "that an earlier iter() already consumed; to iterate once per epoch pass a "
+                    "re-iterable dataset (a list, a tf.data.Dataset, a grain loader, or an "
+                    "object whose __iter__ starts a new epoch)"
+                )
+            self._started = True
+        return self._iterator(self._options.experimental_per_replica_buffer_size)
+
+    def __len__(self) -> int:
+        """The number of batches per epoch, when the underlying dataset has a length."""
+        if self._options.drop_remainder:
+            raise TypeError(
+                "len() of a distributed dataset with drop_remainder=True is unknown until the "
+                "last batch arrives; to have a length, batch the dataset itself with "
+                "drop_remainder (e.g. tf.data's batch(B, drop_remainder=True))"
+            )
+        if not hasattr(self._dataset, "__len__"):
+            raise TypeError(f"the dataset ({type(self._dataset).__name__}) has no len()")
+        return len(self._dataset)
+
+    @property
+    def element_spec(self) -> PyTree:
+        """The shapes and dtypes one replica sees in the step: ``jax.ShapeDtypeStruct`` leaves.
+
+        Computed once, from the first batch of a fresh pass over the dataset.
+        """
+        if self._element_spec is None:
+            if self._one_shot:
+                raise TypeError(
+                    "element_spec of a dataset that is a one-shot iterator would consume its "
+                    "first batch; read it from the iterator instead: iter(dist).element_spec"
+                )
+            with self._iterator(buffer_size=0) as iterator:
+                self._element_spec = iterator.element_spec
+        return self._element_spec
+
+    def _iterator(self, buffer_size: int) -> DistributedIterator:
+        batcher = _Batcher(self._layout, self._options)
+        source = _host_iterator(self._dataset)
+        return DistributedIterator(_distributed_elements(source, batcher), buffer_size)
+
+
+def distribute_dataset(
+    strategy: TPUStrategy, dataset: Iterable[PyTree], options: InputOptions | None = None
+) -> DistributedDataset:
+    """Splits each global batch of ``dataset`` over the strategy's replicas.
+
+    Args:
+      strategy: the strategy whose replicas receive the batches.
+      dataset: an iterable of pytrees whose leaves share a leading global-batch axis.
+      options: a ``ts.InputOptions``; default ``InputOptions()``.
+
+    Returns:
+      A DistributedDataset; replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)``.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> batches = [{"x": np.arange(16.0).reshape(8, 2)}]
+      >>> for batch in strategy.experimental_distribute_dataset(batches):
+      ...     print(batch["x"].stacked.shape)
+      (8, 1, 2)
+    """
+    options = _check_options(options, strategy.mesh)
+    _check_dataset(dataset, "experimental_distribute_dataset")
+    num_replicas = strategy.num_replicas_in_sync
+    layout = _Layout(
+        mesh=strategy.mesh,
+        positions=tuple(local_replicas(strategy.mesh)),
+        num_slices=num_replicas,
+        static_size=_static_size(options, num_replicas, num_replicas),
+        batch_name="global batch",
+        slices_name="replicas",
+    )
+    return DistributedDataset(dataset, layout, options)
+
+
+def distribute_datasets_from_function(
+    strategy: TPUStrategy,
+    dataset_fn: Callable[[InputContext], Iterable[PyTree]],
+    options: InputOptions | None = None,
+) -> DistributedDataset:
+    """Calls ``dataset_fn`` once per process and splits its batches over that process's replicas.
+
+    Args:
+      strategy: the strategy whose replicas receive the batches.
+      dataset_fn: takes a ``ts.InputContext`` and returns this process's dataset, whose batches
+        hold ``global_batch_size // ctx.num_input_pipelines`` rows.
+      options: a ``ts.InputOptions``; its ``global_batch_size`` is the global one.
+
+    Returns:
+      A DistributedDataset; the process's ``L`` replicas split each of its batches in order.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> def dataset_fn(ctx):
+      ...     rows = 2 * ctx.num_replicas_in_sync // ctx.num_input_pipelines
+      ...     return [np.zeros((rows, 3), np.float32)]
+      >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
+      >>> dist.element_spec.shape
+      (2, 3)
+    """
+    if not callable(dataset_fn):
+        raise TypeError(
+            f"distribute_datasets_from_function needs a callable dataset_fn, got "
+            f"{type(dataset_fn).__name__}; pass a function taking a ts.InputContext"
+        )
+    mesh = strategy.mesh
+    options = _check_options(options, mesh)
+    num_replicas = strategy.num_replicas_in_sync
+    local = local_replicas(mesh)
+    for replica in local:
+        processes = sorted({d.process_index for d in mesh.devices[replica].flat})
+        if len(processes) > 1:
+            raise ValueError(
+                f"replica {replica} spans processes {processes}, so no single input pipeline "
+                "can feed it; use strategy.experimental_distribute_dataset, which gives every "
+                "process the whole global batch"
+            )
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    context = InputContext(
+        num_input_pipelines=len(processes),
+        input_pipeline_id=processes.index(jax.process_index()),
+        num_replicas_in_sync=num_replicas,
+    )
+    dataset = dataset_fn(context)
+    _check_dataset(dataset, "the dataset_fn of distribute_datasets_from_function")
+    layout = _Layout(
+        mesh=mesh,
+        positions=tuple(range(len(local))),
+        num_slices=len(local),
+        static_size=_static_size(options, num_replicas, len(local)),
+        batch_name="per-process batch",
+        slices_name="replicas of this process",
+    )
+    return DistributedDataset(dataset, layout, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the rows of a host batch go.
+
+    A host batch is cut into ``num_slices`` equal slices of rows; this process keeps the slices
+    at ``positions``, which feed its replicas in order.
+    """
+
+    mesh: Mesh
+    positions: tuple[int, ...]
+    num_slices: int
+    static_size: int | None
+    batch_name: str
+    slices_name: str
+
+    def local_rows(self, array: np.ndarray, slice_size: int) -> np.ndarray:
+        """This process's rows of ``array``, shaped ``(local replicas, slice_size, ...)``.
+
+        Always a new array: on CPU, JAX may alias host memory it is given, and a loader may
+        reuse its buffers.
+        """
+        if self.positions == tuple(range(self.num_slices)):
+            rows = np.array(array)
+        else:
+            rows = np.concatenate(
+                [array[p * slice_size : (p + 1) * slice_size] for p in self.positions]
+            )
+        return rows.reshape(len(self.positions), slice_size, *array.shape[1:])
+
+
+class _Batcher:
+    """Checks each host batch against the first and places it on the replicas; one per epoch."""
+
+    def __init__(self, layout: _Layout, options: InputOptions):
+        self._layout = layout
+        self._options = options
+        self._static_size = layout.static_size
+        self._first = None  # batch 0's structure and (shape[1:], dtype) of each leaf
+        self._index = 0
+
+    def __call__(self, element: PyTree) -> PyTree | None:
+        """The distributed element for one host batch, or None if the batch is dropped."""
+        index, self._index = self._index, self._index + 1
+        arrays, structure, size = _host_arrays(element, index)
+        signature = [(a.shape[1:], a.dtype) for a in arrays]
+        if self._first is None:
+            self._first = (structure, signature)
+            if self._static_size is None:
+                self._static_size = size
+                self._check_static_size(index)
+        elif (structure, signature) != self._first:
+            raise ValueError(
+                f"batch {index} has structure {_describe(structure, signature)} but batch 0 had "
+                f"{_describe(*self._first)}; every batch needs the same structure, dtypes and "
+                "shapes (only a partial batch may have fewer rows)"
+            )
+        static_size = self._static_size
+        if size > static_size:
+            raise ValueError(
+                f"batch {index} has {size} rows, more than the static {self._layout.batch_name} of "
+                f"{static_size}; pass InputOptions(global_batch_size=...) set to the largest "
+                "global batch, with experimental_mask=True to pad the smaller ones"
+            )
+        if size < static_size:
+            if self._options.drop_remainder:
+                return None
+            if not self._options.experimental_mask:
+                raise ValueError(
+                    f"batch {index} has {size} rows, fewer than the static "
+                    f"{self._layout.batch_name} of {static_size}: a partial batch. Pass "
+                    "InputOptions(experimental_mask=True) to pad it and get (batch, mask) "
+                    "elements, or InputOptions(drop_remainder=True) to drop it"
+                )
+            arrays = [_pad(a, static_size) for a in arrays]
+        masked = self._options.experimental_mask
+        if masked:
+            arrays = [*arrays, np.arange(static_size) < size]
+        placed = [PerReplica.from_stacked(x) for x in self._place(arrays, static_size)]
+        if masked:
+            return structure.unflatten(placed[:-1]), placed[-1]
+        return structure.unflatten(placed)
+
+    def _check_static_size(self, index: int) -> None:
+        layout, static_size = self._layout, self._static_size
+        if static_size == 0:
+            raise ValueError(f"batch {index} is empty; every batch needs at least one row")
+        if static_size % layout.num_slices:
+            raise ValueError(
+                f"{layout.batch_name} {static_size} (batch {index}) is not divisible by "
+                f"{layout.num_slices} {layout.slices_name}; use a batch size that is a multiple "
+                f"of {layout.num_slices}, or, if this batch is partial, pass "
+                "InputOptions(global_batch_size=...) and experimental_mask=True"
+            )
+
+    def _place(self, arrays: list[np.ndarray], static_size: int) -> list[Any]:
+        layout = self._layout
+        local = [layout.local_rows(a, static_size // layout.num_slices) for a in arrays]
+        if not self._options.experimental_fetch_to_device:
+            return local
+        num_replicas = layout.mesh.shape[_mesh.REPLICA_AXIS]
+        shapes = [(num_replicas, *a.shape[1:]) for a in local]
+        sharding = _mesh.per_replica_sharding(layout.mesh)
+        return jax.make_array_from_process_local_data(sharding, local, shapes)
+
+
+def _distributed_elements(source: Iterator[PyTree], batcher: _Batcher) -> Iterator[PyTree]:
+    for element in source:
+        distributed = batcher(element)
+        if distributed is not None:
+            yield distributed
+
+
+def _host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
+    """A new pass over ``dataset``; a tf.data.Dataset yields numpy through as_numpy_iterator."""
+    if type(dataset).__module__.startswith("tensorflow") and hasattr(dataset, "as_numpy_iterator"):
+        return dataset.as_numpy_iterator()
+    return iter(dataset)
+
+
+def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, int]:
+    """The leaves of one host batch as numpy arrays, its structure and its number of rows."""
+    paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
+    if not paths_leaves:
+        raise ValueError(f"batch {index} has no arrays; each element must be a pytree of arrays")
+    arrays, sizes = [], {}
+    for path, leaf in paths_leaves:
+        where = f"batch {index} leaf {jax.tree_util.keystr(path) or '(the whole batch)'}"
+        try:
+            array = np.asarray(leaf)
+        except ValueError as error:
+            raise ValueError(
+                f"{where} is ragged ({error}); pad its rows to one length, e.g. with a mask"
+            ) from None
+        if array.dtype.kind in "OUSV":
+            raise ValueError(
+                f"{where} has dtype {array.dtype}; only numeric and bool arrays can go to the "
+                "devices: map strings to integer ids, and pad ragged rows to one length"
+            )
+        if array.ndim == 0:
+            raise ValueError(
+                f"{where} is a scalar ({array.dtype}) with no batch axis; give it a leading "
+                "batch axis (one value per example) or close over it in the step function"
+            )
+        arrays.append(array)
+        sizes[jax.tree_util.keystr(path)] = array.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{path} {size}" for path, size in sizes.items())
+        raise ValueError(
+            f"batch {index} has leaves with different leading sizes ({listed}); the first axis "
+            "of every leaf must be the batch axis, with the same number of rows"
+        )
+    return arrays, structure, arrays[0].shape[0]
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with rows appended up to ``size``: copies of its first row, or zeros if empty."""
+    missing = size - array.shape[0]
+    if array.shape[0] == 0:
+        return np.zeros((size, *array.shape[1:]), array.dtype)
+    return np.concatenate([array, np.repeat(array[:1], missing, axis=0)])
+
+
+def _static_size(options: InputOptions, num_replicas: int, num_slices: int) -> int | None:
+    """The rows of one host batch of ``num_slices`` replicas, from the global batch option."""
+    if options.global_batch_size is None:
+        return None
+    context = InputContext(num_replicas_in_sync=num_replicas)
+    return context.get_per_replica_batch_size(options.global_batch_size) * num_slices
+
+
+def _check_options(options: InputOptions | None, mesh: Mesh) -> InputOptions:
+    if options is None:
+        return InputOptions()
+    if not isinstance(options, InputOptions):
+        raise TypeError(f"options must be a ts.InputOptions, got {type(options).__name__}")
+    processes = {d.process_index for d in mesh.devices.flat}
+    if not options.experimental_fetch_to_device and len(processes) > 1:
+        raise ValueError(
+            "experimental_fetch_to_device=False keeps batches as host arrays, which works only "
+            f"when one process drives every device; this mesh spans {len(processes)} processes, "
+            "so leave it True"
+        )
+    return options
+
+
+def _check_dataset(dataset: Any, what: str) -> None:
+    if isinstance(dataset, (np.ndarray, jax.Array)):
+        raise TypeError(
+            f"{what} got a single array of shape {np.shape(dataset)}, not a dataset; pass an "
+            "iterable of batches, e.g. [x[i:i + B] for i in range(0, len(x), B)]"
+        )
+    if isinstance(dataset, Mapping):
+        raise TypeError(
+            f"{what} got a {type(dataset).__name__}, not a dataset; pass an iterable of "
+            "batches, e.g. a list of dicts of arrays"
+        )
+    if not (isinstance(dataset, Iterable) or hasattr(dataset, "as_numpy_iterator")):
+        raise TypeError(
+            f"{what} needs an iterable of batches (a list, a generator, a tf.data.Dataset, a "
+            f"grain loader), got {type(dataset).__name__}"
+        )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _describe(structure: Any, signature: list[tuple[tuple[int, ...], np.dtype]]) -> str:
+    leaves = [_Text(f"{dtype}[{', '.join(['B', *map(str, shape)])}]") for shape, dtype in signature]
+    return str(structure.unflatten(leaves))
+
+
+class _Text(str):
+    """A string that shows without quotes inside a container's repr."""
+
+    __repr__ = str.__str__

@@ -1,0 +1,112 @@
+"""Logical-core annotations: split, replicate or assign a tensor across one replica's cores.
+
+Inside ``strategy.run`` the replica axis is manual and the logical-core axes are left to the
+partitioner, so each annotation is a sharding constraint on those axes: numerically the
+identity (gradients included), it tells XLA how to lay the tensor out over the replica's cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpustrat import _mesh
+from tpustrat._context import get_replica_context
+
+
+def split(mesh: Mesh, tensor: jax.Array, partition_dimensions: Sequence[int]) -> jax.Array:
+    """Tiles ``tensor`` over the replica's cores: dimension i is cut into
+    ``partition_dimensions[i]`` pieces. Tile ``(i0, i1, ...)`` goes to logical core
+    ``np.ravel_multi_index((i0, i1, ...), partition_dimensions)``, as in TF."""
+    _check_in_replica("experimental_split_to_logical_devices")
+    cores = _num_cores(mesh)
+    shape = np.shape(tensor)
+    dims = [int(d) for d in partition_dimensions]
+    if len(dims) != len(shape):
+        raise ValueError(
+            f"partition_dimensions {dims} has {len(dims)} entries but the tensor has rank "
+            f"{len(shape)} (shape {shape}); give one entry per dimension, 1 for no split"
+        )
+    if any(d < 1 for d in dims):
+        raise ValueError(f"partition_dimensions {dims} must be positive; use 1 for no split")
+    if int(np.prod(dims)) != cores:
+        raise ValueError(
+            f"partition_dimensions {dims} multiply to {int(np.prod(dims))} but each replica has "
+            f"{cores} logical cores; make their product {cores}"
+        )
+    for axis, (size, parts) in enumerate(zip(shape, dims)):
+        if size % parts:
+            raise ValueError(
+                f"dimension {axis} of the tensor has size {size}, which is not divisible by "
+                f"partition_dimensions[{axis}]={parts}; pad the tensor or choose a divisor of "
+                f"{size}"
+            )
+    return _constrain(mesh, tensor, P(*_spec_entries(mesh, dims)))
+
+
+def replicate(mesh: Mesh, tensor: jax.Array) -> jax.Array:
+    """Keeps a whole copy of ``tensor`` on every core of the replica."""
+    _check_in_replica("experimental_replicate_to_logical_devices")
+    return _constrain(mesh, tensor, P())
+
+
+def assign(mesh: Mesh, tensor: jax.Array, logical_device_id: int, spmd: bool) -> jax.Array:
+    """Validates an assignment of ``tensor`` to one logical core.
+
+    A JAX program is one SPMD program for all cores, which has no way to keep a tensor on one
+    core alone, so the tensor stays whole on every core of the replica (as ``replicate``).
+    """
+    _check_in_replica("experimental_assign_to_logical_device")
+    if spmd:
+        raise ValueError(
+            "experimental_assign_to_logical_device is not available with spmd=True (TF's "
+            "experimental_spmd_xla_partitioning); use experimental_split_to_logical_devices, "
+            "or build the strategy with spmd=False"
+        )
+    cores = _num_cores(mesh)
+    if isinstance(logical_device_id, bool) or not 0 <= int(logical_device_id) < cores:
+        raise ValueError(
+            f"logical_device_id {logical_device_id!r} is out of range: each replica has {cores} "
+            f"logical cores, numbered 0 to {cores - 1}"
+        )
+    return _constrain(mesh, tensor, P())
+
+
+def _spec_entries(mesh: Mesh, dims: list[int]) -> list[tuple[str, ...] | None]:
+    """Gives each split dimension the next sub-axes of the cores, major first."""
+    axes = [a for a in mesh.axis_names if a != _mesh.REPLICA_AXIS]
+    entries, next_axis = [], 0
+    for parts in dims:
+        taken, product = [], 1
+        while product < parts and next_axis < len(axes):
+            taken.append(axes[next_axis])
+            product *= mesh.shape[axes[next_axis]]
+            next_axis += 1
+        if product != parts:
+            sizes = [mesh.shape[a] for a in axes]
+            raise ValueError(
+                f"partition_dimensions {dims} cannot be laid out on logical cores factored as "
+                f"{sizes} (row-major): each split must be a product of consecutive factors"
+            )
+        entries.append(tuple(taken) or None)
+    return entries
+
+
+def _constrain(mesh: Mesh, tensor: jax.Array, spec: P) -> jax.Array:
+    return jax.lax.with_sharding_constraint(tensor, NamedSharding(mesh, spec))
+
+
+def _num_cores(mesh: Mesh) -> int:
+    return mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
+
+
+def _check_in_replica(what: str) -> None:
+    if get_replica_context() is None:
+        raise RuntimeError(
+            f"{what} annotates a tensor inside a replica's step; call it inside the function "
+            "you pass to strategy.run"
+        )

@@ -1,0 +1,122 @@
+"""Several training steps in one compiled program: a ``lax.scan`` over per-replica batches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tpustrat._values import Mirrored, PerReplica, is_distributed
+
+PyTree = Any
+
+
+class StepsResult(NamedTuple):
+    """What ``strategy.experimental_run_steps`` returns.
+
+    Attributes:
+      state: the state after the last step.
+      outputs: the last step's outputs, or every step's stacked along a new leading axis (for
+        PerReplica outputs, right after the replica axis) when ``stack_outputs=True``.
+      num_steps: how many batches were consumed; fewer than asked for at the end of the data.
+    """
+
+    state: PyTree
+    outputs: PyTree
+    num_steps: int
+
+
+class MultiStep:
+    """``fn(state, batch) -> (state, outputs)`` scanned over a stack of batches.
+
+    One instance per (fn, stack_outputs), so ``strategy.run`` sees the same function on every
+    call and compiles it once per number of steps.
+    """
+
+    def __init__(self, fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]], stack_outputs: bool):
+        self.fn, self.stack_outputs = fn, stack_outputs
+        self.__qualname__ = f"steps({getattr(fn, '__qualname__', repr(fn))})"
+
+    def __call__(self, state: PyTree, *batches: PyTree) -> tuple[PyTree, PyTree]:
+        _check_same_structure(batches)
+
+        def body(carry, batch):
+            result = self.fn(carry, batch)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"experimental_run_steps needs fn(state, batch) -> (state, outputs); "
+                    f"{self.__qualname__} returned a {type(result).__name__}"
+                )
+            new_state, outputs = result
+            if jax.tree.structure(new_state) != jax.tree.structure(carry):
+                raise TypeError(
+                    f"{self.__qualname__} returned a state of structure "
+                    f"{jax.tree.structure(new_state)} but took {jax.tree.structure(carry)}; "
+                    "return the updated state with the same structure"
+                )
+            new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, carry)
+            return new_state, outputs
+
+        state = jax.tree.map(jnp.asarray, state)
+        # Stacked here, inside the one program, rather than by a dispatch of its own.
+        final, outputs = lax.scan(body, state, jax.tree.map(lambda *xs: jnp.stack(xs), *batches))
+        if not self.stack_outputs:
+            outputs = jax.tree.map(lambda x: x[-1], outputs)
+        return final, outputs
+
+    def run(
+        self,
+        run: Callable[..., PyTree],
+        state: PyTree,
+        iterator: Iterator[PyTree],
+        steps_per_run: int,
+    ) -> StepsResult:
+        """Takes up to ``steps_per_run`` batches and runs them through ``run(f, *args)``.
+
+        A full group runs as this scanned program; a shorter group at the end of the data runs
+        batch by batch with the user's ``fn``, so no program is compiled for an odd count.
+        """
+        if (
+            isinstance(steps_per_run, bool)
+            or not isinstance(steps_per_run, int)
+            or (steps_per_run < 1)
+        ):
+            raise ValueError(f"steps_per_run must be an int >= 1, got {steps_per_run!r}")
+        batches = list(itertools.islice(iterator, steps_per_run))
+        if not batches:
+            return StepsResult(state, None, 0)
+        if len(batches) == steps_per_run:
+            state, outputs = run(self, state, *batches)
+            return StepsResult(state, outputs, steps_per_run)
+        outputs = []
+        for batch in batches:
+            state, out = run(self.fn, state, batch)
+            outputs.append(out)
+        return StepsResult(
+            state, stack_outputs(outputs) if self.stack_outputs else out, len(batches)
+        )
+
+
+def stack_outputs(outputs: list[PyTree]) -> PyTree:
+    """Stacks the outputs of separate steps as the scanned program would have stacked them."""
+
+    def stack(*nodes):
+        if isinstance(nodes[0], PerReplica):
+            return PerReplica.from_stacked(jnp.stack([n.stacked for n in nodes], axis=1))
+        return Mirrored(jnp.stack([n.value for n in nodes]))
+
+    return jax.tree.map(stack, *outputs, is_leaf=is_distributed)
+
+
+def _check_same_structure(batches: tuple[PyTree, ...]) -> None:
+    first = jax.tree.structure(batches[0])
+    for k, batch in enumerate(batches[1:], start=1):
+        if jax.tree.structure(batch) != first:
+            raise ValueError(
+                f"batch {k} has structure {jax.tree.structure(batch)} but batch 0 has {first}; "
+                "experimental_run_steps needs batches of one structure"
+            )
