@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
-from tpustrat._input import InputContext, InputOptions, _Layout
+from tpustrat._batching import Layout
+from tpustrat._input import InputContext, InputOptions
 
 MASKED = InputOptions(experimental_mask=True)
 
@@ -443,7 +444,7 @@ def test_bad_options_and_dataset_fn(eight):
 
 def test_a_process_keeps_only_its_replicas_rows(eight):
     # As process 1 of 2 would: 4 replica slices per batch, this process addresses the last two.
-    layout = _Layout(
+    layout = Layout(
         eight.mesh,
         positions=(2, 3),
         num_slices=4,

@@ -10,7 +10,8 @@ from tpustrat._context import (
 from tpustrat._input import DistributedDataset, InputContext, InputOptions
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator
-from tpustrat._strategy import RunOptions, TPUStrategy
+from tpustrat._run import RunOptions
+from tpustrat._strategy import TPUStrategy
 from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 

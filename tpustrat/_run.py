@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,27 @@ from tpustrat._values import Mirrored, PerReplica, is_distributed
 PyTree = Any
 
 _JAX_DONATION_WARNING = "Some donated buffers were not usable"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Per-call options of ``strategy.run``.
+
+    Attributes:
+      donate_argnums: positions in ``args`` whose arrays ``run`` may overwrite with its outputs
+        (the training state, typically), so that an update happens in place and memory does not
+        double. A donated argument must not be used after the call. When a donated buffer
+        cannot be reused (no output of its shape, dtype and placement), ``run`` warns once per
+        compilation, naming the buffer.
+      experimental_bucketizing_dynamic_shape: pad the per-replica leading (batch) dimension of
+        PerReplica arguments up to the next power of two, so that a stream of varying batch
+        sizes compiles at most ``ceil(log2(max)) + 1`` programs. The step reads which rows are
+        real from ``ts.get_replica_context().row_mask``; PerReplica outputs keep the padded
+        rows.
+    """
+
+    donate_argnums: tuple[int, ...] = ()
+    experimental_bucketizing_dynamic_shape: bool = False
 
 
 class Step:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,31 +21,11 @@ from tpustrat import (
     _values,
 )
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
+from tpustrat._input import DistributedDataset, InputContext, InputOptions
 from tpustrat._topology import DeviceAssignment
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """Per-call options of ``strategy.run``.
-
-    Attributes:
-      donate_argnums: positions in ``args`` whose arrays ``run`` may overwrite with its outputs
-        (the training state, typically), so that an update happens in place and memory does not
-        double. A donated argument must not be used after the call. When a donated buffer
-        cannot be reused (no output of its shape, dtype and placement), ``run`` warns once per
-        compilation, naming the buffer.
-      experimental_bucketizing_dynamic_shape: pad the per-replica leading (batch) dimension of
-        PerReplica arguments up to the next power of two, so that a stream of varying batch
-        sizes compiles at most ``ceil(log2(max)) + 1`` programs. The step reads which rows are
-        real from ``ts.get_replica_context().row_mask``; PerReplica outputs keep the padded
-        rows.
-    """
-
-    donate_argnums: tuple[int, ...] = ()
-    experimental_bucketizing_dynamic_shape: bool = False
 
 
 class TPUStrategy:
@@ -145,7 +124,7 @@ class TPUStrategy:
         fn: Callable[..., PyTree],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
-        options: RunOptions | None = None,
+        options: _run.RunOptions | None = None,
     ) -> PyTree:
         """Runs ``fn(*args, **kwargs)`` on every replica.
 
@@ -170,7 +149,7 @@ class TPUStrategy:
                 f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
                 "argument write args=(x,)"
             )
-        options = options or RunOptions()
+        options = options or _run.RunOptions()
         inputs = (tuple(args), dict(kwargs or {}))
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
@@ -196,7 +175,7 @@ class TPUStrategy:
         steps_per_run: int,
         *,
         stack_outputs: bool = False,
-        options: RunOptions | None = None,
+        options: _run.RunOptions | None = None,
     ) -> _multistep.StepsResult:
         """Runs up to ``steps_per_run`` training steps in one compiled program.
 
@@ -384,10 +363,35 @@ class TPUStrategy:
         """
         return _logical.assign(self._mesh, tensor, logical_device_id, self._spmd)
 
-    def experimental_distribute_dataset(self, dataset, options=None):
-        """Distributes a dataset of global batches over the replicas; see ``_input``."""
+    def experimental_distribute_dataset(
+        self, dataset: Iterable[PyTree], options: InputOptions | None = None
+    ) -> DistributedDataset:
+        """Splits each global batch of ``dataset`` over the replicas, prefetched to the devices.
+
+        Replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)`` of a batch of ``B``
+        rows. A partial last batch is padded and masked, dropped, or refused, as ``options``
+        say (``ts.InputOptions``); the module docstring of ``tpustrat._input`` gives the recipe
+        for exact epoch metrics.
+
+        Args:
+          dataset: an iterable of pytrees whose leaves share a leading global-batch axis (a
+            list, a generator, a ``tf.data.Dataset``, a grain loader).
+          options: a ``ts.InputOptions``.
+
+        Returns:
+          A ``ts.DistributedDataset`` whose elements have the dataset's structure with
+          PerReplica leaves.
+        """
         return _input.distribute_dataset(self, dataset, options)
 
-    def distribute_datasets_from_function(self, dataset_fn, options=None):
-        """Distributes per-process datasets made by ``dataset_fn``; see ``_input``."""
+    def distribute_datasets_from_function(
+        self,
+        dataset_fn: Callable[[InputContext], Iterable[PyTree]],
+        options: InputOptions | None = None,
+    ) -> DistributedDataset:
+        """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
+
+        Each process's dataset yields batches of ``global_batch_size // num_input_pipelines``
+        rows, split over the process's replicas in order.
+        """
         return _input.distribute_datasets_from_function(self, dataset_fn, options)

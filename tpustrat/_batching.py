@@ -1,0 +1,192 @@
+"""Host batches: checking each global batch and cutting it into the rows of each replica."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from tpustrat import _mesh
+from tpustrat._values import PerReplica
+
+if TYPE_CHECKING:
+    from tpustrat._input import InputOptions
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the rows of a host batch go.
+
+    A host batch is cut into ``num_slices`` equal slices of rows; this process keeps the slices
+    at ``positions``, which feed its replicas in order.
+    """
+
+    mesh: Mesh
+    positions: tuple[int, ...]
+    num_slices: int
+    static_size: int | None
+    batch_name: str
+    slices_name: str
+
+    def local_rows(self, array: np.ndarray, slice_size: int) -> np.ndarray:
+        """This process's rows of ``array``, shaped ``(local replicas, slice_size, ...)``.
+
+        Always a new array: on CPU, JAX may alias host memory it is given, and a loader may
+        reuse its buffers.
+        """
+        if self.positions == tuple(range(self.num_slices)):
+            rows = np.array(array)
+        else:
+            rows = np.concatenate(
+                [array[p * slice_size : (p + 1) * slice_size] for p in self.positions]
+            )
+        return rows.reshape(len(self.positions), slice_size, *array.shape[1:])
+
+
+class Batcher:
+    """Checks each host batch against the first and places it on the replicas; one per epoch."""
+
+    def __init__(self, layout: Layout, options: InputOptions):
+        self._layout = layout
+        self._options = options
+        self._static_size = layout.static_size
+        self._first = None  # batch 0's structure and (shape[1:], dtype) of each leaf
+        self._index = 0
+
+    def __call__(self, element: PyTree) -> PyTree | None:
+        """The distributed element for one host batch, or None if the batch is dropped."""
+        index, self._index = self._index, self._index + 1
+        arrays, structure, size = _host_arrays(element, index)
+        signature = [(a.shape[1:], a.dtype) for a in arrays]
+        if self._first is None:
+            self._first = (structure, signature)
+            if self._static_size is None:
+                self._static_size = size
+                self._check_static_size(index)
+        elif (structure, signature) != self._first:
+            raise ValueError(
+                f"batch {index} has structure {_describe(structure, signature)} but batch 0 had "
+                f"{_describe(*self._first)}; every batch needs the same structure, dtypes and "
+                "shapes (only a partial batch may have fewer rows)"
+            )
+        static_size = self._static_size
+        if size > static_size:
+            raise ValueError(
+                f"batch {index} has {size} rows, more than the static {self._layout.batch_name} of "
+                f"{static_size}; pass InputOptions(global_batch_size=...) set to the largest "
+                "global batch, with experimental_mask=True to pad the smaller ones"
+            )
+        if size < static_size:
+            if self._options.drop_remainder:
+                return None
+            if not self._options.experimental_mask:
+                raise ValueError(
+                    f"batch {index} has {size} rows, fewer than the static "
+                    f"{self._layout.batch_name} of {static_size}: a partial batch. Pass "
+                    "InputOptions(experimental_mask=True) to pad it and get (batch, mask) "
+                    "elements, or InputOptions(drop_remainder=True) to drop it"
+                )
+            arrays = [_pad(a, static_size) for a in arrays]
+        masked = self._options.experimental_mask
+        if masked:
+            arrays = [*arrays, np.arange(static_size) < size]
+        placed = [PerReplica.from_stacked(x) for x in self._place(arrays, static_size)]
+        if masked:
+            return structure.unflatten(placed[:-1]), placed[-1]
+        return structure.unflatten(placed)
+
+    def _check_static_size(self, index: int) -> None:
+        layout, static_size = self._layout, self._static_size
+        if static_size == 0:
+            raise ValueError(f"batch {index} is empty; every batch needs at least one row")
+        if static_size % layout.num_slices:
+            raise ValueError(
+                f"{layout.batch_name} {static_size} (batch {index}) is not divisible by "
+                f"{layout.num_slices} {layout.slices_name}; use a batch size that is a multiple "
+                f"of {layout.num_slices}, or, if this batch is partial, pass "
+                "InputOptions(global_batch_size=...) and experimental_mask=True"
+            )
+
+    def _place(self, arrays: list[np.ndarray], static_size: int) -> list[Any]:
+        layout = self._layout
+        local = [layout.local_rows(a, static_size // layout.num_slices) for a in arrays]
+        if not self._options.experimental_fetch_to_device:
+            return local
+        num_replicas = layout.mesh.shape[_mesh.REPLICA_AXIS]
+        shapes = [(num_replicas, *a.shape[1:]) for a in local]
+        sharding = _mesh.per_replica_sharding(layout.mesh)
+        return jax.make_array_from_process_local_data(sharding, local, shapes)
+
+
+def distributed_elements(source: Iterator[PyTree], batcher: Batcher) -> Iterator[PyTree]:
+    for element in source:
+        distributed = batcher(element)
+        if distributed is not None:
+            yield distributed
+
+
+def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
+    """A new pass over ``dataset``; a tf.data.Dataset yields numpy through as_numpy_iterator."""
+    if type(dataset).__module__.startswith("tensorflow") and hasattr(dataset, "as_numpy_iterator"):
+        return dataset.as_numpy_iterator()
+    return iter(dataset)
+
+
+def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, int]:
+    """The leaves of one host batch as numpy arrays, its structure and its number of rows."""
+    paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
+    if not paths_leaves:
+        raise ValueError(f"batch {index} has no arrays; each element must be a pytree of arrays")
+    arrays, sizes = [], {}
+    for path, leaf in paths_leaves:
+        where = f"batch {index} leaf {jax.tree_util.keystr(path) or '(the whole batch)'}"
+        try:
+            array = np.asarray(leaf)
+        except ValueError as error:
+            raise ValueError(
+                f"{where} is ragged ({error}); pad its rows to one length, e.g. with a mask"
+            ) from None
+        if array.dtype.kind in "OUSV":
+            raise ValueError(
+                f"{where} has dtype {array.dtype}; only numeric and bool arrays can go to the "
+                "devices: map strings to integer ids, and pad ragged rows to one length"
+            )
+        if array.ndim == 0:
+            raise ValueError(
+                f"{where} is a scalar ({array.dtype}) with no batch axis; give it a leading "
+                "batch axis (one value per example) or close over it in the step function"
+            )
+        arrays.append(array)
+        sizes[jax.tree_util.keystr(path)] = array.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{path} {size}" for path, size in sizes.items())
+        raise ValueError(
+            f"batch {index} has leaves with different leading sizes ({listed}); the first axis "
+            "of every leaf must be the batch axis, with the same number of rows"
+        )
+    return arrays, structure, arrays[0].shape[0]
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with rows appended up to ``size``: copies of its first row, or zeros if empty."""
+    missing = size - array.shape[0]
+    if array.shape[0] == 0:
+        return np.zeros((size, *array.shape[1:]), array.dtype)
+    return np.concatenate([array, np.repeat(array[:1], missing, axis=0)])
+
+
+def _describe(structure: Any, signature: list[tuple[tuple[int, ...], np.dtype]]) -> str:
+    leaves = [_Text(f"{dtype}[{', '.join(['B', *map(str, shape)])}]") for shape, dtype in signature]
+    return str(structure.unflatten(leaves))
+
+
+class _Text(str):
+    """A string that shows without quotes inside a container's repr."""
+
+    __repr__ = str.__str__
