@@ -46,18 +46,15 @@ def train_step(w, batch):
 
 def main() -> None:
     strategy = ts.TPUStrategy()
-    n = strategy.num_replicas_in_sync
     rng = np.random.default_rng(0)
-    batches = [
-        strategy.experimental_distribute_values_from_function(
-            lambda ctx, x=rng.normal(size=(n, GLOBAL_BATCH // n, FEATURES)).astype(np.float32),
-            y=rng.normal(size=(n, GLOBAL_BATCH // n, OUTPUTS)).astype(np.float32): (
-                x[ctx.replica_id_in_sync_group],
-                y[ctx.replica_id_in_sync_group],
-            )
+    data = [
+        (
+            rng.normal(size=(GLOBAL_BATCH, FEATURES)).astype(np.float32),
+            rng.normal(size=(GLOBAL_BATCH, OUTPUTS)).astype(np.float32),
         )
         for _ in range(32)
     ]
+    batches = list(strategy.experimental_distribute_dataset(data))
     state = {"w": strategy.replicate(np.zeros((FEATURES, OUTPUTS), np.float32))}
 
     def variant(steps_per_run):

@@ -1,6 +1,7 @@
 """tpustrat: tf.distribute.TPUStrategy for JAX, built on jax.sharding and jax.shard_map."""
 
 from tpustrat._accounting import CompileStats, Recompile
+from tpustrat._cluster import ClusterError, ClusterInfo, initialize_cluster
 from tpustrat._context import (
     ReduceOp,
     ReplicaContext,
@@ -8,6 +9,7 @@ from tpustrat._context import (
     get_strategy,
 )
 from tpustrat._input import DistributedDataset, InputContext, InputOptions
+from tpustrat._launch import run_in_local_processes
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._run import RunOptions
@@ -18,6 +20,8 @@ from tpustrat._values import Mirrored, PerReplica, ValueContext
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClusterError",
+    "ClusterInfo",
     "CompileStats",
     "DeviceAssignment",
     "DistributedDataset",
@@ -36,4 +40,6 @@ __all__ = [
     "ValueContext",
     "get_replica_context",
     "get_strategy",
+    "initialize_cluster",
+    "run_in_local_processes",
 ]

@@ -29,8 +29,9 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
 
     def per_replica(x):
         if axis is None:
-            return reducer(x, axis=0)
-        return reducer(x, axis=(0, 1 + check_axis(axis, np.ndim(x) - 1, "reduce")))
+            return _readable_everywhere(reducer(x, axis=0), x)
+        axes = (0, 1 + check_axis(axis, np.ndim(x) - 1, "reduce"))
+        return _readable_everywhere(reducer(x, axis=axes), x)
 
     def mirrored(x):
         x = jnp.asarray(x)
@@ -49,10 +50,7 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
         shape = x.shape[1:]
         moved = jnp.moveaxis(x, 0, a)
         gathered = moved.reshape(*shape[:a], num_replicas * shape[a], *shape[a + 1 :])
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            if not x.is_fully_addressable:  # several processes: let every one read it all
-                gathered = jax.device_put(gathered, NamedSharding(x.sharding.mesh, P()))
-        return gathered
+        return _readable_everywhere(gathered, x)
 
     def mirrored(x):
         x = jnp.asarray(x)
@@ -67,6 +65,14 @@ def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
         _values.map_distributed(value, lambda x, r=r: _component(x, r), lambda x: x)
         for r in _values.local_replicas(mesh)
     )
+
+
+def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:
+    """``result``, replicated when ``source`` spans several processes, so that each can read it."""
+    concrete = isinstance(source, jax.Array) and not isinstance(source, jax.core.Tracer)
+    if concrete and not source.is_fully_addressable:
+        return jax.device_put(result, NamedSharding(source.sharding.mesh, P()))
+    return result
 
 
 def check_axis(axis: int, ndim: int, what: str) -> int:

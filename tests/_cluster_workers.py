@@ -1,0 +1,203 @@
+"""What the processes of tests/test_cluster.py run; each child imports this module by name.
+
+``exercise`` is the whole multi-process workload. The test runs it once in the test process
+(one process, 8 devices: the reference) and once under 2 processes x 4 devices, and compares.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tpustrat as ts
+
+NUM_STEPS = 10
+GLOBAL_BATCH = 32
+FEATURES = 5
+HIDDEN = 16
+LEARNING_RATE = 0.1
+
+
+def make_data():
+    """``NUM_STEPS`` global batches; row ``k`` of the data set carries ``id == k``."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(NUM_STEPS * GLOBAL_BATCH, FEATURES)).astype(np.float32)
+    y = np.sin(x @ rng.normal(size=(FEATURES, 1))).astype(np.float32)
+    ids = np.arange(NUM_STEPS * GLOBAL_BATCH, dtype=np.int32)
+    return [
+        {
+            "id": ids[s : s + GLOBAL_BATCH],
+            "x": x[s : s + GLOBAL_BATCH],
+            "y": y[s : s + GLOBAL_BATCH],
+        }
+        for s in range(0, len(x), GLOBAL_BATCH)
+    ]
+
+
+def init_params():
+    rng = np.random.default_rng(1)
+    return {
+        "w1": rng.normal(scale=0.5, size=(FEATURES, HIDDEN)).astype(np.float32),
+        "b1": np.zeros(HIDDEN, np.float32),
+        "w2": rng.normal(scale=0.5, size=(HIDDEN, 1)).astype(np.float32),
+    }
+
+
+def sgd_step(params, batch):
+    """One data-parallel SGD step: this replica's share of the loss, gradients summed."""
+
+    def loss_fn(p):
+        hidden = jnp.tanh(batch["x"] @ p["w1"] + p["b1"])
+        return jnp.sum((hidden @ p["w2"] - batch["y"]) ** 2) / GLOBAL_BATCH
+
+    grads = ts.get_replica_context().all_reduce("sum", jax.grad(loss_fn)(params))
+    return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
+
+
+def _host(tree):
+    """Host copies of the leaves, without PerReplica or Mirrored wrappers."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def _params(params):
+    """The host value of parameters that ``run`` returned (a dict of Mirrored leaves)."""
+    return jax.tree.map(lambda m: np.asarray(m.value), params, is_leaf=_is_mirrored)
+
+
+def _is_mirrored(x):
+    return isinstance(x, ts.Mirrored)
+
+
+def train_from_values(strategy, data):
+    """10 steps fed by ``experimental_distribute_values_from_function``; also which replicas
+    this process was asked for."""
+    n = strategy.num_replicas_in_sync
+    asked = set()
+    params = strategy.replicate(init_params())
+    for batch in data:
+
+        def rows(ctx, batch=batch):
+            asked.add(ctx.replica_id_in_sync_group)
+            share = GLOBAL_BATCH // n
+            start = ctx.replica_id_in_sync_group * share
+            return {k: v[start : start + share] for k, v in batch.items()}
+
+        params = strategy.run(
+            sgd_step, args=(params, strategy.experimental_distribute_values_from_function(rows))
+        )
+    return _params(params), sorted(asked)
+
+
+def train_from_dataset(strategy, data):
+    """10 steps fed by ``experimental_distribute_dataset``; also the row ids each local replica
+    received in the first batch."""
+    params = strategy.replicate(init_params())
+    first_ids = None
+    for batch in strategy.experimental_distribute_dataset(data):
+        if first_ids is None:
+            first_ids = _host(strategy.experimental_local_results(batch["id"]))
+        params = strategy.run(sgd_step, args=(params, batch))
+    return _params(params), first_ids
+
+
+def train_from_function(strategy, data):
+    """10 steps fed by ``distribute_datasets_from_function``: each pipeline reads only its
+    rows. Returns the parameters, the InputContext each pipeline got, the row ids it read and
+    the row ids each local replica received in the first batch."""
+    seen = {}
+
+    def dataset_fn(ctx):
+        seen["context"] = (ctx.num_input_pipelines, ctx.input_pipeline_id)
+        share = GLOBAL_BATCH // ctx.num_input_pipelines
+        start = ctx.input_pipeline_id * share
+        seen["read"] = []
+        for batch in data:
+            rows = {k: v[start : start + share] for k, v in batch.items()}
+            seen["read"].extend(rows["id"].tolist())
+            yield rows
+
+    params = strategy.replicate(init_params())
+    first_ids = None
+    for batch in strategy.distribute_datasets_from_function(dataset_fn):
+        if first_ids is None:
+            first_ids = _host(strategy.experimental_local_results(batch["id"]))
+        params = strategy.run(sgd_step, args=(params, batch))
+    return _params(params), seen["context"], seen["read"], first_ids
+
+
+def scale(v):
+    return 2 * v + 1
+
+
+def exercise(strategy):
+    """Everything the multi-process test compares with one process, as host values."""
+    data = make_data()
+    params, asked = train_from_values(strategy, data)
+    dataset_params, dataset_ids = train_from_dataset(strategy, data)
+    function_params, context, read, function_ids = train_from_function(strategy, data)
+    values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            np.arange(6, dtype=np.float32).reshape(2, 3) * (ctx.replica_id_in_sync_group + 1)
+        )
+    )
+    out = strategy.run(scale, args=(values,))
+    return {
+        "params": params,
+        "asked": asked,
+        "dataset_params": dataset_params,
+        "dataset_ids": dataset_ids,
+        "function_params": function_params,
+        "function_context": context,
+        "function_read": read,
+        "function_ids": function_ids,
+        "reduce": {
+            op: np.asarray(strategy.reduce(op, out)) for op in ("sum", "mean", "max", "min")
+        },
+        "reduce_axis": np.asarray(strategy.reduce("sum", out, axis=1)),
+        "gather": [np.asarray(strategy.gather(out, axis)) for axis in (0, 1)],
+        "local": _host(strategy.experimental_local_results(out)),
+    }
+
+
+def in_cluster(num_logical_cores):
+    """The child side: the job's ClusterInfo, idempotence checks, and ``exercise``."""
+    info = ts.initialize_cluster()
+    again = ts.initialize_cluster(info.coordinator_address, info.num_processes, info.process_id)
+    try:
+        ts.initialize_cluster(info.coordinator_address, 3, info.process_id)
+        mismatch = None
+    except ts.ClusterError as error:
+        mismatch = str(error)
+    strategy = ts.TPUStrategy(num_logical_cores=num_logical_cores)
+    mesh_processes = [[d.process_index for d in row] for row in strategy.mesh.devices]
+    return {
+        "info": info,
+        "same_info": again is info,
+        "mismatch": mismatch,
+        "mesh_processes": mesh_processes,
+        **exercise(strategy),
+    }
+
+
+def record_pid(folder):
+    Path(folder, f"pid-{jax.process_index()}").write_text(str(os.getpid()))
+
+
+def fail_in_process_1(folder):
+    """Process 1 raises after a first step; process 0 waits until the launcher stops it."""
+    record_pid(folder)
+    strategy = ts.TPUStrategy()
+    values = strategy.experimental_distribute_values_from_function(lambda ctx: np.float32(1.0))
+    total = lambda v: ts.get_replica_context().all_reduce("sum", v)
+    assert float(strategy.reduce("sum", strategy.run(total, args=(values,)))) == 16.0
+    if jax.process_index() == 1:
+        raise RuntimeError("process 1 failed on purpose")
+    time.sleep(600)
+
+
+def sleep_forever(folder):
+    record_pid(folder)
+    time.sleep(3600)

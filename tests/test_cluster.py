@@ -1,0 +1,347 @@
+"""Multi-process jobs: 2 processes x 4 CPU devices on localhost, compared with 1 process x 8.
+
+Each launch costs a few seconds, so one launch per mesh shape runs the whole workload of
+``_cluster_workers.exercise`` and the tests below check its parts. Every process has a timeout
+and is stopped, pass or fail.
+"""
+
+import doctest
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import _cluster_workers as workers
+import jax
+import numpy as np
+import pytest
+
+import tpustrat as ts
+from tpustrat import _cluster, _launch
+
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 4
+MESH_SHAPES = [(8, 1), (4, 2), (2, 4)]
+
+
+@pytest.fixture(scope="module", params=MESH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def job(request):
+    """(replicas per process, the one-process reference, each process's results)."""
+    replicas, cores = request.param
+    reference = workers.exercise(ts.TPUStrategy(num_logical_cores=cores))
+    results = ts.run_in_local_processes(
+        workers.in_cluster,
+        NUM_PROCESSES,
+        devices_per_process=DEVICES_PER_PROCESS,
+        args=(cores,),
+        timeout=120,
+    )
+    return replicas // NUM_PROCESSES, reference, results
+
+
+def _local(reference_list, process_id, per_process):
+    return reference_list[process_id * per_process : (process_id + 1) * per_process]
+
+
+def test_cluster_info_and_idempotence(job):
+    _, _, results = job
+    address = results[0]["info"].coordinator_address
+    assert address.startswith("127.0.0.1:")
+    for process_id, result in enumerate(results):
+        assert result["info"] == ts.ClusterInfo(
+            process_id=process_id,
+            num_processes=NUM_PROCESSES,
+            coordinator_address=address,
+            local_device_count=DEVICES_PER_PROCESS,
+            global_device_count=NUM_PROCESSES * DEVICES_PER_PROCESS,
+            platform="cpu",
+        )
+        assert result["same_info"]
+        assert "already joined a job with num_processes=2" in result["mismatch"]
+        assert "asks for num_processes=3" in result["mismatch"]
+
+
+def test_each_process_holds_and_feeds_its_own_replicas(job):
+    per_process, _, results = job
+    cores = DEVICES_PER_PROCESS // per_process
+    for process_id, result in enumerate(results):
+        assert result["mesh_processes"] == [
+            [p] * cores for p in range(NUM_PROCESSES) for _ in range(per_process)
+        ]
+        local = list(range(process_id * per_process, (process_id + 1) * per_process))
+        assert result["asked"] == local  # value_fn ran for this process's replicas only
+
+
+@pytest.mark.parametrize("feed", ["params", "dataset_params", "function_params"])
+def test_training_matches_one_process(job, feed):
+    _, reference, results = job
+    for result in results:
+        for name, value in reference["params"].items():
+            np.testing.assert_allclose(result[feed][name], value, rtol=2e-5, atol=1e-6)
+    moved = np.abs(reference["params"]["w1"] - workers.init_params()["w1"]).max()
+    assert moved > 1e-2  # ten steps really trained
+
+
+def test_datasets_read_and_place_only_local_rows(job):
+    per_process, reference, results = job
+    share = workers.GLOBAL_BATCH // NUM_PROCESSES
+    for process_id, result in enumerate(results):
+        assert result["function_context"] == (NUM_PROCESSES, process_id)
+        expected_read = [
+            step * workers.GLOBAL_BATCH + process_id * share + row
+            for step in range(workers.NUM_STEPS)
+            for row in range(share)
+        ]
+        assert result["function_read"] == expected_read
+        for key in ("dataset_ids", "function_ids"):
+            expected = _local(reference["dataset_ids"], process_id, per_process)
+            assert len(result[key]) == per_process
+            for got, want in zip(result[key], expected):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_reduce_gather_and_local_results_match_one_process(job):
+    per_process, reference, results = job
+    for process_id, result in enumerate(results):
+        for op, value in reference["reduce"].items():
+            np.testing.assert_allclose(result["reduce"][op], value, rtol=1e-6)
+        np.testing.assert_allclose(result["reduce_axis"], reference["reduce_axis"], rtol=1e-6)
+        for got, want in zip(result["gather"], reference["gather"]):
+            np.testing.assert_array_equal(got, want)
+        expected = _local(reference["local"], process_id, per_process)
+        assert len(result["local"]) == per_process
+        for got, want in zip(result["local"], expected):
+            np.testing.assert_array_equal(got, want)
+
+
+def _assert_stopped(folder):
+    pids = [int(p.read_text()) for p in folder.glob("pid-*")]
+    assert pids, "no process got as far as recording its pid"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_failed_process_stops_the_others(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ts.ClusterError, match="process 1 of 2 failed with exit code 1") as error:
+        ts.run_in_local_processes(
+            workers.fail_in_process_1, 2, devices_per_process=2, args=(str(tmp_path),), timeout=90
+        )
+    assert "processes [0] were still running and were stopped" in str(error.value)
+    assert "RuntimeError: process 1 failed on purpose" in str(error.value)
+    assert time.monotonic() - start < 60
+    _assert_stopped(tmp_path)
+
+
+def test_timeout_stops_every_process(tmp_path):
+    with pytest.raises(ts.ClusterError, match=r"timed out after 15 s with processes \[0, 1\]") as e:
+        ts.run_in_local_processes(
+            workers.sleep_forever, 2, devices_per_process=1, args=(str(tmp_path),), timeout=15
+        )
+    assert "in sleep_forever" in str(e.value)  # each process's Python stack
+    _assert_stopped(tmp_path)
+
+
+def _environment():
+    """This environment with one CPU device, minus what JAX's cluster detection reads."""
+    detected = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "JAX_COORDINATOR", "TPU_")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(detected)}
+    return {**environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def _python(code, *argv, timeout=60):
+    """Runs ``code`` in a fresh Python on one CPU device; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_environment(),
+    )
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_start_up_failures_say_what_to_do():
+    code = """
+        import os, sys
+        import tpustrat as ts
+
+        def join(port, process_id):
+            os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
+            return ts.initialize_cluster(f"127.0.0.1:{port}", 2, process_id,
+                                         initialization_timeout=2)
+
+        held, free = map(int, sys.argv[1:])
+        for attempt in [ts.initialize_cluster, lambda: join(held, 0), lambda: join(free, 1)]:
+            try:
+                attempt()
+            except ts.ClusterError as error:
+                print(error, flush=True)
+        join(free, 0)  # alone: nobody else registers, so the process ends
+        print("still running")
+    """
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port, free = held.getsockname()[1], _free_port()
+        done = _python(code, port, free)
+    assert "no cluster was detected and none was described" in done.stdout
+    assert f"serves the coordinator at 127.0.0.1:{port}, but port {port}" in done.stdout
+    assert "already in use" in done.stdout
+    assert f"process 1 of 2 could not reach the coordinator at 127.0.0.1:{free} within 2 s" in (
+        done.stdout
+    )
+    assert done.returncode == 1 and "still running" not in done.stdout
+    assert (
+        f"tpustrat: process 0 of 2 serves the coordinator at 127.0.0.1:{free}, but not every "
+        "process registered within 2 s: the job was not started on all hosts"
+    ) in done.stderr
+
+
+def test_dead_process_ends_the_job_after_heartbeat_timeout():
+    code = """
+        import os, sys, time
+        import numpy as np
+        import tpustrat as ts
+
+        address, process_id = sys.argv[1], int(sys.argv[2])
+        os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+        ts.initialize_cluster(address, 2, process_id, heartbeat_timeout=2)
+        strategy = ts.TPUStrategy()
+        ones = strategy.experimental_distribute_values_from_function(lambda ctx: np.float32(1))
+        total = lambda x: ts.get_replica_context().all_reduce("sum", x)
+        print(float(strategy.reduce("mean", strategy.run(total, args=(ones,)))), flush=True)
+        if process_id == 1:
+            os._exit(0)  # dies without a word to the others
+        time.sleep(120)  # host work: only the missing heartbeats can tell this process
+    """
+    address = f"127.0.0.1:{_free_port()}"
+    survivor = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), address, "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+    try:
+        assert _python(code, address, 1, timeout=60).stdout.splitlines()[-1] == "2.0"
+        start = time.monotonic()
+        stdout, stderr = survivor.communicate(timeout=60)
+    finally:
+        survivor.kill()
+        survivor.wait()
+    assert stdout.splitlines()[-1] == "2.0"  # after gloo's connection notices
+    assert survivor.returncode == -signal.SIGABRT
+    assert "stopped sending heartbeats" in stderr
+    assert time.monotonic() - start < 30
+
+
+def test_user_script_with_function_in_main(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent("""
+            import jax
+            import numpy as np
+            import tpustrat as ts
+
+            def replica_sum():
+                strategy = ts.TPUStrategy()
+                ids = strategy.experimental_distribute_values_from_function(
+                    lambda ctx: np.float32(ctx.replica_id_in_sync_group))
+                info = ts.initialize_cluster()
+                return info.process_id, float(strategy.reduce("sum", ids)), jax.device_count()
+
+            if __name__ == "__main__":
+                print(ts.run_in_local_processes(replica_sum, 2, devices_per_process=3, timeout=90))
+        """)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[(0, 15.0, 6), (1, 15.0, 6)]"
+
+
+@pytest.fixture
+def fresh_cluster_state(monkeypatch):
+    """Forgets any job this test process joined, and restores the state afterwards."""
+    monkeypatch.setattr(_cluster, "_joined", None)
+
+
+def test_backend_already_started_is_reported(fresh_cluster_state):
+    jax.devices()  # this test process has long started its backend
+    with pytest.raises(ts.ClusterError, match="must run before JAX uses a device"):
+        ts.initialize_cluster(f"127.0.0.1:{_free_port()}", 2, 0)
+
+
+def test_single_process_job(fresh_cluster_state):
+    info = ts.initialize_cluster(num_processes=1)
+    assert info == ts.ClusterInfo(0, 1, None, 8, 8, "cpu")
+    assert ts.initialize_cluster() is info
+    assert ts.initialize_cluster(num_processes=1, process_id=0) is info
+    with pytest.raises(ts.ClusterError, match="num_processes=1, but this call asks for num_"):
+        ts.initialize_cluster(num_processes=2)
+    with pytest.raises(ts.ClusterError, match="coordinator_address=None, but this call asks"):
+        ts.initialize_cluster("127.0.0.1:1234")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"coordinator_address": "10.0.0.1"}, "must be 'host:port'"),
+        ({"coordinator_address": "10.0.0.1:0"}, "port in \\[1, 65535\\], got '10.0.0.1:0'"),
+        ({"num_processes": 0}, "num_processes must be an int >= 1, got 0"),
+        ({"num_processes": 2, "process_id": 2}, "process_id 2 is out of range for 2 processes"),
+        ({"num_processes": 1, "initialization_timeout": 0}, "initialization_timeout must be"),
+        ({"num_processes": 1, "heartbeat_timeout": 2.5}, "heartbeat_timeout must be"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ts.initialize_cluster(**kwargs)
+
+
+def test_tpu_held_by_another_process_message():
+    jax_error = (
+        "Unable to initialize backend 'tpu': ABORTED: The TPU is already in use by process "
+        "with pid 176028. Not attempting to load libtpu.so in this process."
+    )
+    message = _cluster._tpu_held_message(jax_error)
+    assert "held by another process" in message
+    assert "pid 176028" in message and "lsof" in message
+    assert _cluster._tpu_held_message("Unable to initialize backend 'tpu': no TPU") is None
+
+
+def test_launcher_rejects_what_it_cannot_send():
+    with pytest.raises(TypeError, match="top level of a module"):
+        ts.run_in_local_processes(lambda: 0, 2)
+    with pytest.raises(ValueError, match="devices_per_process must be an int >= 1, got 0"):
+        ts.run_in_local_processes(workers.scale, 2, devices_per_process=0)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, got -1"):
+        ts.run_in_local_processes(workers.scale, 2, timeout=-1)
+    with pytest.raises(ValueError, match="heartbeat_timeout must be a whole number of seconds"):
+        ts.run_in_local_processes(workers.scale, 2, heartbeat_timeout=0.5)
+
+
+@pytest.mark.parametrize("module", [_cluster, _launch], ids=lambda m: m.__name__)
+def test_docstring_examples(module, fresh_cluster_state):
+    """The Examples of these modules, kept out of test_docstrings.py as they join jobs."""
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in finder.find(module, globs={"ts": ts, "jax": jax, "np": np}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_function_that_ends_its_process_is_reported():
+    with pytest.raises(ts.ClusterError, match="process 0 of 1 exited with code 0 but returned"):
+        ts.run_in_local_processes(os._exit, 1, args=(0,), timeout=60)

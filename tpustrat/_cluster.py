@@ -1,0 +1,399 @@
+"""Multi-process start-up: every host joins one JAX job through ``jax.distributed``.
+
+tpustrat builds no cluster layer of its own. ``initialize_cluster`` is a thin, checked entry to
+JAX's multi-controller runtime (the one Cloud TPU pods run on), in the spirit of TF's
+``TPUClusterResolver`` plus ``initialize_tpu_system``: it finds the cluster (JAX's own detection)
+or takes an explicit coordinator, joins it, and turns JAX's failures into messages a user can
+act on. Afterwards ``jax.devices()`` lists every process's devices, and a strategy spans them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import jax
+
+
+class ClusterError(RuntimeError):
+    """A multi-process job could not start or went wrong; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """This process's place in the job, as returned by ``ts.initialize_cluster``.
+
+    Attributes:
+      process_id: this process's index, in ``[0, num_processes)``; process 0 is the coordinator.
+      num_processes: how many processes (hosts, usually) take part.
+      coordinator_address: ``"host:port"`` of the coordinator; None for a job of one process,
+        or when JAX detected the cluster itself (on a Cloud TPU pod, say).
+      local_device_count: devices this process drives (its replicas' devices).
+      global_device_count: devices of all processes together.
+      platform: ``"tpu"``, ``"gpu"`` or ``"cpu"``.
+
+    Example:
+      >>> info = ts.initialize_cluster(num_processes=1)
+      >>> info.process_id, info.num_processes, info.global_device_count
+      (0, 1, 8)
+    """
+
+    process_id: int
+    num_processes: int
+    coordinator_address: str | None
+    local_device_count: int
+    global_device_count: int
+    platform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    local_device_ids: tuple[int, ...] | None
+
+
+_joined: tuple[_Request, ClusterInfo] | None = None
+
+# JAX's registration deadline comes this long after the watchdog's, so that the watchdog's
+# explanation is what the user reads.
+_GRACE_SECONDS = 5
+
+
+def initialize_cluster(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+) -> ClusterInfo:
+    """Joins this process to a multi-process JAX job; call it first, on every host.
+
+    With no arguments, JAX detects the cluster: on a Cloud TPU VM or pod slice every host
+    runs the same program and finds the others by itself. Elsewhere, pass the coordinator (process
+    0's ``"host:port"``), the number of processes and this process's id. ``num_processes=1``
+    alone gives a job of one process without starting a coordinator, so one script serves a
+    laptop and a pod. Idempotent: a later call with no arguments, or with the same ones,
+    returns the same ``ClusterInfo``; a call with different ones raises ``ClusterError``.
+
+    If the other processes do not all register within ``initialization_timeout``, JAX ends the
+    process (this is not a Python exception); ``initialize_cluster`` first writes on stderr which
+    process gave up, the coordinator address, and what to do. Once the job runs, a process
+    that dies ends the others after ``heartbeat_timeout`` seconds; so that a process stopped
+    by an uncaught exception dies rather than wait for the others in JAX's shutdown barrier
+    (where the whole job would hang), ``initialize_cluster`` makes such an exception end the
+    process right after its traceback is printed (``os._exit(1)``: later ``atexit`` handlers do
+    not run). Interactive interpreters are left alone.
+
+    Args:
+      coordinator_address: ``"host:port"`` where process 0 serves the coordinator; every
+        process passes the same value. Default: detected (or ``$JAX_COORDINATOR_ADDRESS``).
+      num_processes: how many processes the job has. Default: detected.
+      process_id: this process's index in ``[0, num_processes)``. Default: detected.
+      local_device_ids: restricts this process to these local devices (GPU jobs with one
+        process per device); default all of them.
+      initialization_timeout: seconds to wait for every process to register.
+      heartbeat_timeout: seconds of silence after which a process counts as dead.
+
+    Returns:
+      A ``ts.ClusterInfo`` describing this process and the job.
+
+    Raises:
+      ClusterError: the coordinator cannot be reached or its port is taken, JAX already
+        started in this process, no cluster was detected, the TPU is held by another process,
+        or the job was already initialized differently.
+
+    Example:
+      >>> info = ts.initialize_cluster(num_processes=1)  # a job of one process
+      >>> ts.initialize_cluster() is info  # later calls return the same info
+      True
+    """
+    global _joined
+    request = _check_request(coordinator_address, num_processes, process_id, local_device_ids)
+    check_seconds("initialization_timeout", initialization_timeout)
+    check_seconds("heartbeat_timeout", heartbeat_timeout)
+    if _joined is not None:
+        return _same_job(request, *_joined)
+    if jax.distributed.is_initialized():
+        # Someone called jax.distributed.initialize directly: describe the job JAX is in.
+        info = _describe_job(request.coordinator_address)
+    elif request.num_processes == 1 and request.coordinator_address is None:
+        _check_tpu_not_held()
+        info = _describe_job(None)
+    else:
+        address = _join(request, initialization_timeout, heartbeat_timeout)
+        _check_tpu_not_held()
+        info = _describe_job(address)
+        if info.num_processes > 1:
+            _exit_on_uncaught_exception()
+    _same_job(request, request, info)
+    _joined = (request, info)
+    return info
+
+
+def check_seconds(name: str, value: int) -> None:
+    """Raises a ValueError unless ``value`` is a whole number of seconds >= 1, as JAX needs."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
+
+
+def _check_request(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    local_device_ids: Sequence[int] | None,
+) -> _Request:
+    if coordinator_address is not None:
+        _split_address(coordinator_address)
+    if num_processes is not None and (
+        isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1
+    ):
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if process_id is not None:
+        if isinstance(process_id, bool) or not isinstance(process_id, int) or process_id < 0:
+            raise ValueError(f"process_id must be an int >= 0, got {process_id!r}")
+        if num_processes is not None and process_id >= num_processes:
+            raise ValueError(
+                f"process_id {process_id} is out of range for {num_processes} processes; give "
+                f"each process a distinct id in [0, {num_processes})"
+            )
+    if local_device_ids is not None:
+        local_device_ids = tuple(local_device_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in local_device_ids):
+            raise ValueError(f"local_device_ids must be ints, got {local_device_ids!r}")
+    return _Request(coordinator_address, num_processes, process_id, local_device_ids)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"coordinator_address must be 'host:port' with a port in [1, 65535], got "
+            f"{address!r}; use process 0's address, e.g. '10.0.0.1:8476'"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _same_job(request: _Request, first: _Request, info: ClusterInfo) -> ClusterInfo:
+    """``info`` if ``request`` agrees with the job this process joined, else a ClusterError."""
+    joined = {
+        "coordinator_address": info.coordinator_address,
+        "num_processes": info.num_processes,
+        "process_id": info.process_id,
+        "local_device_ids": first.local_device_ids,
+    }
+    for name, have in joined.items():
+        want = getattr(request, name)
+        if want is not None and want != have:
+            raise ClusterError(
+                f"this process already joined a job with {name}={have!r}, but this call asks "
+                f"for {name}={want!r}; a process joins one job: call initialize_cluster once "
+                "with the same arguments, or with none to get the current ClusterInfo"
+            )
+    return info
+
+
+def _join(request: _Request, initialization_timeout: int, heartbeat_timeout: int) -> str | None:
+    """Starts or reaches the coordinator through ``jax.distributed``; returns its address.
+
+    The address is None when JAX detected the cluster itself: JAX has no public way to say
+    which coordinator it chose.
+    """
+    address = request.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    who = _who(request.process_id, request.num_processes)
+    start = time.monotonic()
+    if address is not None and request.process_id == 0:
+        _check_port_free(address, who)
+    elif address is not None and request.process_id is not None:
+        _wait_for_coordinator(address, who, initialization_timeout)
+    remaining = max(1, round(initialization_timeout - (time.monotonic() - start)))
+    watchdog = _RegistrationWatchdog(who, request.process_id, address, remaining)
+    try:
+        jax.distributed.initialize(
+            address,
+            request.num_processes,
+            request.process_id,
+            local_device_ids=request.local_device_ids,
+            initialization_timeout=remaining + _GRACE_SECONDS,  # the watchdog speaks first
+            heartbeat_timeout_seconds=heartbeat_timeout,
+        )
+    except RuntimeError as error:
+        raise _explain(error, who, address) from error
+    except ValueError as error:
+        raise ClusterError(
+            f"no cluster was detected and none was described ({error}): this is not a Cloud "
+            "TPU VM or pod, nor a Slurm, Open MPI or Kubernetes job. Pass "
+            "coordinator_address='HOST:PORT' (process 0's host), num_processes and process_id "
+            "on every host, or num_processes=1 for a job of one process"
+        ) from error
+    finally:
+        watchdog.cancel()
+    return address
+
+
+def _who(process_id: int | None, num_processes: int | None) -> str:
+    if process_id is None or num_processes is None:
+        return "this process"
+    return f"process {process_id} of {num_processes}"
+
+
+def _check_port_free(address: str, who: str) -> None:
+    """Raises a ClusterError if the coordinator's port is taken on this host."""
+    bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
+    host, port = _split_address(bind) if bind else ("", _split_address(address)[1])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ClusterError(
+                f"{who} serves the coordinator at {address}, but port {port} on this host is "
+                f"already in use ({error.strerror}); choose another port in "
+                "coordinator_address on every host, or stop the process holding it "
+                f"(`lsof -i :{port}` names it)"
+            ) from None
+
+
+def _wait_for_coordinator(address: str, who: str, timeout: float) -> None:
+    """Waits until the coordinator accepts connections, or raises a ClusterError."""
+    host, port = _split_address(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"{who} could not reach the coordinator at {address} within {timeout:g} s "
+                    f"({error.strerror or error}). Start the same command on every host, "
+                    "process 0 (the coordinator) included; check that coordinator_address "
+                    "names process 0's host and that no firewall blocks the port"
+                ) from None
+            time.sleep(0.2)
+
+
+class _RegistrationWatchdog:
+    """Explains on stderr, then exits, when registration outlasts ``timeout`` seconds.
+
+    JAX aborts the process soon after its own deadline with an internal gRPC message (a C++
+    abort, not a Python exception); this says first what happened in the user's terms.
+    """
+
+    def __init__(self, who: str, process_id: int | None, address: str | None, timeout: int):
+        if process_id == 0 and address is not None:
+            what = f"{who} serves the coordinator at {address}"
+        elif address is not None and process_id is not None:
+            what = f"{who} reached the coordinator at {address}"
+        else:
+            what = f"{who} started joining the job"
+        self._message = (
+            f"tpustrat: {what}, but not every process registered within {timeout} s: the job was "
+            "not started on all hosts, or a host cannot reach the coordinator. Start the same "
+            "command on every host (process ids 0 to num_processes - 1), or raise "
+            "initialization_timeout if some hosts start slowly. Exiting.\n"
+        )
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        sys.stderr.write(self._message)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _explain(error: RuntimeError, who: str, address: str | None) -> ClusterError:
+    text = str(error)
+    if "must be called before" in text:
+        return ClusterError(
+            "initialize_cluster must run before JAX uses a device, but this process already "
+            "did (jax.devices(), a ts.TPUStrategy, an array computation...); call "
+            "initialize_cluster first thing in the program, on every host"
+        )
+    if "only be called once" in text:
+        return ClusterError(
+            "jax.distributed was already started in this process; call initialize_cluster "
+            "instead of jax.distributed.initialize, once per process"
+        )
+    if "Failed to start RPC server" in text:
+        return ClusterError(
+            f"{who} could not serve the coordinator at {address}: its port is taken or the "
+            "host is not an address of this machine; choose another port, or pass process 0's "
+            f"own address ({text})"
+        )
+    return ClusterError(f"{who} could not join the job at {address}: {text}")
+
+
+def _check_tpu_not_held() -> None:
+    """Raises a ClusterError if libtpu is installed but another process holds the TPU.
+
+    JAX would otherwise fall back to the CPU with a warning, and the job would fail later.
+    """
+    platforms = jax.config.jax_platforms
+    if importlib.util.find_spec("libtpu") is None or (platforms and "tpu" not in platforms):
+        return
+    if jax.default_backend() == "tpu":
+        return
+    try:
+        jax.devices("tpu")
+    except RuntimeError as error:
+        message = _tpu_held_message(str(error))
+        if message:
+            raise ClusterError(message) from error
+
+
+def _tpu_held_message(jax_error: str) -> str | None:
+    """Rewrites JAX's "TPU already in use" error for users, or None for other errors."""
+    if "already in use" not in jax_error:
+        return None
+    return (
+        "the TPU on this host is held by another process, so JAX cannot use it (JAX says: "
+        f"{jax_error.strip()}). Stop that process (`sudo lsof -w /dev/accel*` or "
+        "`/dev/vfio/*` lists it; often a notebook kernel or an earlier run), then start again"
+    )
+
+
+def _exit_on_uncaught_exception() -> None:
+    """Makes an uncaught exception end this process as soon as its traceback is printed.
+
+    Otherwise the process would wait in JAX's shutdown barrier (5 minutes by default) for
+    processes that are themselves blocked in a collective, waiting for it: the whole job would
+    hang. Ended, it stops sending heartbeats, and JAX stops the others after heartbeat_timeout.
+    An interactive interpreter keeps its usual behaviour.
+    """
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return
+    previous = sys.excepthook
+
+    def print_and_exit(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = print_and_exit
+
+
+def _describe_job(address: str | None) -> ClusterInfo:
+    return ClusterInfo(
+        process_id=jax.process_index(),
+        num_processes=jax.process_count(),
+        coordinator_address=address,
+        local_device_count=jax.local_device_count(),
+        global_device_count=jax.device_count(),
+        platform=jax.default_backend(),
+    )
