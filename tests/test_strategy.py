@@ -263,3 +263,16 @@ def test_donation_deletes_the_donated_state():
     new = strategy.run(lambda s: s * 2, args=(state,), options=ts.RunOptions(donate_argnums=(0,)))
     np.testing.assert_allclose(np.asarray(new.value), 2 * np.ones(16))
     assert leaf.is_deleted()
+
+
+def test_step_is_traced_once_per_signature(strategy):
+    traces = []
+
+    def step(x):
+        traces.append(x.shape)
+        return ts.get_replica_context().all_reduce("sum", x)
+
+    ids = _replica_ids(strategy)
+    for _ in range(3):
+        strategy.run(step, args=(ids,))
+    assert traces == [()]

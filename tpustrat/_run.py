@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -106,26 +107,21 @@ class Step:
             arrays, per_replica_flags = [valid_rows, *arrays], [False, *per_replica_flags]
         in_specs = tuple(P(_mesh.REPLICA_AXIS) if pr else P() for pr in per_replica_flags)
 
-        def body_for(stacked_outputs):
-            def body(*arrays):
-                local = [a[0] if pr else a for a, pr in zip(arrays, per_replica_flags)]
-                mask = None
-                if valid_rows is not None:
-                    rows = _padded_rows(local[1:], per_replica_flags[1:])
-                    mask, local = jnp.arange(rows) < local[0], local[1:]
-                call_args, call_kwargs = rebuild(local)
-                with self._make_context(mask)._activate():
-                    out = self._fn(*call_args, **call_kwargs)
-                leaves, body.out_tree = _flatten_outputs(out)
-                if stacked_outputs is None:
-                    return [x[None] for x in leaves]
-                return [x[None] if s else x for x, s in zip(leaves, stacked_outputs)]
+        def body(*arrays):
+            local = [a[0] if pr else a for a, pr in zip(arrays, per_replica_flags)]
+            mask = None
+            if valid_rows is not None:
+                rows = _padded_rows(local[1:], per_replica_flags[1:])
+                mask, local = jnp.arange(rows) < local[0], local[1:]
+            call_args, call_kwargs = rebuild(local)
+            with self._make_context(mask)._activate():
+                out = self._fn(*call_args, **call_kwargs)
+            leaves, body.out_tree = _flatten_outputs(out)
+            return [x[None] for x in leaves]
 
-            return body
-
-        def shard_mapped(body, out_specs):
+        def shard_mapped(f, in_specs, out_specs):
             return jax.shard_map(
-                body,
+                f,
                 mesh=self._mesh,
                 in_specs=in_specs,
                 out_specs=out_specs,
@@ -133,17 +129,26 @@ class Step:
                 check_vma=False,
             )
 
-        # First pass: trace with every output stacked, to learn which outputs vary.
-        provisional = shard_mapped(body_for(None), P(_mesh.REPLICA_AXIS))
-        closed = jax.make_jaxpr(provisional)(*[_abstract(a) for a in arrays])
-        eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name == "shard_map")
+        # The user's step is traced once, with every output stacked over replicas. The proof of
+        # which outputs are the same on every replica (_replication) reads that jaxpr, which is
+        # then replayed with those outputs unstacked.
+        stacked = shard_mapped(body, in_specs, P(_mesh.REPLICA_AXIS))
+        closed = jax.make_jaxpr(stacked)(*[_abstract(a) for a in arrays])
+        (eqn,) = closed.jaxpr.eqns
         varying = _replication.varying_outputs(
             eqn.params["jaxpr"],
             [_mesh.REPLICA_AXIS in _spec_axes(s) for s in eqn.params["in_specs"]],
         )
-        body = body_for(varying)
+        values = dict(zip(closed.jaxpr.invars, arrays))
+        values.update(zip(closed.jaxpr.constvars, closed.consts))
+        operands = [v.val if isinstance(v, Literal) else values[v] for v in eqn.invars]
+
+        def replay(*local):
+            outs = jax.core.eval_jaxpr(eqn.params["jaxpr"], (), *local)
+            return [x if v else x[0] for x, v in zip(outs, varying)]
+
         out_specs = [P(_mesh.REPLICA_AXIS) if v else P() for v in varying]
-        outputs = shard_mapped(body, out_specs)(*arrays)
+        outputs = shard_mapped(replay, eqn.params["in_specs"], out_specs)(*operands)
         if self._donate_argnums:
             _diagnose_donation(self.name, args, self._donate_argnums, outputs, varying)
         wrapped = [
