@@ -6,16 +6,20 @@ STAMP := $(VENV)/.installed
 DEVICES ?= 8
 ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,examples,dev,bench]"
+	$(PY) -m pip install --quiet -e ".[test,examples,dev]"
 	touch $(STAMP)
 
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	touch $@
+
 demo: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=$(DEVICES) $(XLA_FLAGS)" $(PY) examples/quickstart.py $(ARGS)
+	XLA_FLAGS="--xla_force_host_platform_device_count=$(DEVICES) $(XLA_FLAGS)" $(PY) examples/nnx_digits.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -26,8 +30,11 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(PY) benchmarks/step_overhead.py
+bench: $(VENV)/.bench
+	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/collectives.py
+	$(PY) benchmarks/steps_per_run.py
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,56 +1,65 @@
-"""Step rate of one MLP training step: tpustrat's strategy.run against hand-written JAX.
+"""Step rate of one MLP training step: tpustrat's strategy.run against hand-written JAX and Keras.
 
 Workload: an MLP 64-512-512-10, global batch 256, SGD, on 8 replicas. Variants:
   (a) tpustrat  ``strategy.run`` called from Python, its default dispatch window;
   (b) shard_map ``jax.jit(jax.shard_map(...))`` written by hand, the same step and window;
-  (c) auto      ``jax.jit`` with NamedSharding inputs, left to the SPMD partitioner.
-Runs alternate (a b c a b c ...) so that machine noise hits every variant alike; the table
-shows median steps/s and the ratio to (b).
+  (c) auto      ``jax.jit`` with NamedSharding inputs, left to the SPMD partitioner;
+  (d) Keras 3   ``model.fit`` under ``keras.distribution.DataParallel`` (JAX backend), when
+                keras is installed (the ``bench`` extra). Keras feeds each step a host batch
+                and runs its own loop; a callback holds it to the same window, and its time is
+                from ``on_train_begin`` to ``on_train_end`` of a fit over exactly the timed
+                steps.
+Runs alternate (a b c d, b c d a, c d a b, ...) so that machine noise hits every variant alike;
+the table shows median steps/s, the ratio of medians to (b), and the median over rounds of
+each round's ratio to (b) (steadier when the machine's load drifts). Then (a) and (b) run a
+step that computes nothing, which times dispatch alone: tpustrat's extra microseconds per call.
+Writes ``results/step_overhead.json`` and ``results/step_overhead.png``.
 
-Usage: python benchmarks/step_overhead.py [--steps 200] [--rounds 5] [--devices 8]
+On a CPU-only machine it simulates 8 devices (unless XLA_FLAGS already sets a device count).
+
+Usage: python benchmarks/step_overhead.py [--steps 200] [--rounds 9]  (about 2 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import argparse
 import collections
+import contextlib
+import datetime
+import importlib.metadata
 import itertools
 import json
-import os
 import pathlib
 import platform
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    return parser.parse_args()
-
-
-ARGS = _parse()
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    )
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import tpustrat as ts  # noqa: E402
+import tpustrat as ts
 
 SIZES = (64, 512, 512, 10)
 GLOBAL_BATCH = 256
 LEARNING_RATE = 0.01
 WINDOW = 2  # steps in flight, the same for every variant
+BASELINE = "(b) jit(shard_map) by hand"
+KERAS = "(d) Keras 3 DataParallel fit"
 
 
 def init_params(key):
@@ -63,11 +72,15 @@ def init_params(key):
     return params
 
 
-def loss_fn(params, x, y):
+def predict(params, x):
     for w, b in params[:-1]:
         x = jax.nn.relu(x @ w + b)
     w, b = params[-1]
-    logits = x @ w + b
+    return x @ w + b
+
+
+def loss_fn(params, x, y):
+    logits = predict(params, x)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
 
@@ -75,40 +88,27 @@ def sgd(params, grads):
     return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
 
 
-def make_tpustrat(params, x, y):
-    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
-    n = strategy.num_replicas_in_sync
-
-    def step(params, batch):
-        grads = jax.grad(loss_fn)(params, *batch)
-        return sgd(params, ts.get_replica_context().all_reduce("mean", grads))
-
-    batch = strategy.experimental_distribute_values_from_function(
-        lambda ctx: (
-            np.split(x, n)[ctx.replica_id_in_sync_group],
-            np.split(y, n)[ctx.replica_id_in_sync_group],
-        )
-    )
-    state = {"params": strategy.replicate(params)}
-
-    def run(steps):
-        p = state["params"]
-        for _ in range(steps):
-            p = strategy.run(step, args=(p, batch))
-        jax.block_until_ready(p)
-        state["params"] = p
-
-    return run
+def tpustrat_step(params, batch):
+    """(a): one replica's step under ``strategy.run``; pmap's recipe, mean loss and mean grads."""
+    grads = jax.grad(loss_fn)(params, *batch)
+    return sgd(params, ts.get_replica_context().all_reduce("mean", grads))
 
 
-def make_shard_map(params, x, y):
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+def train_body(params, x, y):
+    """(b): the same step as the body of a hand-written ``shard_map``."""
+    grads = jax.grad(loss_fn)(params, x, y)
+    return sgd(params, jax.lax.pmean(grads, "replica"))
 
-    def body(params, x, y):
-        grads = jax.grad(loss_fn)(params, x, y)
-        return sgd(params, jax.lax.pmean(grads, "replica"))
 
-    step = jax.jit(
+def no_op_step(params, batch):
+    """A step that computes nothing, to time dispatch alone."""
+    del batch
+    return params
+
+
+def shard_map_step(mesh: jax.sharding.Mesh, body=train_body):
+    """``jax.jit(jax.shard_map(body))`` over ``mesh``: params replicated, batch split."""
+    return jax.jit(
         jax.shard_map(
             body,
             mesh=mesh,
@@ -117,27 +117,65 @@ def make_shard_map(params, x, y):
             check_vma=False,
         )
     )
-    x = jax.device_put(x, NamedSharding(mesh, P("replica")))
-    y = jax.device_put(y, NamedSharding(mesh, P("replica")))
-    state = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
-    return _windowed(step, state, x, y)
 
 
-def make_auto(params, x, y):
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
-
-    @jax.jit
-    def step(params, x, y):
-        return sgd(params, jax.grad(loss_fn)(params, x, y))
-
-    x = jax.device_put(x, NamedSharding(mesh, P("replica")))
-    y = jax.device_put(y, NamedSharding(mesh, P("replica")))
-    state = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
-    return _windowed(step, state, x, y)
+@jax.jit
+def auto_step(params, x, y):
+    """(c): the single-device step; ``jax.jit`` partitions it from the input shardings."""
+    return sgd(params, jax.grad(loss_fn)(params, x, y))
 
 
-def _windowed(step, state, x, y):
+def global_batch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(GLOBAL_BATCH, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], size=GLOBAL_BATCH).astype(np.int32)
+    return x, y
+
+
+def per_replica_batch(strategy: ts.TPUStrategy, x: np.ndarray, y: np.ndarray) -> ts.PerReplica:
+    n = strategy.num_replicas_in_sync
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            np.split(x, n)[ctx.replica_id_in_sync_group],
+            np.split(y, n)[ctx.replica_id_in_sync_group],
+        )
+    )
+
+
+def make_tpustrat(params, x, y, step=tpustrat_step) -> Callable[[int], float]:
+    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
+    batch = per_replica_batch(strategy, x, y)
+    state = {"params": strategy.replicate(params)}
+
     def run(steps):
+        start = time.perf_counter()
+        p = state["params"]
+        for _ in range(steps):
+            p = strategy.run(step, args=(p, batch))
+        jax.block_until_ready(p)
+        state["params"] = p
+        return time.perf_counter() - start
+
+    return run
+
+
+def make_shard_map(params, x, y, body=train_body) -> Callable[[int], float]:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+    return _windowed(shard_map_step(mesh, body), mesh, params, x, y)
+
+
+def make_auto(params, x, y) -> Callable[[int], float]:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+    return _windowed(auto_step, mesh, params, x, y)
+
+
+def _windowed(step, mesh, params, x, y) -> Callable[[int], float]:
+    x = jax.device_put(x, NamedSharding(mesh, P("replica")))
+    y = jax.device_put(y, NamedSharding(mesh, P("replica")))
+    state = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
+
+    def run(steps):
+        start = time.perf_counter()
         p, pending = state["params"], collections.deque()
         for _ in range(steps):
             p = step(p, x, y)
@@ -146,58 +184,232 @@ def _windowed(step, state, x, y):
                 pending.popleft().block_until_ready()
         jax.block_until_ready(p)
         state["params"] = p
+        return time.perf_counter() - start
 
     return run
 
 
-def main() -> None:
-    key = jax.random.key(0)
-    params = jax.tree.map(np.asarray, init_params(key))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(GLOBAL_BATCH, SIZES[0])).astype(np.float32)
-    y = rng.integers(0, SIZES[-1], size=GLOBAL_BATCH).astype(np.int32)
-    variants = {
-        "(a) tpustrat strategy.run": make_tpustrat(params, x, y),
-        "(b) jit(shard_map) by hand": make_shard_map(params, x, y),
-        "(c) jit + NamedSharding": make_auto(params, x, y),
-    }
+def make_keras(params, x, y) -> Callable[[int], float]:
+    import keras
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    model = keras.Sequential(
+        [keras.Input((SIZES[0],))]
+        + [keras.layers.Dense(n, activation="relu") for n in SIZES[1:-1]]
+        + [keras.layers.Dense(SIZES[-1])]
+    )
+    model.set_weights([np.asarray(a) for layer in params for a in layer])
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    class Window(keras.callbacks.Callback):
+        """Keeps at most WINDOW steps in flight, as the other variants do, and times the fit.
+
+        Left alone, fit dispatches steps without bound, and with 8 simulated CPU devices XLA
+        aborts on a collective rendezvous timeout within a few hundred steps. As an
+        ``async_safe`` callback, the batch-end hook runs on Keras's worker thread once that
+        step's logs are ready; the batch-begin hook waits for it.
+        """
+
+        async_safe = True
+
+        def on_train_begin(self, logs=None):
+            self.finished, self.ready = 0, threading.Condition()
+            self.start = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            with self.ready:
+                self.ready.wait_for(lambda: self.finished >= batch - WINDOW)
+
+        def on_train_batch_end(self, batch, logs=None):
+            with self.ready:
+                self.finished += 1
+                self.ready.notify()
+
+        def on_train_end(self, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    def run(steps):
+        window = Window()
+        model.fit(
+            np.tile(x, (steps, 1)),
+            np.tile(y, steps),
+            batch_size=GLOBAL_BATCH,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[window],
+        )
+        return window.seconds
+
+    return run
+
+
+def keras_unavailable() -> str | None:
+    """Why variant (d) cannot run here, or None when it can."""
+    try:
+        import keras
+    except ImportError:
+        return "keras is not installed (pip install -e '.[bench]')"
+    if keras.backend.backend() != "jax":
+        return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
+    return None
+
+
+def machine() -> str:
+    """CPU model and core count (or the accelerator), for the record."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{jax.device_count()} x {device.device_kind}"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["variant"] for row in rows][::-1]
+    medians = [row["median_steps_per_s"] for row in rows][::-1]
+    low = [m - min(row["rounds"]) for m, row in zip(medians, rows[::-1])]
+    high = [max(row["rounds"]) - m for m, row in zip(medians, rows[::-1])]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.4))
+    bars = ax.barh(names, medians, xerr=[low, high], color="#4c72b0", capsize=4)
+    for bar, row in zip(bars, rows[::-1]):
+        ax.text(
+            bar.get_width() * 0.02,
+            bar.get_y() + bar.get_height() / 2,
+            f"{row['median_steps_per_s']:.0f} steps/s, {row['ratio_to_b']:.3f} x (b) "
+            f"(paired {row['paired_ratio_to_b']:.3f})",
+            va="center",
+            color="white",
+        )
+    ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds")
+    parser.add_argument("--no-op-calls", type=int, default=1000, help="calls per round, no-op")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    return parser.parse_args(argv)
+
+
+def alternate(
+    variants: dict[str, Callable[[int], float]], rounds: int, steps: int
+) -> dict[str, list[float]]:
+    """Steps/s of each variant in each round; the order rotates from round to round."""
     for run in variants.values():
         run(10)  # compile and warm up
     rates = {name: [] for name in variants}
-    for _ in range(ARGS.rounds):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run(ARGS.steps)
-            rates[name].append(ARGS.steps / (time.perf_counter() - start))
-    baseline = statistics.median(rates["(b) jit(shard_map) by hand"])
+    names = list(variants)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            rates[name].append(steps / variants[name](steps))
+    return rates
+
+
+def main() -> None:
+    args = parse_args()
+    params = jax.tree.map(np.asarray, init_params(jax.random.key(0)))
+    x, y = global_batch()
+    factories = {
+        "(a) tpustrat strategy.run": make_tpustrat,
+        BASELINE: make_shard_map,
+        "(c) jit + NamedSharding": make_auto,
+        KERAS: make_keras,
+    }
+    skipped = keras_unavailable()
+    if skipped:
+        print(f"skipping (d): {skipped}")
+        del factories[KERAS]
+    load_before = os.getloadavg()
+    rates = alternate(
+        {name: make(params, x, y) for name, make in factories.items()}, args.rounds, args.steps
+    )
+    # The same two loops around a step that computes nothing: what dispatch alone costs.
+    no_op_rates = alternate(
+        {
+            "(a) tpustrat strategy.run": make_tpustrat(params, x, y, step=no_op_step),
+            BASELINE: make_shard_map(params, x, y, body=lambda params, x, y: params),
+        },
+        args.rounds,
+        args.no_op_calls,
+    )
+    baseline = statistics.median(rates[BASELINE])
     rows = [
         {
             "variant": name,
             "median_steps_per_s": statistics.median(r),
             "ratio_to_b": statistics.median(r) / baseline,
+            "paired_ratio_to_b": statistics.median(
+                [rate / base for rate, base in zip(r, rates[BASELINE])]
+            ),
             "rounds": r,
         }
         for name, r in rates.items()
     ]
-    print(
-        f"\nMLP {'-'.join(map(str, SIZES))}, global batch {GLOBAL_BATCH}, "
-        f"{jax.device_count()} x {jax.devices()[0].platform}, {ARGS.rounds} rounds of "
-        f"{ARGS.steps} steps, window {WINDOW}"
+    dispatch = {
+        name: {"median_us_per_call": 1e6 / statistics.median(r), "rounds_calls_per_s": r}
+        for name, r in no_op_rates.items()
+    }
+    extra_us = (
+        dispatch["(a) tpustrat strategy.run"]["median_us_per_call"]
+        - dispatch[BASELINE]["median_us_per_call"]
     )
-    print(f"{'variant':<30} {'steps/s':>9} {'ratio to (b)':>13}")
+    title = (
+        f"MLP {'-'.join(map(str, SIZES))}, global batch {GLOBAL_BATCH}, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}, {args.rounds} rounds of "
+        f"{args.steps} steps, window {WINDOW}"
+    )
+    print(f"\n{title}\n{machine()}, jax {jax.__version__}")
+    print(f"{'variant':<30} {'steps/s':>9} {'ratio to (b)':>13} {'paired ratio':>13}")
     for row in rows:
-        print(f"{row['variant']:<30} {row['median_steps_per_s']:>9.1f} {row['ratio_to_b']:>13.3f}")
-    out = pathlib.Path(ARGS.out)
+        print(
+            f"{row['variant']:<30} {row['median_steps_per_s']:>9.1f} {row['ratio_to_b']:>13.3f} "
+            f"{row['paired_ratio_to_b']:>13.3f}"
+        )
+    print(f"\ndispatch alone (a step that computes nothing, {args.no_op_calls} calls per round)")
+    for name, entry in dispatch.items():
+        print(f"{name:<30} {entry['median_us_per_call']:>9.0f} us/call")
+    print(
+        f"tpustrat's extra {extra_us:.0f} us/call is {extra_us * baseline / 1e4:.1f}% of a "
+        f"(b) train step ({1e6 / baseline:.0f} us)"
+    )
+    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "step_overhead",
-        "command": " ".join(sys.argv),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(),
         "jax": jax.__version__,
+        "keras": None if skipped else importlib.metadata.version("keras"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "devices": jax.device_count(),
+        "workload": title,
         "rows": rows,
+        "dispatch_only": dispatch,
+        "tpustrat_extra_us_per_call": extra_us,
     }
-    (out / "step_overhead.json").write_text(json.dumps(record, indent=2))
+    (out / "step_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(rows, f"{title}\n{record['machine']}, jax {jax.__version__}", out / "step_overhead.png")
+    print(f"wrote {out / 'step_overhead.json'} and {out / 'step_overhead.png'}")
 
 
 if __name__ == "__main__":
