@@ -49,8 +49,8 @@ class RunOptions:
 class Step:
     """``fn`` on every replica, compiled as one jitted ``shard_map`` over the mesh.
 
-    ``shard_map`` is manual over ``"replica"`` only, so ``"logical_core"`` stays with the
-    partitioner. Replicated inputs are not marked as varying (``check_vma=False``): a gradient
+    ``shard_map`` is manual over the replica axis and leaves the logical-core axes to the
+    partitioner (with one core per replica every axis is manual). Replicated inputs are not marked as varying (``check_vma=False``): a gradient
     with respect to one stays local to the replica, as under ``pmap`` and in tf.distribute.
     Outputs proven identical on every replica (see ``_replication``) come back Mirrored, the
     rest PerReplica. ``jax.jit`` caches one executable per argument signature; every trace is
@@ -177,11 +177,6 @@ class DispatchWindow:
         if leaves:
             self._pending.append(leaves[0])
         while len(self._pending) > self.size:
-            _wait(self._pending.popleft())
-
-    def drain(self) -> None:
-        """Waits for every pending step."""
-        while self._pending:
             _wait(self._pending.popleft())
 
 

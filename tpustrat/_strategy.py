@@ -39,6 +39,10 @@ class TPUStrategy:
     Args:
       devices: the devices to use, in replica-major order; default ``jax.devices()``.
       num_logical_cores: how many devices each replica spans (for model parallelism).
+      device_assignment: a ``ts.DeviceAssignment`` that fixes every replica's devices and
+        logical cores on the physical topology; replaces ``devices`` and ``num_logical_cores``.
+      spmd: TF's ``experimental_spmd_xla_partitioning``. JAX always compiles one SPMD program;
+        True only refuses ``experimental_assign_to_logical_device``, as TF does.
       max_steps_in_flight: how many ``run`` calls may be queued on the devices before ``run``
         waits for the oldest. Small numbers keep the host in step and avoid runaway queues.
 
