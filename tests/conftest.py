@@ -11,6 +11,7 @@ import jax
 import pytest
 
 import tpustrat as ts
+from tpustrat._accounting import backend_compiles
 
 MESH_SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
@@ -29,13 +30,5 @@ def strategy(request) -> ts.TPUStrategy:
 @pytest.fixture
 def compile_count():
     """A function returning how many XLA programs were compiled since the fixture started."""
-    events = []
-
-    def listener(name, duration, **kwargs):
-        del duration, kwargs
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield lambda: len(events)
-    jax.monitoring.unregister_event_duration_listener(listener)
+    start = backend_compiles()
+    return lambda: backend_compiles() - start

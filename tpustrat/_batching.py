@@ -121,7 +121,10 @@ class Batcher:
         num_replicas = layout.mesh.shape[_mesh.REPLICA_AXIS]
         shapes = [(num_replicas, *a.shape[1:]) for a in local]
         sharding = _mesh.per_replica_sharding(layout.mesh)
-        return jax.make_array_from_process_local_data(sharding, local, shapes)
+        return [  # one call per leaf: jax < 0.8 takes no pytrees here
+            jax.make_array_from_process_local_data(sharding, rows, shape)
+            for rows, shape in zip(local, shapes)
+        ]
 
 
 def distributed_elements(source: Iterator[PyTree], batcher: Batcher) -> Iterator[PyTree]:
