@@ -50,11 +50,12 @@ class Step:
     """``fn`` on every replica, compiled as one jitted ``shard_map`` over the mesh.
 
     ``shard_map`` is manual over the replica axis and leaves the logical-core axes to the
-    partitioner (with one core per replica every axis is manual). Replicated inputs are not marked as varying (``check_vma=False``): a gradient
-    with respect to one stays local to the replica, as under ``pmap`` and in tf.distribute.
-    Outputs proven identical on every replica (see ``_replication``) come back Mirrored, the
-    rest PerReplica. ``jax.jit`` caches one executable per argument signature; every trace is
-    reported to ``on_trace`` with the signature, for compile accounting.
+    partitioner (with one core per replica every axis is manual). Replicated inputs are not
+    marked as varying (``check_vma=False``): a gradient with respect to one stays local to the
+    replica, as under ``pmap`` and in tf.distribute. Outputs proven identical on every replica
+    (see ``_replication``) come back Mirrored, the rest PerReplica. ``jax.jit`` caches one
+    executable per argument signature; every trace is reported to ``on_trace`` with the
+    signature, for compile accounting.
 
     Args:
       fn: the user's step function.
