@@ -358,12 +358,10 @@ class TPUStrategy:
     def experimental_assign_to_logical_device(
         self, tensor: jax.Array, logical_device_id: int
     ) -> jax.Array:
-        """Inside ``run``: TF's placement of ``tensor`` on one logical core.
+        """Inside ``run``: TF's placement of ``tensor`` on one logical core, checked as in TF.
 
-        Checked as TF checks it (the id must be a core of the replica; not with ``spmd=True``).
-        A JAX program is one SPMD program over all of the replica's cores and cannot keep a
-        tensor on one core alone, so the tensor stays whole on every core, as with
-        ``experimental_replicate_to_logical_devices``; numerically the identity.
+        One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
+        every core of the replica (as ``experimental_replicate_to_logical_devices``).
         """
         return _logical.assign(self._mesh, tensor, logical_device_id, self._spmd)
 
