@@ -99,5 +99,10 @@ def test_unusable_donation_warns_once_naming_the_buffer():
 
 def test_donating_a_missing_argument_is_an_error():
     strategy = ts.TPUStrategy()
-    with pytest.raises(ValueError, match="donate_argnums names argument 3 but run got 1 args"):
+    with pytest.raises(ValueError, match=r"donate_argnums \(3,\) names a position past the 1"):
         strategy.run(lambda s: s, args=(1.0,), options=ts.RunOptions(donate_argnums=(3,)))
+    for bad in ((-1,), 0, (True,)):
+        with pytest.raises(
+            ValueError, match="donate_argnums must be a tuple of argument positions"
+        ):
+            ts.RunOptions(donate_argnums=bad)

@@ -78,3 +78,18 @@ def test_mismatched_leading_dimensions_are_an_error():
     b = ts.PerReplica.from_stacked(np.zeros((8, 5, 2), np.float32))
     with pytest.raises(ValueError, match=r"leading dimensions are \[3, 5\]"):
         strategy.run(lambda a, b: a, args=(a, b), options=BUCKETED)
+
+
+def test_a_per_replica_scalar_argument_is_left_alone():
+    strategy = ts.TPUStrategy()
+    ids = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.float32(ctx.replica_id_in_sync_group)
+    )
+    x, batch = _batch(8, 3)
+    out = strategy.run(
+        lambda i, b: (b.sum(axis=1) * ts.get_replica_context().row_mask).sum() + i,
+        args=(ids, batch),
+        options=BUCKETED,
+    )
+    want = x.sum(axis=(1, 2)) + np.arange(8)
+    np.testing.assert_allclose([float(v) for v in out.values], want, rtol=1e-5)

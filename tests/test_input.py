@@ -454,3 +454,8 @@ def test_a_process_keeps_only_its_replicas_rows(eight):
     )
     rows = layout.local_rows(np.arange(16).reshape(8, 2), slice_size=2)
     np.testing.assert_array_equal(rows, np.arange(8, 16).reshape(2, 2, 2))
+
+
+def test_mask_and_drop_remainder_together_are_refused():
+    with pytest.raises(ValueError, match="either padded and masked or dropped; choose one"):
+        InputOptions(experimental_mask=True, drop_remainder=True)

@@ -239,3 +239,29 @@ def test_model_parallel_training_equals_one_device(mesh_shape):
         .as_text()
     )
     assert f"f32[5,{WIDE // cores}]" in text  # the wide layer really is split across the cores
+
+
+def test_annotating_with_another_strategy_is_refused():
+    runner, other = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=4)
+    with pytest.raises(ValueError, match="annotate with the strategy that runs the step"):
+        runner.run(
+            lambda v: other.experimental_split_to_logical_devices(v, [1, 4]),
+            args=(np.ones((4, 4), np.float32),),
+        )
+
+
+def test_datasets_and_values_share_one_program_on_factored_cores():
+    """Batches from a dataset and from values_from_function live on the same mesh."""
+    strategy = ts.TPUStrategy(num_logical_cores=4)
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    from_values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: rows[ctx.replica_id_in_sync_group]
+    )
+    (from_dataset,) = strategy.experimental_distribute_dataset([rows.reshape(8)])
+    step = lambda x: ts.get_replica_context().all_reduce("sum", x)
+    for batch in (from_values, from_dataset, from_values, from_dataset):
+        np.testing.assert_array_equal(
+            np.asarray(strategy.run(step, args=(batch,)).value), rows.sum(0)
+        )
+    stats = strategy.compile_stats()
+    assert (stats.num_compiles, stats.num_cache_hits) == (1, 3)

@@ -126,3 +126,16 @@ def test_errors():
     batches = iter(_batches(strategy, 2))
     with pytest.raises(TypeError, match=r"needs fn\(state, batch\) -> \(state, outputs\)"):
         strategy.experimental_run_steps(lambda s, b: s, np.float32(0), batches, 2)
+
+
+def test_a_step_that_changes_the_state_dtype_is_refused():
+    strategy = ts.TPUStrategy()
+    batches = iter(_batches(strategy, 2))
+
+    def step(total, batch):  # int32 state + float32 sum: float32
+        return total + ts.get_replica_context().all_reduce("sum", batch[0].sum()), 0.0
+
+    with pytest.raises(
+        TypeError, match=r"returned a state leaf of float32\[\] for one of int32\[\]"
+    ):
+        strategy.experimental_run_steps(step, np.int32(0), batches, 2)

@@ -46,18 +46,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from tpustrat import _mesh
 from tpustrat._batching import Batcher, Layout, distributed_elements, host_iterator
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
-
-if TYPE_CHECKING:
-    from tpustrat._strategy import TPUStrategy
 
 PyTree = Any
 
@@ -148,6 +146,11 @@ class InputOptions:
         )
         if self.global_batch_size is not None:
             _check_int("global_batch_size", self.global_batch_size, minimum=1)
+        if self.experimental_mask and self.drop_remainder:
+            raise ValueError(
+                "InputOptions got experimental_mask=True and drop_remainder=True: a partial "
+                "batch is either padded and masked or dropped; choose one"
+            )
 
 
 class DistributedDataset:
@@ -214,31 +217,24 @@ class DistributedDataset:
 
 
 def distribute_dataset(
-    strategy: TPUStrategy, dataset: Iterable[PyTree], options: InputOptions | None = None
+    mesh: Mesh, dataset: Iterable[PyTree], options: InputOptions | None = None
 ) -> DistributedDataset:
-    """Splits each global batch of ``dataset`` over the strategy's replicas.
+    """Splits each global batch of ``dataset`` over the replicas of ``mesh``.
 
     Args:
-      strategy: the strategy whose replicas receive the batches.
+      mesh: the mesh the strategy places values on (its replica axis first).
       dataset: an iterable of pytrees whose leaves share a leading global-batch axis.
       options: a ``ts.InputOptions``; default ``InputOptions()``.
 
     Returns:
       A DistributedDataset; replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)``.
-
-    Example:
-      >>> strategy = ts.TPUStrategy()
-      >>> batches = [{"x": np.arange(16.0).reshape(8, 2)}]
-      >>> for batch in strategy.experimental_distribute_dataset(batches):
-      ...     print(batch["x"].stacked.shape)
-      (8, 1, 2)
     """
-    options = _check_options(options, strategy.mesh)
+    options = _check_options(options, mesh)
     _check_dataset(dataset, "experimental_distribute_dataset")
-    num_replicas = strategy.num_replicas_in_sync
+    num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
     layout = Layout(
-        mesh=strategy.mesh,
-        positions=tuple(local_replicas(strategy.mesh)),
+        mesh=mesh,
+        positions=tuple(local_replicas(mesh)),
         num_slices=num_replicas,
         static_size=_static_size(options, num_replicas, num_replicas),
         batch_name="global batch",
@@ -248,38 +244,28 @@ def distribute_dataset(
 
 
 def distribute_datasets_from_function(
-    strategy: TPUStrategy,
+    mesh: Mesh,
     dataset_fn: Callable[[InputContext], Iterable[PyTree]],
     options: InputOptions | None = None,
 ) -> DistributedDataset:
     """Calls ``dataset_fn`` once per process and splits its batches over that process's replicas.
 
     Args:
-      strategy: the strategy whose replicas receive the batches.
+      mesh: the mesh the strategy places values on (its replica axis first).
       dataset_fn: takes a ``ts.InputContext`` and returns this process's dataset, whose batches
         hold ``global_batch_size // ctx.num_input_pipelines`` rows.
       options: a ``ts.InputOptions``; its ``global_batch_size`` is the global one.
 
     Returns:
       A DistributedDataset; the process's ``L`` replicas split each of its batches in order.
-
-    Example:
-      >>> strategy = ts.TPUStrategy()
-      >>> def dataset_fn(ctx):
-      ...     rows = 2 * ctx.num_replicas_in_sync // ctx.num_input_pipelines
-      ...     return [np.zeros((rows, 3), np.float32)]
-      >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
-      >>> dist.element_spec.shape
-      (2, 3)
     """
     if not callable(dataset_fn):
         raise TypeError(
             f"distribute_datasets_from_function needs a callable dataset_fn, got "
             f"{type(dataset_fn).__name__}; pass a function taking a ts.InputContext"
         )
-    mesh = strategy.mesh
     options = _check_options(options, mesh)
-    num_replicas = strategy.num_replicas_in_sync
+    num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
     local = local_replicas(mesh)
     for replica in local:
         processes = sorted({d.process_index for d in mesh.devices[replica].flat})

@@ -8,6 +8,7 @@ identity (gradients included), it tells XLA how to lay the tensor out over the r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,11 +19,13 @@ from tpustrat import _mesh
 from tpustrat._context import get_replica_context
 
 
-def split(mesh: Mesh, tensor: jax.Array, partition_dimensions: Sequence[int]) -> jax.Array:
+def split(
+    strategy: Any, mesh: Mesh, tensor: jax.Array, partition_dimensions: Sequence[int]
+) -> jax.Array:
     """Tiles ``tensor`` over the replica's cores: dimension i is cut into
     ``partition_dimensions[i]`` pieces. Tile ``(i0, i1, ...)`` goes to logical core
     ``np.ravel_multi_index((i0, i1, ...), partition_dimensions)``, as in TF."""
-    _check_in_replica("experimental_split_to_logical_devices")
+    _check_in_replica("experimental_split_to_logical_devices", strategy)
     cores = _num_cores(mesh)
     shape = np.shape(tensor)
     dims = [int(d) for d in partition_dimensions]
@@ -48,19 +51,21 @@ def split(mesh: Mesh, tensor: jax.Array, partition_dimensions: Sequence[int]) ->
     return _constrain(mesh, tensor, P(*_spec_entries(mesh, dims)))
 
 
-def replicate(mesh: Mesh, tensor: jax.Array) -> jax.Array:
+def replicate(strategy: Any, mesh: Mesh, tensor: jax.Array) -> jax.Array:
     """Keeps a whole copy of ``tensor`` on every core of the replica."""
-    _check_in_replica("experimental_replicate_to_logical_devices")
+    _check_in_replica("experimental_replicate_to_logical_devices", strategy)
     return _constrain(mesh, tensor, P())
 
 
-def assign(mesh: Mesh, tensor: jax.Array, logical_device_id: int, spmd: bool) -> jax.Array:
+def assign(
+    strategy: Any, mesh: Mesh, tensor: jax.Array, logical_device_id: int, spmd: bool
+) -> jax.Array:
     """Validates an assignment of ``tensor`` to one logical core.
 
     A JAX program is one SPMD program for all cores, which has no way to keep a tensor on one
     core alone, so the tensor stays whole on every core of the replica (as ``replicate``).
     """
-    _check_in_replica("experimental_assign_to_logical_device")
+    _check_in_replica("experimental_assign_to_logical_device", strategy)
     if spmd:
         raise ValueError(
             "experimental_assign_to_logical_device is not available with spmd=True (TF's "
@@ -104,9 +109,15 @@ def _num_cores(mesh: Mesh) -> int:
     return mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
 
 
-def _check_in_replica(what: str) -> None:
-    if get_replica_context() is None:
+def _check_in_replica(what: str, strategy: Any) -> None:
+    context = get_replica_context()
+    if context is None:
         raise RuntimeError(
             f"{what} annotates a tensor inside a replica's step; call it inside the function "
             "you pass to strategy.run"
+        )
+    if context.strategy is not strategy:
+        raise ValueError(
+            f"{what} was called on {strategy!r} inside a step run by {context.strategy!r}; "
+            "annotate with the strategy that runs the step"
         )

@@ -56,12 +56,12 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
     if len({d.id for d in array}) != array.size:
         raise ValueError("devices lists a device more than once; pass each device once")
     sizes = _prime_factors(num_logical_cores)
-    names = logical_core_axes(num_logical_cores)
+    names = _logical_core_axes(num_logical_cores)
     grid = array.reshape(array.size // num_logical_cores, *sizes)
     return Mesh(grid, (REPLICA_AXIS, *names), axis_types=(AxisType.Auto,) * (1 + len(names)))
 
 
-def logical_core_axes(num_logical_cores: int) -> tuple[str, ...]:
+def _logical_core_axes(num_logical_cores: int) -> tuple[str, ...]:
     """The mesh axes that number a replica's logical cores, major to minor."""
     count = len(_prime_factors(num_logical_cores))
     if count <= 1:
@@ -85,6 +85,15 @@ def per_replica_sharding(mesh: Mesh) -> NamedSharding:
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a value held whole by every device."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def spec_axes(spec: PartitionSpec) -> set[str]:
+    """The mesh axes a PartitionSpec mentions."""
+    axes = set()
+    for entry in spec:
+        if entry is not None:
+            axes.update(entry if isinstance(entry, tuple) else (entry,))
+    return axes
 
 
 def _prime_factors(n: int) -> tuple[int, ...]:

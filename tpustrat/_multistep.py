@@ -58,8 +58,7 @@ class MultiStep:
                     f"{jax.tree.structure(new_state)} but took {jax.tree.structure(carry)}; "
                     "return the updated state with the same structure"
                 )
-            new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, carry)
-            return new_state, outputs
+            return jax.tree.map(self._same_type, new_state, carry), outputs
 
         state = jax.tree.map(jnp.asarray, state)
         # Stacked here, inside the one program, rather than by a dispatch of its own.
@@ -67,6 +66,16 @@ class MultiStep:
         if not self.stack_outputs:
             outputs = jax.tree.map(lambda x: x[-1], outputs)
         return final, outputs
+
+    def _same_type(self, new: jax.Array, old: jax.Array) -> jax.Array:
+        new = jnp.asarray(new)
+        if new.dtype != old.dtype or new.shape != old.shape:
+            raise TypeError(
+                f"{self.__qualname__} returned a state leaf of {new.dtype}{list(new.shape)} for "
+                f"one of {old.dtype}{list(old.shape)}; a step must keep each state leaf's dtype "
+                "and shape (cast the initial state, e.g. np.float32(0) rather than 0)"
+            )
+        return new.astype(old.dtype)  # the same dtype, without a weak type the scan rejects
 
     def run(
         self,

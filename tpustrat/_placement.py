@@ -6,9 +6,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
-from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._mesh import REPLICA_AXIS, spec_axes
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
 PyTree = Any
@@ -92,14 +92,8 @@ def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
         lead = spec[:1] if per_replica else ()
         if per_replica and lead not in ((REPLICA_AXIS,), ((REPLICA_AXIS,),)):
             return False
-        return all(REPLICA_AXIS not in _axes(entry) for entry in spec[len(lead) :])
+        return REPLICA_AXIS not in spec_axes(PartitionSpec(*spec[len(lead) :]))
     return current.is_equivalent_to(sharding, x.ndim)
-
-
-def _axes(entry: Any) -> tuple:
-    if entry is None:
-        return ()
-    return entry if isinstance(entry, tuple) else (entry,)
 
 
 def _where(inputs: PyTree, index: int) -> str:

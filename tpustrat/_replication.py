@@ -22,6 +22,8 @@ _COMBINE_ALL = frozenset(
 )
 # Primitives that name the replica axis but give each replica the value it would have had anyway.
 _KEEP_VARIANCE = frozenset({"pvary", "pcast", "pbroadcast"})
+# Host callbacks run once per device and may return something different on each.
+_HOST_CALLBACKS = frozenset({"pure_callback", "io_callback", "debug_callback"})
 
 
 def varying_outputs(jaxpr: Jaxpr | ClosedJaxpr, varying_inputs: Sequence[bool]) -> list[bool]:
@@ -54,8 +56,10 @@ def _equation(eqn, inputs: list[bool]) -> list[bool]:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     any_varying = any(inputs)
-    if name == "axis_index" or (
-        _names_replica_axis(eqn.params) and name not in _COMBINE_ALL | _KEEP_VARIANCE
+    if (
+        name == "axis_index"
+        or name in _HOST_CALLBACKS
+        or (_names_replica_axis(eqn.params) and name not in _COMBINE_ALL | _KEEP_VARIANCE)
     ):
         return [True] * n_out  # axis_index, psum_scatter, all_to_all, ppermute, ...
     if name in _COMBINE_ALL:

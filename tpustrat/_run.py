@@ -45,6 +45,16 @@ class RunOptions:
     donate_argnums: tuple[int, ...] = ()
     experimental_bucketizing_dynamic_shape: bool = False
 
+    def __post_init__(self):
+        positions = self.donate_argnums
+        if not isinstance(positions, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in positions
+        ):
+            raise ValueError(
+                f"donate_argnums must be a tuple of argument positions >= 0, got {positions!r}; "
+                "e.g. donate_argnums=(0,) to donate args[0]"
+            )
+
 
 class Step:
     """``fn`` on every replica, compiled as one jitted ``shard_map`` over the mesh.
@@ -138,7 +148,7 @@ class Step:
         (eqn,) = closed.jaxpr.eqns
         varying = _replication.varying_outputs(
             eqn.params["jaxpr"],
-            [_mesh.REPLICA_AXIS in _spec_axes(s) for s in eqn.params["in_specs"]],
+            [_mesh.REPLICA_AXIS in _mesh.spec_axes(s) for s in eqn.params["in_specs"]],
         )
         values = dict(zip(closed.jaxpr.invars, arrays))
         values.update(zip(closed.jaxpr.constvars, closed.consts))
@@ -215,7 +225,8 @@ def _split_inputs(tree: PyTree):
 
 
 def _padded_rows(local_arrays, per_replica_flags) -> int:
-    return next(a.shape[0] for a, pr in zip(local_arrays, per_replica_flags) if pr)
+    """The padded row count: the leading dimension of any per-replica leaf that has one."""
+    return next(a.shape[0] for a, pr in zip(local_arrays, per_replica_flags) if pr and a.ndim)
 
 
 def _flatten_outputs(out: PyTree):
@@ -237,11 +248,6 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
     free = collections.Counter((tuple(o.shape), str(o.dtype), v) for o, v in zip(outputs, varying))
     unusable = []
     for i in donate_argnums:
-        if i >= len(args):
-            raise ValueError(
-                f"donate_argnums names argument {i} but run got {len(args)} args; donate an "
-                "existing position, e.g. donate_argnums=(0,) for the state"
-            )
         nodes = jax.tree_util.tree_flatten_with_path(args[i], is_leaf=is_distributed)[0]
         for path, node in nodes:
             stacked = isinstance(node, PerReplica)
@@ -269,11 +275,3 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
 def _abstract(x) -> jax.ShapeDtypeStruct:
     aval = jax.typeof(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
-
-
-def _spec_axes(spec) -> set[str]:
-    axes = set()
-    for entry in spec:
-        if entry is not None:
-            axes.update(entry if isinstance(entry, tuple) else (entry,))
-    return axes

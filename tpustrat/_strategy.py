@@ -154,6 +154,11 @@ class TPUStrategy:
                 "argument write args=(x,)"
             )
         options = options or _run.RunOptions()
+        if any(i >= len(args) for i in options.donate_argnums):
+            raise ValueError(
+                f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
+                "args of this call; donate an existing position, e.g. (0,) for the state"
+            )
         inputs = (tuple(args), dict(kwargs or {}))
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
@@ -349,11 +354,11 @@ class TPUStrategy:
           >>> float(out.value.sum())
           64.0
         """
-        return _logical.split(self._mesh, tensor, partition_dimensions)
+        return _logical.split(self, self._mesh, tensor, partition_dimensions)
 
     def experimental_replicate_to_logical_devices(self, tensor: jax.Array) -> jax.Array:
         """Inside ``run``: keeps a whole copy of ``tensor`` on each of this replica's cores."""
-        return _logical.replicate(self._mesh, tensor)
+        return _logical.replicate(self, self._mesh, tensor)
 
     def experimental_assign_to_logical_device(
         self, tensor: jax.Array, logical_device_id: int
@@ -363,7 +368,7 @@ class TPUStrategy:
         One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
         every core of the replica (as ``experimental_replicate_to_logical_devices``).
         """
-        return _logical.assign(self._mesh, tensor, logical_device_id, self._spmd)
+        return _logical.assign(self, self._mesh, tensor, logical_device_id, self._spmd)
 
     def experimental_distribute_dataset(
         self, dataset: Iterable[PyTree], options: InputOptions | None = None
@@ -384,7 +389,7 @@ class TPUStrategy:
           A ``ts.DistributedDataset`` whose elements have the dataset's structure with
           PerReplica leaves.
         """
-        return _input.distribute_dataset(self, dataset, options)
+        return _input.distribute_dataset(self._mesh, dataset, options)
 
     def distribute_datasets_from_function(
         self,
@@ -396,4 +401,4 @@ class TPUStrategy:
         Each process's dataset yields batches of ``global_batch_size // num_input_pipelines``
         rows, split over the process's replicas in order.
         """
-        return _input.distribute_datasets_from_function(self, dataset_fn, options)
+        return _input.distribute_datasets_from_function(self._mesh, dataset_fn, options)

@@ -195,21 +195,18 @@ def map_distributed(
     tree: PyTree,
     per_replica: Callable[[jax.Array], Any],
     mirrored: Callable[[Any], Any],
-    keep_wrappers: bool = False,
 ) -> PyTree:
     """Applies ``per_replica`` to stacked leaves and ``mirrored`` to every other leaf.
 
     Leaves that are not inside a PerReplica (Mirrored values and plain arrays) count as the same
-    on every replica. With ``keep_wrappers``, PerReplica and Mirrored nodes stay in the result.
+    on every replica. The result holds plain values, without PerReplica or Mirrored nodes.
     """
 
     def visit(node):
         if isinstance(node, PerReplica):
-            stacked = jax.tree.map(per_replica, node.stacked)
-            return PerReplica.from_stacked(stacked) if keep_wrappers else stacked
+            return jax.tree.map(per_replica, node.stacked)
         if isinstance(node, Mirrored):
-            value = jax.tree.map(mirrored, node.value)
-            return Mirrored(value) if keep_wrappers else value
+            return jax.tree.map(mirrored, node.value)
         return mirrored(node)
 
     return jax.tree.map(visit, tree, is_leaf=is_distributed)
