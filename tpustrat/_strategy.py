@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -12,8 +12,6 @@ from tpustrat import (
     _accounting,
     _bucketing,
     _cross_replica,
-    _input,
-    _logical,
     _mesh,
     _multistep,
     _placement,
@@ -21,14 +19,15 @@ from tpustrat import (
     _values,
 )
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
-from tpustrat._input import DistributedDataset, InputContext, InputOptions
+from tpustrat._input import DatasetDistribution
+from tpustrat._logical import LogicalCoreAnnotations
 from tpustrat._topology import DeviceAssignment
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 
 PyTree = Any
 
 
-class TPUStrategy:
+class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
     """Synchronous data parallelism over a ``("replica", "logical_core")`` device mesh.
 
     ``run`` executes a step function on every replica as one compiled SPMD program; PerReplica
@@ -120,7 +119,14 @@ class TPUStrategy:
         )
 
     def scope(self) -> contextlib.AbstractContextManager[TPUStrategy]:
-        """A context in which ``ts.get_strategy()`` returns this strategy."""
+        """A context in which ``ts.get_strategy()`` returns this strategy.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> with strategy.scope():
+          ...     ts.get_strategy() is strategy
+          True
+        """
         return strategy_scope(self)
 
     def run(
@@ -145,6 +151,16 @@ class TPUStrategy:
         Returns:
           ``fn``'s output structure with each leaf a Mirrored (provably the same on every
           replica, e.g. an all-reduce result) or a PerReplica.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=2)  # 4 replicas
+          >>> def step(w, x):
+          ...     ctx = ts.get_replica_context()
+          ...     return {"local": w * x, "total": ctx.all_reduce("sum", w * x)}
+          >>> x = ts.PerReplica([np.float32(i) for i in range(4)])
+          >>> out = strategy.run(step, args=(np.float32(2), x))
+          >>> out["local"], float(out["total"].value)
+          (PerReplica(float32[4]), 12.0)
         """
         if not callable(fn):
             raise TypeError(f"strategy.run needs a callable step, got {type(fn).__name__}")
@@ -266,6 +282,12 @@ class TPUStrategy:
 
         Returns:
           A pytree of ``jax.Array``.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> x = ts.PerReplica([np.full(3, i, np.float32) for i in range(8)])
+          >>> float(strategy.reduce("sum", x, axis=None)[0]), float(strategy.reduce("mean", x, 0))
+          (28.0, 3.5)
         """
         op = ReduceOp.parse(reduce_op)
         result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
@@ -281,6 +303,12 @@ class TPUStrategy:
 
         Returns:
           A pytree of ``jax.Array`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> x = ts.PerReplica([np.full((1, 2), i, np.float32) for i in range(8)])
+          >>> strategy.gather(x, axis=0).shape
+          (8, 2)
         """
         result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
         self._window.admit(result)
@@ -295,6 +323,12 @@ class TPUStrategy:
         Returns:
           A tuple with one pytree per local replica, in replica order. In a job of several
           processes only the replicas of this process are included.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=4)  # 2 replicas
+          >>> x = ts.PerReplica([np.float32(10), np.float32(20)])
+          >>> [float(v) for v in strategy.experimental_local_results(x)]
+          [10.0, 20.0]
         """
         return _cross_replica.local_results(value, self._mesh)
 
@@ -309,6 +343,13 @@ class TPUStrategy:
 
         Returns:
           A PerReplica whose component i is ``value_fn(ValueContext(i, num_replicas_in_sync))``.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> v = strategy.experimental_distribute_values_from_function(
+          ...     lambda ctx: np.arange(2.0) + ctx.replica_id_in_sync_group)
+          >>> v, float(v.values[7][1])
+          (PerReplica(float32[8, 2]), 8.0)
         """
         n = self.num_replicas_in_sync
         components = {r: value_fn(ValueContext(r, n)) for r in _values.local_replicas(self._mesh)}
@@ -319,6 +360,13 @@ class TPUStrategy:
 
         Returns:
           A Mirrored; pass it to ``run`` and every replica sees the whole ``tree``.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> params = strategy.replicate({"w": np.ones(3, np.float32)})
+          >>> out = strategy.run(lambda p: p["w"].sum(), args=(params,))
+          >>> out, float(out.value)
+          (Mirrored(float32[]), 3.0)
         """
         if any(
             isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=_values.is_distributed)
@@ -328,77 +376,3 @@ class TPUStrategy:
                 "strategy.reduce('mean', value)"
             )
         return _values.place_mirrored(tree, self._mesh)
-
-    def experimental_split_to_logical_devices(
-        self, tensor: jax.Array, partition_dimensions: Sequence[int]
-    ) -> jax.Array:
-        """Inside ``run``: tiles ``tensor`` across this replica's logical cores.
-
-        Dimension ``i`` is cut into ``partition_dimensions[i]`` pieces; the tile with index
-        ``(i0, i1, ...)`` lives on logical core ``np.ravel_multi_index((i0, i1, ...),
-        partition_dimensions)``, TF's tile assignment. Numerically the identity.
-
-        Args:
-          tensor: a value inside the step function.
-          partition_dimensions: one positive int per dimension of ``tensor``, multiplying to
-            ``num_logical_cores``; each must divide its dimension.
-
-        Returns:
-          ``tensor``, annotated.
-
-        Example:
-          >>> strategy = ts.TPUStrategy(num_logical_cores=4)
-          >>> def step(x):
-          ...     return strategy.experimental_split_to_logical_devices(x, [1, 2, 2]) * 2
-          >>> out = strategy.run(step, args=(np.ones((2, 4, 4), np.float32),))
-          >>> float(out.value.sum())
-          64.0
-        """
-        return _logical.split(self, self._mesh, tensor, partition_dimensions)
-
-    def experimental_replicate_to_logical_devices(self, tensor: jax.Array) -> jax.Array:
-        """Inside ``run``: keeps a whole copy of ``tensor`` on each of this replica's cores."""
-        return _logical.replicate(self, self._mesh, tensor)
-
-    def experimental_assign_to_logical_device(
-        self, tensor: jax.Array, logical_device_id: int
-    ) -> jax.Array:
-        """Inside ``run``: TF's placement of ``tensor`` on one logical core, checked as in TF.
-
-        One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
-        every core of the replica (as ``experimental_replicate_to_logical_devices``).
-        """
-        return _logical.assign(self, self._mesh, tensor, logical_device_id, self._spmd)
-
-    def experimental_distribute_dataset(
-        self, dataset: Iterable[PyTree], options: InputOptions | None = None
-    ) -> DistributedDataset:
-        """Splits each global batch of ``dataset`` over the replicas, prefetched to the devices.
-
-        Replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)`` of a batch of ``B``
-        rows. A partial last batch is padded and masked, dropped, or refused, as ``options``
-        say (``ts.InputOptions``); the module docstring of ``tpustrat._input`` gives the recipe
-        for exact epoch metrics.
-
-        Args:
-          dataset: an iterable of pytrees whose leaves share a leading global-batch axis (a
-            list, a generator, a ``tf.data.Dataset``, a grain loader).
-          options: a ``ts.InputOptions``.
-
-        Returns:
-          A ``ts.DistributedDataset`` whose elements have the dataset's structure with
-          PerReplica leaves.
-        """
-        return _input.distribute_dataset(self._mesh, dataset, options)
-
-    def distribute_datasets_from_function(
-        self,
-        dataset_fn: Callable[[InputContext], Iterable[PyTree]],
-        options: InputOptions | None = None,
-    ) -> DistributedDataset:
-        """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
-
-        Each process's dataset yields batches of ``global_batch_size // num_input_pipelines``
-        rows, split over the process's replicas in order.
-        """
-        return _input.distribute_datasets_from_function(self._mesh, dataset_fn, options)
