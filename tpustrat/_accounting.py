@@ -38,6 +38,13 @@ class CompileStats:
       num_compiles: programs compiled by plain (not jit-traced) ``run`` calls.
       num_cache_hits: plain ``run`` calls that reused a compiled program.
       recompiles: every compilation of a function that had been compiled before, with reasons.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> _ = [strategy.run(lambda x: x + 1, args=(np.zeros(4),)) for _ in range(3)]
+      >>> stats = strategy.compile_stats()
+      >>> stats.num_compiles, stats.num_cache_hits  # one lambda per call: three functions
+      (3, 0)
     """
 
     num_compiles: int = 0

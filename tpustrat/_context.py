@@ -27,7 +27,12 @@ _STRATEGY: contextvars.ContextVar[TPUStrategy | None] = contextvars.ContextVar(
 
 
 class ReduceOp(str, enum.Enum):
-    """How values from several replicas combine into one. The plain strings work too."""
+    """How values from several replicas combine into one. The plain strings work too.
+
+    Example:
+      >>> ts.ReduceOp.parse("mean") is ts.ReduceOp.MEAN
+      True
+    """
 
     SUM = "sum"
     MEAN = "mean"
@@ -159,7 +164,14 @@ class ReplicaContext:
 
 
 def get_replica_context() -> ReplicaContext | None:
-    """The ReplicaContext of the step being traced by ``strategy.run``; None outside ``run``."""
+    """The ReplicaContext of the step being traced by ``strategy.run``; None outside ``run``.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> ids = strategy.run(lambda: ts.get_replica_context().replica_id_in_sync_group)
+      >>> ids, ts.get_replica_context()
+      (PerReplica(int32[8]), None)
+    """
     return _REPLICA_CONTEXT.get()
 
 

@@ -160,6 +160,12 @@ class DistributedDataset:
     ``strategy.distribute_datasets_from_function``. Each ``iter(dist)`` starts an epoch over
     the underlying dataset; a dataset that is itself an iterator (a generator) can be iterated
     only once.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> dist = strategy.experimental_distribute_dataset([np.zeros((16, 3))] * 2)
+      >>> len(dist), dist.element_spec.shape
+      (2, (2, 3))
     """
 
     def __init__(self, dataset: Iterable[PyTree], layout: Layout, options: InputOptions):

@@ -23,6 +23,14 @@ class StepsResult(NamedTuple):
       outputs: the last step's outputs, or every step's stacked along a new leading axis (for
         PerReplica outputs, right after the replica axis) when ``stack_outputs=True``.
       num_steps: how many batches were consumed; fewer than asked for at the end of the data.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> batches = iter([ts.PerReplica([np.float32(1)] * 8)] * 5)
+      >>> step = lambda total, x: (total + x, x)
+      >>> [strategy.experimental_run_steps(step, np.float32(0), batches, 4).num_steps
+      ...  for _ in range(3)]
+      [4, 1, 0]
     """
 
     state: PyTree

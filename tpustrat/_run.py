@@ -40,6 +40,14 @@ class RunOptions:
         sizes compiles at most ``ceil(log2(max)) + 1`` programs. The step reads which rows are
         real from ``ts.get_replica_context().row_mask``; PerReplica outputs keep the padded
         rows.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> state = strategy.replicate(np.zeros(4, np.float32))
+      >>> new = strategy.run(lambda s: s + 1, args=(state,),
+      ...                    options=ts.RunOptions(donate_argnums=(0,)))
+      >>> state.value.is_deleted(), float(new.value.sum())
+      (True, 4.0)
     """
 
     donate_argnums: tuple[int, ...] = ()

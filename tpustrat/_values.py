@@ -116,7 +116,12 @@ class Mirrored:
 
 
 class ValueContext(NamedTuple):
-    """What ``experimental_distribute_values_from_function`` tells ``value_fn`` about a replica."""
+    """What ``experimental_distribute_values_from_function`` tells ``value_fn`` about a replica.
+
+    Example:
+      >>> ValueContext(3, 8).replica_id_in_sync_group
+      3
+    """
 
     replica_id_in_sync_group: int = 0
     num_replicas_in_sync: int = 1
