@@ -332,8 +332,9 @@ BUILD_ERRORS = [
         "num_replicas 5 does not fit: topology shape [4, 4, 1, 1] holds at most 4 blocks of "
         "computation_shape [3, 1, 1, 1]",
     ),
-    (v4_8, {"num_replicas": 0}, "num_replicas 0 must be a positive integer"),
-    (v4_8, {"num_replicas": 2.0}, "num_replicas 2.0 must be a positive integer"),
+    (v4_8, {"num_replicas": 0}, "num_replicas must be an int >= 1, got 0"),
+    (v4_8, {"num_replicas": 2.0}, "num_replicas must be an int >= 1, got 2.0"),
+    (v4_8, {"num_replicas": True}, "num_replicas must be an int >= 1, got True"),
     (
         cpu_devices,
         {"computation_shape": [1, 1, 1, 4], "num_replicas": 3},

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import jax
 
+from tpustrat._checks import check_int
+
 
 class ClusterError(RuntimeError):
     """A multi-process job could not start or went wrong; the message says what to do."""
@@ -154,13 +156,10 @@ def _check_request(
 ) -> _Request:
     if coordinator_address is not None:
         _split_address(coordinator_address)
-    if num_processes is not None and (
-        isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1
-    ):
-        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if num_processes is not None:
+        check_int("num_processes", num_processes, minimum=1)
     if process_id is not None:
-        if isinstance(process_id, bool) or not isinstance(process_id, int) or process_id < 0:
-            raise ValueError(f"process_id must be an int >= 0, got {process_id!r}")
+        check_int("process_id", process_id, minimum=0)
         if num_processes is not None and process_id >= num_processes:
             raise ValueError(
                 f"process_id {process_id} is out of range for {num_processes} processes; give "

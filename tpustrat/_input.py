@@ -54,6 +54,7 @@ from jax.sharding import Mesh
 
 from tpustrat import _mesh
 from tpustrat._batching import Batcher, Layout, distributed_elements, host_iterator
+from tpustrat._checks import check_int
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
 
@@ -86,8 +87,8 @@ class InputContext:
 
     def __post_init__(self):
         for name in ("num_input_pipelines", "num_replicas_in_sync"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("input_pipeline_id", self.input_pipeline_id, minimum=0)
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("input_pipeline_id", self.input_pipeline_id, minimum=0)
         if self.input_pipeline_id >= self.num_input_pipelines:
             raise ValueError(
                 f"input_pipeline_id {self.input_pipeline_id} is out of range for "
@@ -101,7 +102,7 @@ class InputContext:
         Raises:
           ValueError: if ``global_batch_size`` is not a multiple of ``num_replicas_in_sync``.
         """
-        _check_int("global_batch_size", global_batch_size, minimum=1)
+        check_int("global_batch_size", global_batch_size, minimum=1)
         if global_batch_size % self.num_replicas_in_sync:
             raise ValueError(
                 f"global batch {global_batch_size} is not divisible by "
@@ -139,13 +140,13 @@ class InputOptions:
     global_batch_size: int | None = None
 
     def __post_init__(self):
-        _check_int(
+        check_int(
             "experimental_per_replica_buffer_size",
             self.experimental_per_replica_buffer_size,
             minimum=0,
         )
         if self.global_batch_size is not None:
-            _check_int("global_batch_size", self.global_batch_size, minimum=1)
+            check_int("global_batch_size", self.global_batch_size, minimum=1)
         if self.experimental_mask and self.drop_remainder:
             raise ValueError(
                 "InputOptions got experimental_mask=True and drop_remainder=True: a partial "
@@ -393,8 +394,3 @@ def _check_dataset(dataset: Any, what: str) -> None:
             f"{what} needs an iterable of batches (a list, a generator, a tf.data.Dataset, a "
             f"grain loader), got {type(dataset).__name__}"
         )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from tpustrat import _cluster
+from tpustrat._checks import check_int
 
 _TAIL_LINES = 30
 _BOOTSTRAP = (
@@ -98,12 +99,8 @@ def run_in_local_processes(
       >>> ts.run_in_local_processes(jax.device_count, 2, devices_per_process=3)
       [6, 6]
     """
-    for name, value in (
-        ("num_processes", num_processes),
-        ("devices_per_process", devices_per_process),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("num_processes", num_processes, minimum=1)
+    check_int("devices_per_process", devices_per_process, minimum=1)
     _cluster.check_seconds("initialization_timeout", initialization_timeout)
     _cluster.check_seconds("heartbeat_timeout", heartbeat_timeout)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tpustrat._checks import check_int
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
 PyTree = Any
@@ -97,12 +98,7 @@ class MultiStep:
         A full group runs as this scanned program; a shorter group at the end of the data runs
         batch by batch with the user's ``fn``, so no program is compiled for an odd count.
         """
-        if (
-            isinstance(steps_per_run, bool)
-            or not isinstance(steps_per_run, int)
-            or (steps_per_run < 1)
-        ):
-            raise ValueError(f"steps_per_run must be an int >= 1, got {steps_per_run!r}")
+        check_int("steps_per_run", steps_per_run, minimum=1)
         batches = list(itertools.islice(iterator, steps_per_run))
         if not batches:
             return StepsResult(state, None, 0)

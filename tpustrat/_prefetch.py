@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from tpustrat._checks import check_int
 from tpustrat._values import PerReplica, is_distributed
 
 PyTree = Any
@@ -58,8 +59,7 @@ class DistributedIterator:
     """
 
     def __init__(self, elements: Iterator[PyTree], buffer_size: int):
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
-            raise ValueError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
+        check_int("buffer_size", buffer_size, minimum=0)
         self._elements: Iterator[PyTree] | None = None
         self._channel: _Channel | None = None
         self._finished = False

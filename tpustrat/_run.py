@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _accounting, _mesh, _replication
+from tpustrat._checks import check_int
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._values import Mirrored, PerReplica, is_distributed
@@ -185,9 +186,7 @@ class DispatchWindow:
     """
 
     def __init__(self, size: int):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"max_steps_in_flight must be an int >= 1, got {size!r}")
-        self.size = size
+        self.size = check_int("max_steps_in_flight", size, minimum=1)
         self._pending: collections.deque[jax.Array] = collections.deque()
 
     def admit(self, outputs: PyTree) -> None:

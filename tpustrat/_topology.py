@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from numpy.typing import ArrayLike
 
+from tpustrat._checks import check_int
+
 _RANK = 4  # Mesh axes: x, y, z (chip coordinates) and the core on the chip.
 
 
@@ -338,8 +340,7 @@ class DeviceAssignment:
         shape = _as_shape("computation_shape", computation_shape)
         stride = _as_shape("computation_stride", computation_stride)
         _check_topology(topology)
-        if not isinstance(num_replicas, (int, np.integer)) or num_replicas < 1:
-            raise ValueError(f"num_replicas {num_replicas!r} must be a positive integer")
+        check_int("num_replicas", num_replicas, minimum=1)
         cores, total = int(np.prod(shape)), len(topology.devices)
         if num_replicas * cores > total:
             raise ValueError(
