@@ -39,3 +39,11 @@ def test_model_parallel_example_matches_one_device(examples_on_path, logical_cor
     example = importlib.import_module("model_parallel")
     error = example.main(["--steps", "5", "--logical-cores", str(logical_cores)])
     assert error < 1e-5
+
+
+def test_quickstart_recovers_the_weights(capsys):
+    """The README's quickstart (examples/quickstart.py) runs as written."""
+    import runpy
+
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    assert capsys.readouterr().out.strip().endswith("[ 1.  -2.   0.5]")
