@@ -2,6 +2,7 @@
 
 import importlib
 import pathlib
+import runpy
 
 import numpy as np
 import pytest
@@ -43,7 +44,5 @@ def test_model_parallel_example_matches_one_device(examples_on_path, logical_cor
 
 def test_quickstart_recovers_the_weights(capsys):
     """The README's quickstart (examples/quickstart.py) runs as written."""
-    import runpy
-
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     assert capsys.readouterr().out.strip().endswith("[ 1.  -2.   0.5]")
