@@ -94,13 +94,7 @@ def train_from_values(strategy, data):
 def train_from_dataset(strategy, data):
     """10 steps fed by ``experimental_distribute_dataset``; also the row ids each local replica
     received in the first batch."""
-    params = strategy.replicate(init_params())
-    first_ids = None
-    for batch in strategy.experimental_distribute_dataset(data):
-        if first_ids is None:
-            first_ids = _host(strategy.experimental_local_results(batch["id"]))
-        params = strategy.run(sgd_step, args=(params, batch))
-    return _params(params), first_ids
+    return _train_on(strategy, strategy.experimental_distribute_dataset(data))
 
 
 def train_from_function(strategy, data):
@@ -119,13 +113,20 @@ def train_from_function(strategy, data):
             seen["read"].extend(rows["id"].tolist())
             yield rows
 
+    params, first_ids = _train_on(strategy, strategy.distribute_datasets_from_function(dataset_fn))
+    return params, seen["context"], seen["read"], first_ids
+
+
+def _train_on(strategy, dist):
+    """SGD over every batch of ``dist``; the parameters and the row ids each local replica
+    received in the first batch."""
     params = strategy.replicate(init_params())
     first_ids = None
-    for batch in strategy.distribute_datasets_from_function(dataset_fn):
+    for batch in dist:
         if first_ids is None:
             first_ids = _host(strategy.experimental_local_results(batch["id"]))
         params = strategy.run(sgd_step, args=(params, batch))
-    return _params(params), seen["context"], seen["read"], first_ids
+    return _params(params), first_ids
 
 
 def scale(v):

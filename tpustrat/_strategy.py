@@ -185,10 +185,11 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
             self._per_replica_sharding,
             self._replicated_sharding,
         )
-        step = self._step(fn, tuple(options.donate_argnums))
+        key = (fn, options.donate_argnums)
+        step = self._step(key)
         outputs, retraced, compiled = step(valid_rows, *inputs)
         if not traced:
-            self._ledger.count((fn, tuple(options.donate_argnums)), step.name, retraced, compiled)
+            self._ledger.count(key, step.name, retraced, compiled)
             self._window.admit(outputs)
         return outputs
 
@@ -253,10 +254,11 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """
         return self._ledger.stats()
 
-    def _step(self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]) -> _run.Step:
-        key = (fn, donate_argnums)
+    def _step(self, key: tuple[Callable[..., PyTree], tuple[int, ...]]) -> _run.Step:
+        """The compiled step for ``key = (fn, donate_argnums)``, made on first use."""
         step = self._steps.get(key)
         if step is None:
+            fn, donate_argnums = key
             step = _run.Step(
                 fn,
                 self._mesh,
