@@ -62,11 +62,11 @@ def step(batch, weights, iterations):
 def step_ms(strategy, batch, weights, iterations: int) -> float:
     """Median milliseconds of one step with ``iterations`` loop rounds, loss read back."""
     iterations = np.int32(iterations)
-    float(strategy.run(step, args=(batch, weights, iterations)).value)  # compile, warm up
+    float(strategy.run(step, args=(batch, weights, iterations)))  # compile, warm up
     times = []
     for _ in range(7):
         start = time.perf_counter()
-        float(strategy.run(step, args=(batch, weights, iterations)).value)
+        float(strategy.run(step, args=(batch, weights, iterations)))
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -86,7 +86,7 @@ def epoch_step_ms(strategy, weights, loader, iterations: int, buffer_size: int) 
     dist = strategy.experimental_distribute_dataset(loader, options)
     start = None
     for batch in dist:
-        float(strategy.run(step, args=(batch, weights, iterations)).value)
+        float(strategy.run(step, args=(batch, weights, iterations)))
         if start is None:
             start = time.perf_counter()
     return (time.perf_counter() - start) * 1e3 / (len(loader) - 1)

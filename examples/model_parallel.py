@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> float:
     for step, batch in enumerate(strategy.experimental_distribute_dataset(dataset)):
         state, loss = strategy.run(train_step, args=(state, batch))
         if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {float(loss.value):.4f}")
+            print(f"step {step:3d}  loss {float(loss):.4f}")
 
     @jax.jit
     def one_device_step(params, opt_state, x, y):
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> float:
     reference, opt_state = params, optimizer.init(params)
     for x, y in dataset:
         reference, opt_state = one_device_step(reference, opt_state, x, y)
-    trained = {k: np.asarray(v.value) for k, v in state[0].items()}
+    trained = {k: np.asarray(v) for k, v in state[0].items()}
     error = max(  # per parameter: the largest difference relative to its largest entry
         float(np.max(np.abs(trained[k] - reference[k])) / np.max(np.abs(reference[k])))
         for k in reference

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
             losses.append(loss)
             bar.update()
             if step % LOG_EVERY == 0 or step == steps:
-                loss_value = float(loss.value)  # waits for this step
+                loss_value = float(loss)  # waits for this step
                 now = time.perf_counter()
                 rate = (step - logged_step) * global_batch_size / (now - logged_at)
                 bar.set_postfix(loss=f"{loss_value:.4f}", examples_per_s=f"{rate:,.0f}")
@@ -143,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> Result:
         test_data, ts.InputOptions(experimental_mask=True)
     ):
         batch_correct, batch_examples = strategy.run(eval_step, args=(state.params, batch, mask))
-        correct += int(batch_correct.value)
-        examples += int(batch_examples.value)
+        correct += int(batch_correct)
+        examples += int(batch_examples)
     accuracy = correct / examples
     print(f"trained {steps} steps in {train_seconds:.1f} s, compilation included")
     print(f"test accuracy: {accuracy:.4f} ({correct}/{examples} examples)")
-    return Result(accuracy, correct, examples, [float(x.value) for x in losses], train_seconds)
+    return Result(accuracy, correct, examples, [float(x) for x in losses], train_seconds)
 
 
 if __name__ == "__main__":

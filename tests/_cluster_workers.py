@@ -58,17 +58,13 @@ def sgd_step(params, batch):
 
 
 def _host(tree):
-    """Host copies of the leaves, without PerReplica or Mirrored wrappers."""
+    """Host copies of the leaves (a PerReplica's stacked array)."""
     return jax.tree.map(np.asarray, tree)
 
 
 def _params(params):
-    """The host value of parameters that ``run`` returned (a dict of Mirrored leaves)."""
-    return jax.tree.map(lambda m: np.asarray(m.value), params, is_leaf=_is_mirrored)
-
-
-def _is_mirrored(x):
-    return isinstance(x, ts.Mirrored)
+    """The host value of parameters that ``run`` returned (a dict of replicated arrays)."""
+    return jax.tree.map(np.asarray, params)
 
 
 def train_from_values(strategy, data):

@@ -39,10 +39,6 @@ def _prefetch_threads():
     return {t for t in threading.enumerate() if t.name.startswith("tpustrat-prefetch")}
 
 
-def _is_mirrored(value):
-    return isinstance(value, ts.Mirrored)
-
-
 def _per_replica(value):
     """The host copy of a PerReplica's stacked array, shape (replicas, *component)."""
     return np.asarray(value.stacked)
@@ -128,7 +124,7 @@ def test_masked_epoch_matches_numpy_and_compiles_once(strategy, compile_count):
     totals, compiles_after_first = None, None
     for batch, mask in strategy.experimental_distribute_dataset(dataset, MASKED):
         out = strategy.run(_masked_step, args=(replicated, batch, mask))
-        sums = jax.tree.map(lambda v: np.asarray(v.value, np.float64), out, is_leaf=_is_mirrored)
+        sums = jax.tree.map(lambda v: np.asarray(v, np.float64), out)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
         if compiles_after_first is None:
             compiles_after_first = compile_count()

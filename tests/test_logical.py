@@ -47,10 +47,10 @@ def test_split_of_rank_four_tiles_two_by_four_in_tf_order():
 
     assert "2,2,2,3" in _per_device_shapes(strategy, step, x)
     out = strategy.run(step, args=(x,))
-    np.testing.assert_array_equal(np.asarray(out.value), x)
+    np.testing.assert_array_equal(np.asarray(out), x)
     devices = list(strategy.mesh.devices[0])
     placed = {}
-    for shard in out.value.addressable_shards:  # the result keeps the tiling
+    for shard in out.addressable_shards:  # the result keeps the tiling
         rows, cols = shard.index[1], shard.index[2]
         placed[devices.index(shard.device)] = (rows.start // 2, cols.start // 2)
     assert placed == {core: tuple(map(int, np.unravel_index(core, (2, 4)))) for core in range(8)}
@@ -76,9 +76,9 @@ def test_annotations_are_the_identity_gradients_included(annotate):
     w = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
     x = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
     value, grad = strategy.run(step, args=(w, x))
-    np.testing.assert_allclose(float(value.value), float(_plain(w, x)), rtol=1e-6)
+    np.testing.assert_allclose(float(value), float(_plain(w, x)), rtol=1e-6)
     np.testing.assert_allclose(
-        np.asarray(grad.value), np.asarray(jax.grad(_plain)(w, x)), rtol=1e-5, atol=1e-6
+        np.asarray(grad), np.asarray(jax.grad(_plain)(w, x)), rtol=1e-5, atol=1e-6
     )
 
 
@@ -222,11 +222,12 @@ def test_model_parallel_training_equals_one_device(mesh_shape):
     state = strategy.replicate((params, OPTIMIZER.init(params)))
     per_replica = 16 // replicas
     for t in range(10):
-        batch = ts.PerReplica.from_stacked(
-            (x[t].reshape(replicas, per_replica, 5), y[t].reshape(replicas, per_replica))
+        batch = (
+            ts.PerReplica.from_stacked(x[t].reshape(replicas, per_replica, 5)),
+            ts.PerReplica.from_stacked(y[t].reshape(replicas, per_replica)),
         )
         state = strategy.run(train_step, args=(state, batch))
-    got = {k: np.asarray(v.value) for k, v in state[0].items()}
+    got = {k: np.asarray(v) for k, v in state[0].items()}
     stats = strategy.compile_stats()  # once for the replicated start, once for tiled params
     assert (stats.num_compiles, stats.num_cache_hits) == (2, 8)
     assert "shardings changed" in stats.recompiles[0].reasons[0]
@@ -260,8 +261,6 @@ def test_datasets_and_values_share_one_program_on_factored_cores():
     (from_dataset,) = strategy.experimental_distribute_dataset([rows.reshape(8)])
     step = lambda x: ts.get_replica_context().all_reduce("sum", x)
     for batch in (from_values, from_dataset, from_values, from_dataset):
-        np.testing.assert_array_equal(
-            np.asarray(strategy.run(step, args=(batch,)).value), rows.sum(0)
-        )
+        np.testing.assert_array_equal(np.asarray(strategy.run(step, args=(batch,))), rows.sum(0))
     stats = strategy.compile_stats()
     assert (stats.num_compiles, stats.num_cache_hits) == (1, 3)

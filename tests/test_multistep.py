@@ -31,7 +31,7 @@ def _batches(strategy, count, rows=4):
     for _ in range(count):
         x = rng.normal(size=(n, rows, 3)).astype(np.float32)
         y = rng.normal(size=(n, rows, 2)).astype(np.float32)
-        out.append(ts.PerReplica.from_stacked((x, y)))
+        out.append((ts.PerReplica.from_stacked(x), ts.PerReplica.from_stacked(y)))
     return out
 
 
@@ -41,9 +41,7 @@ def _initial_state(strategy):
 
 
 def _values(tree):
-    return jax.tree.map(
-        lambda v: np.asarray(v.value), tree, is_leaf=lambda v: isinstance(v, ts.Mirrored)
-    )
+    return jax.tree.map(np.asarray, tree)
 
 
 @pytest.mark.parametrize("steps_per_run", [1, 4, 8])
@@ -53,7 +51,7 @@ def test_equals_separate_runs(strategy, steps_per_run):
     losses = []
     for batch in batches:
         state, loss = strategy.run(_train_step, args=(state, batch))
-        losses.append(float(loss.value))
+        losses.append(float(loss))
 
     fused = _initial_state(strategy)
     iterator = iter(batches)
@@ -63,8 +61,8 @@ def test_equals_separate_runs(strategy, steps_per_run):
             _train_step, fused, iterator, steps_per_run, stack_outputs=True
         )
         assert num == steps_per_run
-        assert isinstance(stacked, ts.Mirrored)
-        fused_losses += list(np.asarray(stacked.value))
+        assert isinstance(stacked, jax.Array)
+        fused_losses += list(np.asarray(stacked))
     np.testing.assert_allclose(fused_losses, losses, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(_values(fused)), jax.tree.leaves(_values(state))):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -76,7 +74,7 @@ def test_end_of_data_runs_the_remainder_and_then_nothing():
     iterator = iter(batches)
     state = _initial_state(strategy)
     state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
-    assert num == 4 and isinstance(last, ts.Mirrored)
+    assert num == 4 and isinstance(last, jax.Array)
     state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
     assert num == 1
     state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
@@ -103,9 +101,9 @@ def test_per_replica_outputs_stack_after_the_replica_axis():
     assert num_steps == 3
     assert isinstance(local, ts.PerReplica)
     assert local.stacked.shape == (8, 3)
-    want = np.stack([b.stacked[0].sum(axis=(1, 2)) for b in batches], axis=1)
+    want = np.stack([b[0].stacked.sum(axis=(1, 2)) for b in batches], axis=1)
     np.testing.assert_allclose(np.asarray(local.stacked), want, rtol=1e-5)
-    np.testing.assert_allclose(float(total.value), want.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(total), want.sum(), rtol=1e-5)
 
 
 def test_repeated_calls_compile_once(compile_count):

@@ -65,12 +65,12 @@ def test_outputs_mirrored_only_when_provably_identical(strategy):
     out = strategy.run(step, args=(ids, 2.0))
     assert isinstance(out["local"], ts.PerReplica)
     assert isinstance(out["replica_id"], ts.PerReplica)
-    assert isinstance(out["total"], ts.Mirrored)
-    assert isinstance(out["derived"], ts.Mirrored)
-    assert isinstance(out["replicated_input"], ts.Mirrored)
+    assert isinstance(out["total"], jax.Array)
+    assert isinstance(out["derived"], jax.Array)
+    assert isinstance(out["replicated_input"], jax.Array)
     n = strategy.num_replicas_in_sync
-    assert float(out["total"].value) == n * (n - 1) / 2
-    assert out["total"].value.sharding.is_fully_replicated
+    assert float(out["total"]) == n * (n - 1) / 2
+    assert out["total"].sharding.is_fully_replicated
 
 
 def test_outputs_feed_back_into_run(strategy):
@@ -84,9 +84,9 @@ def test_outputs_feed_back_into_run(strategy):
     state = {"w": strategy.replicate(np.zeros(3, np.float32)), "seen": ids}
     for _ in range(5):
         state = strategy.run(step, args=(state, ids))
-    assert isinstance(state["w"], ts.Mirrored)
+    assert isinstance(state["w"], jax.Array)
     assert isinstance(state["seen"], ts.PerReplica)
-    np.testing.assert_allclose(np.asarray(state["w"].value), np.full(3, 5 * (n - 1) / 2))
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 5 * (n - 1) / 2))
     seen = [float(v) for v in strategy.experimental_local_results(state["seen"])]
     np.testing.assert_allclose(seen, 6 * np.arange(n))
 
@@ -101,15 +101,15 @@ def test_run_inside_jit(strategy):
 
     out = twice(ids)
     n = strategy.num_replicas_in_sync
-    assert isinstance(out, ts.Mirrored)
-    assert float(out.value) == n * (n - 1) / 2 + n
+    assert isinstance(out, jax.Array)
+    assert float(out) == n * (n - 1) / 2 + n
 
 
 def test_python_scalar_outputs_and_none(strategy):
     out = strategy.run(lambda: (1.0, None, {"k": 2}))
-    assert isinstance(out[0], ts.Mirrored) and float(out[0].value) == 1.0
+    assert isinstance(out[0], jax.Array) and float(out[0]) == 1.0
     assert out[1] is None
-    assert int(out[2]["k"].value) == 2
+    assert int(out[2]["k"]) == 2
 
 
 def test_non_array_output_is_a_clear_error(strategy):
@@ -227,7 +227,7 @@ def test_identical_calls_compile_once(strategy, compile_count):
         w = strategy.run(step, args=(w, ids))
     assert compile_count() == before
     n = strategy.num_replicas_in_sync
-    np.testing.assert_allclose(np.asarray(w.value), np.full(4, 21 * n * (n - 1) / 2))
+    np.testing.assert_allclose(np.asarray(w), np.full(4, 21 * n * (n - 1) / 2))
 
 
 def test_tight_loop_of_collectives_never_hangs():
@@ -242,7 +242,7 @@ def test_tight_loop_of_collectives_never_hangs():
         t = total
         for _ in range(1000):
             t = strategy.run(step, args=(t, ids))
-        result["total"] = float(t.value)
+        result["total"] = float(t)
 
     worker = threading.Thread(target=loop, daemon=True)
     worker.start()
@@ -259,9 +259,9 @@ def test_max_steps_in_flight_is_validated():
 def test_donation_deletes_the_donated_state():
     strategy = ts.TPUStrategy()
     state = strategy.replicate(np.ones(16, np.float32))
-    leaf = state.value
+    leaf = state
     new = strategy.run(lambda s: s * 2, args=(state,), options=ts.RunOptions(donate_argnums=(0,)))
-    np.testing.assert_allclose(np.asarray(new.value), 2 * np.ones(16))
+    np.testing.assert_allclose(np.asarray(new), 2 * np.ones(16))
     assert leaf.is_deleted()
 
 
@@ -276,3 +276,68 @@ def test_step_is_traced_once_per_signature(strategy):
     for _ in range(3):
         strategy.run(step, args=(ids,))
     assert traces == [()]
+
+
+def _in_thread(fn, timeout):
+    """Runs ``fn`` in a daemon thread; fails the test if it has not finished in ``timeout`` s."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(value=fn()), daemon=True)
+    worker.start()
+    worker.join(timeout=timeout)
+    assert not worker.is_alive(), f"did not finish in {timeout} s"
+    return result["value"]
+
+
+def _sgd_step(state, x):
+    ctx = ts.get_replica_context()
+    grad = jax.grad(lambda w: ((x @ w) ** 2).mean())(state["w"])
+    return {"w": state["w"] - 0.01 * ctx.all_reduce("mean", grad), "n": state["n"] + 1}
+
+
+def test_a_thousand_donated_steps_finish_and_equal_the_undonated_loop():
+    strategy = ts.TPUStrategy()
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.full((2, 3), ctx.replica_id_in_sync_group / 8, np.float32)
+    )
+    start = {"w": np.ones(3, np.float32), "n": np.int32(0)}
+
+    def loop(options):
+        state = strategy.replicate(start)
+        for _ in range(1000):
+            state = strategy.run(_sgd_step, args=(state, x), options=options)
+        return jax.tree.map(np.asarray, state)
+
+    donated = _in_thread(lambda: loop(ts.RunOptions(donate_argnums=(0,))), timeout=240)
+    plain = _in_thread(lambda: loop(None), timeout=240)
+    assert int(donated["n"]) == 1000
+    np.testing.assert_array_equal(donated["w"], plain["w"])
+
+
+def test_donated_loop_with_host_views_and_a_reused_value():
+    strategy = ts.TPUStrategy()
+    state = strategy.replicate({"w": np.ones(3, np.float32), "n": np.int32(0)})
+    donate = ts.RunOptions(donate_argnums=(0,))
+    history, first = [], state
+    for _ in range(5):
+        history.append(np.asarray(state["w"]))  # a live host view of each step's state
+        state = strategy.run(
+            lambda s: {"w": s["w"] * 2, "n": s["n"] + 1}, args=(state,), options=donate
+        )
+    np.testing.assert_array_equal(np.asarray(state["w"]), 32 * np.ones(3))
+    with pytest.raises(ValueError, match=r"args\[0\]\['n'\] was donated to an earlier run call"):
+        strategy.run(lambda s: s["w"], args=(first,))
+
+
+def test_strategy_calls_inside_jit_leave_plain_calls_working():
+    strategy = ts.TPUStrategy()
+    x = _replica_ids(strategy)
+    rows = strategy.experimental_distribute_values_from_function(lambda ctx: np.ones(1))
+    for fn in (
+        lambda: strategy.reduce("sum", x),
+        lambda: strategy.gather(rows, axis=0),
+        lambda: strategy.run(lambda: ts.get_replica_context().all_reduce("sum", 1.0)),
+    ):
+        jax.jit(fn)()
+    for _ in range(4):  # more plain calls than the window holds
+        assert float(strategy.reduce("sum", x)) == 28.0
+        assert float(strategy.run(lambda: ts.get_replica_context().all_reduce("sum", 1.0))) == 8

@@ -10,6 +10,7 @@ from tpustrat._context import (
 )
 from tpustrat._input import DistributedDataset, InputContext, InputOptions
 from tpustrat._launch import run_in_local_processes
+from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._run import RunOptions
@@ -20,6 +21,7 @@ from tpustrat._values import Mirrored, PerReplica, ValueContext
 __version__ = "0.1.0"
 
 __all__ = [
+    "REPLICA_AXIS",
     "ClusterError",
     "ClusterInfo",
     "CompileStats",

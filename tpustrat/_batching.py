@@ -62,8 +62,8 @@ class Batcher:
     def __call__(self, element: PyTree) -> PyTree | None:
         """The distributed element for one host batch, or None if the batch is dropped."""
         index, self._index = self._index, self._index + 1
-        arrays, structure, size = _host_arrays(element, index)
-        signature = [(a.shape[1:], a.dtype) for a in arrays]
+        arrays, key_impls, structure, size = _host_arrays(element, index)
+        signature = [(a.shape[1:], a.dtype, impl) for a, impl in zip(arrays, key_impls)]
         if self._first is None:
             self._first = (structure, signature)
             if self._static_size is None:
@@ -96,7 +96,10 @@ class Batcher:
         masked = self._options.experimental_mask
         if masked:
             arrays = [*arrays, np.arange(static_size) < size]
-        placed = [PerReplica.from_stacked(x) for x in self._place(arrays, static_size)]
+        placed = [
+            PerReplica.from_stacked(x if impl is None else jax.random.wrap_key_data(x, impl=impl))
+            for x, impl in zip(self._place(arrays, static_size), [*key_impls, None])
+        ]
         if masked:
             return structure.unflatten(placed[:-1]), placed[-1]
         return structure.unflatten(placed)
@@ -141,14 +144,22 @@ def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
     return iter(dataset)
 
 
-def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, int]:
-    """The leaves of one host batch as numpy arrays, its structure and its number of rows."""
+def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], list[Any], Any, int]:
+    """The leaves of one host batch as numpy arrays, its structure and its number of rows.
+
+    A typed PRNG key leaf (``jax.random.key``) travels as its key data; its entry in the
+    second list is the key implementation to wrap it back with (None for other leaves).
+    """
     paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
     if not paths_leaves:
         raise ValueError(f"batch {index} has no arrays; each element must be a pytree of arrays")
-    arrays, sizes = [], {}
+    arrays, key_impls, sizes = [], [], {}
     for path, leaf in paths_leaves:
         where = f"batch {index} leaf {jax.tree_util.keystr(path) or '(the whole batch)'}"
+        impl = None
+        if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            impl, leaf = jax.random.key_impl(leaf), jax.random.key_data(leaf)
+        key_impls.append(impl)
         try:
             array = np.asarray(leaf)
         except ValueError as error:
@@ -173,7 +184,7 @@ def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, in
             f"batch {index} has leaves with different leading sizes ({listed}); the first axis "
             "of every leaf must be the batch axis, with the same number of rows"
         )
-    return arrays, structure, arrays[0].shape[0]
+    return arrays, key_impls, structure, arrays[0].shape[0]
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
@@ -184,8 +195,11 @@ def _pad(array: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[:1], missing, axis=0)])
 
 
-def _describe(structure: Any, signature: list[tuple[tuple[int, ...], np.dtype]]) -> str:
-    leaves = [_Text(f"{dtype}[{', '.join(['B', *map(str, shape)])}]") for shape, dtype in signature]
+def _describe(structure: Any, signature: list[tuple[tuple[int, ...], np.dtype, Any]]) -> str:
+    leaves = [
+        _Text(f"{'key data ' if impl else ''}{dtype}[{', '.join(['B', *map(str, shape)])}]")
+        for shape, dtype, impl in signature
+    ]
     return str(structure.unflatten(leaves))
 
 

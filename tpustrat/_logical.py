@@ -47,7 +47,7 @@ class LogicalCoreAnnotations:
           >>> def step(x):
           ...     return strategy.experimental_split_to_logical_devices(x, [1, 2, 2]) * 2
           >>> out = strategy.run(step, args=(np.ones((2, 4, 4), np.float32),))
-          >>> float(out.value.sum())
+          >>> float(out.sum())
           64.0
         """
         _check_in_replica("experimental_split_to_logical_devices", self)
@@ -81,7 +81,7 @@ class LogicalCoreAnnotations:
         Example:
           >>> strategy = ts.TPUStrategy(num_logical_cores=2)
           >>> step = lambda x: strategy.experimental_replicate_to_logical_devices(x + 1)
-          >>> float(strategy.run(step, args=(np.float32(1),)).value)
+          >>> float(strategy.run(step, args=(np.float32(1),)))
           2.0
         """
         _check_in_replica("experimental_replicate_to_logical_devices", self)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from tpustrat._checks import check_int
-from tpustrat._values import Mirrored, PerReplica, is_distributed
+from tpustrat._values import PerReplica
 
 PyTree = Any
 
@@ -120,9 +120,9 @@ def stack_outputs(outputs: list[PyTree]) -> PyTree:
     def stack(*nodes):
         if isinstance(nodes[0], PerReplica):
             return PerReplica.from_stacked(jnp.stack([n.stacked for n in nodes], axis=1))
-        return Mirrored(jnp.stack([n.value for n in nodes]))
+        return jnp.stack(nodes)
 
-    return jax.tree.map(stack, *outputs, is_leaf=is_distributed)
+    return jax.tree.map(stack, *outputs, is_leaf=lambda x: isinstance(x, PerReplica))
 
 
 def _check_same_structure(batches: tuple[PyTree, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import jax
@@ -9,11 +10,35 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._mesh import REPLICA_AXIS, spec_axes
-from tpustrat._values import Mirrored, PerReplica, is_distributed
+from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
 
 PyTree = Any
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, bool, complex)
+
+
+class DonationRecord:
+    """The arrays a strategy has donated, so that passing one again is a clear error.
+
+    JAX marks a donated array deleted, but only once the program that consumes it has been
+    dispatched, and on CPU a live ``np.asarray`` view can keep the buffer alive so that
+    ``is_deleted()`` says False while the array is no longer safe to pass. The strategy knows
+    what it donated: each entry holds a weak reference, so recording costs no memory.
+    """
+
+    def __init__(self):
+        self._donated: dict[int, tuple[weakref.ref, str]] = {}
+
+    def add(self, array: jax.Array, where: str) -> None:
+        key = id(array)
+        self._donated[key] = (weakref.ref(array, lambda _: self._donated.pop(key, None)), where)
+
+    def donated_as(self, array: Any) -> str | None:
+        """Where ``array`` was donated (e.g. ``"args[0]['w']"``), or None if it never was."""
+        entry = self._donated.get(id(array))
+        if entry is not None and entry[0]() is array:
+            return entry[1]
+        return None
 
 
 def prepare(
@@ -21,81 +46,147 @@ def prepare(
     num_replicas: int,
     per_replica: NamedSharding,
     replicated: NamedSharding,
-) -> tuple[PyTree, bool]:
-    """Checks ``run``'s ``(args, kwargs)`` and places them; also says if they are traced.
+    donated: DonationRecord,
+) -> tuple[PyTree, tuple[PartitionSpec | None, ...] | None, bool]:
+    """Checks ``run``'s ``(args, kwargs)`` and places them on the mesh.
 
-    PerReplica leaves go to ``per_replica``, all others to ``replicated``; leaves already there
-    (or on an equivalent sharding) stay put. Wrappers around a pytree are pushed down to its
-    leaves, the form ``run`` returns, so that ``Mirrored(tree)`` and a tree of Mirrored share
-    one compiled program. One pass over the inputs; the tree is rebuilt only when needed.
+    PerReplica leaves go to ``per_replica``. Every other leaf goes to ``replicated``, except
+    an array already laid out over the replica axis of the strategy's mesh, which stays as it
+    is (each replica then receives its block). ``Mirrored`` markers are unwrapped. Leaves
+    already in place are not copied; the tree is rebuilt only when something moved.
+
+    Returns:
+      The placed inputs; for each of their leaves (PerReplica counting as one) the in_spec of
+      an array split over the replica axis or None, or None when no leaf is split so; and
+      whether any leaf is traced (``run`` called inside the user's ``jax.jit``).
     """
     nodes, tree = jax.tree.flatten(inputs, is_leaf=is_distributed)
-    traced = moved = False
-    placed_nodes = []
+    moved = any(isinstance(node, Mirrored) for node in nodes)
+    if moved:
+        inputs = unwrap_mirrored(inputs)
+        nodes, tree = jax.tree.flatten(inputs, is_leaf=is_distributed)
+    traced = False
+    placed_nodes, block_specs = [], []
     for index, node in enumerate(nodes):
-        if isinstance(node, PerReplica):
-            leaves, sub, sharding = *jax.tree.flatten(node.stacked), per_replica
-            if any(np.ndim(x) == 0 or np.shape(x)[0] != num_replicas for x in leaves):
-                raise ValueError(
-                    f"{_where(inputs, index)} is a PerReplica with {node.num_replicas} "
-                    f"components but the strategy has {num_replicas} replicas; build it with one "
-                    "component per replica, e.g. with "
-                    "strategy.experimental_distribute_values_from_function"
+        is_per_replica = isinstance(node, PerReplica)
+        x = node.stacked if is_per_replica else node
+        if is_per_replica and (np.ndim(x) == 0 or np.shape(x)[0] != num_replicas):
+            raise ValueError(
+                f"{_where(inputs, index)} is a PerReplica with {node.num_replicas} components "
+                f"but the strategy has {num_replicas} replicas; build it with one component per "
+                "replica, e.g. with strategy.experimental_distribute_values_from_function"
+            )
+        if isinstance(x, jax.core.Tracer):
+            traced = True
+            placed_nodes.append(node)
+            continue
+        if (where := donated.donated_as(x)) is not None or (
+            isinstance(x, jax.Array) and x.is_deleted()
+        ):
+            name = _where(inputs, index)
+            raise ValueError(
+                f"{name} was donated to an earlier run call"
+                + (f" (as {where})" if where and where != name else "")
+                + " and its buffer is gone; pass the value that call returned instead"
+            )
+        elif not _is_placed(x, per_replica if is_per_replica else replicated, is_per_replica):
+            if not isinstance(x, ARRAY_TYPES):
+                raise TypeError(
+                    f"{_where(inputs, index)} is a {type(x).__name__}; strategy.run passes only "
+                    "arrays, numbers and pytrees of them (close over other values in the step "
+                    "function instead)"
                 )
-        elif isinstance(node, Mirrored):
-            leaves, sub, sharding = *jax.tree.flatten(node.value), replicated
-        else:
-            leaves, sub, sharding = [node], None, replicated
-        placed = []
-        for x in leaves:
-            if isinstance(x, jax.core.Tracer):
-                traced = True
-            elif isinstance(x, jax.Array) and x.is_deleted():
-                raise ValueError(
-                    f"{_where(inputs, index)} was donated to an earlier run call and its buffer "
-                    "is gone; pass the state that call returned instead"
-                )
-            elif not _is_placed(x, sharding, isinstance(node, PerReplica)):
-                if not isinstance(x, ARRAY_TYPES):
-                    raise TypeError(
-                        f"{_where(inputs, index)} is a {type(x).__name__}; strategy.run passes "
-                        "only arrays, numbers and pytrees of them (close over other values in "
-                        "the step function instead)"
-                    )
-                x, moved = jax.device_put(x, sharding), True
-            placed.append(x)
-        if sub is None:
-            placed_nodes.append(placed[0])
-        else:
-            wrap = PerReplica.from_stacked if isinstance(node, PerReplica) else Mirrored
-            moved = moved or sub.num_nodes > 1
-            placed_nodes.append(sub.unflatten([wrap(x) for x in placed]))
+            x = jax.device_put(x, per_replica if is_per_replica else replicated)
+            moved = True
+        elif not is_per_replica and isinstance(x, jax.Array) and x.sharding != replicated:
+            block_specs.append((index, replica_block_spec(x, replicated.mesh)))
+        placed_nodes.append(PerReplica.from_stacked(x) if is_per_replica else x)
+    specs = None
+    if any(spec is not None for _, spec in block_specs):
+        specs = [None] * len(nodes)
+        for index, spec in block_specs:
+            specs[index] = spec
+        specs = tuple(specs)
     if traced or not moved:
-        return inputs, traced
-    return tree.unflatten(placed_nodes), traced
+        return inputs, specs, traced
+    return tree.unflatten(placed_nodes), specs, traced
+
+
+def replica_block_spec(x: Any, mesh: jax.sharding.Mesh) -> PartitionSpec | None:
+    """The ``shard_map`` in_spec of a plain array laid out over ``mesh``'s replica axis.
+
+    None for anything else (a host value, a replicated array): those go whole to every
+    replica. The spec keeps only the replica axis; tiling over logical cores stays with XLA.
+    """
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not _same_devices(sharding.mesh, mesh):
+        return None
+    if mesh.shape[REPLICA_AXIS] == 1:
+        return None  # one replica: its block is the whole array
+    spec = tuple(sharding.spec)
+    if REPLICA_AXIS not in spec_axes(PartitionSpec(*spec)):
+        return None
+    entries = []
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        entries.append(REPLICA_AXIS if REPLICA_AXIS in names else None)
+    return PartitionSpec(*entries)
 
 
 def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
     """Whether ``x`` can go into the program as it is.
 
     Besides the canonical layouts, an array on the strategy's own mesh may be tiled over the
-    logical cores (a model-parallel parameter that ``run`` returned, say): the program takes it
-    as it is, rather than gathering it first.
+    logical cores (a model-parallel parameter that ``run`` returned, say), and a plain array
+    may be laid out over the replica axis: the program takes either as it is, rather than
+    gathering it first.
     """
     if not isinstance(x, jax.Array):
         return False
     current = x.sharding
     if current == sharding:
         return True
-    if isinstance(current, NamedSharding) and current.mesh == sharding.mesh:
+    if isinstance(current, NamedSharding) and _same_devices(current.mesh, sharding.mesh):
         spec = tuple(current.spec)
-        lead = spec[:1] if per_replica else ()
-        if per_replica and lead not in ((REPLICA_AXIS,), ((REPLICA_AXIS,),)):
+        if not per_replica:
+            return _valid_replica_layout(spec)
+        if spec[:1] not in ((REPLICA_AXIS,), ((REPLICA_AXIS,),)):
             return False
-        return REPLICA_AXIS not in spec_axes(PartitionSpec(*spec[len(lead) :]))
+        return REPLICA_AXIS not in spec_axes(PartitionSpec(*spec[1:]))
     return current.is_equivalent_to(sharding, x.ndim)
 
 
+def _valid_replica_layout(spec: tuple) -> bool:
+    """Whether a plain array's spec is one ``run`` takes as is (see ``replica_block_spec``).
+
+    A dimension may be split over the replica axis alone; mixing it with logical-core axes
+    in one dimension is refused, since no replica's block would then be whole on its cores.
+    """
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if REPLICA_AXIS in names and len(names) > 1:
+            raise ValueError(
+                f"an argument is laid out as PartitionSpec{spec}, splitting one dimension over "
+                f"{names}; run gives each replica its block of an array split over "
+                f"'{REPLICA_AXIS}' alone: reshard it, e.g. with jax.device_put(x, "
+                f"NamedSharding(strategy.mesh, PartitionSpec('{REPLICA_AXIS}')))"
+            )
+    return True
+
+
+def _same_devices(a: jax.sharding.Mesh, b: jax.sharding.Mesh) -> bool:
+    """Whether two meshes order the same devices the same way (the public and factored views)."""
+    if a is b:
+        return True
+    return (
+        a.axis_names[:1] == b.axis_names[:1] == (REPLICA_AXIS,)
+        and a.shape[REPLICA_AXIS] == b.shape[REPLICA_AXIS]
+        and a.devices.size == b.devices.size
+        and all(x == y for x, y in zip(a.devices.flat, b.devices.flat))
+    )
+
+
 def _where(inputs: PyTree, index: int) -> str:
+    """The user's name for leaf ``index`` of ``(args, kwargs)``, e.g. ``args[0]['w']``."""
     path = jax.tree_util.tree_flatten_with_path(inputs, is_leaf=is_distributed)[0][index][0]
     return ("kwargs" if path[0].idx == 1 else "args") + jax.tree_util.keystr(path[1:])

@@ -1,11 +1,11 @@
 """Which outputs of a replica's step are provably the same on every replica.
 
-``strategy.run`` returns such outputs as Mirrored and the rest as PerReplica. The proof is a
-forward pass over the step's jaxpr: a value *varies* across replicas if it depends on a
+``strategy.run`` returns such outputs as replicated arrays and the rest as PerReplica. The proof
+is a forward pass over the step's jaxpr: a value *varies* across replicas if it depends on a
 PerReplica input or on the replica index, unless a collective that combines every replica (psum,
 pmean, pmax, pmin, all_gather over ``"replica"``) produced it. Control flow is followed exactly
 where it matters (a ``cond`` on a varying predicate varies; loop carries reach a fixed point) and
-anything unknown counts as varying, so a Mirrored result is never wrong, only sometimes missed.
+anything unknown counts as varying, so a replicated result is never wrong, only sometimes missed.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from tpustrat import _accounting, _mesh, _replication
 from tpustrat._checks import check_int
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
-from tpustrat._values import Mirrored, PerReplica, is_distributed
+from tpustrat._values import PerReplica
 
 PyTree = Any
 
@@ -47,7 +47,7 @@ class RunOptions:
       >>> state = strategy.replicate(np.zeros(4, np.float32))
       >>> new = strategy.run(lambda s: s + 1, args=(state,),
       ...                    options=ts.RunOptions(donate_argnums=(0,)))
-      >>> state.value.is_deleted(), float(new.value.sum())
+      >>> state.is_deleted(), float(new.sum())
       (True, 4.0)
     """
 
@@ -72,9 +72,9 @@ class Step:
     partitioner (with one core per replica every axis is manual). Replicated inputs are not
     marked as varying (``check_vma=False``): a gradient with respect to one stays local to the
     replica, as under ``pmap`` and in tf.distribute. Outputs proven identical on every replica
-    (see ``_replication``) come back Mirrored, the rest PerReplica. ``jax.jit`` caches one
-    executable per argument signature; every trace is reported to ``on_trace`` with the
-    signature, for compile accounting.
+    (see ``_replication``) come back as replicated ``jax.Array`` s, the rest as PerReplica.
+    ``jax.jit`` caches one executable per argument signature; every trace is reported to
+    ``on_trace`` with the signature, for compile accounting.
 
     Args:
       fn: the user's step function.
@@ -100,32 +100,50 @@ class Step:
         # which also lets host callbacks (jax.pure_callback) run inside the step.
         one_core = mesh.devices.size == mesh.shape[_mesh.REPLICA_AXIS]
         self._manual_axes = set(mesh.axis_names) if one_core else {_mesh.REPLICA_AXIS}
-        # The jitted function takes (valid_rows, kwargs, *args): donated positions shift by two.
-        self._jitted = jax.jit(self._trace, donate_argnums=tuple(i + 2 for i in donate_argnums))
+        # The jitted function takes (valid_rows, block_specs, kwargs, *args): donated positions
+        # shift by three, and the specs of replica-split plain arrays are static.
+        self._jitted = jax.jit(
+            self._trace,
+            static_argnums=(1,),
+            donate_argnums=tuple(i + 3 for i in donate_argnums),
+        )
 
     def __call__(
-        self, valid_rows: np.int32 | None, args: tuple, kwargs: dict
-    ) -> tuple[PyTree, bool, bool]:
-        """Runs the program; returns its outputs, whether it traced and whether it compiled.
+        self,
+        valid_rows: np.int32 | None,
+        block_specs: tuple[P | None, ...] | None,
+        args: tuple,
+        kwargs: dict,
+    ) -> tuple[PyTree, jax.Array, bool, bool]:
+        """Runs the program; returns its outputs, a completion marker, and whether it traced
+        and compiled.
 
-        ``valid_rows`` is the number of real rows of a bucketed call, or None.
+        ``valid_rows`` is the number of real rows of a bucketed call, or None; ``block_specs``
+        gives the in_spec of each input leaf split over the replica axis (None elsewhere), or
+        is None when there is none. The marker is a scalar array the program writes last: it
+        is ready when the step is done, and no later step can donate it.
         """
         traces, compiles = self.traces, _accounting.backend_compiles()
         if self._donate_argnums:  # _diagnose_donation says it better, once
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_JAX_DONATION_WARNING)
-                outputs = self._jitted(valid_rows, kwargs, *args)
+                outputs, marker = self._jitted(valid_rows, block_specs, kwargs, *args)
         else:
-            outputs = self._jitted(valid_rows, kwargs, *args)
-        return outputs, self.traces != traces, _accounting.backend_compiles() != compiles
+            outputs, marker = self._jitted(valid_rows, block_specs, kwargs, *args)
+        return outputs, marker, self.traces != traces, _accounting.backend_compiles() != compiles
 
-    def _trace(self, valid_rows, kwargs, *args):
+    def _trace(self, valid_rows, block_specs, kwargs, *args):
         self.traces += 1
         self._on_trace(_accounting.signature((args, kwargs)))
         arrays, per_replica_flags, rebuild = _split_inputs((args, kwargs))
+        in_specs = [
+            P(_mesh.REPLICA_AXIS) if pr else (block_specs and block_specs[i]) or P()
+            for i, pr in enumerate(per_replica_flags)
+        ]
         if valid_rows is not None:
             arrays, per_replica_flags = [valid_rows, *arrays], [False, *per_replica_flags]
-        in_specs = tuple(P(_mesh.REPLICA_AXIS) if pr else P() for pr in per_replica_flags)
+            in_specs = [P(), *in_specs]
+        out_tree = []
 
         def body(*arrays):
             local = [a[0] if pr else a for a, pr in zip(arrays, per_replica_flags)]
@@ -135,15 +153,16 @@ class Step:
                 mask, local = jnp.arange(rows) < local[0], local[1:]
             call_args, call_kwargs = rebuild(local)
             with self._make_context(mask)._activate():
-                out = self._fn(*call_args, **call_kwargs)
-            leaves, body.out_tree = _flatten_outputs(out)
+                out = _call_step(self._fn, call_args, call_kwargs)
+            leaves, tree = _flatten_outputs(out)
+            out_tree.append(tree)
             return [x[None] for x in leaves]
 
         def shard_mapped(f, in_specs, out_specs):
             return jax.shard_map(
                 f,
                 mesh=self._mesh,
-                in_specs=in_specs,
+                in_specs=tuple(in_specs),
                 out_specs=out_specs,
                 axis_names=self._manual_axes,
                 check_vma=False,
@@ -171,64 +190,66 @@ class Step:
         outputs = shard_mapped(replay, eqn.params["in_specs"], out_specs)(*operands)
         if self._donate_argnums:
             _diagnose_donation(self.name, args, self._donate_argnums, outputs, varying)
-        wrapped = [
-            PerReplica.from_stacked(x) if v else Mirrored(x) for x, v in zip(outputs, varying)
-        ]
-        return body.out_tree.unflatten(wrapped)
+        wrapped = [PerReplica.from_stacked(x) if v else x for x, v in zip(outputs, varying)]
+        return out_tree[0].unflatten(wrapped), jnp.zeros((), jnp.int32)
 
 
 class DispatchWindow:
     """Bounds how many steps run ahead of the host.
 
     XLA:CPU can abort on a rendezvous timeout when many collective programs are queued at once,
-    and on any backend an unbounded queue hides the real step time. After each step, the window
-    keeps one output array; when more than ``size`` are pending, it waits for the oldest.
+    and on any backend an unbounded queue hides the real step time. Each dispatched program
+    leaves one array here that is ready when the program is done and that no user code holds
+    (``Step``'s marker), so a later step cannot donate it away; when more than ``size`` are
+    pending, the window waits for the oldest.
     """
 
     def __init__(self, size: int):
         self.size = check_int("max_steps_in_flight", size, minimum=1)
         self._pending: collections.deque[jax.Array] = collections.deque()
 
-    def admit(self, outputs: PyTree) -> None:
-        """Records a dispatched step's outputs, waiting for old steps while too many are pending."""
-        leaves = jax.tree.leaves(outputs)
-        if leaves:
-            self._pending.append(leaves[0])
+    def admit(self, marker: PyTree) -> None:
+        """Records a dispatched program by an array it computes, waiting while too many pend.
+
+        ``marker`` is a step's marker, or the result of ``reduce`` or ``gather`` (whose first
+        leaf stands for the program). Traced values are ignored: inside the user's
+        ``jax.jit`` nothing is dispatched.
+        """
+        leaves = jax.tree.leaves(marker)
+        if not leaves or isinstance(leaves[0], jax.core.Tracer):
+            return
+        self._pending.append(leaves[0])
         while len(self._pending) > self.size:
-            _wait(self._pending.popleft())
+            oldest = self._pending.popleft()
+            if not oldest.is_deleted():  # a reduce result the user donated since: its step waits
+                oldest.block_until_ready()
 
 
-def _wait(array: jax.Array) -> None:
-    if not array.is_deleted():  # a donated output was consumed by a later step, which waits
-        array.block_until_ready()
+def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
+    """Calls the user's step, naming the replica axis when the step used an unbound one."""
+    try:
+        return fn(*args, **kwargs)
+    except NameError as error:
+        if "unbound axis name" not in str(error):
+            raise
+        raise NameError(
+            f"{error}. Inside strategy.run the replica axis is called "
+            f"{_mesh.REPLICA_AXIS!r} (ts.REPLICA_AXIS): write lax.pmean(x, ts.REPLICA_AXIS), "
+            "nn.BatchNorm(axis_name=ts.REPLICA_AXIS) or nnx.BatchNorm(..., "
+            "axis_name=ts.REPLICA_AXIS), or use ts.get_replica_context().all_reduce"
+        ) from error
 
 
 def _split_inputs(tree: PyTree):
     """Flattens ``tree`` into arrays, per-replica flags and a function to rebuild local values."""
-    nodes, node_tree = jax.tree.flatten(tree, is_leaf=is_distributed)
-    arrays, flags, parts = [], [], []
-    for node in nodes:
-        if isinstance(node, PerReplica):
-            leaves, sub = jax.tree.flatten(node.stacked)
-            flags += [True] * len(leaves)
-        elif isinstance(node, Mirrored):
-            leaves, sub = jax.tree.flatten(node.value)
-            flags += [False] * len(leaves)
-        else:
-            leaves, sub = [node], None
-            flags.append(False)
-        arrays += leaves
-        parts.append((len(leaves), sub))
+    nodes, node_tree = jax.tree.flatten(tree, is_leaf=_is_per_replica)
+    arrays = [n.stacked if isinstance(n, PerReplica) else n for n in nodes]
+    flags = [isinstance(n, PerReplica) for n in nodes]
+    return arrays, flags, node_tree.unflatten
 
-    def rebuild(local_arrays):
-        values, start = [], 0
-        for count, sub in parts:
-            chunk = local_arrays[start : start + count]
-            values.append(chunk[0] if sub is None else sub.unflatten(chunk))
-            start += count
-        return node_tree.unflatten(values)
 
-    return arrays, flags, rebuild
+def _is_per_replica(x: Any) -> bool:
+    return isinstance(x, PerReplica)
 
 
 def _padded_rows(local_arrays, per_replica_flags) -> int:
@@ -255,20 +276,17 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
     free = collections.Counter((tuple(o.shape), str(o.dtype), v) for o, v in zip(outputs, varying))
     unusable = []
     for i in donate_argnums:
-        nodes = jax.tree_util.tree_flatten_with_path(args[i], is_leaf=is_distributed)[0]
-        for path, node in nodes:
+        for path, node in jax.tree_util.tree_flatten_with_path(args[i], is_leaf=_is_per_replica)[0]:
             stacked = isinstance(node, PerReplica)
-            value = node.stacked if stacked else node.value if isinstance(node, Mirrored) else node
-            for sub_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-                key = (tuple(leaf.shape), str(leaf.dtype), stacked)
-                if free[key] > 0:
-                    free[key] -= 1
-                    continue
-                kind = "PerReplica" if stacked else "replicated"
-                unusable.append(
-                    f"args[{i}]{jax.tree_util.keystr(path + sub_path)} "
-                    f"({leaf.dtype}{list(leaf.shape)}, {kind})"
-                )
+            leaf = node.stacked if stacked else node
+            key = (tuple(leaf.shape), str(leaf.dtype), stacked)
+            if free[key] > 0:
+                free[key] -= 1
+                continue
+            kind = "PerReplica" if stacked else "replicated"
+            unusable.append(
+                f"args[{i}]{jax.tree_util.keystr(path)} ({leaf.dtype}{list(leaf.shape)}, {kind})"
+            )
     if unusable:
         warnings.warn(
             f"run({name}): {len(unusable)} donated buffer(s) cannot be reused because no output "

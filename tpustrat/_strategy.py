@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from tpustrat import (
     _cross_replica,
     _mesh,
     _multistep,
+    _nnx,
     _placement,
     _run,
     _values,
@@ -22,7 +24,7 @@ from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._input import DatasetDistribution
 from tpustrat._logical import LogicalCoreAnnotations
 from tpustrat._topology import DeviceAssignment
-from tpustrat._values import Mirrored, PerReplica, ValueContext
+from tpustrat._values import PerReplica, ValueContext
 
 PyTree = Any
 
@@ -84,7 +86,9 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         self._replicated_sharding = _mesh.replicated_sharding(self._mesh)
         self._steps: dict[Any, _run.Step] = {}
         self._multisteps: dict[Any, _multistep.MultiStep] = {}
+        self._lifted: dict[Any, _nnx.Lifted] = {}
         self._ledger = _accounting.Ledger()
+        self._donated = _placement.DonationRecord()
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -143,14 +147,16 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
         Args:
           fn: the step; it sees replica-local values and may use ``ts.get_replica_context()``.
-          args: a tuple; PerReplica leaves give replica i its i-th component, every other leaf
-            (arrays, numbers, Mirrored values) is given whole to every replica.
+          args: a tuple; PerReplica leaves give replica i its i-th component, an array split
+            over the replica axis gives each replica its block, and every other leaf (arrays,
+            numbers) is given whole to every replica. Flax NNX objects (``nnx.Module``,
+            ``nnx.Optimizer``, ``nnx.Metric``) are updated in place, as under ``nnx.jit``.
           kwargs: keyword arguments, treated like ``args``.
           options: a ``ts.RunOptions``.
 
         Returns:
-          ``fn``'s output structure with each leaf a Mirrored (provably the same on every
-          replica, e.g. an all-reduce result) or a PerReplica.
+          ``fn``'s output structure, each leaf either a ``jax.Array`` replicated over the mesh
+          (provably the same on every replica, e.g. an all-reduce result) or a PerReplica.
 
         Example:
           >>> strategy = ts.TPUStrategy(num_logical_cores=2)  # 4 replicas
@@ -159,7 +165,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
           ...     return {"local": w * x, "total": ctx.all_reduce("sum", w * x)}
           >>> x = ts.PerReplica([np.float32(i) for i in range(4)])
           >>> out = strategy.run(step, args=(np.float32(2), x))
-          >>> out["local"], float(out["total"].value)
+          >>> out["local"], float(out["total"])
           (PerReplica(float32[4]), 12.0)
         """
         if not callable(fn):
@@ -176,22 +182,54 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
         inputs = (tuple(args), dict(kwargs or {}))
+        split = _nnx.split_objects(inputs)
+        if split is not None:
+            return self._run_nnx(fn, args, split, options)
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
             inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
-        inputs, traced = _placement.prepare(
+        inputs, block_specs, traced = _placement.prepare(
             inputs,
             self.num_replicas_in_sync,
             self._per_replica_sharding,
             self._replicated_sharding,
+            self._donated,
         )
         key = (fn, options.donate_argnums)
         step = self._step(key)
-        outputs, retraced, compiled = step(valid_rows, *inputs)
-        if not traced:
+        outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
+        if not traced and not isinstance(marker, jax.core.Tracer):
+            for i in options.donate_argnums:
+                for path, leaf in _leaves_with_paths(inputs[0][i]):
+                    self._donated.add(leaf, f"args[{i}]{path}")
             self._ledger.count(key, step.name, retraced, compiled)
-            self._window.admit(outputs)
+            self._window.admit(marker)
         return outputs
+
+    def _run_nnx(self, fn, args, split, options: _run.RunOptions) -> PyTree:
+        """``run`` of a step that takes Flax NNX objects: their new state is written back."""
+        graphdef, state, objects, (structure, positions), leaves = split
+        object_args = {
+            i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
+        }
+        if not set(options.donate_argnums) <= object_args:
+            raise ValueError(
+                f"donate_argnums {options.donate_argnums} names array arguments of a step that "
+                f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
+                "objects' state can be donated: donate their positions only"
+            )
+        key = (fn, graphdef, structure, positions)
+        lifted = self._lifted.get(key)
+        if lifted is None:
+            lifted = self._lifted[key] = _nnx.Lifted(fn, graphdef, structure, positions)
+        donate = (0,) if options.donate_argnums else ()
+        out, new_state = self.run(
+            lifted,
+            args=(state, leaves),
+            options=dataclasses.replace(options, donate_argnums=donate),
+        )
+        _nnx.write_back(objects, new_state)
+        return out
 
     def experimental_run_steps(
         self,
@@ -212,7 +250,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
         Args:
           fn: ``fn(state, batch) -> (state, outputs)``, a step as passed to ``run``.
-          state: the training state, e.g. Mirrored parameters and optimizer state.
+          state: the training state, e.g. replicated parameters and optimizer state.
           iterator: yields batches (PerReplica pytrees) of one structure and shape.
           steps_per_run: how many batches to consume.
           stack_outputs: return every step's outputs stacked (True) or the last step's (False).
@@ -230,7 +268,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
           ...     lambda ctx: np.float32(1.0))] * 3)
           >>> step = lambda total, x: (total + ts.get_replica_context().all_reduce("sum", x), x)
           >>> result = strategy.experimental_run_steps(step, np.float32(0), batches, 3)
-          >>> float(result.state.value), result.num_steps
+          >>> float(result.state), result.num_steps
           (24.0, 3)
         """
         key = (fn, stack_outputs)
@@ -273,13 +311,14 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """Combines a distributed value across replicas into one value.
 
         With ``axis``, each replica's value is also reduced along that axis, so MEAN with
-        ``axis=0`` averages over every example of every replica. As in tf.distribute, a Mirrored
-        value (and any plain array, which counts as the same on every replica) reduces to itself
-        under MEAN, MAX and MIN, and to ``num_replicas_in_sync`` times itself under SUM.
+        ``axis=0`` averages over every example of every replica. As in tf.distribute, a
+        replicated value (any plain array, which counts as the same on every replica) reduces
+        to itself under MEAN, MAX and MIN, and to ``num_replicas_in_sync`` times itself under
+        SUM.
 
         Args:
           reduce_op: a ReduceOp or one of ``"sum"``, ``"mean"``, ``"max"``, ``"min"``.
-          value: a PerReplica, a Mirrored, or a pytree of them, e.g. ``run``'s output.
+          value: a PerReplica, a replicated array, or a pytree of them, e.g. ``run``'s output.
           axis: an axis of each replica's value to reduce too, or None.
 
         Returns:
@@ -300,7 +339,8 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """Concatenates every replica's value along ``axis``, in replica order.
 
         Args:
-          value: a PerReplica, a Mirrored (gathered as identical copies), or a pytree of them.
+          value: a PerReplica, a replicated array (gathered as identical copies), or a pytree
+            of them.
           axis: the axis of each replica's value to concatenate along.
 
         Returns:
@@ -320,7 +360,8 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """Splits a distributed value into one pytree per replica of this process.
 
         Args:
-          value: a PerReplica, a Mirrored, or a pytree of them (plain leaves are repeated).
+          value: a PerReplica, a replicated array, or a pytree of them (plain leaves are
+            repeated).
 
         Returns:
           A tuple with one pytree per local replica, in replica order. In a job of several
@@ -336,15 +377,17 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
     def experimental_distribute_values_from_function(
         self, value_fn: Callable[[ValueContext], PyTree]
-    ) -> PerReplica:
-        """Builds a PerReplica by calling ``value_fn`` once for each replica.
+    ) -> PyTree:
+        """Builds a per-replica value by calling ``value_fn`` once for each replica.
 
         Args:
-          value_fn: takes a ``ts.ValueContext`` and returns that replica's pytree of arrays;
-            every replica's value must have the same structure, shapes and dtypes.
+          value_fn: takes a ``ts.ValueContext`` and returns that replica's pytree of arrays
+            (typed PRNG keys included); every replica's value must have the same structure,
+            shapes and dtypes.
 
         Returns:
-          A PerReplica whose component i is ``value_fn(ValueContext(i, num_replicas_in_sync))``.
+          ``value_fn``'s structure with a PerReplica at each leaf, whose component i comes
+          from ``value_fn(ValueContext(i, num_replicas_in_sync))``.
 
         Example:
           >>> strategy = ts.TPUStrategy()
@@ -357,24 +400,56 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         components = {r: value_fn(ValueContext(r, n)) for r in _values.local_replicas(self._mesh)}
         return _values.place_per_replica(components, self._mesh)
 
-    def replicate(self, tree: PyTree) -> Mirrored:
-        """Copies ``tree`` (parameters, optimizer state) to every replica.
+    def replicate(self, tree: PyTree) -> PyTree:
+        """Copies ``tree`` (parameters, optimizer state, a train state) to every replica.
+
+        Args:
+          tree: any pytree of arrays and numbers (a dict, a flax ``TrainState``), or Flax NNX
+            objects, whose state is placed in place.
 
         Returns:
-          A Mirrored; pass it to ``run`` and every replica sees the whole ``tree``.
+          ``tree``'s own structure with every leaf a ``jax.Array`` replicated over the mesh;
+          NNX objects are returned themselves, their state now on every replica.
 
         Example:
           >>> strategy = ts.TPUStrategy()
           >>> params = strategy.replicate({"w": np.ones(3, np.float32)})
-          >>> out = strategy.run(lambda p: p["w"].sum(), args=(params,))
-          >>> out, float(out.value)
-          (Mirrored(float32[]), 3.0)
+          >>> params["w"].sharding.is_fully_replicated, len(params["w"].sharding.device_set)
+          (True, 8)
+          >>> float(strategy.run(lambda p: p["w"].sum(), args=(params,)))
+          3.0
         """
-        if any(
-            isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=_values.is_distributed)
-        ):
+        if any(isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=_is_per_replica)):
             raise TypeError(
                 "replicate got a PerReplica value; reduce it first, e.g. "
                 "strategy.reduce('mean', value)"
             )
-        return _values.place_mirrored(tree, self._mesh)
+        split = _nnx.split_objects(tree)
+        if split is not None:
+            _, state, objects, _, _ = split
+            _nnx.nnx_module().update(objects, _values.replicate(state, self._mesh))
+            return jax.tree.map(
+                lambda x: x if _nnx.is_nnx_object(x) else _values.replicate(x, self._mesh),
+                tree,
+                is_leaf=_nnx.is_nnx_object,
+            )
+        return _values.replicate(tree, self._mesh)
+
+
+def _is_per_replica(x: Any) -> bool:
+    return isinstance(x, PerReplica)
+
+
+def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every array of ``tree``, a PerReplica counting as its array."""
+    return [
+        (jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, _FLAT_INDEX))), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+_FLAT_INDEX = jax.tree_util.FlattenedIndexKey  # the step through a PerReplica to its array
+
+
+def _nnx_leaves(tree: PyTree) -> list[Any]:
+    return jax.tree.leaves(tree, is_leaf=_nnx.is_nnx_object)

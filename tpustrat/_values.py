@@ -1,4 +1,11 @@
-"""Distributed values: PerReplica (one component per replica) and Mirrored (one value for all)."""
+"""Distributed values: PerReplica (one component per replica) and the replicated-array model.
+
+A value that is the same on every replica is a plain ``jax.Array`` replicated over the
+strategy's mesh (``NamedSharding(mesh, P())``): it prints, serialises and checkpoints like any
+array. A value with one component per replica is a ``PerReplica``: one global array whose
+leading axis is the replica axis. ``Mirrored`` survives only as an input marker for code ported
+from tf.distribute; ``run`` never returns one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -16,58 +24,91 @@ PyTree = Any
 
 @jax.tree_util.register_pytree_node_class
 class PerReplica:
-    """A value with one component per replica, as returned by ``strategy.run``.
+    """A value with one component per replica, as ``strategy.run`` returns a varying result.
 
-    Stored as one global ``jax.Array`` per leaf whose leading axis is the replica axis (shape
+    Stored as one global ``jax.Array`` whose leading axis is the replica axis (shape
     ``(num_replicas, *component_shape)``, sharded over ``"replica"``), so passing it back to
-    ``run`` moves no data. ``values`` gives the components one by one.
+    ``run`` moves no data. A PerReplica holds one array, never a pytree: a structured value
+    is a pytree with PerReplica leaves, as ``run`` and distributed datasets return it.
 
     Args:
-      values: a sequence of pytrees, one per replica, all of the same structure, shapes and dtypes.
+      values: one array (or number) per replica, all of the same shape and dtype.
 
     Example:
       >>> v = PerReplica([np.float32(i) for i in range(4)])
-      >>> v.num_replicas, float(v.values[3])
-      (4, 3.0)
+      >>> v, v.num_replicas, float(v.values[3])
+      (PerReplica(float32[4]), 4, 3.0)
     """
 
     __slots__ = ("stacked",)
+    stacked: Any
 
-    def __init__(self, values: Sequence[PyTree]):
+    def __init__(self, values: Sequence[Any]):
         if isinstance(values, (PerReplica, Mirrored)) or not isinstance(values, Sequence):
             raise TypeError(
-                f"PerReplica takes a sequence with one pytree per replica, got "
+                f"PerReplica takes a sequence with one array per replica, got "
                 f"{type(values).__name__}"
             )
         if not values:
-            raise ValueError("PerReplica got no components; pass one pytree per replica")
-        structures = [jax.tree.structure(v) for v in values]
-        for i, structure in enumerate(structures):
-            if structure != structures[0]:
-                raise ValueError(
-                    f"PerReplica component {i} has structure {structure}, component 0 has "
-                    f"{structures[0]}; every replica's component must have the same structure"
+            raise ValueError("PerReplica got no components; pass one array per replica")
+        for i, v in enumerate(values):
+            if not _is_array_leaf(v):
+                raise TypeError(
+                    f"PerReplica component {i} is a {type(v).__name__}; a PerReplica holds one "
+                    "array per replica. For a pytree, build one PerReplica per leaf, e.g. with "
+                    "strategy.experimental_distribute_values_from_function"
                 )
-        self.stacked = jax.tree.map(lambda *xs: _stack(xs), *values)
+        shapes = {(np.shape(v), _dtype(v)) for v in values}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"PerReplica components differ in shape or dtype: {sorted(map(str, shapes))}; "
+                "every replica's component must have the same shape and dtype"
+            )
+        object.__setattr__(self, "stacked", _stack(values))
 
     @classmethod
-    def from_stacked(cls, stacked: PyTree) -> PerReplica:
-        """Wraps a pytree whose leaves have a leading replica axis, without copying."""
+    def from_stacked(cls, stacked: Any) -> PerReplica:
+        """Wraps an array whose leading axis is the replica axis, without copying."""
+        if not _is_array_leaf(stacked):
+            raise TypeError(
+                f"PerReplica.from_stacked takes one array, got a {type(stacked).__name__}; for "
+                "a pytree, wrap each leaf: jax.tree.map(ts.PerReplica.from_stacked, tree)"
+            )
         value = object.__new__(cls)
-        value.stacked = stacked
+        object.__setattr__(value, "stacked", stacked)
         return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"PerReplica is immutable; build a new one instead of setting {name}")
 
     @property
     def num_replicas(self) -> int:
         """The number of components (the length of the leading axis)."""
-        leaves = jax.tree.leaves(self.stacked)
-        return int(np.shape(leaves[0])[0]) if leaves else 0
+        return int(np.shape(self.stacked)[0])
 
     @property
-    def values(self) -> tuple[PyTree, ...]:
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one replica's component."""
+        return tuple(np.shape(self.stacked)[1:])
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of every component."""
+        return _dtype(self.stacked)
+
+    @property
+    def values(self) -> tuple[Any, ...]:
         """The components, in replica order."""
-        return tuple(
-            jax.tree.map(lambda x, i=i: x[i], self.stacked) for i in range(self.num_replicas)
+        return tuple(self.stacked[i] for i in range(self.num_replicas))
+
+    @property
+    def value(self):
+        raise AttributeError(
+            f"{self!r} has one value per replica, so it has no single .value (that is a "
+            "replicated result's property). Combine the replicas inside the step with "
+            "ts.get_replica_context().all_reduce, or outside it with strategy.reduce / "
+            "strategy.gather, or read each replica's value with "
+            "strategy.experimental_local_results"
         )
 
     def tree_flatten(self):
@@ -76,7 +117,9 @@ class PerReplica:
     @classmethod
     def tree_unflatten(cls, aux, children):
         del aux
-        return cls.from_stacked(children[0])
+        value = object.__new__(cls)  # JAX unflattens with any leaf (None, specs): no checks
+        object.__setattr__(value, "stacked", children[0])
+        return value
 
     def __repr__(self) -> str:
         return f"PerReplica({_describe(self.stacked)})"
@@ -84,14 +127,16 @@ class PerReplica:
 
 @jax.tree_util.register_pytree_node_class
 class Mirrored:
-    """A value that is the same on every replica.
+    """Marks a value as the same on every replica, for code ported from tf.distribute.
 
-    ``strategy.run`` returns a leaf as Mirrored when it is provably identical on every replica (it
-    came from an all-reduce, say); ``strategy.replicate`` makes one from host values.
+    Replicated values are plain ``jax.Array`` s in tpustrat: ``run`` and ``strategy.replicate``
+    return them unwrapped. ``run`` still accepts ``Mirrored(tree)`` and gives every replica the
+    whole ``tree``, exactly as it would the bare ``tree``.
 
     Example:
-      >>> float(Mirrored(np.float32(2.0)).value)
-      2.0
+      >>> strategy = ts.TPUStrategy()
+      >>> float(strategy.run(lambda x: x * 2, args=(Mirrored(np.float32(2.0)),)))
+      4.0
     """
 
     __slots__ = ("value",)
@@ -132,8 +177,17 @@ def is_distributed(x: Any) -> bool:
     return isinstance(x, (PerReplica, Mirrored))
 
 
-def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PerReplica:
-    """Builds a PerReplica on ``mesh`` from host components, one per replica.
+def unwrap_mirrored(tree: PyTree) -> PyTree:
+    """``tree`` with every ``Mirrored`` marker replaced by the value it marks (``tree`` if none)."""
+    if not any(isinstance(x, Mirrored) for x in jax.tree.leaves(tree, is_leaf=is_distributed)):
+        return tree
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, Mirrored) else x, tree, is_leaf=is_distributed
+    )
+
+
+def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PyTree:
+    """Builds a pytree of PerReplica on ``mesh`` from host components, one per replica.
 
     Each device receives only its own replica's component, so in a job of several processes a
     process passes just the replicas whose devices it can address.
@@ -143,7 +197,8 @@ def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PerReplic
       mesh: the strategy's mesh.
 
     Returns:
-      A PerReplica whose leaves are global arrays of shape ``(num_replicas, *component_shape)``.
+      The components' structure with PerReplica leaves, each a global array of shape
+      ``(num_replicas, *component_shape)``.
     """
     num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
     local = local_replicas(mesh)
@@ -160,35 +215,47 @@ def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PerReplic
                 f"replica {r}'s value has structure {tree} but replica {local[0]}'s has "
                 f"{structure}; every replica must produce the same structure"
             )
-        # A copy: on CPU, device_put may alias a numpy buffer the caller goes on to change.
-        leaves_by_replica[r] = [np.array(leaf) for leaf in leaves]
+        leaves_by_replica[r] = [_host_copy(leaf) for leaf in leaves]
     sharding = _mesh.per_replica_sharding(mesh)
     stacked = []
     for k, leaf in enumerate(leaves_by_replica[local[0]]):
         for r in local:
             other = leaves_by_replica[r][k]
-            if other.shape != leaf.shape or other.dtype != leaf.dtype:
+            if np.shape(other) != np.shape(leaf) or _dtype(other) != _dtype(leaf):
                 raise ValueError(
-                    f"replica {r}'s leaf {k} is {other.dtype}{list(other.shape)} but replica "
-                    f"{local[0]}'s is {leaf.dtype}{list(leaf.shape)}; every replica's value "
-                    "must have the same shapes and dtypes"
+                    f"replica {r}'s leaf {k} is {_dtype(other)}{list(np.shape(other))} but "
+                    f"replica {local[0]}'s is {_dtype(leaf)}{list(np.shape(leaf))}; every "
+                    "replica's value must have the same shapes and dtypes"
                 )
         shards = [
             jax.device_put(leaves_by_replica[r][k][None], device)
             for r, device in _addressable_devices(mesh)
         ]
         stacked.append(
-            jax.make_array_from_single_device_arrays((num_replicas, *leaf.shape), sharding, shards)
+            PerReplica.from_stacked(
+                jax.make_array_from_single_device_arrays(
+                    (num_replicas, *np.shape(leaf)), sharding, shards
+                )
+            )
         )
-    return PerReplica.from_stacked(structure.unflatten(stacked))
+    return structure.unflatten(stacked)
 
 
-def place_mirrored(tree: PyTree, mesh: Mesh) -> Mirrored:
-    """Copies every leaf of ``tree`` to every device of ``mesh``."""
-    if isinstance(tree, Mirrored):
-        tree = tree.value
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """``tree`` with every leaf a ``jax.Array`` held whole by every device of ``mesh``.
+
+    The structure is ``tree``'s own (a dict stays a dict, a flax ``TrainState`` a
+    ``TrainState``); ``Mirrored`` markers are unwrapped, and leaves already replicated on
+    ``mesh`` are not copied.
+    """
     sharding = _mesh.replicated_sharding(mesh)
-    return Mirrored(jax.tree.map(lambda x: jax.device_put(x, sharding), tree))
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        return jax.device_put(_host_copy(x) if isinstance(x, np.ndarray) else x, sharding)
+
+    return jax.tree.map(place, unwrap_mirrored(tree))
 
 
 def local_replicas(mesh: Mesh) -> list[int]:
@@ -199,22 +266,20 @@ def local_replicas(mesh: Mesh) -> list[int]:
 def map_distributed(
     tree: PyTree,
     per_replica: Callable[[jax.Array], Any],
-    mirrored: Callable[[Any], Any],
+    replicated: Callable[[Any], Any],
 ) -> PyTree:
-    """Applies ``per_replica`` to stacked leaves and ``mirrored`` to every other leaf.
+    """Applies ``per_replica`` to stacked PerReplica arrays and ``replicated`` to other leaves.
 
-    Leaves that are not inside a PerReplica (Mirrored values and plain arrays) count as the same
-    on every replica. The result holds plain values, without PerReplica or Mirrored nodes.
+    Leaves that are not PerReplica (plain arrays, ``Mirrored`` markers) count as the same on
+    every replica. The result holds plain values, without PerReplica or Mirrored nodes.
     """
 
     def visit(node):
         if isinstance(node, PerReplica):
-            return jax.tree.map(per_replica, node.stacked)
-        if isinstance(node, Mirrored):
-            return jax.tree.map(mirrored, node.value)
-        return mirrored(node)
+            return per_replica(node.stacked)
+        return replicated(node)
 
-    return jax.tree.map(visit, tree, is_leaf=is_distributed)
+    return jax.tree.map(visit, unwrap_mirrored(tree), is_leaf=lambda x: isinstance(x, PerReplica))
 
 
 def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
@@ -227,16 +292,38 @@ def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
     ]
 
 
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+
+
+def _is_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (``jax.random.key``), which numpy cannot hold."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host_copy(x: Any) -> Any:
+    """A private copy of ``x`` (typed keys stay jax arrays; numpy cannot hold them).
+
+    A copy because on CPU ``device_put`` may alias a numpy buffer the caller goes on to change.
+    """
+    return x if _is_key(x) or isinstance(x, jax.core.Tracer) else np.array(x)
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def _stack(xs: Sequence[Any]) -> Any:
-    if any(isinstance(x, jax.core.Tracer) for x in xs):
-        return jax.numpy.stack(xs)
+    if any(isinstance(x, jax.core.Tracer) or _is_key(x) for x in xs):
+        return jnp.stack(xs)
     return np.stack([np.asarray(x) for x in xs])
 
 
 def _describe(tree: PyTree) -> str:
     def short(x):
-        shape = np.shape(x)
-        dtype = getattr(x, "dtype", type(x).__name__)
-        return f"{dtype}{list(shape)}"
+        shape = np.shape(x) if not _is_key(x) else x.shape
+        return f"{_dtype(x)}{list(shape)}"
 
+    if isinstance(tree, (jax.Array, np.ndarray, np.generic)):
+        return short(tree)
     return str(jax.tree.map(short, tree))

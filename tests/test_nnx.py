@@ -1,0 +1,243 @@
+"""Flax NNX objects as run arguments: updated in place as under nnx.jit, equal to one device.
+
+The training step is the Flax NNX MNIST tutorial's, ported by replacing ``@nnx.jit`` with
+``strategy.run`` and adding the gradient all-reduce (metrics are updated with global values).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen, nnx
+
+import tpustrat as ts
+
+GLOBAL_BATCH = 32
+STEPS = 10
+MESHES = [(8, 1), (4, 2), (2, 4)]
+
+
+class CNN(nnx.Module):
+    """A small version of the tutorial's model: dense layers with dropout."""
+
+    def __init__(self, rngs: nnx.Rngs, dropout: float = 0.0):
+        self.linear1 = nnx.Linear(6, 16, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.linear2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear2(self.dropout(nnx.relu(self.linear1(x))))
+
+
+def _loss_fn(model, batch):
+    logits = model(batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, logits
+
+
+def train_step(model, optimizer, metrics, batch):
+    """The tutorial's step, plus the all-reduce that data parallelism needs."""
+    ctx = ts.get_replica_context()
+    grad_fn = nnx.value_and_grad(_loss_fn, has_aux=True)
+    (loss, logits), grads = grad_fn(model, batch)
+    grads = ctx.all_reduce("mean", grads)
+    metrics.update(
+        loss=ctx.all_reduce("mean", loss),
+        logits=ctx.all_gather(logits, axis=0),
+        labels=ctx.all_gather(batch["label"], axis=0),
+    )
+    optimizer.update(model, grads)
+    return ctx.all_reduce("mean", loss)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(STEPS, GLOBAL_BATCH, 6)).astype(np.float32)
+    label = rng.integers(0, 3, size=(STEPS, GLOBAL_BATCH)).astype(np.int32)
+    return image, label
+
+
+def _objects():
+    model = CNN(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+    return model, optimizer, metrics
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tutorial_step_trains_in_place_like_one_device(shape, compile_count):
+    image, label = _data()
+    model, optimizer, metrics = _objects()
+    reference = nnx.jit(
+        lambda m, o, mt, b: (
+            mt.update(loss=_loss_fn(m, b)[0], logits=_loss_fn(m, b)[1], labels=b["label"]),
+            o.update(m, nnx.grad(lambda m: _loss_fn(m, b)[0])(m)),
+        )
+    )
+    ref_model, ref_optimizer, ref_metrics = _objects()
+    for t in range(STEPS):
+        reference(ref_model, ref_optimizer, ref_metrics, {"image": image[t], "label": label[t]})
+
+    strategy = ts.TPUStrategy(num_logical_cores=shape[1])
+    strategy.replicate((model, optimizer, metrics))  # the one call that places NNX state
+    before = compile_count()
+    for t in range(STEPS):
+        dataset = [{"image": image[t], "label": label[t]}]
+        batch = next(iter(strategy.experimental_distribute_dataset(dataset)))
+        loss = strategy.run(train_step, args=(model, optimizer, metrics, batch))
+        assert isinstance(loss, jax.Array)
+    assert compile_count() - before == 1, "the NNX step must compile once"
+    assert int(optimizer.step[...]) == STEPS
+    params, ref_params = nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-6)
+    assert model.linear1.kernel[...].sharding.is_fully_replicated
+    for name, value in metrics.compute().items():
+        np.testing.assert_allclose(
+            float(value), float(ref_metrics.compute()[name]), rtol=2e-5, err_msg=name
+        )
+
+
+def test_shared_references_between_arguments_survive():
+    strategy = ts.TPUStrategy()
+    model = CNN(nnx.Rngs(0))
+    holder = nnx.Dict(inner=model)  # the same module reached twice
+
+    def step(m, h):
+        m.linear2.bias[...] = m.linear2.bias[...] + 1.0
+        return h["inner"].linear2.bias[...]
+
+    out = strategy.run(step, args=(model, holder))
+    np.testing.assert_allclose(np.asarray(out), np.ones(3))
+    assert holder["inner"] is model
+    np.testing.assert_allclose(np.asarray(model.linear2.bias[...]), np.ones(3))
+
+
+def test_dropout_differs_across_replicas_and_repeats_from_one_seed():
+    strategy = ts.TPUStrategy()
+    ones = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.ones(64, np.float32)
+    )
+
+    def apply(model, x):
+        return model.dropout(x)
+
+    def masks(seed):
+        model = CNN(nnx.Rngs(seed), dropout=0.5)
+        return [np.asarray(strategy.run(apply, args=(model, ones)).stacked) for _ in range(2)]
+
+    first, second = masks(0)
+    assert len({row.tobytes() for row in first}) == 8, "each replica draws its own mask"
+    assert not np.array_equal(first, second), "each step draws new masks"
+    again = masks(0)
+    np.testing.assert_array_equal(again[0], first)
+    np.testing.assert_array_equal(again[1], second)
+
+
+def test_state_left_different_on_each_replica_is_a_clear_error():
+    strategy = ts.TPUStrategy()
+    model = CNN(nnx.Rngs(0))
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.full(3, ctx.replica_id_in_sync_group, np.float32)
+    )
+
+    def step(m, x):
+        m.linear2.bias[...] = m.linear2.bias[...] + x  # no all-reduce: differs per replica
+
+    with pytest.raises(ValueError, match=r"differs between replicas: .*linear2.*bias"):
+        strategy.run(step, args=(model, x))
+
+
+def test_donating_the_objects_state():
+    strategy = ts.TPUStrategy()
+    model = CNN(nnx.Rngs(0))
+    strategy.replicate(model)
+    old = model.linear1.kernel[...]
+    want = 2 * np.array(old)  # a copy: a live view would keep the donated buffer
+
+    def step(m):
+        m.linear1.kernel[...] = m.linear1.kernel[...] * 2
+
+    strategy.run(step, args=(model,), options=ts.RunOptions(donate_argnums=(0,)))
+    assert old.is_deleted()
+    np.testing.assert_allclose(np.asarray(model.linear1.kernel[...]), want)
+
+
+class BatchNormNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(5, 4, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, axis_name=ts.REPLICA_AXIS, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.linear(x))
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cross_replica_batch_norm_nnx_equals_one_device(shape):
+    strategy = ts.TPUStrategy(num_logical_cores=shape[1])
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(32, 5)).astype(np.float32)
+    model = BatchNormNet(nnx.Rngs(0))
+    reference = BatchNormNet(nnx.Rngs(0))
+    reference.norm.axis_name = None  # one device sees the whole batch
+
+    want = reference(x)
+    batch = next(iter(strategy.experimental_distribute_dataset([x])))
+    got = strategy.run(lambda m, b: m(b), args=(model, batch))
+    np.testing.assert_allclose(
+        np.asarray(got.stacked).reshape(32, 4), np.asarray(want), rtol=1e-4, atol=1e-5
+    )
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(model.norm, name)[...]),
+            np.asarray(getattr(reference.norm, name)[...]),
+            rtol=1e-4,
+            err_msg=name,
+        )
+
+
+class LinenBatchNormNet(linen.Module):
+    axis_name: str | None = ts.REPLICA_AXIS
+
+    @linen.compact
+    def __call__(self, x):
+        x = linen.Dense(4)(x)
+        return linen.BatchNorm(use_running_average=False, axis_name=self.axis_name)(x)
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cross_replica_batch_norm_linen_equals_one_device(shape):
+    strategy = ts.TPUStrategy(num_logical_cores=shape[1])
+    x = np.random.default_rng(2).normal(-1.0, 2.0, size=(32, 5)).astype(np.float32)
+    variables = LinenBatchNormNet(axis_name=None).init(jax.random.key(0), x)
+    want, want_updates = LinenBatchNormNet(axis_name=None).apply(
+        variables, x, mutable=["batch_stats"]
+    )
+
+    def step(variables, batch):
+        return LinenBatchNormNet().apply(variables, batch, mutable=["batch_stats"])
+
+    batch = next(iter(strategy.experimental_distribute_dataset([x])))
+    got, updates = strategy.run(step, args=(strategy.replicate(variables), batch))
+    np.testing.assert_allclose(
+        np.asarray(got.stacked).reshape(32, 4), np.asarray(want), rtol=1e-4, atol=1e-5
+    )
+    for g, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want_updates)):
+        assert isinstance(g, jax.Array), "global batch statistics come back replicated"
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_linen_dropout_with_replica_key_differs_per_replica():
+    strategy = ts.TPUStrategy()
+    layer = linen.Dropout(0.5, deterministic=False)
+    ones = strategy.experimental_distribute_values_from_function(lambda ctx: np.ones(64))
+
+    def step(key, x):
+        key = ts.get_replica_context().replica_key(key)
+        return layer.apply({}, x, rngs={"dropout": key})
+
+    first = np.asarray(strategy.run(step, args=(jax.random.key(3), ones)).stacked)
+    again = np.asarray(strategy.run(step, args=(jax.random.key(3), ones)).stacked)
+    assert len({row.tobytes() for row in first}) == 8
+    np.testing.assert_array_equal(first, again)
+    assert jnp.issubdtype(jax.random.key(3).dtype, jax.dtypes.prng_key)

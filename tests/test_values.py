@@ -1,0 +1,193 @@
+"""The value model: replicated values are plain jax.Arrays; PerReplica marks per-replica ones."""
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpustrat as ts
+
+
+def _train_state(strategy=None):
+    params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    state = train_state.TrainState.create(
+        apply_fn=lambda p, x: x @ p["w"] + p["b"], params=params, tx=optax.adam(0.1)
+    )
+    return state if strategy is None else strategy.replicate(state)
+
+
+def _fit_step(state, x):
+    ctx = ts.get_replica_context()
+    grads = jax.grad(lambda p: (state.apply_fn(p, x) ** 2).mean())(state.params)
+    return state.apply_gradients(grads=ctx.all_reduce("mean", grads))
+
+
+def _batch(strategy, seed=0):
+    rng = np.random.default_rng(seed)
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: rng.normal(size=(4, 3)).astype(np.float32)
+    )
+
+
+def _assert_replicated(tree, strategy):
+    for leaf in jax.tree.leaves(tree):
+        assert type(leaf).__name__ == "ArrayImpl", type(leaf)
+        assert leaf.sharding.is_fully_replicated
+        assert leaf.sharding.device_set == set(strategy.mesh.devices.flat)
+
+
+def test_replicate_keeps_the_structure(strategy):
+    state = _train_state(strategy)
+    assert isinstance(state, train_state.TrainState)
+    assert int(state.step) == 0  # attribute access works on the replicated state
+    _assert_replicated(state, strategy)
+    nested = strategy.replicate({"a": [1.0, np.arange(3)], "b": (np.int32(2),)})
+    assert jax.tree.structure(nested) == jax.tree.structure({"a": [0, 0], "b": (0,)})
+    _assert_replicated(nested, strategy)
+
+
+def test_run_returns_the_state_type_with_replicated_leaves(strategy):
+    state = _train_state(strategy)
+    batch = _batch(strategy)
+    for _ in range(3):
+        state = strategy.run(_fit_step, args=(state, batch))
+    assert isinstance(state, train_state.TrainState)
+    assert int(state.step) == 3
+    _assert_replicated(state, strategy)
+
+
+def test_flax_serialization_round_trip():
+    strategy = ts.TPUStrategy()
+    state = strategy.run(_fit_step, args=(_train_state(strategy), _batch(strategy)))
+    restored = flax.serialization.from_bytes(_train_state(), flax.serialization.to_bytes(state))
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(restored.step) == 1
+
+
+def test_orbax_restores_into_a_fresh_replicated_state(tmp_path):
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    state = strategy.run(_fit_step, args=(_train_state(strategy), _batch(strategy)))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt", strategy.replicate(_train_state()))
+    assert isinstance(restored, train_state.TrainState)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _assert_replicated(restored, strategy)
+    restored = strategy.run(_fit_step, args=(restored, _batch(strategy)))  # trains on
+    assert int(restored.step) == 2
+
+
+def test_typed_keys_go_everywhere(strategy):
+    n = strategy.num_replicas_in_sync
+    keys = ts.PerReplica([jax.random.key(i) for i in range(n)])
+    from_fn = strategy.experimental_distribute_values_from_function(
+        lambda ctx: {"key": jax.random.key(ctx.replica_id_in_sync_group)}
+    )
+    replicated = strategy.replicate(jax.random.key(7))
+    assert jnp.issubdtype(replicated.dtype, jax.dtypes.prng_key)
+
+    def step(a, b, c):
+        split = jax.random.split(c)[0]
+        return jax.random.key_data(a), jax.random.key_data(b["key"]), split
+
+    a, b, split = strategy.run(step, args=(keys, from_fn, replicated))
+    want = np.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
+    np.testing.assert_array_equal(np.asarray(a.stacked), want)
+    np.testing.assert_array_equal(np.asarray(b.stacked), want)
+    assert jnp.issubdtype(split.dtype, jax.dtypes.prng_key)  # a key output, replicated
+    np.testing.assert_array_equal(
+        jax.random.key_data(split), jax.random.key_data(jax.random.split(jax.random.key(7))[0])
+    )
+
+
+def test_typed_keys_in_dataset_elements():
+    strategy = ts.TPUStrategy()
+    keys = jax.random.split(jax.random.key(0), 16)
+    batches = [{"key": keys, "x": np.arange(16.0)}]
+    (element,) = list(strategy.experimental_distribute_dataset(batches))
+    assert jnp.issubdtype(element["key"].dtype, jax.dtypes.prng_key)
+    got = strategy.run(lambda b: jax.random.key_data(b["key"]), args=(element,))
+    np.testing.assert_array_equal(
+        np.asarray(got.stacked).reshape(16, -1), np.asarray(jax.random.key_data(keys))
+    )
+
+
+def test_replica_key_differs_per_replica_and_repeats():
+    strategy = ts.TPUStrategy()
+
+    def step(key):
+        return jax.random.normal(ts.get_replica_context().replica_key(key), (4,))
+
+    first = np.asarray(strategy.run(step, args=(jax.random.key(0),)).stacked)
+    again = np.asarray(strategy.run(step, args=(jax.random.key(0),)).stacked)
+    other_step = np.asarray(
+        strategy.run(step, args=(jax.random.fold_in(jax.random.key(0), 1),)).stacked
+    )
+    assert len({row.tobytes() for row in first}) == 8
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other_step)
+
+
+def test_per_replica_is_one_immutable_leaf():
+    value = ts.PerReplica([np.float32(1), np.float32(2)])
+    assert (value.num_replicas, value.shape, value.dtype) == (2, (), np.float32)
+    with pytest.raises(AttributeError, match="immutable"):
+        value.stacked = np.zeros(2)
+    with pytest.raises(TypeError, match="one array per replica"):
+        ts.PerReplica([{"a": 1.0}, {"a": 2.0}])
+    with pytest.raises(TypeError, match="wrap each leaf"):
+        ts.PerReplica.from_stacked({"a": np.zeros(2)})
+    with pytest.raises(ValueError, match="differ in shape or dtype"):
+        ts.PerReplica([np.zeros(2), np.zeros(3)])
+
+
+def test_value_on_a_per_replica_names_the_fix():
+    strategy = ts.TPUStrategy()
+    loss = strategy.run(lambda x: x * 2, args=(_batch(strategy),))
+    with pytest.raises(AttributeError, match=r"one value per replica.*all_reduce.*reduce"):
+        _ = loss.value
+    assert not hasattr(loss, "value")
+
+
+def test_mirrored_is_still_accepted_as_input():
+    strategy = ts.TPUStrategy()
+    out = strategy.run(lambda t: t["w"] * 2, args=(ts.Mirrored({"w": np.ones(2, np.float32)}),))
+    assert isinstance(out, jax.Array)
+    np.testing.assert_array_equal(np.asarray(out), [2.0, 2.0])
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4])  # 8, 4 and 2 replicas
+def test_an_array_split_over_replicas_arrives_as_its_block(cores, compile_count):
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    n = strategy.num_replicas_in_sync
+    x = jax.device_put(
+        np.arange(4.0 * n, dtype=np.float32), NamedSharding(strategy.mesh, P(ts.REPLICA_AXIS))
+    )
+    shapes = []
+
+    def step(block):
+        shapes.append(block.shape)
+        return ts.get_replica_context().all_gather(block * 2, axis=0)
+
+    out = strategy.run(step, args=(x,))
+    assert shapes == [(4,)], "each replica sees its block, not the whole array"
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.arange(4.0 * n))
+    before = compile_count()
+    strategy.run(step, args=(x,))
+    assert compile_count() == before
+
+
+def test_unbound_axis_name_names_the_replica_axis():
+    strategy = ts.TPUStrategy()
+    with pytest.raises(NameError, match=r"replica axis is called 'replica' \(ts.REPLICA_AXIS\)"):
+        strategy.run(lambda x: jax.lax.pmean(x, "batch"), args=(_batch(strategy),))
+    assert strategy.mesh.axis_names[0] == ts.REPLICA_AXIS
