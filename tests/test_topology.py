@@ -403,3 +403,17 @@ def test_bad_lookups():
         assignment.lookup_replicas(0, -1)
     with _raises("no replica runs logical_core 1 on task 3; that core runs on tasks [0]"):
         assignment.lookup_replicas(3, 1)
+
+
+def test_two_cores_per_chip_on_one_core_chips_explains_megacore():
+    """TF's computation_shape=[1, 1, 1, 2] on v4/v5p chips, which JAX sees as one device each."""
+    chips = [
+        FakeTpu(id=x + 2 * y + 4 * z, process_index=0, coords=(x, y, z))
+        for z, y, x in itertools.product(range(4), range(2), range(2))
+    ]
+    topology = Topology.from_devices(chips)
+    with pytest.raises(ValueError, match=re.escape("computation_shape=[2, 1, 1, 1]")) as error:
+        DeviceAssignment.build(topology, computation_shape=[1, 1, 1, 2], num_replicas=8)
+    assert "one core per chip" in str(error.value) and "megacore" in str(error.value)
+    assignment = DeviceAssignment.build(topology, computation_shape=[2, 1, 1, 1], num_replicas=8)
+    assert assignment.num_cores_per_replica == 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 REPLICA_AXIS = "replica"
@@ -35,8 +37,6 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
       ('replica', 'logical_core.0', 'logical_core.1')
     """
     array = np.asarray(devices, dtype=object)
-    if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):
-        raise TypeError(f"num_logical_cores must be an int, got {num_logical_cores!r}")
     if array.ndim == 2:
         if num_logical_cores not in (1, array.shape[1]):
             raise ValueError(
@@ -45,20 +45,60 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
             )
         num_logical_cores = array.shape[1]
     array = array.reshape(-1)
-    if array.size == 0:
-        raise ValueError("devices is empty; pass jax.devices() or a non-empty list of devices")
-    if num_logical_cores < 1 or array.size % num_logical_cores:
-        raise ValueError(
-            f"{array.size} devices cannot be split into replicas of "
-            f"num_logical_cores={num_logical_cores}; use a num_logical_cores that divides "
-            f"{array.size}"
-        )
+    _check_split(array.size, num_logical_cores)
     if len({d.id for d in array}) != array.size:
         raise ValueError("devices lists a device more than once; pass each device once")
     sizes = _prime_factors(num_logical_cores)
     names = _logical_core_axes(num_logical_cores)
     grid = array.reshape(array.size // num_logical_cores, *sizes)
     return Mesh(grid, (REPLICA_AXIS, *names), axis_types=(AxisType.Auto,) * (1 + len(names)))
+
+
+def default_device_grid(devices: Sequence[jax.Device], num_logical_cores: int = 1) -> np.ndarray:
+    """``devices`` as a ``(replicas, logical cores)`` grid in JAX's topology-aware order.
+
+    On TPU this is the order of ``jax.make_mesh`` (``mesh_utils.create_device_mesh``): replicas
+    that follow each other are interconnect neighbours where the topology allows, so a ring
+    all-reduce over the replica axis takes short hops. Devices of several slices
+    (``slice_index``) are grouped slice by slice (``create_hybrid_device_mesh``), so the
+    replica axis spans the slices and crosses the data-centre network as few times as
+    possible. Other platforms keep the order given.
+
+    Args:
+      devices: every device the strategy uses, e.g. ``jax.devices()``.
+      num_logical_cores: how many devices each replica spans.
+
+    Returns:
+      An object array of shape ``(len(devices) // num_logical_cores, num_logical_cores)``.
+
+    Example:
+      >>> default_device_grid(jax.devices(), 2).shape
+      (4, 2)
+    """
+    devices = list(devices)
+    _check_split(len(devices), num_logical_cores)
+    shape = (len(devices) // num_logical_cores, num_logical_cores)
+    if devices[0].platform != "tpu":
+        return np.asarray(devices, dtype=object).reshape(shape)
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1:
+        per_slice = (shape[0] // len(slices), num_logical_cores)
+        return mesh_utils.create_hybrid_device_mesh(per_slice, (len(slices), 1), devices)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def _check_split(num_devices: int, num_logical_cores: Any) -> None:
+    """Raises unless ``num_devices`` devices split into replicas of ``num_logical_cores``."""
+    if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):
+        raise TypeError(f"num_logical_cores must be an int, got {num_logical_cores!r}")
+    if num_devices == 0:
+        raise ValueError("devices is empty; pass jax.devices() or a non-empty list of devices")
+    if num_logical_cores < 1 or num_devices % num_logical_cores:
+        raise ValueError(
+            f"{num_devices} devices cannot be split into replicas of "
+            f"num_logical_cores={num_logical_cores}; use a num_logical_cores that divides "
+            f"{num_devices}"
+        )
 
 
 def _logical_core_axes(num_logical_cores: int) -> tuple[str, ...]:

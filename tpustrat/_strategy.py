@@ -38,7 +38,9 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
     step combines them with ``ts.get_replica_context().all_reduce``.
 
     Args:
-      devices: the devices to use, in replica-major order; default ``jax.devices()``.
+      devices: the devices to use, in replica-major order; default ``jax.devices()`` in JAX's
+        topology-aware order (that of ``jax.make_mesh``: on TPU, consecutive replicas are
+        interconnect neighbours, and several slices are grouped slice by slice).
       num_logical_cores: how many devices each replica spans (for model parallelism).
       device_assignment: a ``ts.DeviceAssignment`` that fixes every replica's devices and
         logical cores on the physical topology; replaces ``devices`` and ``num_logical_cores``.
@@ -75,9 +77,9 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                     "device assignment already fixes the devices and cores of every replica"
                 )
             devices = device_assignment.devices
-        self._mesh = _mesh.build_mesh(
-            jax.devices() if devices is None else devices, num_logical_cores
-        )
+        if devices is None:
+            devices = _mesh.default_device_grid(jax.devices(), num_logical_cores)
+        self._mesh = _mesh.build_mesh(devices, num_logical_cores)
         self._public_mesh = _mesh.public_mesh(self._mesh)
         self._device_assignment = device_assignment
         self._spmd = bool(spmd)

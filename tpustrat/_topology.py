@@ -229,6 +229,19 @@ def _tile(
     """Places ``num_replicas`` blocks of ``shape`` (cores ``stride`` apart) on the mesh."""
     mesh = np.array(mesh_shape)
     footprint = np.multiply(shape, stride)
+    if footprint[-1] > mesh[-1] == 1:
+        fits = [
+            [*shape[:axis], shape[axis] * shape[-1], *shape[axis + 1 : -1], 1]
+            for axis in range(len(shape) - 1)
+            if shape[axis] * shape[-1] * stride[axis] <= mesh[axis]
+        ]
+        raise ValueError(
+            f"computation_shape {list(shape)} asks for {shape[-1]} cores on one chip, but this "
+            f"topology ({_as_list(mesh)}) has one core per chip: TPU v4 and v5p chips are one "
+            "device each (their two cores work as one megacore). Ask for chips instead of "
+            "cores"
+            + (f", e.g. computation_shape={fits[0]}" if fits else ", along the x, y or z axis")
+        )
     if (footprint > mesh).any():
         raise ValueError(
             f"computation_shape {list(shape)} with computation_stride {list(stride)} spans "

@@ -1,0 +1,129 @@
+"""The mesh: JAX's topology-aware replica order on (fake) TPU slices, the given order elsewhere."""
+
+import dataclasses
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental import mesh_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpustrat as ts
+from tpustrat import _mesh, _placement
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+    """The attributes of a jax TPU device that mesh construction reads."""
+
+    id: int
+    process_index: int
+    coords: tuple[int, int, int]
+    device_kind: str
+    core_on_chip: int = 0
+    slice_index: int = 0
+    platform: str = "tpu"
+
+
+def _slice(shape, kind, slice_index=0, per_host=4):
+    """One slice of single-core chips, ids in raster order (x fastest), 4 chips per host."""
+    chips = itertools.product(*[range(n) for n in shape[::-1]])
+    offset = slice_index * int(np.prod(shape))
+    return [
+        FakeTpu(
+            id=offset + i,
+            process_index=(offset + i) // per_host,
+            coords=(x, y, z),
+            device_kind=kind,
+            slice_index=slice_index,
+        )
+        for i, (z, y, x) in enumerate(chips)
+    ]
+
+
+SLICES = {
+    "v4-32": ((2, 2, 4), "TPU v4"),
+    "v5e-16": ((4, 4, 1), "TPU v5 lite"),
+    "v5p-64": ((2, 4, 4), "TPU v5"),
+}
+
+
+def _non_neighbours(devices):
+    """Consecutive pairs that are not interconnect neighbours (chips one hop apart)."""
+    hops = [
+        sum(abs(a - b) for a, b in zip(first.coords, second.coords))
+        for first, second in itertools.pairwise(devices)
+    ]
+    return sum(hop != 1 for hop in hops)
+
+
+@pytest.mark.parametrize("name", SLICES)
+def test_replica_order_follows_jax_topology_aware_mesh(name):
+    devices = _slice(*SLICES[name])
+    grid = _mesh.default_device_grid(devices)
+    want = mesh_utils.create_device_mesh((len(devices), 1), devices, allow_split_physical_axes=True)
+    assert [d.id for d in grid.flat] == [d.id for d in want.flat]
+    ordered = list(grid.flat)
+    assert _non_neighbours(ordered) <= _non_neighbours(devices)
+    assert sorted(d.id for d in ordered) == list(range(len(devices)))
+
+
+def test_v5p_64_has_fewer_far_hops_than_raster_order():
+    devices = _slice(*SLICES["v5p-64"])
+    assert (
+        _non_neighbours(devices),
+        _non_neighbours(list(_mesh.default_device_grid(devices).flat)),
+    ) == (15, 7)
+
+
+def test_several_slices_are_grouped_slice_by_slice():
+    shape, kind = SLICES["v5e-16"]
+    devices = _slice(shape, kind, 0) + _slice(shape, kind, 1)
+    grid = _mesh.default_device_grid(devices)
+    slices = [d.slice_index for d in grid.flat]
+    assert slices == [0] * 16 + [1] * 16, "the replica axis crosses slices once"
+    first = list(grid.flat)[:16]
+    assert _non_neighbours(first) == _non_neighbours(
+        list(_mesh.default_device_grid(devices[:16]).flat)
+    )
+
+
+def test_logical_cores_group_neighbouring_chips():
+    devices = _slice(*SLICES["v5e-16"])
+    grid = _mesh.default_device_grid(devices, num_logical_cores=2)
+    assert grid.shape == (8, 2)
+    for first, second in grid:
+        assert sum(abs(a - b) for a, b in zip(first.coords, second.coords)) == 1
+
+
+def test_other_platforms_keep_the_given_order():
+    devices = jax.devices()
+    assert list(_mesh.default_device_grid(devices).flat) == devices
+    assert list(ts.TPUStrategy().mesh.devices.flat) == devices
+
+
+def test_a_bad_core_count_is_refused_before_any_ordering():
+    with pytest.raises(ValueError, match="cannot be split into replicas of num_logical_cores=3"):
+        ts.TPUStrategy(num_logical_cores=3)
+    with pytest.raises(TypeError, match="num_logical_cores must be an int"):
+        ts.TPUStrategy(num_logical_cores=2.0)
+
+
+@pytest.mark.parametrize("cores", [2, 4])
+def test_parameters_split_over_the_cores_stay_split(cores):
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    w = jax.device_put(
+        np.ones((4, 8), np.float32), NamedSharding(strategy.mesh, P(None, "logical_core"))
+    )
+    placed, specs, _ = _placement.prepare(
+        ((w,), {}),
+        strategy.num_replicas_in_sync,
+        _mesh.per_replica_sharding(strategy.mesh),
+        _mesh.replicated_sharding(strategy.mesh),
+        _placement.DonationRecord(),
+    )
+    assert placed[0][0] is w and specs is None, "no copy to full size"
+    out = strategy.run(lambda w: w.sum(), args=(w,))
+    assert float(out) == 32.0
