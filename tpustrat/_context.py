@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 from jax import lax
 
+from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 
 if TYPE_CHECKING:
@@ -108,9 +109,23 @@ class ReplicaContext:
 
         Returns:
           A pytree like ``value``, identical on every replica.
+
+        On a strategy of several slices (``strategy.num_slices > 1``), SUM and MEAN run
+        hierarchically: a reduce-scatter inside each slice, an all-reduce of the
+        ``1 / replicas_per_slice`` shards across slices, and an all-gather inside each slice,
+        so the slow links between slices carry a fraction of the bytes.
         """
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
+        num_slices = self._strategy.num_slices
+        if num_slices > 1 and op in (ReduceOp.SUM, ReduceOp.MEAN):
+            n = self.num_replicas_in_sync
+
+            def hierarchical(x):
+                total = hierarchical_sum(jax.numpy.asarray(x), n, num_slices)
+                return total / n if op is ReduceOp.MEAN else total
+
+            return jax.tree.map(hierarchical, value)
         reduce = {
             ReduceOp.SUM: lax.psum,
             ReduceOp.MEAN: lax.pmean,

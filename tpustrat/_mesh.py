@@ -87,6 +87,43 @@ def default_device_grid(devices: Sequence[jax.Device], num_logical_cores: int = 
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
+def count_slices(mesh: Mesh, num_slices: int | None = None) -> int:
+    """How many slices ``mesh``'s replicas form, checking that each slice's replicas are adjacent.
+
+    Devices with distinct ``slice_index`` values (TPU slices joined over the data-centre
+    network) give their count. ``num_slices`` declares the slices instead, e.g. on CPU to try
+    a multi-slice job: replicas ``[s * P, (s + 1) * P)`` then form slice ``s``.
+
+    Example:
+      >>> count_slices(build_mesh(jax.devices()), num_slices=2)
+      2
+    """
+    num_replicas = mesh.shape[REPLICA_AXIS]
+    replicas = mesh.devices.reshape(num_replicas, -1)
+    found = [sorted({getattr(d, "slice_index", 0) or 0 for d in row}) for row in replicas]
+    distinct = sorted({s for row in found for s in row})
+    if num_slices is None:
+        num_slices = len(distinct)
+    elif isinstance(num_slices, bool) or not isinstance(num_slices, int):
+        raise TypeError(f"num_slices must be an int or None, got {num_slices!r}")
+    if num_slices < 1 or num_replicas % num_slices:
+        raise ValueError(
+            f"num_slices={num_slices} does not divide the {num_replicas} replicas; declare a "
+            f"number of slices that divides {num_replicas}"
+        )
+    if len(distinct) > 1:
+        per_slice = num_replicas // num_slices
+        expected = [[distinct[r // per_slice]] for r in range(num_replicas)]
+        if num_slices != len(distinct) or found != expected:
+            raise ValueError(
+                f"the devices come from {len(distinct)} slices, but the replicas are not "
+                f"grouped slice by slice into num_slices={num_slices} blocks (replica slices: "
+                f"{[row[0] if len(row) == 1 else row for row in found]}); leave devices and "
+                "num_slices at their defaults, which order the devices slice by slice"
+            )
+    return num_slices
+
+
 def _check_split(num_devices: int, num_logical_cores: Any) -> None:
     """Raises unless ``num_devices`` devices split into replicas of ``num_logical_cores``."""
     if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):

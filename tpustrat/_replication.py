@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from tpustrat._collectives import HIERARCHICAL_ALL_REDUCE
 from tpustrat._mesh import REPLICA_AXIS
 
 # Collectives whose result every replica receives whole.
@@ -63,7 +64,11 @@ def _equation(eqn, inputs: list[bool]) -> list[bool]:
     ):
         return [True] * n_out  # axis_index, psum_scatter, all_to_all, ppermute, ...
     if name in _COMBINE_ALL:
+        if eqn.params.get("axis_index_groups") is not None:
+            return [True] * n_out  # combines groups of replicas, not every replica
         return [any_varying and not _names_replica_axis(eqn.params)] * n_out
+    if name == "jit" and eqn.params.get("name") == HIERARCHICAL_ALL_REDUCE:
+        return [False] * n_out  # tpustrat's own all-reduce over every replica, by slices
     if name == "cond":
         if inputs[0]:
             return [True] * n_out

@@ -48,6 +48,10 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         True only refuses ``experimental_assign_to_logical_device``, as TF does.
       max_steps_in_flight: how many ``run`` calls may be queued on the devices before ``run``
         waits for the oldest. Small numbers keep the host in step and avoid runaway queues.
+      num_slices: how many slices (TPU slices joined over the data-centre network) the replicas
+        form; default: the number of distinct ``slice_index`` values of the devices (1 off
+        TPU). With several, ``ReplicaContext.all_reduce`` runs hierarchically. Pass a number
+        to declare slices of a single-slice or CPU job, e.g. to try a multi-slice program.
 
     Example:
       >>> strategy = ts.TPUStrategy()
@@ -66,6 +70,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         device_assignment: DeviceAssignment | None = None,
         spmd: bool = False,
         max_steps_in_flight: int = 2,
+        num_slices: int | None = None,
     ):
         if device_assignment is not None:
             if devices is not None or num_logical_cores not in (
@@ -81,6 +86,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
             devices = _mesh.default_device_grid(jax.devices(), num_logical_cores)
         self._mesh = _mesh.build_mesh(devices, num_logical_cores)
         self._public_mesh = _mesh.public_mesh(self._mesh)
+        self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
         self._spmd = bool(spmd)
         self._window = _run.DispatchWindow(max_steps_in_flight)
@@ -111,6 +117,11 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
     def num_replicas_in_sync(self) -> int:
         """How many replicas run each step together."""
         return self._mesh.shape[_mesh.REPLICA_AXIS]
+
+    @property
+    def num_slices(self) -> int:
+        """How many slices the replicas form (see ``num_slices`` in the constructor)."""
+        return self._num_slices
 
     @property
     def num_logical_cores(self) -> int:
