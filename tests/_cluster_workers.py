@@ -99,19 +99,23 @@ def train_from_dataset(strategy, data):
 
 def train_from_function(strategy, data):
     """10 steps fed by ``distribute_datasets_from_function``: each pipeline reads only its
-    rows. Returns the parameters, the InputContext each pipeline got, the row ids it read and
-    the row ids each local replica received in the first batch."""
+    replicas' rows, as per-replica batches. Returns the parameters, the InputContext each
+    pipeline got, the row ids it read and the row ids each local replica received in the first
+    batch."""
     seen = {}
 
     def dataset_fn(ctx):
         seen["context"] = (ctx.num_input_pipelines, ctx.input_pipeline_id)
-        share = GLOBAL_BATCH // ctx.num_input_pipelines
-        start = ctx.input_pipeline_id * share
+        per_replica = ctx.get_per_replica_batch_size(GLOBAL_BATCH)
+        local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
         seen["read"] = []
         for batch in data:
-            rows = {k: v[start : start + share] for k, v in batch.items()}
-            seen["read"].extend(rows["id"].tolist())
-            yield rows
+            for replica in range(first, first + local):
+                start = replica * per_replica
+                rows = {k: v[start : start + per_replica] for k, v in batch.items()}
+                seen["read"].extend(rows["id"].tolist())
+                yield rows
 
     params, first_ids = _train_on(strategy, strategy.distribute_datasets_from_function(dataset_fn))
     return params, seen["context"], seen["read"], first_ids

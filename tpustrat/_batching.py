@@ -62,7 +62,7 @@ class Batcher:
     def __call__(self, element: PyTree) -> PyTree | None:
         """The distributed element for one host batch, or None if the batch is dropped."""
         index, self._index = self._index, self._index + 1
-        arrays, structure, size = _host_arrays(element, index)
+        arrays, structure, size = host_arrays(element, index)
         signature = [(a.shape[1:], a.dtype) for a in arrays]
         if self._first is None:
             self._first = (structure, signature)
@@ -141,7 +141,7 @@ def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
     return iter(dataset)
 
 
-def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, int]:
+def host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], Any, int]:
     """The leaves of one host batch as numpy arrays, its structure and its number of rows."""
     paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
     if not paths_leaves:
