@@ -245,6 +245,40 @@ def test_dead_process_ends_the_job_after_heartbeat_timeout():
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("exit_at_once", [False, True])
+def test_uncaught_exception_runs_atexit_handlers_unless_asked_to_exit(tmp_path, exit_at_once):
+    code = """
+        import atexit, os, sys
+        from pathlib import Path
+        import tpustrat as ts
+
+        address, process_id, folder, exit_at_once = sys.argv[1:]
+        os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+        ts.initialize_cluster(
+            address, 2, int(process_id), exit_on_uncaught_exception=exit_at_once == "True"
+        )
+        atexit.register(Path(folder, f"flushed-{process_id}").write_text, "checkpoint")
+        raise RuntimeError("the step failed")
+    """
+    address = f"127.0.0.1:{_free_port()}"
+    argv = [sys.executable, "-c", textwrap.dedent(code), address]
+    other = subprocess.Popen(
+        [*argv, "1", str(tmp_path), str(exit_at_once)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_environment(),
+    )
+    try:
+        done = _python(code, address, 0, tmp_path, exit_at_once)
+        other.communicate(timeout=60)
+    finally:
+        other.kill()
+        other.wait()
+    assert done.returncode == 1 and "RuntimeError: the step failed" in done.stderr
+    flushed = sorted(p.name for p in tmp_path.glob("flushed-*"))
+    assert flushed == ([] if exit_at_once else ["flushed-0", "flushed-1"])
+
+
 def test_user_script_with_function_in_main(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
