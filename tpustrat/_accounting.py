@@ -165,6 +165,11 @@ class Ledger:
         self._recompiles.append(event)
         logger.info("%s", event)
 
+    def forget(self, key: Any) -> None:
+        """Drops what is known of the step ``key``, whose program the strategy let go."""
+        self._traced.pop(key, None)
+        self._compiled.pop(key, None)
+
     def stats(self) -> CompileStats:
         return CompileStats(self._compiles, self._hits, tuple(self._recompiles))
 

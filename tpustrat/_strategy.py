@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax
 from tpustrat import (
     _accounting,
     _bucketing,
+    _cache,
     _cross_replica,
     _mesh,
     _multistep,
@@ -82,9 +84,14 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         self._window = _run.DispatchWindow(max_steps_in_flight)
         self._per_replica_sharding = _mesh.per_replica_sharding(self._mesh)
         self._replicated_sharding = _mesh.replicated_sharding(self._mesh)
-        self._steps: dict[Any, _run.Step] = {}
-        self._multisteps: dict[Any, _multistep.MultiStep] = {}
         self._ledger = _accounting.Ledger()
+        # Weakly keyed on the step function and bounded, as jax.jit's caches: a new lambda per
+        # call compiles again but does not keep every earlier program alive.
+        self._step_ids = itertools.count()
+        self._steps = _cache.FunctionCache(
+            self._new_step, on_evict=lambda entry: self._ledger.forget(entry[1])
+        )
+        self._multisteps = _cache.FunctionCache(_multistep.MultiStep)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -185,8 +192,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
             self._per_replica_sharding,
             self._replicated_sharding,
         )
-        key = (fn, options.donate_argnums)
-        step = self._step(key)
+        step, key = self._steps.get(fn, options.donate_argnums)
         outputs, retraced, compiled = step(valid_rows, *inputs)
         if not traced:
             self._ledger.count(key, step.name, retraced, compiled)
@@ -233,10 +239,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
           >>> float(result.state.value), result.num_steps
           (24.0, 3)
         """
-        key = (fn, stack_outputs)
-        if key not in self._multisteps:
-            self._multisteps[key] = _multistep.MultiStep(fn, stack_outputs)
-        return self._multisteps[key].run(
+        return self._multisteps.get(fn, stack_outputs).run(
             lambda f, *args: self.run(f, args=args, options=options), state, iterator, steps_per_run
         )
 
@@ -254,20 +257,19 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """
         return self._ledger.stats()
 
-    def _step(self, key: tuple[Callable[..., PyTree], tuple[int, ...]]) -> _run.Step:
-        """The compiled step for ``key = (fn, donate_argnums)``, made on first use."""
-        step = self._steps.get(key)
-        if step is None:
-            fn, donate_argnums = key
-            step = _run.Step(
-                fn,
-                self._mesh,
-                lambda row_mask: ReplicaContext(self, row_mask),
-                on_trace=lambda signature: self._ledger.traced(key, signature),
-                donate_argnums=donate_argnums,
-            )
-            self._steps[key] = step
-        return step
+    def _new_step(
+        self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]
+    ) -> tuple[_run.Step, int]:
+        """A compiled step for ``fn`` and the key compile accounting knows it by."""
+        key = next(self._step_ids)
+        step = _run.Step(
+            fn,
+            self._mesh,
+            lambda row_mask: ReplicaContext(self, row_mask),
+            on_trace=lambda signature: self._ledger.traced(key, signature),
+            donate_argnums=donate_argnums,
+        )
+        return step, key
 
     def reduce(self, reduce_op: ReduceOp | str, value: PyTree, axis: int | None = None) -> PyTree:
         """Combines a distributed value across replicas into one value.
