@@ -137,6 +137,27 @@ def scale(v):
     return 2 * v + 1
 
 
+def masked_row_sum(x):
+    """This replica's sum over its real rows, and how many rows are real."""
+    mask = ts.get_replica_context().row_mask
+    return (x * mask).sum(), mask.sum()
+
+
+def bucketed_sums(strategy):
+    """Shape bucketing pads 3 and 5 rows per replica to buckets of 4 and 8: the masked sums."""
+    options = ts.RunOptions(experimental_bucketizing_dynamic_shape=True)
+    sums = []
+    for rows in (3, 5):
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx, rows=rows: (
+                np.arange(rows, dtype=np.float32) + 10 * ctx.replica_id_in_sync_group
+            )
+        )
+        total, count = strategy.run(masked_row_sum, args=(values,), options=options)
+        sums.append([float(strategy.reduce("sum", v)) for v in (total, count)])
+    return sums
+
+
 def exercise(strategy):
     """Everything the multi-process test compares with one process, as host values."""
     data = make_data()
@@ -164,6 +185,7 @@ def exercise(strategy):
         "reduce_axis": np.asarray(strategy.reduce("sum", out, axis=1)),
         "gather": [np.asarray(strategy.gather(out, axis)) for axis in (0, 1)],
         "local": _host(strategy.experimental_local_results(out)),
+        "bucketed": bucketed_sums(strategy),
     }
 
 

@@ -117,6 +117,17 @@ def test_reduce_gather_and_local_results_match_one_process(job):
             np.testing.assert_array_equal(got, want)
 
 
+def test_shape_bucketing_pads_only_local_shards(job):
+    per_process, reference, results = job
+    n = per_process * NUM_PROCESSES  # replicas; replica r holds r * 10 + [0, rows)
+    expected = [
+        [rows * (rows - 1) / 2 * n + 10 * rows * n * (n - 1) / 2, rows * n] for rows in (3, 5)
+    ]
+    np.testing.assert_allclose(reference["bucketed"], expected)
+    for result in results:
+        np.testing.assert_allclose(result["bucketed"], reference["bucketed"])
+
+
 def _assert_stopped(folder):
     pids = [int(p.read_text()) for p in folder.glob("pid-*")]
     assert pids, "no process got as far as recording its pid"
