@@ -144,15 +144,21 @@ class Ledger:
         """Records that the step ``key`` was traced for ``signature``."""
         self._traced[key] = signature
 
-    def count(self, key: Any, name: str, traced: bool, compiled: bool) -> None:
-        """Records one plain ``run`` call of the step ``key``."""
+    def count(
+        self, key: Any, name: str, traced: bool, compiled: bool, bucketing: bool = False
+    ) -> None:
+        """Records one plain ``run`` call of the step ``key``.
+
+        Under shape bucketing (``bucketing``), a compile for a new bucket, where only the
+        per-replica row counts changed, is expected and not reported as a recompile.
+        """
         if not (traced or compiled):
             self._hits += 1
             return
         self._compiles += 1
         old, new = self._compiled.get(key), self._traced.get(key)
         self._compiled[key] = new
-        if old is None:
+        if old is None or (traced and bucketing and _only_rows_changed(old, new)):
             return
         if traced:
             reasons = explain(old, new)
@@ -172,6 +178,17 @@ class Ledger:
 
     def stats(self) -> CompileStats:
         return CompileStats(self._compiles, self._hits, tuple(self._recompiles))
+
+
+def _only_rows_changed(old: Signature, new: Signature) -> bool:
+    """Whether ``new`` differs from ``old`` only in the per-replica rows (a new bucket)."""
+    return old.structure == new.structure and all(
+        (path, dtype, weak) == (new_path, new_dtype, new_weak)
+        and shape[:1] + shape[2:] == new_shape[:1] + new_shape[2:]
+        for (path, shape, dtype, weak), (new_path, new_shape, new_dtype, new_weak) in zip(
+            old.leaves, new.leaves
+        )
+    )
 
 
 def _path_name(path: Sequence[Any]) -> str:

@@ -20,6 +20,7 @@ from tpustrat import (
     _run,
     _values,
 )
+from tpustrat._checks import check_int
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._input import DatasetDistribution
 from tpustrat._logical import LogicalCoreAnnotations
@@ -195,7 +196,8 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         step, key = self._steps.get(fn, options.donate_argnums)
         outputs, retraced, compiled = step(valid_rows, *inputs)
         if not traced:
-            self._ledger.count(key, step.name, retraced, compiled)
+            bucketing = options.experimental_bucketizing_dynamic_shape
+            self._ledger.count(key, step.name, retraced, compiled, bucketing)
             self._window.admit(outputs)
         return outputs
 
@@ -227,21 +229,35 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
         Returns:
           A ``StepsResult(state, outputs, num_steps)``. At the end of the data ``num_steps`` is
-          smaller than asked (the remaining batches run as single steps) and 0 when nothing was
-          left, with ``outputs`` None.
+          smaller than asked: the remaining batches run as one shorter program (compiled once
+          per count, and counted by ``compile_stats``).
+
+        Raises:
+          StopIteration: ``iterator`` had no batch left, as ``next(iterator)`` raises; a loop
+            over an epoch ends there (``while True: ... except StopIteration: break``).
 
         Example:
           >>> strategy = ts.TPUStrategy()
           >>> batches = iter([strategy.experimental_distribute_values_from_function(
-          ...     lambda ctx: np.float32(1.0))] * 3)
+          ...     lambda ctx: np.float32(1.0))] * 5)
           >>> step = lambda total, x: (total + ts.get_replica_context().all_reduce("sum", x), x)
-          >>> result = strategy.experimental_run_steps(step, np.float32(0), batches, 3)
-          >>> float(result.state.value), result.num_steps
-          (24.0, 3)
+          >>> total, steps = np.float32(0), []
+          >>> while True:
+          ...     try:
+          ...         total, _, num_steps = strategy.experimental_run_steps(step, total, batches, 3)
+          ...     except StopIteration:
+          ...         break
+          ...     steps.append(num_steps)
+          >>> float(total.value), steps
+          (40.0, [3, 2])
         """
-        return self._multisteps.get(fn, stack_outputs).run(
-            lambda f, *args: self.run(f, args=args, options=options), state, iterator, steps_per_run
-        )
+        check_int("steps_per_run", steps_per_run, minimum=1)
+        batches = list(itertools.islice(iterator, steps_per_run))
+        if not batches:
+            raise StopIteration
+        multistep = self._multisteps.get(fn, (stack_outputs, len(batches)))
+        state, outputs = self.run(multistep, args=(state, *batches), options=options)
+        return _multistep.StepsResult(state, outputs, len(batches))
 
     def compile_stats(self) -> _accounting.CompileStats:
         """How many programs plain ``run`` calls compiled, the cache hits, and why it recompiled.
