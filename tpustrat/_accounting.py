@@ -37,7 +37,8 @@ class CompileStats:
     Attributes:
       num_compiles: programs compiled by plain (not jit-traced) ``run`` calls.
       num_cache_hits: plain ``run`` calls that reused a compiled program.
-      recompiles: every compilation of a function that had been compiled before, with reasons.
+      recompiles: every compilation of a function that had been compiled before, with reasons;
+        under shape bucketing a program for a new bucket is counted but is not a recompile.
 
     Example:
       >>> strategy = ts.TPUStrategy()
