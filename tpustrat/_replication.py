@@ -182,6 +182,27 @@ REVIEWED_AS_VARYING: frozenset[str] = frozenset(
 )  # fmt: skip
 
 
+# Host callbacks, which JAX runs only where every mesh axis is manual, and the layout annotations
+# that need an axis left to the partitioner (by name: this only picks how ``run`` traces).
+HOST_CALLBACKS = frozenset(
+    {"pure_callback", "io_callback", "debug_callback", "debug_print", "buffer_callback"}
+)
+LAYOUT_ANNOTATIONS = frozenset({"sharding_constraint", "reshard", "layout_constraint"})
+
+
+def primitive_names(jaxpr: Jaxpr | ClosedJaxpr) -> frozenset[str]:
+    """The names of every primitive in ``jaxpr``, inner jaxprs (calls, control flow) included."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(inner, (Jaxpr, ClosedJaxpr)):
+                    names |= primitive_names(inner)
+    return frozenset(names)
+
+
 def is_classified(primitive: Primitive) -> bool:
     """Whether the proof has a rule for ``primitive`` or it was reviewed and left to vary."""
     return (
