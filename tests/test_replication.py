@@ -133,14 +133,13 @@ def test_random_key_folded_with_replica_id_varies(strategy):
     assert _kinds(out) == {"shared": "Mirrored", "local": "PerReplica"}
 
 
-def test_host_callbacks_vary():
+def test_host_callbacks_vary(strategy):
     def step():
         value = jax.pure_callback(lambda: np.float32(1.0), jax.ShapeDtypeStruct((), jnp.float32))
         return {"callback": value}
 
     # A callback runs once per device and may answer differently on each: never Mirrored.
-    one_core = ts.TPUStrategy()  # host callbacks need every mesh axis manual
-    assert _kinds(one_core.run(step)) == {"callback": "PerReplica"}
+    assert _kinds(strategy.run(step)) == {"callback": "PerReplica"}
 
 
 def test_stateful_random_numbers_vary(strategy):
