@@ -95,19 +95,23 @@ def train_from_dataset(strategy, data):
 
 def train_from_function(strategy, data):
     """10 steps fed by ``distribute_datasets_from_function``: each pipeline reads only its
-    rows. Returns the parameters, the InputContext each pipeline got, the row ids it read and
-    the row ids each local replica received in the first batch."""
+    replicas' rows, as per-replica batches. Returns the parameters, the InputContext each
+    pipeline got, the row ids it read and the row ids each local replica received in the first
+    batch."""
     seen = {}
 
     def dataset_fn(ctx):
         seen["context"] = (ctx.num_input_pipelines, ctx.input_pipeline_id)
-        share = GLOBAL_BATCH // ctx.num_input_pipelines
-        start = ctx.input_pipeline_id * share
+        per_replica = ctx.get_per_replica_batch_size(GLOBAL_BATCH)
+        local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
         seen["read"] = []
         for batch in data:
-            rows = {k: v[start : start + share] for k, v in batch.items()}
-            seen["read"].extend(rows["id"].tolist())
-            yield rows
+            for replica in range(first, first + local):
+                start = replica * per_replica
+                rows = {k: v[start : start + per_replica] for k, v in batch.items()}
+                seen["read"].extend(rows["id"].tolist())
+                yield rows
 
     params, first_ids = _train_on(strategy, strategy.distribute_datasets_from_function(dataset_fn))
     return params, seen["context"], seen["read"], first_ids
@@ -127,6 +131,27 @@ def _train_on(strategy, dist):
 
 def scale(v):
     return 2 * v + 1
+
+
+def masked_row_sum(x):
+    """This replica's sum over its real rows, and how many rows are real."""
+    mask = ts.get_replica_context().row_mask
+    return (x * mask).sum(), mask.sum()
+
+
+def bucketed_sums(strategy):
+    """Shape bucketing pads 3 and 5 rows per replica to buckets of 4 and 8: the masked sums."""
+    options = ts.RunOptions(experimental_bucketizing_dynamic_shape=True)
+    sums = []
+    for rows in (3, 5):
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx, rows=rows: (
+                np.arange(rows, dtype=np.float32) + 10 * ctx.replica_id_in_sync_group
+            )
+        )
+        total, count = strategy.run(masked_row_sum, args=(values,), options=options)
+        sums.append([float(strategy.reduce("sum", v)) for v in (total, count)])
+    return sums
 
 
 def exercise(strategy):
@@ -156,6 +181,7 @@ def exercise(strategy):
         "reduce_axis": np.asarray(strategy.reduce("sum", out, axis=1)),
         "gather": [np.asarray(strategy.gather(out, axis)) for axis in (0, 1)],
         "local": _host(strategy.experimental_local_results(out)),
+        "bucketed": bucketed_sums(strategy),
     }
 
 

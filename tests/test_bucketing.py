@@ -43,6 +43,16 @@ def test_varying_sizes_compile_one_program_per_bucket(strategy, compile_count):
     stats = strategy.compile_stats()
     assert stats.num_compiles == 6  # buckets 1, 2, 4, 8, 16, 32
     assert stats.num_compiles + stats.num_cache_hits == len(sizes)
+    assert stats.recompiles == ()  # a new bucket is what bucketing is for, not a recompile
+
+
+def test_other_changes_under_bucketing_are_recompiles():
+    strategy = ts.TPUStrategy()
+    strategy.run(_masked_sum, args=(_batch(8, 3)[1],), options=BUCKETED)
+    as_int = ts.PerReplica.from_stacked(np.ones((8, 3, 3), np.int32))
+    strategy.run(_masked_sum, args=(as_int,), options=BUCKETED)
+    (recompile,) = strategy.compile_stats().recompiles
+    assert recompile.reasons == ("args[0] changed dtype from float32 to int32; cast it once",)
 
 
 def test_without_bucketing_every_size_compiles(compile_count):

@@ -117,6 +117,17 @@ def test_reduce_gather_and_local_results_match_one_process(job):
             np.testing.assert_array_equal(got, want)
 
 
+def test_shape_bucketing_pads_only_local_shards(job):
+    per_process, reference, results = job
+    n = per_process * NUM_PROCESSES  # replicas; replica r holds r * 10 + [0, rows)
+    expected = [
+        [rows * (rows - 1) / 2 * n + 10 * rows * n * (n - 1) / 2, rows * n] for rows in (3, 5)
+    ]
+    np.testing.assert_allclose(reference["bucketed"], expected)
+    for result in results:
+        np.testing.assert_allclose(result["bucketed"], reference["bucketed"])
+
+
 def _assert_stopped(folder):
     pids = [int(p.read_text()) for p in folder.glob("pid-*")]
     assert pids, "no process got as far as recording its pid"
@@ -243,6 +254,40 @@ def test_dead_process_ends_the_job_after_heartbeat_timeout():
     assert survivor.returncode == -signal.SIGABRT
     assert "stopped sending heartbeats" in stderr
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("exit_at_once", [False, True])
+def test_uncaught_exception_runs_atexit_handlers_unless_asked_to_exit(tmp_path, exit_at_once):
+    code = """
+        import atexit, os, sys
+        from pathlib import Path
+        import tpustrat as ts
+
+        address, process_id, folder, exit_at_once = sys.argv[1:]
+        os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+        ts.initialize_cluster(
+            address, 2, int(process_id), exit_on_uncaught_exception=exit_at_once == "True"
+        )
+        atexit.register(Path(folder, f"flushed-{process_id}").write_text, "checkpoint")
+        raise RuntimeError("the step failed")
+    """
+    address = f"127.0.0.1:{_free_port()}"
+    argv = [sys.executable, "-c", textwrap.dedent(code), address]
+    other = subprocess.Popen(
+        [*argv, "1", str(tmp_path), str(exit_at_once)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_environment(),
+    )
+    try:
+        done = _python(code, address, 0, tmp_path, exit_at_once)
+        other.communicate(timeout=60)
+    finally:
+        other.kill()
+        other.wait()
+    assert done.returncode == 1 and "RuntimeError: the step failed" in done.stderr
+    flushed = sorted(p.name for p in tmp_path.glob("flushed-*"))
+    assert flushed == ([] if exit_at_once else ["flushed-0", "flushed-1"])
 
 
 def test_user_script_with_function_in_main(tmp_path):

@@ -189,27 +189,48 @@ def test_distribute_datasets_from_function(strategy):
     n = strategy.num_replicas_in_sync
     contexts = []
 
-    def dataset_fn(ctx):
+    def dataset_fn(ctx):  # TF's recipe: per-replica batches, one per replica and step
         contexts.append(ctx)
-        size = 2 * ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        return _batches([size, size])
+        return _batches([ctx.get_per_replica_batch_size(2 * n)] * (2 * n))
 
     dist = strategy.distribute_datasets_from_function(dataset_fn)
     assert contexts == [
         InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=n)
     ]
+    assert len(dist) == 2
     ids = [_per_replica(batch["id"]) for batch in dist]
     np.testing.assert_array_equal(np.stack(ids), np.arange(4 * n).reshape(2, n, 2))
     assert len(contexts) == 1  # called once, not once per epoch
 
 
-def test_per_process_partial_batch_is_masked(eight):
+def test_datasets_from_function_train_on_the_global_batch(strategy):
+    """A TF port's global batch is num_replicas x the per-replica batch, not one of them."""
+    n = strategy.num_replicas_in_sync
+    dist = strategy.distribute_datasets_from_function(
+        lambda ctx: _batches([ctx.get_per_replica_batch_size(4 * n)] * n)
+    )
+    (batch,) = list(dist)
+    rows = strategy.run(lambda b: jnp.float32(b["id"].shape[0]), args=(batch,))
+    assert float(strategy.reduce("sum", rows)) == 4 * n
+
+
+def test_per_replica_partial_batch_is_masked(eight):
     options = InputOptions(experimental_mask=True, global_batch_size=32)
-    batches = [_batches([32])[0], _batches([5])[0]]
+    batches = _batches([4] * 8 + [4, 1])  # a full step, then replica 1's batch is partial
     dist = eight.distribute_datasets_from_function(lambda ctx: batches, options)
-    (_, full), (_, partial) = dist
+    assert len(dist) == 2
+    (_, full), (partial_batch, partial) = dist
     assert _per_replica(full).all()
-    np.testing.assert_array_equal(_per_replica(partial), (np.arange(32) < 5).reshape(8, 4))
+    expected = np.zeros((8, 4), bool)
+    expected[0], expected[1, 0] = True, True
+    np.testing.assert_array_equal(_per_replica(partial), expected)
+    np.testing.assert_array_equal(_per_replica(partial_batch["id"])[:2, 0], [32, 36])
+
+
+def test_per_replica_batch_partial_before_the_end_is_refused(eight):
+    dist = eight.distribute_datasets_from_function(lambda ctx: _batches([4, 3, 4, 4]), MASKED)
+    with pytest.raises(ValueError, match="per-replica batch 1 has 3 rows but a per-replica"):
+        list(dist)
 
 
 def test_input_context():
@@ -341,10 +362,33 @@ def test_len_unknown(eight):
     with pytest.raises(TypeError, match="has no len"):
         len(eight.experimental_distribute_dataset(CountingLoader()))
     dropping = eight.experimental_distribute_dataset(
-        _batches([16]), InputOptions(drop_remainder=True)
+        SizedLoader([16]), InputOptions(drop_remainder=True)
     )
-    with pytest.raises(TypeError, match="drop_remainder=True is unknown"):
+    with pytest.raises(TypeError, match="drop_remainder=True needs the size of every batch"):
         len(dropping)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "global_batch_size", "expected"),
+    [([16, 16, 5], None, 2), ([16, 16], None, 2), ([8, 16, 16], 16, 2), ([16, 8, 16], None, 2)],
+)
+def test_len_with_drop_remainder_counts_the_full_batches(eight, sizes, global_batch_size, expected):
+    options = InputOptions(drop_remainder=True, global_batch_size=global_batch_size)
+    dist = eight.experimental_distribute_dataset(_batches(sizes), options)
+    assert len(dist) == expected == len(list(dist))
+
+
+class SizedLoader:
+    """A dataset with a length but no indexing, as many loaders are."""
+
+    def __init__(self, sizes):
+        self.batches = _batches(sizes)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 class FakeTFDataset:

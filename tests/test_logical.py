@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import io_callback
 
 import tpustrat as ts
 
@@ -264,3 +265,37 @@ def test_datasets_and_values_share_one_program_on_factored_cores():
         np.testing.assert_array_equal(np.asarray(strategy.run(step, args=(batch,))), rows.sum(0))
     stats = strategy.compile_stats()
     assert (stats.num_compiles, stats.num_cache_hits) == (1, 3)
+
+
+def test_host_callbacks_run_with_logical_cores(strategy, capfd):
+    """TF's test_spmd_with_outside_comp: a host computation inside the step, on any mesh."""
+    seen = []
+
+    def host_inc(x):
+        seen.append(int(x))
+        return x + 1
+
+    def fn(x):
+        y = x + 1
+        z = jax.pure_callback(host_inc, jax.ShapeDtypeStruct((), jnp.int32), y)
+        z = io_callback(lambda v: v, jax.ShapeDtypeStruct((), jnp.int32), z)
+        jax.debug.print("host sees {z}", z=z)
+        return z + 1
+
+    out = strategy.run(fn, args=(np.int32(0),))
+    n = strategy.num_replicas_in_sync
+    assert int(strategy.reduce("sum", out)) == 3 * n
+    jax.effects_barrier()
+    assert seen == [1] * 8  # once per device: every core of a replica computes the whole step
+    assert capfd.readouterr().out.count("host sees 2") == 8
+
+
+def test_host_callback_with_logical_core_annotations_is_refused():
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+
+    def fn(x):
+        x = strategy.experimental_split_to_logical_devices(x, [2])
+        return jax.pure_callback(lambda v: v + 1, jax.ShapeDtypeStruct((4,), jnp.float32), x)
+
+    with pytest.raises(ValueError, match="JAX runs host callbacks only where every mesh axis"):
+        strategy.run(fn, args=(np.zeros(4, np.float32),))

@@ -68,21 +68,35 @@ def test_equals_separate_runs(strategy, steps_per_run):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_end_of_data_runs_the_remainder_and_then_nothing():
+def test_end_of_data_runs_the_remainder_then_stops_and_counts_every_program(compile_count):
     strategy = ts.TPUStrategy()
     batches = _batches(strategy, 5)
     iterator = iter(batches)
     state = _initial_state(strategy)
-    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
-    assert num == 4 and isinstance(last, jax.Array)
-    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
-    assert num == 1
-    state, last, num = strategy.experimental_run_steps(_train_step, state, iterator, 4)
-    assert (num, last) == (0, None)
+    jax.block_until_ready(state)
+    before = compile_count()
+    counts, losses = [], []
+    while True:
+        try:
+            state, stacked, num = strategy.experimental_run_steps(
+                _train_step, state, iterator, 4, stack_outputs=True
+            )
+        except StopIteration:
+            break
+        counts.append(num)
+        losses += list(np.asarray(stacked))
+    assert counts == [4, 1] and len(losses) == 5
+    stats = strategy.compile_stats()
+    assert stats.num_compiles == compile_count() - before == 2  # 4 steps, then 1
+    assert stats.recompiles == ()  # a shorter group is a program of its own, not a recompile
+    with pytest.raises(StopIteration):  # and stays ended
+        strategy.experimental_run_steps(_train_step, state, iterator, 4)
 
-    separate = _initial_state(strategy)
+    separate, separate_losses = _initial_state(strategy), []
     for batch in batches:
-        separate, _ = strategy.run(_train_step, args=(separate, batch))
+        separate, loss = strategy.run(_train_step, args=(separate, batch))
+        separate_losses.append(float(loss))
+    np.testing.assert_allclose(losses, separate_losses, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(_values(state)), jax.tree.leaves(_values(separate))):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 

@@ -1,12 +1,22 @@
 """The proof that an output is the same on every replica, on programs with control flow."""
 
+import importlib
+import pkgutil
+import sys
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax._src.lax import parallel  # the asynchronous collectives have no public name
+from jax.extend.core import Primitive
+from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
+from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._replication import is_classified, varying_outputs
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +134,166 @@ def test_random_key_folded_with_replica_id_varies(strategy):
     assert _kinds(out) == {"shared": "Mirrored", "local": "PerReplica"}
 
 
-def test_host_callbacks_vary():
+def test_host_callbacks_vary(strategy):
     def step():
         value = jax.pure_callback(lambda: np.float32(1.0), jax.ShapeDtypeStruct((), jnp.float32))
         return {"callback": value}
 
     # A callback runs once per device and may answer differently on each: never Mirrored.
-    one_core = ts.TPUStrategy()  # host callbacks need every mesh axis manual
-    assert _kinds(one_core.run(step)) == {"callback": "PerReplica"}
+    assert _kinds(strategy.run(step)) == {"callback": "PerReplica"}
+
+
+def test_stateful_random_numbers_vary(strategy):
+    """rng_uniform draws different numbers on every device: never replicated."""
+    out = strategy.run(lambda: {"uniform": lax.rng_uniform(0.0, 1.0, (3,))})
+    assert _kinds(out) == {"uniform": "PerReplica"}
+
+
+# Hand-built jaxprs: collectives over the replica axis come from make_jaxpr's axis_env.
+AXIS_ENV = [(REPLICA_AXIS, 8)]
+
+
+def _varying(fn, *varying_inputs, args=None):
+    args = args if args is not None else [np.float32(1.0)] * len(varying_inputs)
+    jaxpr = jax.make_jaxpr(fn, axis_env=AXIS_ENV)(*args)
+    return varying_outputs(jaxpr, varying_inputs)
+
+
+def test_cond_on_hand_built_jaxprs():
+    def branches(pred, x, w):
+        return lax.cond(pred > 0, lambda: (w + 1, x), lambda: (w - 1, w))
+
+    assert _varying(branches, False, True, False) == [False, True]
+    assert _varying(branches, True, False, False) == [True, True]
+    switch = lambda i, w: lax.switch(i, [lambda: w, lambda: 2 * w, lambda: lax.psum(w, "replica")])
+    assert _varying(switch, False, True, args=[np.int32(0), np.float32(1)]) == [True]
+    assert _varying(switch, True, False, args=[np.int32(0), np.float32(1)]) == [True]
+
+
+def test_scan_and_while_on_hand_built_jaxprs():
+    def scan(x, w):
+        def body(carry, _):
+            a, b = carry
+            return (a * w, b + x), lax.psum(b, REPLICA_AXIS)
+
+        (a, b), summed = lax.scan(body, (w, w), None, length=2)
+        return a, b, summed
+
+    assert _varying(scan, True, False) == [False, True, False]
+
+    def loops(x, w):
+        fixed = lax.fori_loop(0, 3, lambda i, v: v * w, w)
+        local_count = lax.while_loop(lambda v: v < x, lambda v: v + 1.0, w)
+        return fixed, local_count
+
+    assert _varying(loops, True, False) == [False, True]
+
+
+def test_custom_vjp_and_custom_jvp_are_followed():
+    @jax.custom_vjp
+    def double(x):
+        return 2 * x
+
+    double.defvjp(lambda x: (2 * x, None), lambda _, g: (2 * g,))
+
+    @jax.custom_jvp
+    def total(x):
+        return lax.psum(x, REPLICA_AXIS)
+
+    total.defjvp(lambda primals, tangents: (total(primals[0]), total(tangents[0])))
+    step = lambda x, w: (double(x), double(w), total(x))
+    assert _varying(step, True, False) == [True, False, False]
+
+
+def test_nested_shard_map_is_followed():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (REPLICA_AXIS,))
+
+    def step(x, w):
+        inner = jax.shard_map(
+            lambda a, b: (lax.psum(a, REPLICA_AXIS), a * b),
+            mesh=mesh,
+            in_specs=(P(REPLICA_AXIS), P()),
+            out_specs=(P(), P(REPLICA_AXIS)),
+            check_vma=False,
+        )
+        return inner(x, w)
+
+    ones = np.ones(8, np.float32)
+    assert _varying(step, True, False, args=[ones, ones]) == [False, True]
+    assert _varying(step, False, False, args=[ones, ones]) == [False, False]
+
+
+def test_collectives_that_do_not_combine_every_replica_vary():
+    permutation = [(i, (i + 1) % 8) for i in range(8)]
+
+    def step(x, w):
+        return (
+            lax.psum_scatter(w, REPLICA_AXIS),
+            lax.ppermute(w, REPLICA_AXIS, permutation),
+            lax.all_to_all(w, REPLICA_AXIS, 0, 0),
+            lax.axis_index(REPLICA_AXIS),
+            lax.psum(x, REPLICA_AXIS),
+            lax.all_gather(x, REPLICA_AXIS),
+            lax.pmax(x, REPLICA_AXIS),
+        )
+
+    ones = np.ones(8, np.float32)
+    flags = _varying(step, True, False, args=[ones, ones])
+    assert flags == [True, True, True, True, False, False, False]
+
+
+def test_async_collectives():
+    permutation = [(i, (i + 1) % 8) for i in range(8)]
+
+    def step(x):
+        return (
+            parallel.psum_start(x, REPLICA_AXIS).done(),
+            parallel.all_gather_start(x, REPLICA_AXIS).done(),
+            parallel.ppermute_start(x, REPLICA_AXIS, perm=permutation).done(),
+        )
+
+    assert _varying(step, True) == [False, False, True]
+
+
+def test_unknown_primitive_varies_even_on_replicated_inputs():
+    mystery = Primitive("tpustrat_test_mystery")
+    mystery.def_abstract_eval(lambda x: x)
+    assert not is_classified(mystery)
+    assert _varying(lambda w: (mystery.bind(w), w + 1), False) == [True, False]
+
+
+def _registered_primitives():
+    """Every Primitive defined in the installed JAX, found by importing each of its modules.
+
+    Left out: kernel languages (Pallas, Mosaic, Triton), whose primitives appear only inside a
+    kernel's own jaxpr (the step sees pallas_call, which varies), and JAX's test utilities.
+    """
+    skipped = ("pallas", "mosaic", "triton", "tpu_custom_call", "internal_test_util", "jax2tf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in pkgutil.walk_packages(jax.__path__, "jax.", onerror=lambda name: None):
+            if any(part in module.name for part in skipped):
+                continue
+            try:
+                importlib.import_module(module.name)
+            except Exception:  # an optional dependency (TensorFlow, CUDA, ...) is missing
+                continue
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "jax" or any(part in name for part in skipped):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, Primitive):
+                found[id(value)] = value
+    return list(found.values())
+
+
+def test_census_every_primitive_of_the_installed_jax_is_classified():
+    primitives = _registered_primitives()
+    assert len(primitives) > 250  # the walk really found JAX's primitives
+    unclassified = sorted(p.name for p in primitives if not is_classified(p))
+    assert not unclassified, (
+        f"JAX {jax.__version__} has primitives the replication proof has never classified: "
+        f"{unclassified}. Add each to PRESERVING, COMBINING or CALLS in tpustrat/_replication.py "
+        "if it provably keeps a value the same on every replica, else to REVIEWED_AS_VARYING"
+    )

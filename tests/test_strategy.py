@@ -204,6 +204,21 @@ def test_local_results_of_pytrees(strategy):
         assert result["plain"] == 3
 
 
+def test_local_results_live_on_their_replica_and_compile_nothing(strategy, compile_count):
+    n = strategy.num_replicas_in_sync
+    out = strategy.run(lambda x: {"twice": 2 * x}, args=(_replica_ids(strategy),))["twice"]
+    jax.block_until_ready(out)
+    compiled = compile_count()
+    results = strategy.experimental_local_results(out)
+    values = out.values
+    assert compile_count() == compiled  # read from the shards, no program per replica
+    for r in range(n):
+        replica_devices = set(strategy.mesh.devices[r].flat)
+        for component in (results[r], values[r]):
+            assert component.devices() == replica_devices
+            assert float(component) == 2.0 * r
+
+
 def test_scope_and_get_strategy(strategy):
     assert ts.get_strategy() is None
     with strategy.scope():

@@ -37,7 +37,8 @@ class CompileStats:
     Attributes:
       num_compiles: programs compiled by plain (not jit-traced) ``run`` calls.
       num_cache_hits: plain ``run`` calls that reused a compiled program.
-      recompiles: every compilation of a function that had been compiled before, with reasons.
+      recompiles: every compilation of a function that had been compiled before, with reasons;
+        under shape bucketing a program for a new bucket is counted but is not a recompile.
 
     Example:
       >>> strategy = ts.TPUStrategy()
@@ -144,15 +145,21 @@ class Ledger:
         """Records that the step ``key`` was traced for ``signature``."""
         self._traced[key] = signature
 
-    def count(self, key: Any, name: str, traced: bool, compiled: bool) -> None:
-        """Records one plain ``run`` call of the step ``key``."""
+    def count(
+        self, key: Any, name: str, traced: bool, compiled: bool, bucketing: bool = False
+    ) -> None:
+        """Records one plain ``run`` call of the step ``key``.
+
+        Under shape bucketing (``bucketing``), a compile for a new bucket, where only the
+        per-replica row counts changed, is expected and not reported as a recompile.
+        """
         if not (traced or compiled):
             self._hits += 1
             return
         self._compiles += 1
         old, new = self._compiled.get(key), self._traced.get(key)
         self._compiled[key] = new
-        if old is None:
+        if old is None or (traced and bucketing and _only_rows_changed(old, new)):
             return
         if traced:
             reasons = explain(old, new)
@@ -165,8 +172,24 @@ class Ledger:
         self._recompiles.append(event)
         logger.info("%s", event)
 
+    def forget(self, key: Any) -> None:
+        """Drops what is known of the step ``key``, whose program the strategy let go."""
+        self._traced.pop(key, None)
+        self._compiled.pop(key, None)
+
     def stats(self) -> CompileStats:
         return CompileStats(self._compiles, self._hits, tuple(self._recompiles))
+
+
+def _only_rows_changed(old: Signature, new: Signature) -> bool:
+    """Whether ``new`` differs from ``old`` only in the per-replica rows (a new bucket)."""
+    return old.structure == new.structure and all(
+        (path, dtype, weak) == (new_path, new_dtype, new_weak)
+        and shape[:1] + shape[2:] == new_shape[:1] + new_shape[2:]
+        for (path, shape, dtype, weak), (new_path, new_shape, new_dtype, new_weak) in zip(
+            old.leaves, new.leaves
+        )
+    )
 
 
 def _path_name(path: Sequence[Any]) -> str:

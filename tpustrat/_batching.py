@@ -62,7 +62,7 @@ class Batcher:
     def __call__(self, element: PyTree) -> PyTree | None:
         """The distributed element for one host batch, or None if the batch is dropped."""
         index, self._index = self._index, self._index + 1
-        arrays, key_impls, structure, size = _host_arrays(element, index)
+        arrays, key_impls, structure, size = host_arrays(element, index)
         signature = [(a.shape[1:], a.dtype, impl) for a, impl in zip(arrays, key_impls)]
         if self._first is None:
             self._first = (structure, signature)
@@ -144,7 +144,7 @@ def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
     return iter(dataset)
 
 
-def _host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], list[Any], Any, int]:
+def host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], list[Any], Any, int]:
     """The leaves of one host batch as numpy arrays, its structure and its number of rows.
 
     A typed PRNG key leaf (``jax.random.key``) travels as its key data; its entry in the

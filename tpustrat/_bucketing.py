@@ -55,6 +55,8 @@ def pad_to_bucket(inputs: PyTree) -> tuple[PyTree, np.int32]:
         widths = [(0, 0), (0, target - real)] + [(0, 0)] * (np.ndim(x) - 2)
         if isinstance(x, jax.core.Tracer):
             return jnp.pad(x, widths)
+        if isinstance(x, jax.Array):
+            return _pad_shards(x, widths)
         # On the host, so that padding compiles nothing per distinct size.
         return np.pad(np.asarray(x), widths)
 
@@ -65,3 +67,22 @@ def pad_to_bucket(inputs: PyTree) -> tuple[PyTree, np.int32]:
         for node in nodes
     ]
     return tree.unflatten(padded), np.int32(real)
+
+
+def _pad_shards(x: jax.Array, widths: list[tuple[int, int]]) -> jax.Array:
+    """``x`` padded shard by shard on the host: each process reads only the shards it holds.
+
+    Padding on the host compiles nothing per distinct size; the padded array keeps ``x``'s
+    sharding, which must leave the padded (row) dimension whole.
+    """
+    shape = tuple(n + after for n, (_, after) in zip(x.shape, widths))
+    shards = []
+    for shard in x.addressable_shards:
+        if shard.data.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"shape bucketing pads the per-replica rows, but this PerReplica argument's "
+                f"rows are split over devices ({x.sharding}); leave the row dimension unsplit"
+            )
+        padded = np.pad(np.asarray(shard.data), widths)
+        shards.append(jax.device_put(padded, shard.device))
+    return jax.make_array_from_single_device_arrays(shape, x.sharding, shards)

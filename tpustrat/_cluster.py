@@ -77,6 +77,7 @@ def initialize_cluster(
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
     heartbeat_timeout: int = 100,
+    exit_on_uncaught_exception: bool = False,
 ) -> ClusterInfo:
     """Joins this process to a multi-process JAX job; call it first, on every host.
 
@@ -90,11 +91,13 @@ def initialize_cluster(
     If the other processes do not all register within ``initialization_timeout``, JAX ends the
     process (this is not a Python exception); ``initialize_cluster`` first writes on stderr which
     process gave up, the coordinator address, and what to do. Once the job runs, a process
-    that dies ends the others after ``heartbeat_timeout`` seconds; so that a process stopped
-    by an uncaught exception dies rather than wait for the others in JAX's shutdown barrier
-    (where the whole job would hang), ``initialize_cluster`` makes such an exception end the
-    process right after its traceback is printed (``os._exit(1)``: later ``atexit`` handlers do
-    not run). Interactive interpreters are left alone.
+    that dies ends the others after ``heartbeat_timeout`` seconds. A process stopped by an
+    uncaught exception normally exits as Python does: ``atexit`` handlers run (async checkpoint
+    writers, loggers), then JAX's shutdown waits for the other processes, which may themselves
+    be waiting for it in a collective until JAX's shutdown timeout. With
+    ``exit_on_uncaught_exception=True`` such a process ends right after its traceback is printed
+    (``os._exit(1)``, skipping ``atexit`` handlers), so the others stop after
+    ``heartbeat_timeout``; interactive interpreters are left alone.
 
     Args:
       coordinator_address: ``"host:port"`` where process 0 serves the coordinator; every
@@ -105,6 +108,9 @@ def initialize_cluster(
         process per device); default all of them.
       initialization_timeout: seconds to wait for every process to register.
       heartbeat_timeout: seconds of silence after which a process counts as dead.
+      exit_on_uncaught_exception: in a job of several processes, end this process with
+        ``os._exit(1)`` as soon as an uncaught exception's traceback is printed, without running
+        ``atexit`` handlers, so that the job stops fast instead of waiting in JAX's shutdown.
 
     Returns:
       A ``ts.ClusterInfo`` describing this process and the job.
@@ -123,6 +129,10 @@ def initialize_cluster(
     request = _check_request(coordinator_address, num_processes, process_id, local_device_ids)
     check_seconds("initialization_timeout", initialization_timeout)
     check_seconds("heartbeat_timeout", heartbeat_timeout)
+    if not isinstance(exit_on_uncaught_exception, bool):
+        raise TypeError(
+            f"exit_on_uncaught_exception must be True or False, got {exit_on_uncaught_exception!r}"
+        )
     if _joined is not None:
         return _same_job(request, *_joined)
     if jax.distributed.is_initialized():
@@ -135,7 +145,7 @@ def initialize_cluster(
         address = _join(request, initialization_timeout, heartbeat_timeout)
         _check_tpu_not_held()
         info = _describe_job(address)
-        if info.num_processes > 1:
+        if info.num_processes > 1 and exit_on_uncaught_exception:
             _exit_on_uncaught_exception()
     _same_job(request, request, info)
     _joined = (request, info)

@@ -62,7 +62,7 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
 def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
     """One pytree per replica this process addresses, in replica order."""
     return tuple(
-        _values.map_distributed(value, lambda x, r=r: _component(x, r), lambda x: x)
+        _values.map_distributed(value, lambda x, r=r: _values.replica_component(x, r), lambda x: x)
         for r in _values.local_replicas(mesh)
     )
 
@@ -85,17 +85,3 @@ def check_axis(axis: int, ndim: int, what: str) -> int:
             f"axis in [{-ndim}, {ndim})"
         )
     return int(axis) % ndim
-
-
-def _component(x: jax.Array, replica: int) -> jax.Array:
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return x[replica]
-    # Several processes: assemble this replica's rows from the shards this process holds.
-    out = np.empty(x.shape[1:], x.dtype)
-    for shard in x.addressable_shards:
-        rows = shard.index[0]
-        start = rows.start or 0
-        stop = x.shape[0] if rows.stop is None else rows.stop
-        if start <= replica < stop:
-            out[shard.index[1:]] = np.asarray(shard.data)[replica - start]
-    return jnp.asarray(out)

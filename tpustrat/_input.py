@@ -37,15 +37,16 @@ all-reduced number of real rows) and all-reduce SUM the gradients.
 
 Several processes: each process reads the whole global batch but places only the rows of the
 replicas whose devices it addresses (``jax.make_array_from_process_local_data``). With
-``distribute_datasets_from_function`` each process's dataset yields only that process's batch,
-``global_batch_size // ctx.num_input_pipelines`` rows, split over its replicas in order. Every
-process must yield the same number of batches.
+``distribute_datasets_from_function``, as in tf.distribute, each process's dataset yields
+per-replica batches of ``ctx.get_per_replica_batch_size(global_batch_size)`` rows, and each of
+the process's replicas takes one of them per step, in replica order. Every process must yield
+the same number of batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,7 +54,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tpustrat import _mesh
-from tpustrat._batching import Batcher, Layout, distributed_elements, host_iterator
+from tpustrat._batching import (
+    Batcher,
+    Layout,
+    distributed_elements,
+    host_arrays,
+    host_iterator,
+)
 from tpustrat._checks import check_int
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
@@ -66,9 +73,9 @@ class InputContext:
     """What ``distribute_datasets_from_function`` tells ``dataset_fn`` about its input pipeline.
 
     There is one input pipeline per process; pipeline ``input_pipeline_id`` feeds that process's
-    replicas, so its dataset should yield batches of ``global_batch_size // num_input_pipelines``
-    rows (and read only its share of the files, e.g. shard ``input_pipeline_id`` of
-    ``num_input_pipelines``).
+    replicas, so its dataset should yield per-replica batches of
+    ``get_per_replica_batch_size(global_batch_size)`` rows, one per replica and step (and read
+    only its share of the files, e.g. shard ``input_pipeline_id`` of ``num_input_pipelines``).
 
     Attributes:
       num_input_pipelines: how many pipelines (processes) feed the replicas.
@@ -169,10 +176,17 @@ class DistributedDataset:
       (2, (2, 3))
     """
 
-    def __init__(self, dataset: Iterable[PyTree], layout: Layout, options: InputOptions):
+    def __init__(
+        self,
+        dataset: Iterable[PyTree],
+        layout: Layout,
+        options: InputOptions,
+        elements_per_step: int = 1,
+    ):
         self._dataset = dataset
         self._layout = layout
         self._options = options
+        self._elements_per_step = elements_per_step
         self._one_shot = isinstance(dataset, Iterator)
         self._started = False
         self._element_spec = None
@@ -190,16 +204,29 @@ class DistributedDataset:
         return self._iterator(self._options.experimental_per_replica_buffer_size)
 
     def __len__(self) -> int:
-        """The number of batches per epoch, when the underlying dataset has a length."""
-        if self._options.drop_remainder:
-            raise TypeError(
-                "len() of a distributed dataset with drop_remainder=True is unknown until the "
-                "last batch arrives; to have a length, batch the dataset itself with "
-                "drop_remainder (e.g. tf.data's batch(B, drop_remainder=True))"
-            )
+        """The number of steps per epoch, when the underlying dataset has a length.
+
+        With ``drop_remainder=True`` the count leaves out the partial batches, which needs each
+        batch's size: a dataset that is a sequence (a list or tuple of batches) shows it
+        without reading any data; for any other dataset ``len()`` raises a TypeError.
+        """
         if not hasattr(self._dataset, "__len__"):
             raise TypeError(f"the dataset ({type(self._dataset).__name__}) has no len()")
-        return len(self._dataset)
+        group = self._elements_per_step
+        if not self._options.drop_remainder:
+            return -(-len(self._dataset) // group)
+        if not isinstance(self._dataset, Sequence):
+            raise TypeError(
+                "len() of a distributed dataset with drop_remainder=True needs the size of "
+                f"every batch, which a {type(self._dataset).__name__} does not show without "
+                "reading it; pass a list of batches, or count the steps of one epoch yourself"
+            )
+        sizes = [_rows(element) for element in self._dataset]
+        steps = [sum(sizes[i : i + group]) for i in range(0, len(sizes), group)]
+        if not steps:
+            return 0
+        static_size = self._layout.static_size or steps[0]
+        return sum(size == static_size for size in steps)
 
     @property
     def element_spec(self) -> PyTree:
@@ -220,6 +247,11 @@ class DistributedDataset:
     def _iterator(self, buffer_size: int) -> DistributedIterator:
         batcher = Batcher(self._layout, self._options)
         source = host_iterator(self._dataset)
+        if self._elements_per_step > 1:
+            per_replica = self._layout.static_size and (
+                self._layout.static_size // self._elements_per_step
+            )
+            source = _steps_of_per_replica_batches(source, self._elements_per_step, per_replica)
         return DistributedIterator(distributed_elements(source, batcher), buffer_size)
 
 
@@ -263,16 +295,18 @@ class DatasetDistribution:
     ) -> DistributedDataset:
         """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
 
-        Each process's dataset yields batches of ``global_batch_size // num_input_pipelines``
-        rows, split over the process's replicas in order.
+        As in tf.distribute, the dataset yields per-replica batches
+        (``ctx.get_per_replica_batch_size(global_batch_size)`` rows), and each step gives one
+        to each of the process's replicas, in replica order.
 
         Example:
           >>> strategy = ts.TPUStrategy()
           >>> def dataset_fn(ctx):
-          ...     rows = 2 * ctx.num_replicas_in_sync // ctx.num_input_pipelines
-          ...     return [np.zeros((rows, 3), np.float32)]
-          >>> strategy.distribute_datasets_from_function(dataset_fn).element_spec.shape
-          (2, 3)
+          ...     rows = ctx.get_per_replica_batch_size(16)
+          ...     return [np.zeros((rows, 3), np.float32)] * 8  # one step of 8 replicas
+          >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
+          >>> len(dist), dist.element_spec.shape
+          (1, (2, 3))
         """
         return distribute_datasets_from_function(self._mesh, dataset_fn, options)
 
@@ -309,16 +343,18 @@ def distribute_datasets_from_function(
     dataset_fn: Callable[[InputContext], Iterable[PyTree]],
     options: InputOptions | None = None,
 ) -> DistributedDataset:
-    """Calls ``dataset_fn`` once per process and splits its batches over that process's replicas.
+    """Calls ``dataset_fn`` once per process; each local replica takes one element per step.
 
     Args:
       mesh: the mesh the strategy places values on (its replica axis first).
-      dataset_fn: takes a ``ts.InputContext`` and returns this process's dataset, whose batches
-        hold ``global_batch_size // ctx.num_input_pipelines`` rows.
+      dataset_fn: takes a ``ts.InputContext`` and returns this process's dataset, whose
+        elements are per-replica batches of ``ctx.get_per_replica_batch_size(global_batch)``
+        rows.
       options: a ``ts.InputOptions``; its ``global_batch_size`` is the global one.
 
     Returns:
-      A DistributedDataset; the process's ``L`` replicas split each of its batches in order.
+      A DistributedDataset; at each step the process's ``L`` replicas take the next ``L``
+      elements, in replica order. Only the last element may be partial.
     """
     if not callable(dataset_fn):
         raise TypeError(
@@ -349,10 +385,10 @@ def distribute_datasets_from_function(
         positions=tuple(range(len(local))),
         num_slices=len(local),
         static_size=_static_size(options, num_replicas, len(local)),
-        batch_name="per-process batch",
+        batch_name="step of per-replica batches",
         slices_name="replicas of this process",
     )
-    return DistributedDataset(dataset, layout, options)
+    return DistributedDataset(dataset, layout, options, elements_per_step=len(local))
 
 
 def _static_size(options: InputOptions, num_replicas: int, num_slices: int) -> int | None:
@@ -361,6 +397,60 @@ def _static_size(options: InputOptions, num_replicas: int, num_slices: int) -> i
         return None
     context = InputContext(num_replicas_in_sync=num_replicas)
     return context.get_per_replica_batch_size(options.global_batch_size) * num_slices
+
+
+def _steps_of_per_replica_batches(
+    source: Iterator[PyTree], group: int, per_replica_rows: int | None
+) -> Iterator[PyTree]:
+    """Joins each ``group`` consecutive per-replica batches into one batch of ``group`` slices.
+
+    Only the last per-replica batch may be partial: joined with the others of its step and
+    padded or dropped at the end, it still lands on its own replica.
+    """
+    step, structure, partial = [], None, None
+    for index, element in enumerate(source):
+        arrays, key_impls, tree, rows = host_arrays(element, index)
+        if structure is None:
+            structure, per_replica_rows = tree, per_replica_rows or rows
+        if tree != structure:
+            raise ValueError(
+                f"per-replica batch {index} has structure {tree} but batch 0 had {structure}; "
+                "every batch needs the same structure"
+            )
+        if partial is not None or rows > per_replica_rows:
+            at, size = partial or (index, rows)
+            raise ValueError(
+                f"per-replica batch {at} has {size} rows but a per-replica batch has "
+                f"{per_replica_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
+                "the last batch may have fewer (batch the dataset with that size)"
+            )
+        if rows < per_replica_rows:
+            partial = (index, rows)
+        step.append(arrays)
+        if len(step) == group:
+            yield _join(step, key_impls, structure)
+            step = []
+    if step:
+        yield _join(step, key_impls, structure)
+
+
+def _join(step: list[list[np.ndarray]], key_impls: list[Any], structure: Any) -> PyTree:
+    """One batch of the per-replica batches ``step``, leaf by leaf, in replica order.
+
+    Typed PRNG key leaves, which travel as key data, become keys again.
+    """
+    joined = [np.concatenate(leaves) for leaves in zip(*step)]
+    return structure.unflatten(
+        [
+            x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+            for x, impl in zip(joined, key_impls)
+        ]
+    )
+
+
+def _rows(element: PyTree) -> int:
+    leaves = jax.tree.leaves(element)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
 
 
 def _check_options(options: InputOptions | None, mesh: Mesh) -> InputOptions:

@@ -67,13 +67,14 @@ def run_in_local_processes(
     """Runs ``fn(*args, **kwargs)`` in ``num_processes`` local processes forming one JAX job.
 
     Each process gets ``devices_per_process`` CPU devices and joins the job with
-    ``ts.initialize_cluster`` before calling ``fn``, so inside ``fn`` ``jax.devices()`` lists
-    every process's devices and ``ts.TPUStrategy()`` spans them; ``ts.initialize_cluster()``
-    returns the process's ``ClusterInfo``. ``fn`` must be importable by name (a module-level
-    function; in a script, guard the script's own work with ``if __name__ == "__main__":``, as
-    with ``multiprocessing``), and ``args``, ``kwargs`` and the results must be picklable.
-    JAX arrays in the results come back as numpy arrays; an array spread over several processes
-    cannot be read whole by one, so return a replicated one (``strategy.reduce``,
+    ``ts.initialize_cluster`` before calling ``fn``, so inside ``fn`` ``jax.devices()`` lists every
+    process's devices and ``ts.TPUStrategy()`` spans them; ``ts.initialize_cluster()`` returns the
+    process's ``ClusterInfo``. An exception that escapes ``fn`` ends its process at once
+    (``exit_on_uncaught_exception=True``), so that the others are stopped. ``fn`` must be importable
+    by name (a module-level function; in a script, guard the script's own work with ``if __name__ ==
+    "__main__":``, as with ``multiprocessing``), and ``args``, ``kwargs`` and the results must be
+    picklable. JAX arrays in the results come back as numpy arrays; an array spread over several
+    processes cannot be read whole by one, so return a replicated one (``strategy.reduce``,
     ``strategy.gather``) or this process's part (``strategy.experimental_local_results``).
 
     Args:
@@ -287,6 +288,7 @@ def _child_main() -> None:
         process_id,
         initialization_timeout=job.initialization_timeout,
         heartbeat_timeout=job.heartbeat_timeout,
+        exit_on_uncaught_exception=True,  # a failed fn ends its process at once
     )
     result = _to_host(fn(*args, **kwargs), process_id)
     partial = folder / f"result-{process_id}.partial"

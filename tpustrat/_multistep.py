@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from tpustrat._checks import check_int
-from tpustrat._values import PerReplica
 
 PyTree = Any
 
@@ -30,8 +26,8 @@ class StepsResult(NamedTuple):
       >>> batches = iter([ts.PerReplica([np.float32(1)] * 8)] * 5)
       >>> step = lambda total, x: (total + x, x)
       >>> [strategy.experimental_run_steps(step, np.float32(0), batches, 4).num_steps
-      ...  for _ in range(3)]
-      [4, 1, 0]
+      ...  for _ in range(2)]
+      [4, 1]
     """
 
     state: PyTree
@@ -42,12 +38,15 @@ class StepsResult(NamedTuple):
 class MultiStep:
     """``fn(state, batch) -> (state, outputs)`` scanned over a stack of batches.
 
-    One instance per (fn, stack_outputs), so ``strategy.run`` sees the same function on every
-    call and compiles it once per number of steps.
+    One instance per (fn, stack_outputs, number of batches), so ``strategy.run`` sees the same
+    function on every call and compiles each count once, as a program of its own.
     """
 
-    def __init__(self, fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]], stack_outputs: bool):
-        self.fn, self.stack_outputs = fn, stack_outputs
+    def __init__(
+        self, fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]], options: tuple[bool, int]
+    ):
+        self.fn = fn
+        self.stack_outputs, _ = options  # the number of batches only keys the strategy's cache
         self.__qualname__ = f"steps({getattr(fn, '__qualname__', repr(fn))})"
 
     def __call__(self, state: PyTree, *batches: PyTree) -> tuple[PyTree, PyTree]:
@@ -85,44 +84,6 @@ class MultiStep:
                 "and shape (cast the initial state, e.g. np.float32(0) rather than 0)"
             )
         return new.astype(old.dtype)  # the same dtype, without a weak type the scan rejects
-
-    def run(
-        self,
-        run: Callable[..., PyTree],
-        state: PyTree,
-        iterator: Iterator[PyTree],
-        steps_per_run: int,
-    ) -> StepsResult:
-        """Takes up to ``steps_per_run`` batches and runs them through ``run(f, *args)``.
-
-        A full group runs as this scanned program; a shorter group at the end of the data runs
-        batch by batch with the user's ``fn``, so no program is compiled for an odd count.
-        """
-        check_int("steps_per_run", steps_per_run, minimum=1)
-        batches = list(itertools.islice(iterator, steps_per_run))
-        if not batches:
-            return StepsResult(state, None, 0)
-        if len(batches) == steps_per_run:
-            state, outputs = run(self, state, *batches)
-            return StepsResult(state, outputs, steps_per_run)
-        outputs = []
-        for batch in batches:
-            state, out = run(self.fn, state, batch)
-            outputs.append(out)
-        return StepsResult(
-            state, stack_outputs(outputs) if self.stack_outputs else out, len(batches)
-        )
-
-
-def stack_outputs(outputs: list[PyTree]) -> PyTree:
-    """Stacks the outputs of separate steps as the scanned program would have stacked them."""
-
-    def stack(*nodes):
-        if isinstance(nodes[0], PerReplica):
-            return PerReplica.from_stacked(jnp.stack([n.stacked for n in nodes], axis=1))
-        return jnp.stack(nodes)
-
-    return jax.tree.map(stack, *outputs, is_leaf=lambda x: isinstance(x, PerReplica))
 
 
 def _check_same_structure(batches: tuple[PyTree, ...]) -> None:

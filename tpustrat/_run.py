@@ -158,25 +158,38 @@ class Step:
             out_tree.append(tree)
             return [x[None] for x in leaves]
 
+        manual_axes = self._manual_axes
+
         def shard_mapped(f, in_specs, out_specs):
             return jax.shard_map(
                 f,
                 mesh=self._mesh,
                 in_specs=tuple(in_specs),
                 out_specs=out_specs,
-                axis_names=self._manual_axes,
+                axis_names=manual_axes,
                 check_vma=False,
             )
+
+        def trace():
+            stacked = shard_mapped(body, in_specs, P(_mesh.REPLICA_AXIS))
+            return jax.make_jaxpr(stacked)(*[_abstract(a) for a in arrays])
 
         # The user's step is traced once, with every output stacked over replicas. The proof of
         # which outputs are the same on every replica (_replication) reads that jaxpr, which is
         # then replayed with those outputs unstacked.
-        stacked = shard_mapped(body, in_specs, P(_mesh.REPLICA_AXIS))
-        closed = jax.make_jaxpr(stacked)(*[_abstract(a) for a in arrays])
+        closed = trace()
+        if manual_axes != set(self._mesh.axis_names) and _needs_every_axis_manual(
+            self.name, closed.jaxpr.eqns[0].params["jaxpr"]
+        ):
+            manual_axes = set(self._mesh.axis_names)
+            closed = trace()
         (eqn,) = closed.jaxpr.eqns
         varying = _replication.varying_outputs(
             eqn.params["jaxpr"],
             [_mesh.REPLICA_AXIS in _mesh.spec_axes(s) for s in eqn.params["in_specs"]],
+            combined_axes=[
+                a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
+            ],
         )
         values = dict(zip(closed.jaxpr.invars, arrays))
         values.update(zip(closed.jaxpr.constvars, closed.consts))
@@ -238,6 +251,29 @@ def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
             "nn.BatchNorm(axis_name=ts.REPLICA_AXIS) or nnx.BatchNorm(..., "
             "axis_name=ts.REPLICA_AXIS), or use ts.get_replica_context().all_reduce"
         ) from error
+
+
+def _needs_every_axis_manual(name: str, jaxpr) -> bool:
+    """Whether the step calls back to the host, which JAX allows only with every axis manual.
+
+    Such a step then runs with the logical cores manual too: each core of a replica computes
+    the whole step, and the callback runs once per device. Raises a ValueError if the step also
+    lays tensors out over the logical cores, which that rules out.
+    """
+    used = _replication.primitive_names(jaxpr)
+    callbacks = used & _replication.HOST_CALLBACKS
+    if not callbacks:
+        return False
+    if used & _replication.LAYOUT_ANNOTATIONS:
+        raise ValueError(
+            f"run({name}): the step calls the host ({', '.join(sorted(callbacks))}: "
+            "jax.pure_callback, io_callback or jax.debug.print) and also lays tensors out over "
+            "the logical cores (experimental_split_to_logical_devices or a sharding "
+            "constraint); JAX runs host callbacks only where every mesh axis is manual, which "
+            "leaves no cores to lay out. Drop the annotations from this step (each core then "
+            "computes the whole replica), or call the host from a step of its own"
+        )
+    return True
 
 
 def _split_inputs(tree: PyTree):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax
 from tpustrat import (
     _accounting,
     _bucketing,
+    _cache,
     _cross_replica,
     _mesh,
     _multistep,
@@ -20,6 +22,7 @@ from tpustrat import (
     _run,
     _values,
 )
+from tpustrat._checks import check_int
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._input import DatasetDistribution
 from tpustrat._logical import LogicalCoreAnnotations
@@ -92,10 +95,15 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         self._window = _run.DispatchWindow(max_steps_in_flight)
         self._per_replica_sharding = _mesh.per_replica_sharding(self._mesh)
         self._replicated_sharding = _mesh.replicated_sharding(self._mesh)
-        self._steps: dict[Any, _run.Step] = {}
-        self._multisteps: dict[Any, _multistep.MultiStep] = {}
-        self._lifted: dict[Any, _nnx.Lifted] = {}
         self._ledger = _accounting.Ledger()
+        # Weakly keyed on the step function and bounded, as jax.jit's caches: a new lambda per
+        # call compiles again but does not keep every earlier program alive.
+        self._step_ids = itertools.count()
+        self._steps = _cache.FunctionCache(
+            self._new_step, on_evict=lambda entry: self._ledger.forget(entry[1])
+        )
+        self._multisteps = _cache.FunctionCache(_multistep.MultiStep)
+        self._lifted = _cache.FunctionCache(lambda weak_fn, options: _nnx.Lifted(weak_fn, *options))
         self._donated = _placement.DonationRecord()
 
     @property
@@ -208,14 +216,14 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
             self._replicated_sharding,
             self._donated,
         )
-        key = (fn, options.donate_argnums)
-        step = self._step(key)
+        step, key = self._steps.get(fn, options.donate_argnums)
         outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
         if not traced and not isinstance(marker, jax.core.Tracer):
             for i in options.donate_argnums:
                 for path, leaf in _leaves_with_paths(inputs[0][i]):
                     self._donated.add(leaf, f"args[{i}]{path}")
-            self._ledger.count(key, step.name, retraced, compiled)
+            bucketing = options.experimental_bucketizing_dynamic_shape
+            self._ledger.count(key, step.name, retraced, compiled, bucketing)
             self._window.admit(marker)
         return outputs
 
@@ -231,10 +239,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                 f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
                 "objects' state can be donated: donate their positions only"
             )
-        key = (fn, graphdef, structure, positions)
-        lifted = self._lifted.get(key)
-        if lifted is None:
-            lifted = self._lifted[key] = _nnx.Lifted(fn, graphdef, structure, positions)
+        lifted = self._lifted.get(fn, (graphdef, structure, positions))
         donate = (0,) if options.donate_argnums else ()
         out, new_state = self.run(
             lifted,
@@ -272,24 +277,35 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
         Returns:
           A ``StepsResult(state, outputs, num_steps)``. At the end of the data ``num_steps`` is
-          smaller than asked (the remaining batches run as single steps) and 0 when nothing was
-          left, with ``outputs`` None.
+          smaller than asked: the remaining batches run as one shorter program (compiled once
+          per count, and counted by ``compile_stats``).
+
+        Raises:
+          StopIteration: ``iterator`` had no batch left, as ``next(iterator)`` raises; a loop
+            over an epoch ends there (``while True: ... except StopIteration: break``).
 
         Example:
           >>> strategy = ts.TPUStrategy()
           >>> batches = iter([strategy.experimental_distribute_values_from_function(
-          ...     lambda ctx: np.float32(1.0))] * 3)
+          ...     lambda ctx: np.float32(1.0))] * 5)
           >>> step = lambda total, x: (total + ts.get_replica_context().all_reduce("sum", x), x)
-          >>> result = strategy.experimental_run_steps(step, np.float32(0), batches, 3)
-          >>> float(result.state), result.num_steps
-          (24.0, 3)
+          >>> total, steps = np.float32(0), []
+          >>> while True:
+          ...     try:
+          ...         total, _, num_steps = strategy.experimental_run_steps(step, total, batches, 3)
+          ...     except StopIteration:
+          ...         break
+          ...     steps.append(num_steps)
+          >>> float(total), steps
+          (40.0, [3, 2])
         """
-        key = (fn, stack_outputs)
-        if key not in self._multisteps:
-            self._multisteps[key] = _multistep.MultiStep(fn, stack_outputs)
-        return self._multisteps[key].run(
-            lambda f, *args: self.run(f, args=args, options=options), state, iterator, steps_per_run
-        )
+        check_int("steps_per_run", steps_per_run, minimum=1)
+        batches = list(itertools.islice(iterator, steps_per_run))
+        if not batches:
+            raise StopIteration
+        multistep = self._multisteps.get(fn, (stack_outputs, len(batches)))
+        state, outputs = self.run(multistep, args=(state, *batches), options=options)
+        return _multistep.StepsResult(state, outputs, len(batches))
 
     def compile_stats(self) -> _accounting.CompileStats:
         """How many programs plain ``run`` calls compiled, the cache hits, and why it recompiled.
@@ -305,20 +321,19 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         """
         return self._ledger.stats()
 
-    def _step(self, key: tuple[Callable[..., PyTree], tuple[int, ...]]) -> _run.Step:
-        """The compiled step for ``key = (fn, donate_argnums)``, made on first use."""
-        step = self._steps.get(key)
-        if step is None:
-            fn, donate_argnums = key
-            step = _run.Step(
-                fn,
-                self._mesh,
-                lambda row_mask: ReplicaContext(self, row_mask),
-                on_trace=lambda signature: self._ledger.traced(key, signature),
-                donate_argnums=donate_argnums,
-            )
-            self._steps[key] = step
-        return step
+    def _new_step(
+        self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]
+    ) -> tuple[_run.Step, int]:
+        """A compiled step for ``fn`` and the key compile accounting knows it by."""
+        key = next(self._step_ids)
+        step = _run.Step(
+            fn,
+            self._mesh,
+            lambda row_mask: ReplicaContext(self, row_mask),
+            on_trace=lambda signature: self._ledger.traced(key, signature),
+            donate_argnums=donate_argnums,
+        )
+        return step, key
 
     def reduce(self, reduce_op: ReduceOp | str, value: PyTree, axis: int | None = None) -> PyTree:
         """Combines a distributed value across replicas into one value.

@@ -98,8 +98,8 @@ class PerReplica:
 
     @property
     def values(self) -> tuple[Any, ...]:
-        """The components, in replica order."""
-        return tuple(self.stacked[i] for i in range(self.num_replicas))
+        """The components, in replica order, each on its replica's devices."""
+        return tuple(replica_component(self.stacked, i) for i in range(self.num_replicas))
 
     @property
     def value(self):
@@ -280,6 +280,37 @@ def map_distributed(
         return replicated(node)
 
     return jax.tree.map(visit, unwrap_mirrored(tree), is_leaf=lambda x: isinstance(x, PerReplica))
+
+
+def replica_component(stacked: Any, replica: int) -> Any:
+    """Component ``replica`` of a leaf stacked over replicas, on that replica's devices.
+
+    Built on the host from the shards this process holds and copied to the replica's devices
+    (replicated over its logical cores), so no program is compiled for it: indexing the global
+    array would compile one per replica.
+    """
+    if not isinstance(stacked, jax.Array) or isinstance(stacked, jax.core.Tracer):
+        return stacked[replica]
+    num_replicas = stacked.shape[0]
+    component = np.empty(stacked.shape[1:], stacked.dtype)
+    devices, copied = [], set()
+    for shard in stacked.addressable_shards:
+        start, stop, _ = shard.index[0].indices(num_replicas)
+        if not start <= replica < stop:
+            continue
+        devices.append(shard.device)
+        where = tuple(s.indices(n) for s, n in zip(shard.index[1:], stacked.shape[1:]))
+        if where not in copied:
+            copied.add(where)
+            component[shard.index[1:]] = np.asarray(shard.data)[replica - start]
+    if not devices:
+        raise ValueError(
+            f"replica {replica} lives on devices of another process, so this process cannot "
+            "read its component; use strategy.experimental_local_results for this process's "
+            "replicas, or strategy.gather for every replica's"
+        )
+    mesh = Mesh(np.array(devices), ("replica_devices",))
+    return jax.device_put(component, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
