@@ -7,11 +7,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _values
 from tpustrat._context import ReduceOp
+from tpustrat._values import PerReplica
 
 PyTree = Any
 
@@ -28,18 +30,27 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
     reducer = _REDUCERS[op]
 
     def per_replica(x):
-        if axis is None:
-            return _readable_everywhere(reducer(x, axis=0), x)
-        axes = (0, 1 + check_axis(axis, np.ndim(x) - 1, "reduce"))
-        return _readable_everywhere(reducer(x, axis=axes), x)
+        axes = (0,) if axis is None else (0, 1 + check_axis(axis, np.ndim(x) - 1, "reduce"))
+        if _on_devices(x):
+            return _readable_everywhere(reducer(x, axis=axes), x)
+        rows = _every_replica(x)
+        dtype = jax.eval_shape(lambda v: reducer(v, axis=axes), rows).dtype
+        wide = rows.astype(np.float32) if rows.dtype.kind == "f" and rows.itemsize < 4 else rows
+        host = {
+            ReduceOp.SUM: np.sum,
+            ReduceOp.MEAN: np.mean,
+            ReduceOp.MAX: np.max,
+            ReduceOp.MIN: np.min,
+        }[op](wide, axis=axes)
+        return jnp.asarray(np.asarray(host).astype(dtype))
 
-    def mirrored(x):
+    def replicated(x):
         x = jnp.asarray(x)
         if axis is not None:
             x = reducer(x, axis=check_axis(axis, x.ndim, "reduce"))
         return x * num_replicas if op is ReduceOp.SUM else x
 
-    return _values.map_distributed(value, per_replica, mirrored)
+    return _values.map_distributed(value, per_replica, replicated)
 
 
 def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
@@ -48,23 +59,62 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
     def per_replica(x):
         a = check_axis(axis, np.ndim(x) - 1, "gather")
         shape = x.shape[1:]
-        moved = jnp.moveaxis(x, 0, a)
-        gathered = moved.reshape(*shape[:a], num_replicas * shape[a], *shape[a + 1 :])
-        return _readable_everywhere(gathered, x)
+        if _on_devices(x):
+            moved = jnp.moveaxis(x, 0, a)
+            gathered = moved.reshape(*shape[:a], num_replicas * shape[a], *shape[a + 1 :])
+            return _readable_everywhere(gathered, x)
+        rows = _every_replica(x)
+        return jnp.asarray(np.concatenate(list(rows), axis=a))
 
-    def mirrored(x):
+    def replicated(x):
         x = jnp.asarray(x)
         return jnp.concatenate([x] * num_replicas, axis=check_axis(axis, x.ndim, "gather"))
 
-    return _values.map_distributed(value, per_replica, mirrored)
+    return _values.map_distributed(value, per_replica, replicated)
 
 
 def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
-    """One pytree per replica this process addresses, in replica order."""
+    """One pytree per replica this process addresses, in replica order, each on its devices."""
+    leaves, tree = jax.tree.flatten(_values.unwrap_mirrored(value), is_leaf=_is_per_replica)
+    components = [
+        _values.replica_components(leaf.stacked) if isinstance(leaf, PerReplica) else None
+        for leaf in leaves
+    ]
     return tuple(
-        _values.map_distributed(value, lambda x, r=r: _values.replica_component(x, r), lambda x: x)
+        tree.unflatten(
+            [leaf if parts is None else parts[r] for leaf, parts in zip(leaves, components)]
+        )
         for r in _values.local_replicas(mesh)
     )
+
+
+def _on_devices(x: Any) -> bool:
+    """Whether to combine ``x`` with a device program rather than on the host.
+
+    Inside the user's ``jax.jit`` (a tracer) there is no host; typed keys have no host form.
+    Every other value is combined on the host from the shards this process holds: a program
+    over hundreds of devices would cost far more than reading them.
+    """
+    return isinstance(x, jax.core.Tracer) or _values.is_key(x)
+
+
+def _every_replica(x: Any) -> np.ndarray:
+    """Every replica's component of ``x``, stacked on the host in replica order.
+
+    In a job of several processes each process reads its own replicas and they exchange them
+    (``multihost_utils.process_allgather``).
+    """
+    local = _values.local_components(x)
+    replicas = sorted(local)
+    rows = np.stack([local[r] for r in replicas])
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        every = multihost_utils.process_allgather(np.asarray(replicas, np.int32), tiled=True)
+        rows = multihost_utils.process_allgather(rows, tiled=True)[np.argsort(every)]
+    return rows
+
+
+def _is_per_replica(x: Any) -> bool:
+    return isinstance(x, PerReplica)
 
 
 def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:

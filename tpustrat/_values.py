@@ -9,6 +9,7 @@ from tf.distribute; ``run`` never returns one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -98,8 +99,17 @@ class PerReplica:
 
     @property
     def values(self) -> tuple[Any, ...]:
-        """The components, in replica order, each on its replica's devices."""
-        return tuple(replica_component(self.stacked, i) for i in range(self.num_replicas))
+        """The components, in replica order, each on its replica's devices.
+
+        Raises:
+          ValueError: in a job of several processes, where some replicas live on devices this
+            process cannot address.
+        """
+        components = replica_components(self.stacked)
+        missing = [r for r in range(self.num_replicas) if r not in components]
+        if missing:
+            raise _non_local(missing[0])
+        return tuple(components[r] for r in range(self.num_replicas))
 
     @property
     def value(self):
@@ -227,17 +237,17 @@ def place_per_replica(components: Mapping[int, PyTree], mesh: Mesh) -> PyTree:
                     f"replica {local[0]}'s is {_dtype(leaf)}{list(np.shape(leaf))}; every "
                     "replica's value must have the same shapes and dtypes"
                 )
-        shards = [
-            jax.device_put(leaves_by_replica[r][k][None], device)
-            for r, device in _addressable_devices(mesh)
-        ]
-        stacked.append(
-            PerReplica.from_stacked(
-                jax.make_array_from_single_device_arrays(
-                    (num_replicas, *np.shape(leaf)), sharding, shards
-                )
+        rows = [leaves_by_replica[r][k] for r in local]
+        global_shape = (num_replicas, *np.shape(leaf))
+        if is_key(leaf):  # one transfer of the key data, wrapped back into keys
+            data = np.stack([np.asarray(jax.random.key_data(x)) for x in rows])
+            placed = jax.make_array_from_process_local_data(
+                sharding, data, (*global_shape, *data.shape[1 + leaf.ndim :])
             )
-        )
+            placed = jax.random.wrap_key_data(placed, impl=jax.random.key_impl(leaf))
+        else:  # one transfer: each device receives its replica's row
+            placed = jax.make_array_from_process_local_data(sharding, np.stack(rows), global_shape)
+        stacked.append(PerReplica.from_stacked(placed))
     return structure.unflatten(stacked)
 
 
@@ -282,35 +292,76 @@ def map_distributed(
     return jax.tree.map(visit, unwrap_mirrored(tree), is_leaf=lambda x: isinstance(x, PerReplica))
 
 
-def replica_component(stacked: Any, replica: int) -> Any:
-    """Component ``replica`` of a leaf stacked over replicas, on that replica's devices.
+def local_components(stacked: Any) -> dict[int, np.ndarray]:
+    """Each addressable replica's component of a stacked array, as host arrays.
 
-    Built on the host from the shards this process holds and copied to the replica's devices
-    (replicated over its logical cores), so no program is compiled for it: indexing the global
-    array would compile one per replica.
+    Reads the shards this process holds in one batched transfer and compiles nothing: indexing
+    the global array instead would compile a program per replica, which at hundreds of devices
+    costs seconds.
+
+    Args:
+      stacked: a PerReplica's array (leading axis over replicas), or a host array.
+
+    Returns:
+      Replica index to its component, for every replica whose devices this process addresses.
+    """
+    if not isinstance(stacked, jax.Array):
+        return dict(enumerate(np.asarray(stacked)))
+    num_replicas = stacked.shape[0]
+    shards = stacked.addressable_shards
+    key = is_key(stacked)
+    arrays = [jax.random.key_data(s.data) if key else s.data for s in shards]
+    components: dict[int, np.ndarray] = {}
+    for shard, data in zip(shards, jax.device_get(arrays)):
+        start, stop, _ = shard.index[0].indices(num_replicas)
+        for replica in range(start, stop):
+            if replica not in components:
+                components[replica] = np.empty(
+                    (*stacked.shape[1:], *data.shape[stacked.ndim :]), data.dtype
+                )
+            components[replica][shard.index[1:]] = data[replica - start]
+    return components
+
+
+def replica_components(stacked: Any) -> dict[int, Any]:
+    """Each addressable replica's component, on that replica's devices (see local_components).
+
+    The components go back to their replicas' devices (replicated over the replica's logical
+    cores) in one batched ``device_put``; a typed key component stays a typed key.
     """
     if not isinstance(stacked, jax.Array) or isinstance(stacked, jax.core.Tracer):
-        return stacked[replica]
-    num_replicas = stacked.shape[0]
-    component = np.empty(stacked.shape[1:], stacked.dtype)
-    devices, copied = [], set()
+        return {r: stacked[r] for r in range(np.shape(stacked)[0])}
+    devices: dict[int, list[jax.Device]] = {}
     for shard in stacked.addressable_shards:
-        start, stop, _ = shard.index[0].indices(num_replicas)
-        if not start <= replica < stop:
-            continue
-        devices.append(shard.device)
-        where = tuple(s.indices(n) for s, n in zip(shard.index[1:], stacked.shape[1:]))
-        if where not in copied:
-            copied.add(where)
-            component[shard.index[1:]] = np.asarray(shard.data)[replica - start]
-    if not devices:
-        raise ValueError(
-            f"replica {replica} lives on devices of another process, so this process cannot "
-            "read its component; use strategy.experimental_local_results for this process's "
-            "replicas, or strategy.gather for every replica's"
-        )
+        start, stop, _ = shard.index[0].indices(stacked.shape[0])
+        for replica in range(start, stop):
+            devices.setdefault(replica, []).append(shard.device)
+    host = local_components(stacked)
+    replicas = sorted(host)
+    placed = jax.device_put(
+        [host[r] for r in replicas], [_replica_sharding(tuple(devices[r])) for r in replicas]
+    )
+    if is_key(stacked):
+        impl = jax.random.key_impl(stacked)
+        placed = [jax.random.wrap_key_data(x, impl=impl) for x in placed]
+    return dict(zip(replicas, placed))
+
+
+@functools.lru_cache(maxsize=4096)
+def _replica_sharding(devices: tuple[jax.Device, ...]) -> jax.sharding.Sharding:
+    """A value held whole by each of one replica's devices."""
+    if len(devices) == 1:
+        return jax.sharding.SingleDeviceSharding(devices[0])
     mesh = Mesh(np.array(devices), ("replica_devices",))
-    return jax.device_put(component, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _non_local(replica: int) -> ValueError:
+    return ValueError(
+        f"replica {replica} lives on devices of another process, so this process cannot read "
+        "its component; use strategy.experimental_local_results for this process's replicas, "
+        "or strategy.gather for every replica's"
+    )
 
 
 def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
@@ -327,7 +378,7 @@ def _is_array_leaf(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
 
 
-def _is_key(x: Any) -> bool:
+def is_key(x: Any) -> bool:
     """Whether ``x`` is a typed PRNG key array (``jax.random.key``), which numpy cannot hold."""
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -337,7 +388,7 @@ def _host_copy(x: Any) -> Any:
 
     A copy because on CPU ``device_put`` may alias a numpy buffer the caller goes on to change.
     """
-    return x if _is_key(x) or isinstance(x, jax.core.Tracer) else np.array(x)
+    return x if is_key(x) or isinstance(x, jax.core.Tracer) else np.array(x)
 
 
 def _dtype(x: Any) -> Any:
@@ -345,14 +396,14 @@ def _dtype(x: Any) -> Any:
 
 
 def _stack(xs: Sequence[Any]) -> Any:
-    if any(isinstance(x, jax.core.Tracer) or _is_key(x) for x in xs):
+    if any(isinstance(x, jax.core.Tracer) or is_key(x) for x in xs):
         return jnp.stack(xs)
     return np.stack([np.asarray(x) for x in xs])
 
 
 def _describe(tree: PyTree) -> str:
     def short(x):
-        shape = np.shape(x) if not _is_key(x) else x.shape
+        shape = np.shape(x) if not is_key(x) else x.shape
         return f"{_dtype(x)}{list(shape)}"
 
     if isinstance(tree, (jax.Array, np.ndarray, np.generic)):

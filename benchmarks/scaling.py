@@ -1,0 +1,232 @@
+"""How tpustrat's host APIs, compile time and collective bytes scale from 8 to 1,024 devices.
+
+Each device count runs in its own process with that many simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``). Per count it measures, best of a
+few repeats:
+  - strategy construction;
+  - ``experimental_distribute_values_from_function``, ``experimental_local_results``,
+    ``PerReplica.values``, ``reduce``, ``gather`` and one element of
+    ``experimental_distribute_dataset``, for a per-replica value of 1,024 float32s, against a
+    plain ``jax.device_put`` of the same bytes (the ratio column);
+  - the first ``run`` of a train step (trace + compile) and the all-reduce bytes per device in
+    its compiled program;
+  - the bytes that cross between two slices per device: a flat all-reduce against tpustrat's
+    hierarchical one (``TPUStrategy(num_slices=2)``), read from the compiled programs.
+Prints a table, writes ``results/scaling.json`` and ``results/scaling.png``.
+
+Usage: python benchmarks/scaling.py [--devices 8 64 256 1024]  (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+HOST_APIS = ("values_from_function", "local_results", "values", "reduce", "gather", "dataset")
+GRADIENT_FLOATS = 131_072  # a 512 KiB gradient
+
+
+def measure(num_devices: int) -> dict:
+    """Runs in the child process, with ``num_devices`` simulated devices."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import tpustrat as ts
+
+    def best_ms(fn, repeats=3):
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    start = time.perf_counter()
+    strategy = ts.TPUStrategy()
+    record = {"devices": num_devices, "construct_ms": 1e3 * (time.perf_counter() - start)}
+    host = np.ones((num_devices, 1024), np.float32)
+    sharding = NamedSharding(strategy.mesh, P(ts.REPLICA_AXIS))
+    record["device_put_ms"] = best_ms(lambda: jax.device_put(host, sharding))
+    value = strategy.experimental_distribute_values_from_function(
+        lambda ctx: host[ctx.replica_id_in_sync_group]
+    )
+    no_prefetch = ts.InputOptions(experimental_per_replica_buffer_size=0)
+    apis = {
+        "values_from_function": lambda: strategy.experimental_distribute_values_from_function(
+            lambda ctx: host[ctx.replica_id_in_sync_group]
+        ),
+        "local_results": lambda: strategy.experimental_local_results(value),
+        "values": lambda: value.values,
+        "reduce": lambda: strategy.reduce("sum", value),
+        "gather": lambda: strategy.gather(value, axis=0),
+        "dataset": lambda: next(
+            iter(strategy.experimental_distribute_dataset([host], no_prefetch))
+        ),
+    }
+    for name, fn in apis.items():
+        record[f"{name}_ms"] = best_ms(fn)
+
+    def train_step(w, x):
+        grad = jax.grad(lambda w: ((x @ w.reshape(1024, -1)) ** 2).mean())(w)
+        return w - 0.1 * ts.get_replica_context().all_reduce("mean", grad)
+
+    w = strategy.replicate(np.zeros(GRADIENT_FLOATS, np.float32))
+    x = strategy.experimental_distribute_values_from_function(lambda ctx: np.ones((2, 1024)))
+    start = time.perf_counter()
+    jax.block_until_ready(strategy.run(train_step, args=(w, x)))
+    record["first_step_s"] = time.perf_counter() - start
+    record["all_reduce_bytes"] = _all_reduce_bytes(strategy, train_step, w, x)
+    for name, slices in (("flat", 1), ("hierarchical", 2)):
+        sliced = ts.TPUStrategy(num_slices=2) if slices == 2 else strategy
+        crossing = _cross_slice_bytes(
+            sliced, train_step, sliced.replicate(np.zeros(GRADIENT_FLOATS, np.float32)), x
+        )
+        record[f"cross_slice_bytes_{name}"] = crossing
+    return record
+
+
+def _compiled(strategy, step, *args) -> str:
+    import jax
+
+    return jax.jit(lambda *a: strategy.run(step, args=a)).lower(*args).compile().as_text()
+
+
+_COLLECTIVE = re.compile(
+    r"= (\w+)\[([\d,]*)\]\S* (all-reduce|reduce-scatter)\(.*?replica_groups=(\S+?)(?:, |$)"
+)
+_ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}
+
+
+def _collectives(text: str):
+    for dtype, dims, kind, groups in _COLLECTIVE.findall(text):
+        size = _ITEMSIZE.get(dtype, 4)
+        for dim in filter(None, dims.split(",")):
+            size *= int(dim)
+        yield kind, size, groups
+
+
+def _all_reduce_bytes(strategy, step, *args) -> int:
+    return sum(size for kind, size, _ in _collectives(_compiled(strategy, step, *args)))
+
+
+def _cross_slice_bytes(strategy, step, *args) -> int:
+    """Result bytes per device of the all-reduces whose groups span both slices."""
+    num_devices = len(strategy.mesh.devices.flat)
+    total = 0
+    for kind, size, groups in _collectives(_compiled(strategy, step, *args)):
+        first = _first_group(groups, num_devices)
+        if kind == "all-reduce" and min(first) < num_devices // 2 <= max(first):
+            total += size
+    return total
+
+
+def _first_group(groups: str, num_devices: int) -> list[int]:
+    """The devices of the first replica group, from any of XLA's spellings of them."""
+    import numpy as np
+
+    if groups.startswith("{{"):
+        return [int(d) for d in groups[2:].split("}")[0].split(",")]
+    iota = re.match(r"\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", groups)
+    if iota:
+        ids = np.arange(num_devices).reshape([int(d) for d in iota[3].split(",")])
+        if iota[4]:
+            ids = ids.transpose([int(d) for d in iota[4].split(",")])
+        return ids.reshape(int(iota[1]), int(iota[2]))[0].tolist()
+    return list(range(num_devices))  # {}: every device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child)))
+        return
+    records = []
+    for n in args.devices:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(n)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        )
+        records.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {n} devices", file=sys.stderr)
+    _print_table(records)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scaling.json").write_text(json.dumps(records, indent=2) + "\n")
+    _plot(records)
+
+
+def _print_table(records: list[dict]) -> None:
+    print(
+        "| devices | construct ms | device_put ms | "
+        + " | ".join(f"{a} ms (x put)" for a in HOST_APIS)
+        + " | first step s | all-reduce B/device | cross-slice B flat | hierarchical |"
+    )
+    print("| ---: " * (9 + len(HOST_APIS)) + "|")
+    for r in records:
+        put = r["device_put_ms"]
+        cells = [f"{r[f'{a}_ms']:.2f} ({r[f'{a}_ms'] / put:.1f}x)" for a in HOST_APIS]
+        print(
+            f"| {r['devices']} | {r['construct_ms']:.0f} | {put:.2f} | "
+            + " | ".join(cells)
+            + f" | {r['first_step_s']:.2f} | {r['all_reduce_bytes']:,} | "
+            f"{r['cross_slice_bytes_flat']:,} | {r['cross_slice_bytes_hierarchical']:,} |"
+        )
+
+
+def _plot(records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = [r["devices"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for api in ("device_put", *HOST_APIS):
+        left.plot(devices, [r[f"{api}_ms"] for r in records], marker="o", label=api)
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="simulated devices",
+        ylabel="ms per call",
+        title="host APIs against a plain device_put",
+    )
+    left.legend(fontsize=8)
+    right.plot(devices, [r["cross_slice_bytes_flat"] for r in records], marker="o", label="flat")
+    right.plot(
+        devices,
+        [r["cross_slice_bytes_hierarchical"] for r in records],
+        marker="o",
+        label="hierarchical (num_slices=2)",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="simulated devices",
+        ylabel="bytes per device crossing slices",
+        title="a 512 KiB gradient all-reduce",
+    )
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scaling.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
