@@ -184,7 +184,7 @@ def test_state_is_split_over_replicas():
     assert repr(mu["w1"]) == "ReplicaShard(PerReplica(float32[8, 6, 2]), shape=(6, 16), axis=1)"
     assert repr(mu["b2"]) == "ReplicaShard(PerReplica(float32[8, 1]), shape=(3,), axis=0)"
     assert not isinstance(mu["scale"], ts.ReplicaShard)  # a scalar stays whole
-    stacked = mu["w1"].value.stacked
+    stacked = mu["w1"].blocks.stacked
     assert stacked.sharding.spec[0] == "replica"
     assert {s.data.shape for s in stacked.addressable_shards} == {(1, 6, 2)}
 
@@ -202,8 +202,8 @@ def test_state_moves_to_another_replica_count():
     mu, before = moved[0].mu["w1"], state[0].mu["w1"]
     assert repr(mu) == "ReplicaShard(PerReplica(float32[4, 6, 4]), shape=(6, 16), axis=1)"
     np.testing.assert_array_equal(
-        np.concatenate(list(np.asarray(mu.value.stacked)), axis=1),
-        np.concatenate(list(np.asarray(before.value.stacked)), axis=1),
+        np.concatenate(list(np.asarray(mu.blocks.stacked)), axis=1),
+        np.concatenate(list(np.asarray(before.blocks.stacked)), axis=1),
     )
     params, _ = _train(four, tx, four.replicate(params), moved, (x[10:], y[10:]), sharded=True)
     want = _reference((8, 1), name)
@@ -212,7 +212,8 @@ def test_state_moves_to_another_replica_count():
 
 
 def test_state_round_trips_through_orbax(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
+
     strategy = ts.TPUStrategy(num_logical_cores=2)
     tx = ts.shard_update(optax.adam(0.01))
     params = strategy.replicate(_params())

@@ -52,7 +52,7 @@ class ReplicaShard:
     It is a pytree node: checkpointers such as orbax save the array inside.
 
     Args:
-      value: the blocks (a PerReplica outside ``run``, a block inside).
+      blocks: the blocks (a PerReplica outside ``run``, a block inside).
       shape: the shape of the whole leaf.
       axis: the axis cut into blocks.
 
@@ -62,20 +62,20 @@ class ReplicaShard:
       ReplicaShard(PerReplica(float32[4, 2]), shape=(7,), axis=0)
     """
 
-    __slots__ = ("axis", "shape", "value")
+    __slots__ = ("axis", "blocks", "shape")
 
-    def __init__(self, value: Any, shape: Sequence[int], axis: int):
-        self.value, self.shape, self.axis = value, tuple(int(d) for d in shape), int(axis)
+    def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
+        self.blocks, self.shape, self.axis = blocks, tuple(int(d) for d in shape), int(axis)
 
     def tree_flatten_with_keys(self):
-        return ((jax.tree_util.GetAttrKey("value"), self.value),), (self.shape, self.axis)
+        return ((jax.tree_util.GetAttrKey("blocks"), self.blocks),), (self.shape, self.axis)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(children[0], *aux)
 
     def __repr__(self) -> str:
-        return f"ReplicaShard({self.value!r}, shape={self.shape}, axis={self.axis})"
+        return f"ReplicaShard({self.blocks!r}, shape={self.shape}, axis={self.axis})"
 
 
 class ShardedUpdate(NamedTuple):
@@ -200,7 +200,7 @@ def reshard_update_state(state: PyTree, strategy: Any) -> PyTree:
     Example:
       >>> shard = ReplicaShard(ts.PerReplica([np.arange(2.0) + 2 * i for i in range(4)]), (7,), 0)
       >>> moved = reshard_update_state({"mu": shard}, ts.TPUStrategy())
-      >>> moved["mu"], np.asarray(moved["mu"].value.stacked)[:, 0]
+      >>> moved["mu"], np.asarray(moved["mu"].blocks.stacked)[:, 0]
       (ReplicaShard(PerReplica(float32[8, 1]), shape=(7,), axis=0), array([0., 1., 2., 3., 4., 5., 6., 0.], dtype=float32))
     """  # noqa: E501
     num_replicas = strategy.num_replicas_in_sync
@@ -328,7 +328,7 @@ def _mark_per_replica(state: PyTree, ctx: ReplicaContext) -> PyTree:
     def mark(node):
         if not _is_shard(node):
             return node
-        block = jnp.asarray(node.value)
+        block = jnp.asarray(node.blocks)
         first = jnp.broadcast_to(ctx.replica_id_in_sync_group >= 0, block.shape)
         return ReplicaShard(lax.select(first, block, block), node.shape, node.axis)
 
@@ -337,7 +337,7 @@ def _mark_per_replica(state: PyTree, ctx: ReplicaContext) -> PyTree:
 
 def _assemble(shard: ReplicaShard) -> np.ndarray:
     """The whole leaf of a ReplicaShard held as a PerReplica, on the host."""
-    stacked = shard.value.stacked if isinstance(shard.value, PerReplica) else shard.value
+    stacked = shard.blocks.stacked if isinstance(shard.blocks, PerReplica) else shard.blocks
     stacked = np.asarray(jax.device_get(stacked))
     joined = np.concatenate(list(stacked), axis=shard.axis)
     return np.take(joined, np.arange(shard.shape[shard.axis]), axis=shard.axis)
@@ -355,7 +355,7 @@ def _is_shard(x: Any) -> bool:
 
 
 def _unwrap(x: Any) -> Any:
-    return x.value if _is_shard(x) else x
+    return x.blocks if _is_shard(x) else x
 
 
 def _paths(tree: PyTree, is_leaf: Callable[[Any], bool]) -> list[str]:
