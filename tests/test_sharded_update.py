@@ -292,3 +292,20 @@ def test_full_reductions_are_exact_with_padding():
     out = strategy.run(lambda g, s: tx.update(g, s)[0], args=(grads, state))
     want = 1000 * -1.0 + 100 * -3.0 + 10 * -6.0 + 1.0
     np.testing.assert_allclose(np.asarray(_plain(out)["w"]), np.full(3, want), rtol=1e-6)
+
+
+def test_contractions_over_the_cut_axis_are_exact():
+    """A transformation that scales each leaf by its norm from a full dot_general contraction."""
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+
+    def normalize(g, s, p=None):
+        return jax.tree.map(lambda x: x / jnp.sqrt(jnp.tensordot(x, x, x.ndim) + 1.0), g), s
+
+    tx = ts.shard_update(_custom(normalize))
+    grads = {"w": np.arange(1.0, 19.0, dtype=np.float32).reshape(3, 6), "b": np.ones(3, np.float32)}
+    state = strategy.run(tx.init, args=(strategy.replicate(grads),))
+    local = _per_replica(strategy, [grads] * 4)
+    out = _plain(strategy.run(lambda g, s: tx.update(g, s)[0], args=(local, state)))
+    for key, value in grads.items():
+        want = value / np.sqrt(np.sum(value**2) + 1.0)
+        np.testing.assert_allclose(np.asarray(out[key]), want, rtol=1e-6)

@@ -15,18 +15,19 @@ every axis has length 1 stay whole on every replica.
 Exactness. The wrapped transformation's ``init`` and ``update`` are traced to a jaxpr and
 replayed block-wise by a small interpreter that knows which values are blocks of a leaf and
 along which axis. Elementwise primitives run on the blocks as they are; a reduction over the
-cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a finite check)
-masks the padding and is completed across replicas with psum, pmax or pmin, so
-``clip_by_global_norm`` sees the global norm. Anything else that would mix elements along the
-cut axis (a matmul, a cumulative sum, a mean whose count would be the block's) raises a
-ValueError naming the primitive: the analysis fails closed rather than train on a wrong update.
-This is the one file that reads jaxprs for that purpose (public ``jax.extend.core`` only).
+cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a finite check), or a
+contraction of two blocks over it, masks the padding and is completed across replicas with
+psum, pmax or pmin, so ``clip_by_global_norm`` sees the global norm. Anything else that would
+mix elements along the cut axis (a matmul with a whole matrix, a cumulative sum, a reshape
+across the cut, a mean whose count would be the block's) raises a ValueError naming the
+primitive: the analysis fails closed rather than train on a wrong update. It reads jaxprs
+through the public ``jax.extend.core`` only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from tpustrat import _mesh
 from tpustrat._context import ReplicaContext, get_replica_context
 from tpustrat._values import Mirrored, PerReplica, is_distributed
+
+if TYPE_CHECKING:
+    from tpustrat._strategy import TPUStrategy
 
 PyTree = Any
 
@@ -131,9 +135,9 @@ def shard_update(tx: Any) -> ShardedUpdate:
 
     def init(params: PyTree) -> PyTree:
         ctx = _replica_context("init")
-        layouts = _layouts(params, ctx.num_replicas_in_sync)
-        blocks = jax.tree.map(lambda p, s: _own_block(p, s, ctx), params, layouts)
-        local = _interpret(tx.init, (blocks,), jax.tree.leaves(layouts), ctx)[0]
+        splits = _splits(params, ctx.num_replicas_in_sync)
+        blocks = _map_blocks(_own_block, params, splits, ctx)
+        local = _interpret(tx.init, (blocks,), splits, ctx)[0]
         whole = jax.eval_shape(tx.init, params)
         state = jax.tree.map(lambda b, w: _wrap_leaf(b, w, ctx.num_replicas_in_sync), local, whole)
         return _mark_per_replica(state, ctx)
@@ -142,22 +146,18 @@ def shard_update(tx: Any) -> ShardedUpdate:
         updates: PyTree, state: PyTree, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, PyTree]:
         ctx = _replica_context("update")
-        layouts = _layouts(updates, ctx.num_replicas_in_sync)
-        grads = jax.tree.map(lambda g, s: _reduce_block(g, s, ctx), updates, layouts)
-        param_blocks = (
-            None
-            if params is None
-            else jax.tree.map(lambda p, s: _own_block(p, s, ctx), params, layouts)
-        )
+        splits = _splits(updates, ctx.num_replicas_in_sync)
+        grads = _map_blocks(_reduce_block, updates, splits, ctx)
+        param_blocks = None if params is None else _map_blocks(_own_block, params, splits, ctx)
         shards, state_tree = jax.tree.flatten(state, is_leaf=_is_shard)
         state_local = state_tree.unflatten([_unwrap(x) for x in shards])
         state_splits = [_Split(x.axis, x.shape[x.axis]) if _is_shard(x) else None for x in shards]
-        param_splits = [] if params is None else jax.tree.leaves(layouts)
+        param_splits = [] if params is None else splits
         extra_splits = [None] * len(jax.tree.leaves(extra_args))
         (new_updates, new_local), out_splits = _interpret(
             lambda *a, **k: tx.update(*a, **k),
             (grads, state_local, param_blocks),
-            [*jax.tree.leaves(layouts), *state_splits, *param_splits, *extra_splits],
+            [*splits, *state_splits, *param_splits, *extra_splits],
             ctx,
             extra_args,
         )
@@ -170,7 +170,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
                     f"optimizer state{path} is whole on every replica but its update depends "
                     "on blocks of the gradients; ts.shard_update cannot keep it exact"
                 )
-        new_updates = jax.tree.map(lambda u, s: _gather_block(u, s, ctx), new_updates, layouts)
+        new_updates = _map_blocks(_gather_block, new_updates, splits, ctx)
         new_state = jax.tree.map(
             lambda old, new: ReplicaShard(new, old.shape, old.axis) if _is_shard(old) else new,
             state,
@@ -182,7 +182,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
     return ShardedUpdate(init, update)
 
 
-def reshard_update_state(state: PyTree, strategy: Any) -> PyTree:
+def reshard_update_state(state: PyTree, strategy: TPUStrategy) -> PyTree:
     """Moves a sharded optimizer state onto ``strategy``'s replicas, whatever count it had.
 
     Each ``ReplicaShard`` is reassembled (padding dropped), re-cut for the new replica count and
@@ -246,17 +246,20 @@ def _layout(shape: tuple[int, ...], num_replicas: int) -> _Split | None:
     return _Split(axis, shape[axis])
 
 
-def _layouts(tree: PyTree, num_replicas: int) -> PyTree:
-    return jax.tree.map(lambda x: _Layout(_layout(np.shape(x), num_replicas)), tree)
+def _splits(tree: PyTree, num_replicas: int) -> list[_Split | None]:
+    """The layout of each leaf of ``tree``, in flattening order."""
+    return [_layout(np.shape(x), num_replicas) for x in jax.tree.leaves(tree)]
 
 
-class _Layout:
-    """A pytree leaf holding a leaf's ``_Split`` (or None), so trees of layouts map cleanly."""
-
-    __slots__ = ("split",)
-
-    def __init__(self, split: _Split | None):
-        self.split = split
+def _map_blocks(
+    fn: Callable[[jax.Array, _Split | None, ReplicaContext], jax.Array],
+    tree: PyTree,
+    splits: list[_Split | None],
+    ctx: ReplicaContext,
+) -> PyTree:
+    """``fn(leaf, split, ctx)`` for each leaf of ``tree`` and its split."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([fn(x, split, ctx) for x, split in zip(leaves, splits)])
 
 
 def _block_length(size: int, num_replicas: int) -> int:
@@ -272,9 +275,9 @@ def _pad(x: jax.Array, split: _Split, num_replicas: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _own_block(x: jax.Array, layout: _Layout, ctx: ReplicaContext) -> jax.Array:
+def _own_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
     """This replica's block of a whole (replicated) leaf."""
-    x, split = jnp.asarray(x), layout.split
+    x = jnp.asarray(x)
     if split is None:
         return x
     n = ctx.num_replicas_in_sync
@@ -283,17 +286,16 @@ def _own_block(x: jax.Array, layout: _Layout, ctx: ReplicaContext) -> jax.Array:
     return lax.dynamic_slice_in_dim(_pad(x, split, n), start, length, split.axis)
 
 
-def _reduce_block(x: jax.Array, layout: _Layout, ctx: ReplicaContext) -> jax.Array:
+def _reduce_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
     """This replica's block of the mean over replicas of a local gradient."""
-    x, split = jnp.asarray(x), layout.split
+    x = jnp.asarray(x)
     if split is None:
         return ctx.all_reduce("mean", x)
     return ctx.reduce_scatter("mean", _pad(x, split, ctx.num_replicas_in_sync), split.axis)
 
 
-def _gather_block(x: jax.Array, layout: _Layout, ctx: ReplicaContext) -> jax.Array:
+def _gather_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
     """The whole leaf from every replica's block, padding dropped."""
-    split = layout.split
     if split is None:
         return x
     return lax.slice_in_dim(ctx.all_gather(x, split.axis), 0, split.size, axis=split.axis)
@@ -404,7 +406,7 @@ _INLINED = frozenset(
 def _interpret(
     fn: Callable[..., Any],
     args: tuple,
-    splits: list[_Split | _Layout | None],
+    splits: list[_Split | None],
     ctx: ReplicaContext,
     kwargs: dict | None = None,
 ) -> tuple[PyTree, list[_Split | None]]:
@@ -414,7 +416,6 @@ def _interpret(
     """
     kwargs = kwargs or {}
     leaves, tree = jax.tree.flatten((args, kwargs))
-    splits = [s.split if isinstance(s, _Layout) else s for s in splits]
     if len(splits) != len(leaves):
         raise AssertionError(f"{len(splits)} splits for {len(leaves)} leaves")
 
@@ -482,6 +483,8 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext):
         return _bind(eqn, ins), [cut[0]] * n_out
     if name in _REDUCTIONS:
         return _reduce(eqn, ins[0], splits[0], ctx)
+    if name == "dot_general":
+        return _contract(eqn, ins, splits, ctx)
     (split,) = splits if len(splits) == 1 else (None,)
     if name == "broadcast_in_dim" and split is not None:
         axis = eqn.params["broadcast_dimensions"][split.axis]
@@ -516,23 +519,31 @@ def _reduce(eqn, x, split: _Split, ctx: ReplicaContext):
     if split.axis not in axes:
         return _bind(eqn, [x]), [_Split(split.axis - sum(a < split.axis for a in axes), split.size)]
     fill, combine = _REDUCTIONS[eqn.primitive.name]
-    length = np.shape(x)[split.axis]
-    position = ctx.replica_id_in_sync_group * length + lax.broadcasted_iota(
-        jnp.int32, np.shape(x), split.axis
-    )
-    if x.dtype == jnp.bool_:
-        fill = jnp.asarray(fill)
-    elif jnp.issubdtype(x.dtype, jnp.integer) and not np.isfinite(fill):
-        fill = jnp.asarray(jnp.iinfo(x.dtype).min if fill < 0 else jnp.iinfo(x.dtype).max, x.dtype)
-    else:
-        fill = jnp.asarray(fill, x.dtype)
-    (local,) = _bind(eqn, [jnp.where(position < split.size, x, fill)])
+    if jnp.issubdtype(x.dtype, jnp.integer) and not np.isfinite(fill):
+        fill = jnp.iinfo(x.dtype).min if fill < 0 else jnp.iinfo(x.dtype).max
+    (local,) = _bind(eqn, [_fill_padding(x, split, ctx, fill)])
     if combine == "sum":
         return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
     as_int = local.dtype == jnp.bool_
     value = local.astype(jnp.int32) if as_int else local
     value = (lax.pmax if combine == "max" else lax.pmin)(value, _mesh.REPLICA_AXIS)
     return [value.astype(jnp.bool_) if as_int else value], [None]
+
+
+def _contract(eqn, ins, splits, ctx: ReplicaContext):
+    """A dot_general that contracts both operands over their cut axes (``jnp.vdot``, say)."""
+    (lhs_contracting, rhs_contracting), _ = eqn.params["dimension_numbers"]
+    lhs, rhs = splits
+    if (
+        lhs is None
+        or rhs is None
+        or lhs.axis not in lhs_contracting
+        or rhs.axis != rhs_contracting[list(lhs_contracting).index(lhs.axis)]
+    ):
+        raise _unsupported("dot_general", "does not contract both operands over the cut axis")
+    x, y = ins
+    (local,) = _bind(eqn, [_fill_padding(x, lhs, ctx, 0), y])
+    return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
 
 
 def _cond(eqn, ins, splits, ctx: ReplicaContext):
@@ -556,6 +567,15 @@ def _cond(eqn, ins, splits, ctx: ReplicaContext):
             raise _unsupported("cond", "returns blocks cut along different axes from its branches")
         merged.append(next(iter(cut), None))
     return list(outs), merged
+
+
+def _fill_padding(x: jax.Array, split: _Split, ctx: ReplicaContext, fill: Any) -> jax.Array:
+    """``x`` with the padding past the whole leaf's end set to ``fill``."""
+    length = np.shape(x)[split.axis]
+    position = ctx.replica_id_in_sync_group * length + lax.broadcasted_iota(
+        jnp.int32, np.shape(x), split.axis
+    )
+    return jnp.where(position < split.size, x, jnp.asarray(fill, x.dtype))
 
 
 def _unsupported(primitive: str, why: str) -> ValueError:
