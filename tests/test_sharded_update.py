@@ -309,3 +309,37 @@ def test_contractions_over_the_cut_axis_are_exact():
     for key, value in grads.items():
         want = value / np.sqrt(np.sum(value**2) + 1.0)
         np.testing.assert_allclose(np.asarray(out[key]), want, rtol=1e-6)
+
+
+def test_state_that_would_stop_being_whole_is_refused():
+    """A whole state leaf that an update fills from gradient blocks cannot stay exact."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(
+        optax.GradientTransformation(
+            lambda p: jnp.zeros(2, np.float32), lambda g, s, p=None: (g, s + g["w"])
+        )
+    )
+    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    with pytest.raises(ValueError, match="optimizer state is whole on every replica"):
+        strategy.run(lambda p, s: tx.update(p, s), args=(params, state))
+
+
+def test_compiled_step_reduce_scatters_and_all_gathers():
+    """The sharded Adam step sends a reduce-scatter and an all-gather, and no all-reduce."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.adam(0.01))
+    params = strategy.replicate({"w": np.ones((8, 16), np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    x = _per_replica(strategy, np.ones((8, 16), np.float32))
+
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.sum((p["w"] * x) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    run = jax.jit(lambda p, s, x: strategy.run(step, args=(p, s, x)))
+    hlo = run.lower(params, state, x).compile().as_text()
+    assert "reduce-scatter(" in hlo
+    assert "all-gather(" in hlo
+    assert "all-reduce(" not in hlo

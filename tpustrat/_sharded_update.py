@@ -86,6 +86,12 @@ class ShardedUpdate(NamedTuple):
     """An optax-style ``(init, update)`` pair whose state and update are split over replicas.
 
     Made by ``ts.shard_update``; both functions are called inside ``strategy.run``.
+
+    Example:
+      >>> import optax
+      >>> tx = ts.shard_update(optax.sgd(0.1))
+      >>> isinstance(tx, ShardedUpdate), tx._fields
+      (True, ('init', 'update'))
     """
 
     init: Callable[[PyTree], PyTree]
