@@ -259,8 +259,12 @@ def _custom(update):
             "a mean over the axis ts.shard_update cuts",
         ),
         (lambda g, s, p=None: (jax.tree.map(lambda x: x[::-1], g), s), "'rev'"),
+        (
+            lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.arange(x.size), g), s),
+            "values computed from element positions",
+        ),
     ],
-    ids=["cumsum", "mean", "reverse"],
+    ids=["cumsum", "mean", "reverse", "arange"],
 )
 def test_fails_closed_on_updates_that_mix_blocks(update, message):
     strategy = ts.TPUStrategy()
@@ -273,6 +277,16 @@ def test_fails_closed_on_updates_that_mix_blocks(update, message):
             lambda p, s, x: tx.update(jax.grad(lambda p: jnp.sum(p["w"] * x))(p), s, p),
             args=(params, state, x),
         )
+
+
+def test_noise_is_refused():
+    """optax.add_noise draws from the same key on every replica: each block would repeat it."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.chain(optax.add_noise(0.1, 0.5, key=0), optax.sgd(0.1)))
+    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    with pytest.raises(ValueError, match="values computed from element positions"):
+        strategy.run(lambda p, s: tx.update(p, s, p), args=(params, state))
 
 
 def test_full_reductions_are_exact_with_padding():

@@ -19,7 +19,8 @@ cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a fini
 contraction of two blocks over it, masks the padding and is completed across replicas with
 psum, pmax or pmin, so ``clip_by_global_norm`` sees the global norm. Anything else that would
 mix elements along the cut axis (a matmul with a whole matrix, a cumulative sum, a reshape
-across the cut, a mean whose count would be the block's) raises a ValueError naming the
+across the cut, a mean whose count would be the block's), or combine blocks with values made
+from element positions (``jnp.arange``, random noise), raises a ValueError naming the
 primitive: the analysis fails closed rather than train on a wrong update. It reads jaxprs
 through the public ``jax.extend.core`` only.
 """
@@ -171,7 +172,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
         for split, old, path in zip(
             out_splits[num_updates:], shards, _paths(state, is_leaf=_is_shard)
         ):
-            if split is not None and not _is_shard(old):
+            if isinstance(split, _Split) and not _is_shard(old):
                 raise ValueError(
                     f"optimizer state{path} is whole on every replica but its update depends "
                     "on blocks of the gradients; ts.shard_update cannot keep it exact"
@@ -403,6 +404,19 @@ _REDUCTIONS = {
     "reduce_or": (False, "max"),
     "reduce_and": (True, "min"),
 }
+# Primitives whose result depends on each element's position: on a block, they differ from the
+# same positions of the whole leaf.
+_POSITION_SOURCES = frozenset({"iota", "random_bits", "threefry2x32", "rng_bit_generator"})
+
+
+class _Positional:
+    """Marks a whole value computed from element positions (``jnp.arange``, random numbers)."""
+
+    def __repr__(self) -> str:
+        return "_POSITIONAL"
+
+
+_POSITIONAL = _Positional()
 _INLINED = frozenset(
     {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
      "custom_vjp_call", "custom_vjp_call_jaxpr"}
@@ -450,7 +464,7 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext):
         values[var], where[var] = value, split
     for eqn in jaxpr.eqns:
         ins, in_splits = zip(*map(read, eqn.invars)) if eqn.invars else ((), ())
-        if eqn.primitive.name == "div" and eqn.invars[0] in block_counts:
+        if eqn.primitive.name == "div" and block_counts.get(_var(eqn.invars[0])):
             divisor = eqn.invars[1]
             if isinstance(divisor, Literal) and np.all(divisor.val == block_counts[eqn.invars[0]]):
                 raise ValueError(
@@ -459,7 +473,7 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext):
                     "wrong, so this transformation cannot be sharded"
                 )
         outs, out_splits = _equation(eqn, list(ins), list(in_splits), ctx)
-        total = eqn.primitive.name == "reduce_sum" and in_splits[0] is not None
+        total = eqn.primitive.name == "reduce_sum" and isinstance(in_splits[0], _Split)
         if total and out_splits[0] is None:
             shape = np.shape(ins[0])
             block_counts[eqn.outvars[0]] = int(np.prod([shape[a] for a in eqn.params["axes"]]))
@@ -467,6 +481,11 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext):
             values[var], where[var] = value, split
     results = [read(v) for v in jaxpr.outvars]
     return [r[0] for r in results], [r[1] for r in results]
+
+
+def _var(atom) -> Any:
+    """A jaxpr variable as a dict key; None for a literal (literals are not hashable)."""
+    return None if isinstance(atom, Literal) else atom
 
 
 def _bind(eqn, ins):
@@ -480,9 +499,17 @@ def _bind(eqn, ins):
 def _equation(eqn, ins, splits, ctx: ReplicaContext):
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
-    cut = [s for s in splits if s is not None]
+    cut = [s for s in splits if isinstance(s, _Split)]
+    positional = any(s is _POSITIONAL for s in splits)
     if not cut:
-        return _bind(eqn, ins), [None] * n_out
+        positional = positional or _reads_positions(eqn)
+        return _bind(eqn, ins), [_POSITIONAL if positional else None] * n_out
+    if positional:
+        raise _unsupported(
+            name,
+            "combines blocks with values computed from element positions (jnp.arange, random "
+            "numbers), which a block does not share with the whole leaf",
+        )
     if name in _ELEMENTWISE:
         if len({s.axis for s in cut}) > 1:
             raise _unsupported(name, "combines blocks cut along different axes")
@@ -568,11 +595,24 @@ def _cond(eqn, ins, splits, ctx: ReplicaContext):
     outs = lax.switch(ins[0], [branch(b) for b in eqn.params["branches"]], *ins[1:])
     merged = []
     for column in zip(*branch_splits):
-        cut = {s for s in column if s is not None}
-        if len({s.axis for s in cut}) > 1:
-            raise _unsupported("cond", "returns blocks cut along different axes from its branches")
-        merged.append(next(iter(cut), None))
+        cut = {s for s in column if isinstance(s, _Split)}
+        if len({s.axis for s in cut}) > 1 or (cut and _POSITIONAL in column):
+            raise _unsupported("cond", "returns blocks and whole values of different kinds")
+        merged.append(next(iter(cut), _POSITIONAL if _POSITIONAL in column else None))
     return list(outs), merged
+
+
+def _reads_positions(eqn) -> bool:
+    """Whether ``eqn``, or any jaxpr inside it, uses a primitive of ``_POSITION_SOURCES``."""
+    if eqn.primitive.name in _POSITION_SOURCES:
+        return True
+    for value in eqn.params.values():
+        for inner in value if isinstance(value, tuple) else (value,):
+            if isinstance(inner, (Jaxpr, ClosedJaxpr)):
+                body = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+                if any(_reads_positions(e) for e in body.eqns):
+                    return True
+    return False
 
 
 def _fill_padding(x: jax.Array, split: _Split, ctx: ReplicaContext, fill: Any) -> jax.Array:
