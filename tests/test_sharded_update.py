@@ -211,6 +211,30 @@ def test_state_moves_to_another_replica_count():
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
 
 
+def test_state_runs_in_experimental_run_steps():
+    """Four steps in one program, state donated, equal four separate run calls."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.adam(0.01))
+    x, y = _batches(4)
+
+    def step(state, batch):
+        params, opt_state = state
+        updates, opt_state = tx.update(jax.grad(_loss)(params, *batch), opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), 0.0
+
+    batches = [tuple(_per_replica(strategy, np.split(a, 8)) for a in pair) for pair in zip(x, y)]
+    params = strategy.replicate(_params())
+    state = (params, strategy.run(tx.init, args=(params,)))
+    result = strategy.experimental_run_steps(
+        step, state, iter(batches), 4, options=ts.RunOptions(donate_argnums=(0,))
+    )
+    params = strategy.replicate(_params())
+    want, _ = _train(strategy, tx, params, strategy.run(tx.init, args=(params,)), (x, y), True)
+    assert result.num_steps == 4
+    for got, ref in zip(jax.tree.leaves(_plain(result.state[0])), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
 def test_state_round_trips_through_orbax(tmp_path):
     import orbax.checkpoint as ocp
 

@@ -70,7 +70,12 @@ class ReplicaShard:
     __slots__ = ("axis", "blocks", "shape")
 
     def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
-        self.blocks, self.shape, self.axis = blocks, tuple(int(d) for d in shape), int(axis)
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "axis", int(axis))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ReplicaShard is immutable; make a new one instead of setting {name}")
 
     def tree_flatten_with_keys(self):
         return ((jax.tree_util.GetAttrKey("blocks"), self.blocks),), (self.shape, self.axis)
