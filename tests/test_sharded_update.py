@@ -259,6 +259,36 @@ def test_state_round_trips_through_orbax(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_checkpoint_from_8_replicas_restores_onto_4(tmp_path):
+    """Save on 8 replicas, restore the arrays onto a 4-replica mesh, reshard, train on."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+
+    name = "clip_adam"
+    x, y = _batches(STEPS)
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(jax.devices()[4:])
+    tx = ts.shard_update(OPTIMIZERS[name]())
+    params = eight.replicate(_params())
+    state = eight.run(tx.init, args=(params,))
+    params, state = _train(eight, tx, params, state, (x[:10], y[:10]), sharded=True)
+    state = _plain(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=NamedSharding(four.mesh, a.sharding.spec)
+            ),
+            state,
+        )
+        restored = checkpointer.restore(tmp_path / "state", target)
+    moved = ts.reshard_update_state(restored, four)
+    params, _ = _train(four, tx, four.replicate(params), moved, (x[10:], y[10:]), sharded=True)
+    want = _reference((8, 1), name)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
 def test_outside_run_is_an_error():
     tx = ts.shard_update(optax.adam(0.01))
     with pytest.raises(RuntimeError, match=r"init was called outside strategy\.run"):

@@ -278,13 +278,16 @@ def _block_length(size: int, num_replicas: int) -> int:
     return -(-size // num_replicas)
 
 
+def _pad_widths(ndim: int, split: _Split, num_replicas: int) -> list[tuple[int, int]]:
+    """Zero padding at the end of the cut axis, up to a multiple of ``num_replicas``."""
+    widths = [(0, 0)] * ndim
+    widths[split.axis] = (0, _block_length(split.size, num_replicas) * num_replicas - split.size)
+    return widths
+
+
 def _pad(x: jax.Array, split: _Split, num_replicas: int) -> jax.Array:
-    extra = _block_length(split.size, num_replicas) * num_replicas - split.size
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[split.axis] = (0, extra)
-    return jnp.pad(x, widths)
+    widths = _pad_widths(x.ndim, split, num_replicas)
+    return jnp.pad(x, widths) if widths[split.axis][1] else x
 
 
 def _own_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
@@ -359,8 +362,7 @@ def _assemble(shard: ReplicaShard) -> np.ndarray:
 
 def _cut(whole: np.ndarray, axis: int, num_replicas: int) -> np.ndarray:
     """``whole`` padded along ``axis`` and cut into blocks stacked on a new leading axis."""
-    split = _Split(axis, whole.shape[axis])
-    padded = np.asarray(_pad(jnp.asarray(whole), split, num_replicas))
+    padded = np.pad(whole, _pad_widths(whole.ndim, _Split(axis, whole.shape[axis]), num_replicas))
     return np.stack(np.split(padded, num_replicas, axis=axis))
 
 
