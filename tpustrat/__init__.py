@@ -14,6 +14,12 @@ from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._run import RunOptions
+from tpustrat._sharded_update import (
+    ReplicaShard,
+    ShardedUpdate,
+    reshard_update_state,
+    shard_update,
+)
 from tpustrat._strategy import TPUStrategy
 from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
@@ -35,7 +41,9 @@ __all__ = [
     "Recompile",
     "ReduceOp",
     "ReplicaContext",
+    "ReplicaShard",
     "RunOptions",
+    "ShardedUpdate",
     "StepsResult",
     "TPUStrategy",
     "Topology",
@@ -43,5 +51,7 @@ __all__ = [
     "get_replica_context",
     "get_strategy",
     "initialize_cluster",
+    "reshard_update_state",
     "run_in_local_processes",
+    "shard_update",
 ]

@@ -1,0 +1,335 @@
+"""What weight-update sharding (``ts.shard_update``) saves in memory, and what it costs.
+
+Workload: an MLP of ``--layers`` square ``--width`` layers (3 x 4096: 50.3M parameters) trained
+with Adam through ``strategy.run``, in two forms: replicated (``all_reduce("mean", grads)``,
+then ``optax.adam``) and sharded (the replica's own gradients into
+``ts.shard_update(optax.adam)``). For each replica count in ``--replicas`` a subprocess
+simulates that many CPU devices (``XLA_FLAGS``), compiles both train steps from abstract
+arguments (nothing is trained or allocated) and reads, per device:
+
+- argument bytes from the compiled program's ``memory_analysis()`` (parameters, optimizer
+  state and the per-replica batch of ``--batch`` rows);
+- the optimizer state's bytes from its layout (the shard every device holds);
+- collective bytes from the optimized HLO (``collectives.count_collectives``), with the ring
+  model's bytes sent per device: ``2 (R-1)/R N`` for an all-reduce of N bytes, ``(R-1)/R N`` for
+  a reduce-scatter from N bytes or an all-gather to N bytes.
+
+Then, on 8 simulated devices, the steady step rate of both forms on a small model
+(``--rate-width``), over ``--rounds`` rounds of ``--steps`` steps that alternate the two forms;
+the ratio is the median over rounds of sharded/replicated steps per second.
+
+Prints a table and writes ``results/weight_update_sharding.json`` and ``.png``.
+
+Usage: python benchmarks/weight_update_sharding.py  (about 15 s on 2 cores)
+       python benchmarks/weight_update_sharding.py --width 1024 --replicas 8 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from collectives import count_collectives
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpustrat as ts
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def init_params(width: int, layers: int, rng: np.random.Generator | None = None) -> dict:
+    """The MLP's parameters; abstract (ShapeDtypeStruct) without ``rng``."""
+    params = {}
+    for i in range(layers):
+        for name, shape in ((f"w{i}", (width, width)), (f"b{i}", (width,))):
+            if rng is None:
+                params[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
+            else:
+                scale = 1 / math.sqrt(width) if name.startswith("w") else 0.0
+                params[name] = (scale * rng.normal(size=shape)).astype(np.float32)
+    return params
+
+
+def loss(params: dict, batch: tuple) -> jax.Array:
+    x, y = batch
+    layers = len(params) // 2
+    for i in range(layers):
+        x = x @ params[f"w{i}"] + params[f"b{i}"]
+        x = jnp.tanh(x) if i < layers - 1 else x
+    return jnp.mean((x - y) ** 2)
+
+
+def make_step(tx, sharded: bool):
+    def step(params, opt_state, batch):
+        grads = jax.grad(loss)(params, batch)
+        if not sharded:
+            grads = ts.get_replica_context().all_reduce("mean", grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def make_tx(sharded: bool):
+    return ts.shard_update(optax.adam(1e-3)) if sharded else optax.adam(1e-3)
+
+
+def batch_for(strategy: ts.TPUStrategy, rows: int, width: int, seed: int = 0):
+    def component(ctx):
+        rng = np.random.default_rng([seed, ctx.replica_id_in_sync_group])
+        x = rng.normal(size=(rows, width)).astype(np.float32)
+        return x, np.tanh(x[:, ::-1])
+
+    return strategy.experimental_distribute_values_from_function(component)
+
+
+def with_shardings(tree, strategy: ts.TPUStrategy):
+    """ShapeDtypeStructs laid out as run returns them: PerReplica leaves over replicas."""
+    replicated = NamedSharding(strategy.mesh, P())
+    per_replica = NamedSharding(strategy.mesh, P("replica"))
+
+    def place(node):
+        if isinstance(node, ts.PerReplica):
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_replica), node
+            )
+        return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=replicated)
+
+    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, ts.PerReplica))
+
+
+def per_device_bytes(tree) -> int:
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def ring_bytes(collectives: dict, replicas: int) -> float:
+    """Bytes each device sends under the ring model, summed over the program's collectives."""
+    share = (replicas - 1) / replicas
+    sent = 0.0
+    for kind, entry in collectives.items():
+        if kind == "all-reduce":
+            sent += 2 * share * entry["operand_bytes"]
+        elif kind == "reduce-scatter":
+            sent += share * entry["operand_bytes"]
+        elif kind == "all-gather":
+            sent += share * entry["result_bytes"]
+        else:
+            raise ValueError(f"unexpected collective {kind!r} in a data-parallel train step")
+    return sent
+
+
+def measure_compiled(width: int, layers: int, rows: int) -> dict:
+    """Child process: compile both train steps on every device of this process; no training."""
+    strategy = ts.TPUStrategy()
+    replicas = strategy.num_replicas_in_sync
+    params = with_shardings(init_params(width, layers), strategy)
+    batch = batch_for(strategy, rows, width)
+    result = {
+        "replicas": replicas,
+        "parameters": sum(math.prod(p.shape) for p in jax.tree.leaves(params)),
+    }
+    for form in ("replicated", "sharded"):
+        tx = make_tx(form == "sharded")
+        state = jax.eval_shape(lambda p, tx=tx: strategy.run(tx.init, args=(p,)), params)
+        state = with_shardings(state, strategy)
+        step = make_step(tx, form == "sharded")
+        start = time.perf_counter()
+        compiled = (
+            jax.jit(lambda p, s, b, step=step: strategy.run(step, args=(p, s, b)))
+            .lower(params, state, batch)
+            .compile()
+        )
+        memory = compiled.memory_analysis()
+        collectives = count_collectives(compiled.as_text(), replicas)
+        result[form] = {
+            "argument_bytes": int(memory.argument_size_in_bytes),
+            "temp_bytes": int(memory.temp_size_in_bytes),
+            "parameter_bytes": per_device_bytes(params),
+            "state_bytes": per_device_bytes(state),
+            "collectives": collectives,
+            "collective_operand_bytes": sum(c["operand_bytes"] for c in collectives.values()),
+            "ring_bytes_sent": ring_bytes(collectives, replicas),
+            "compile_s": time.perf_counter() - start,
+        }
+    return result
+
+
+def measure_step_rate(width: int, layers: int, rows: int, rounds: int, steps: int) -> dict:
+    """Steady steps/s of both forms on this process's devices, alternating the forms by round."""
+    strategy = ts.TPUStrategy()
+    params = strategy.replicate(init_params(width, layers, np.random.default_rng(0)))
+    batch = batch_for(strategy, rows, width)
+    forms = {}
+    for form in ("replicated", "sharded"):
+        tx = make_tx(form == "sharded")
+        step = make_step(tx, form == "sharded")
+        state = (params, strategy.run(tx.init, args=(params,)))
+        for _ in range(3):  # compile and warm up
+            state = strategy.run(step, args=(*state, batch))
+        jax.block_until_ready(state)
+        forms[form] = [step, state]
+    rates = {form: [] for form in forms}
+    for round_index in range(rounds):
+        order = list(forms) if round_index % 2 == 0 else list(forms)[::-1]
+        for form in order:
+            step, state = forms[form]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state = strategy.run(step, args=(*state, batch))
+            jax.block_until_ready(state)
+            rates[form].append(steps / (time.perf_counter() - start))
+            forms[form][1] = state
+    ratios = [s / r for s, r in zip(rates["sharded"], rates["replicated"])]
+    return {
+        "width": width,
+        "layers": layers,
+        "rows_per_replica": rows,
+        "steps_per_round": steps,
+        "steps_per_s": {form: float(np.median(r)) for form, r in rates.items()},
+        "ratio_per_round": ratios,
+        "ratio": float(np.median(ratios)),
+    }
+
+
+def run_child(replicas: int, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        + [f"--xla_force_host_platform_device_count={replicas}"]
+    )
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    command = [sys.executable, __file__, "--child", "--width", str(args.width)]
+    command += ["--layers", str(args.layers), "--batch", str(args.batch)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode:
+        raise RuntimeError(f"the {replicas}-device subprocess failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def table(memory: list[dict], rate: dict) -> str:
+    lines = [
+        "| replicas | layout | argument MB/device | optimizer state MB/device | "
+        "collective operand MB | ring MB sent/device | args vs replicated |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in memory:
+        base = row["replicated"]["argument_bytes"]
+        for form in ("replicated", "sharded"):
+            entry = row[form]
+            lines.append(
+                f"| {row['replicas']} | {form} | {mb(entry['argument_bytes'])} | "
+                f"{mb(entry['state_bytes'])} | {mb(entry['collective_operand_bytes'])} | "
+                f"{mb(entry['ring_bytes_sent'])} | {entry['argument_bytes'] / base:.3f}x |"
+            )
+    steps = rate["steps_per_s"]
+    lines.append("")
+    lines.append(
+        f"step rate, {rate['layers']} x {rate['width']} MLP, 8 replicas: replicated "
+        f"{steps['replicated']:.1f} steps/s, sharded {steps['sharded']:.1f} steps/s, "
+        f"ratio {rate['ratio']:.3f} (median over rounds of "
+        f"{', '.join(f'{r:.3f}' for r in rate['ratio_per_round'])})"
+    )
+    return "\n".join(lines)
+
+
+def plot(memory: list[dict], title: str, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    replicas = [row["replicas"] for row in memory]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for form, marker in (("replicated", "o"), ("sharded", "s")):
+        for key, style, what in (
+            ("argument_bytes", "-", "arguments"),
+            ("state_bytes", "--", "optimizer state"),
+        ):
+            values = [row[form][key] / 1e6 for row in memory]
+            ax.plot(replicas, values, marker=marker, linestyle=style, label=f"{form}: {what}")
+    first = memory[0]["replicated"]["state_bytes"] / 1e6
+    ax.plot(replicas, [first / r for r in replicas], color="gray", linestyle=":", label="1/R")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(replicas, [str(r) for r in replicas])
+    ax.set_xlabel("replicas (simulated devices)")
+    ax.set_ylabel("MB per device")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="rows per replica")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--rate-width", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_compiled(args.width, args.layers, args.batch)))
+        return
+
+    memory = [run_child(r, args) for r in args.replicas]
+    rate = measure_step_rate(args.rate_width, args.layers, args.batch, args.rounds, args.steps)
+    print(table(memory, rate))
+    eight = next((row for row in memory if row["replicas"] == 8), memory[0])
+    ratio = eight["sharded"]["argument_bytes"] / eight["replicated"]["argument_bytes"]
+    print(
+        f"\n{eight['parameters'] / 1e6:.1f}M-parameter Adam model on {eight['replicas']} "
+        f"replicas: sharded arguments are {ratio:.3f}x the replicated ones"
+    )
+    record = {
+        "benchmark": "weight_update_sharding",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "memory": memory,
+        "step_rate": rate,
+        "argument_ratio_at_8": ratio,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "weight_update_sharding.json").write_text(json.dumps(record, indent=2) + "\n")
+    title = (
+        f"{eight['parameters'] / 1e6:.1f}M-parameter Adam MLP: bytes per device, "
+        "replicated vs ts.shard_update"
+    )
+    plot(memory, title, RESULTS / "weight_update_sharding.png")
+    print(f"wrote {RESULTS / 'weight_update_sharding.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Weight-update sharding: reduce_scatter, and ts.shard_update against plain data parallelism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tpustrat as ts
+
+MESHES = [(8, 1), (4, 2), (2, 4)]
+MESH_IDS = ["8x1", "4x2", "2x4"]
+GLOBAL_BATCH = 32
+STEPS = 20
+
+
+def _strategy(shape):
+    return ts.TPUStrategy(num_logical_cores=shape[1])
+
+
+def _plain(tree):
+    """run's replicated outputs as plain arrays, whether or not they come wrapped in Mirrored."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, ts.Mirrored) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, ts.Mirrored),
+    )
+
+
+def _per_replica(strategy, data):
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: data[ctx.replica_id_in_sync_group]
+    )
+
+
+# reduce_scatter --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize("op", ["sum", "mean"])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_reduce_scatter_matches_numpy(shape, op, axis):
+    strategy = _strategy(shape)
+    n = strategy.num_replicas_in_sync
+    data = np.random.default_rng(0).normal(size=(n, 8, 2 * n)).astype(np.float32)
+    out = strategy.run(
+        lambda x: ts.get_replica_context().reduce_scatter(op, {"x": x}, axis),
+        args=(_per_replica(strategy, data),),
+    )
+    total = data.sum(0) if op == "sum" else data.mean(0)
+    blocks = np.split(total, n, axis=axis)
+    for got, want in zip(strategy.experimental_local_results(out["x"]), blocks):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_scatter_inverts_all_gather():
+    strategy = ts.TPUStrategy()
+    data = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+
+    def step(x):
+        ctx = ts.get_replica_context()
+        return ctx.reduce_scatter("sum", ctx.all_gather(x, 0), 0)
+
+    out = strategy.run(step, args=(_per_replica(strategy, data),))
+    got = np.stack([np.asarray(v) for v in strategy.experimental_local_results(out)])
+    np.testing.assert_allclose(got, 8 * data)
+
+
+def test_reduce_scatter_errors():
+    strategy = ts.TPUStrategy()
+    ctx = ts.get_replica_context
+
+    with pytest.raises(ValueError, match=r"axis 2 is out of range for a value of shape \(8,\)"):
+        strategy.run(lambda: ctx().reduce_scatter("sum", jnp.ones(8), 2))
+    with pytest.raises(ValueError, match="a scalar has no axis"):
+        strategy.run(lambda: ctx().reduce_scatter("sum", jnp.ones(()), 0))
+    with pytest.raises(ValueError, match=r"length 6, which is not divisible by 8 replicas"):
+        strategy.run(lambda: ctx().reduce_scatter("mean", jnp.ones((2, 6)), 1))
+    with pytest.raises(ValueError, match="supports the reduce ops 'sum' and 'mean', got 'max'"):
+        strategy.run(lambda: ctx().reduce_scatter("max", jnp.ones(8), 0))
+    seen = {}
+    strategy.run(lambda: seen.setdefault("ctx", ctx()).num_replicas_in_sync)
+    with pytest.raises(RuntimeError, match=r"reduce_scatter was used outside strategy\.run"):
+        seen["ctx"].reduce_scatter("sum", jnp.ones(8), 0)
+
+
+# shard_update ----------------------------------------------------------------------------------
+
+
+def _no_decay_on_vectors(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+    "adam": lambda: optax.adam(0.01),
+    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
+    "adamw_mask": lambda: optax.adamw(0.01, weight_decay=0.1, mask=_no_decay_on_vectors),
+    "clip_adam": lambda: optax.chain(optax.clip_by_global_norm(0.05), optax.adam(0.01)),
+    "multisteps": lambda: optax.MultiSteps(optax.adam(0.01), every_k_schedule=3),
+}
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return {  # shapes that divide the replicas along different axes, or not at all
+        "w1": rng.normal(size=(6, 16)).astype(np.float32),
+        "b1": np.zeros(16, np.float32),
+        "w2": rng.normal(size=(16, 3)).astype(np.float32) / 4,
+        "b2": np.zeros(3, np.float32),
+        "scale": np.float32(1.0),
+    }
+
+
+def _batches(steps):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(steps, GLOBAL_BATCH, 6)).astype(np.float32)
+    y = rng.normal(size=(steps, GLOBAL_BATCH, 3)).astype(np.float32)
+    return x, y
+
+
+def _loss(params, x, y):
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean(((hidden @ params["w2"] + params["b2"]) * params["scale"] - y) ** 2)
+
+
+def _train(strategy, tx, params, opt_state, batches, sharded):
+    """Trains on ``batches`` (global arrays split evenly over the replicas); returns the state."""
+
+    def step(params, opt_state, x, y):
+        grads = jax.grad(_loss)(params, x, y)
+        if not sharded:  # plain data parallelism: all-reduce, then the same update everywhere
+            grads = ts.get_replica_context().all_reduce("mean", grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    n = strategy.num_replicas_in_sync
+    for x, y in zip(*batches):
+        x, y = (_per_replica(strategy, np.split(a, n)) for a in (x, y))
+        params, opt_state = strategy.run(step, args=(_plain(params), opt_state, x, y))
+    return _plain(params), opt_state
+
+
+def _reference(shape, name, steps=STEPS):
+    strategy = _strategy(shape)
+    tx = OPTIMIZERS[name]()
+    params = strategy.replicate(_params())
+    state = strategy.run(tx.init, args=(params,))
+    return _train(strategy, tx, params, state, _batches(steps), sharded=False)[0]
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sharded_training_equals_data_parallel(shape, name):
+    strategy = _strategy(shape)
+    tx = ts.shard_update(OPTIMIZERS[name]())
+    params = strategy.replicate(_params())
+    state = strategy.run(tx.init, args=(params,))
+    params, state = _train(strategy, tx, params, state, _batches(STEPS), sharded=True)
+    want = _reference(shape, name)
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(params["w1"]), _params()["w1"])  # it trained
+
+
+def test_clip_by_global_norm_sees_the_global_norm():
+    """One step of clip + sgd moves the parameters by exactly max_norm in global L2 norm."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.chain(optax.clip_by_global_norm(0.01), optax.sgd(1.0)))
+    params = strategy.replicate(_params())
+    state = strategy.run(tx.init, args=(params,))
+    new, _ = _train(strategy, tx, params, state, _batches(1), sharded=True)
+    moved = jax.tree.map(lambda a, b: np.asarray(a) - b, new, _params())
+    norm = np.sqrt(sum(np.sum(np.square(d)) for d in jax.tree.leaves(moved)))
+    np.testing.assert_allclose(norm, 0.01, rtol=1e-5)
+
+
+def test_state_is_split_over_replicas():
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.adam(0.01))
+    state = strategy.run(tx.init, args=(strategy.replicate(_params()),))
+    mu = state[0].mu
+    assert repr(mu["w1"]) == "ReplicaShard(PerReplica(float32[8, 6, 2]), shape=(6, 16), axis=1)"
+    assert repr(mu["b2"]) == "ReplicaShard(PerReplica(float32[8, 1]), shape=(3,), axis=0)"
+    assert not isinstance(mu["scale"], ts.ReplicaShard)  # a scalar stays whole
+    stacked = mu["w1"].blocks.stacked
+    assert stacked.sharding.spec[0] == "replica"
+    assert {s.data.shape for s in stacked.addressable_shards} == {(1, 6, 2)}
+
+
+def test_state_moves_to_another_replica_count():
+    """10 steps on 8 replicas, reshard, 10 on 4: the same as 20 steps of data parallelism."""
+    name = "adamw_mask"
+    x, y = _batches(STEPS)
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(jax.devices()[:4])
+    tx = ts.shard_update(OPTIMIZERS[name]())
+    params = eight.replicate(_params())
+    state = eight.run(tx.init, args=(params,))
+    params, state = _train(eight, tx, params, state, (x[:10], y[:10]), sharded=True)
+    moved = ts.reshard_update_state(state, four)
+    mu, before = moved[0].mu["w1"], state[0].mu["w1"]
+    assert repr(mu) == "ReplicaShard(PerReplica(float32[4, 6, 4]), shape=(6, 16), axis=1)"
+    np.testing.assert_array_equal(
+        np.concatenate(list(np.asarray(mu.blocks.stacked)), axis=1),
+        np.concatenate(list(np.asarray(before.blocks.stacked)), axis=1),
+    )
+    params, _ = _train(four, tx, four.replicate(params), moved, (x[10:], y[10:]), sharded=True)
+    want = _reference((8, 1), name)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_state_runs_in_experimental_run_steps():
+    """Four steps in one program, state donated, equal four separate run calls."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.adam(0.01))
+    x, y = _batches(4)
+
+    def step(state, batch):
+        params, opt_state = state
+        updates, opt_state = tx.update(jax.grad(_loss)(params, *batch), opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), 0.0
+
+    batches = [tuple(_per_replica(strategy, np.split(a, 8)) for a in pair) for pair in zip(x, y)]
+    params = strategy.replicate(_params())
+    state = (params, strategy.run(tx.init, args=(params,)))
+    result = strategy.experimental_run_steps(
+        step, state, iter(batches), 4, options=ts.RunOptions(donate_argnums=(0,))
+    )
+    params = strategy.replicate(_params())
+    want, _ = _train(strategy, tx, params, strategy.run(tx.init, args=(params,)), (x, y), True)
+    assert result.num_steps == 4
+    for got, ref in zip(jax.tree.leaves(_plain(result.state[0])), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_state_round_trips_through_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    tx = ts.shard_update(optax.adam(0.01))
+    params = strategy.replicate(_params())
+    state = strategy.run(tx.init, args=(params,))
+    params, state = _train(strategy, tx, params, state, _batches(2), sharded=True)
+    state = _plain(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = checkpointer.restore(tmp_path / "state", abstract)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    more, _ = _train(strategy, tx, params, restored, _batches(1), sharded=True)
+    same, _ = _train(strategy, tx, params, state, _batches(1), sharded=True)
+    for got, want in zip(jax.tree.leaves(more), jax.tree.leaves(same)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_checkpoint_from_8_replicas_restores_onto_4(tmp_path):
+    """Save on 8 replicas, restore the arrays onto a 4-replica mesh, reshard, train on."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+
+    name = "clip_adam"
+    x, y = _batches(STEPS)
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(jax.devices()[4:])
+    tx = ts.shard_update(OPTIMIZERS[name]())
+    params = eight.replicate(_params())
+    state = eight.run(tx.init, args=(params,))
+    params, state = _train(eight, tx, params, state, (x[:10], y[:10]), sharded=True)
+    state = _plain(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=NamedSharding(four.mesh, a.sharding.spec)
+            ),
+            state,
+        )
+        restored = checkpointer.restore(tmp_path / "state", target)
+    moved = ts.reshard_update_state(restored, four)
+    params, _ = _train(four, tx, four.replicate(params), moved, (x[10:], y[10:]), sharded=True)
+    want = _reference((8, 1), name)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_outside_run_is_an_error():
+    tx = ts.shard_update(optax.adam(0.01))
+    with pytest.raises(RuntimeError, match=r"init was called outside strategy\.run"):
+        tx.init(_params())
+
+
+def test_refuses_what_is_not_a_transformation():
+    with pytest.raises(TypeError, match="shard_update takes an optax GradientTransformation"):
+        ts.shard_update(lambda g: g)
+
+
+def _custom(update):
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        (lambda g, s, p=None: (jax.tree.map(jnp.cumsum, g), s), "'cumsum'"),
+        (
+            lambda g, s, p=None: (jax.tree.map(lambda x: x / jnp.mean(jnp.abs(x)), g), s),
+            "a mean over the axis ts.shard_update cuts",
+        ),
+        (lambda g, s, p=None: (jax.tree.map(lambda x: x[::-1], g), s), "'rev'"),
+        (
+            lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.arange(x.size), g), s),
+            "values computed from element positions",
+        ),
+    ],
+    ids=["cumsum", "mean", "reverse", "arange"],
+)
+def test_fails_closed_on_updates_that_mix_blocks(update, message):
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(_custom(update))
+    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    x = _per_replica(strategy, np.ones((8, 16), np.float32))
+    with pytest.raises(ValueError, match=message):
+        strategy.run(
+            lambda p, s, x: tx.update(jax.grad(lambda p: jnp.sum(p["w"] * x))(p), s, p),
+            args=(params, state, x),
+        )
+
+
+def test_noise_is_refused():
+    """optax.add_noise draws from the same key on every replica: each block would repeat it."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.chain(optax.add_noise(0.1, 0.5, key=0), optax.sgd(0.1)))
+    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    with pytest.raises(ValueError, match="values computed from element positions"):
+        strategy.run(lambda p, s: tx.update(p, s, p), args=(params, state))
+
+
+def test_full_reductions_are_exact_with_padding():
+    """max, min, any, sum of a 3-element leaf cut into padded blocks equal numpy's."""
+    strategy = ts.TPUStrategy()
+    values = np.array([-3.0, -1.0, -2.0], np.float32)  # all negative: padding zeros would win max
+
+    def stats(g, s, p=None):
+        x = g["w"]
+        out = jnp.stack([jnp.max(x), jnp.min(x), jnp.sum(x), jnp.any(x > -1.5).astype(x.dtype)])
+        return {"w": jnp.zeros_like(x) + jnp.sum(out * jnp.array([1000.0, 100.0, 10.0, 1.0]))}, s
+
+    tx = ts.shard_update(_custom(stats))
+    params = strategy.replicate({"w": values})
+    state = strategy.run(tx.init, args=(params,))
+    grads = _per_replica(strategy, [{"w": values}] * 8)
+    out = strategy.run(lambda g, s: tx.update(g, s)[0], args=(grads, state))
+    want = 1000 * -1.0 + 100 * -3.0 + 10 * -6.0 + 1.0
+    np.testing.assert_allclose(np.asarray(_plain(out)["w"]), np.full(3, want), rtol=1e-6)
+
+
+def test_contractions_over_the_cut_axis_are_exact():
+    """A transformation that scales each leaf by its norm from a full dot_general contraction."""
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+
+    def normalize(g, s, p=None):
+        return jax.tree.map(lambda x: x / jnp.sqrt(jnp.tensordot(x, x, x.ndim) + 1.0), g), s
+
+    tx = ts.shard_update(_custom(normalize))
+    grads = {"w": np.arange(1.0, 19.0, dtype=np.float32).reshape(3, 6), "b": np.ones(3, np.float32)}
+    state = strategy.run(tx.init, args=(strategy.replicate(grads),))
+    local = _per_replica(strategy, [grads] * 4)
+    out = _plain(strategy.run(lambda g, s: tx.update(g, s)[0], args=(local, state)))
+    for key, value in grads.items():
+        want = value / np.sqrt(np.sum(value**2) + 1.0)
+        np.testing.assert_allclose(np.asarray(out[key]), want, rtol=1e-6)
+
+
+def test_state_that_would_stop_being_whole_is_refused():
+    """A whole state leaf that an update fills from gradient blocks cannot stay exact."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(
+        optax.GradientTransformation(
+            lambda p: jnp.zeros(2, np.float32), lambda g, s, p=None: (g, s + g["w"])
+        )
+    )
+    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    with pytest.raises(ValueError, match="optimizer state is whole on every replica"):
+        strategy.run(lambda p, s: tx.update(p, s), args=(params, state))
+
+
+def test_compiled_step_reduce_scatters_and_all_gathers():
+    """The sharded Adam step sends a reduce-scatter and an all-gather, and no all-reduce."""
+    strategy = ts.TPUStrategy()
+    tx = ts.shard_update(optax.adam(0.01))
+    params = strategy.replicate({"w": np.ones((8, 16), np.float32)})
+    state = strategy.run(tx.init, args=(params,))
+    x = _per_replica(strategy, np.ones((8, 16), np.float32))
+
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.sum((p["w"] * x) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    run = jax.jit(lambda p, s, x: strategy.run(step, args=(p, s, x)))
+    hlo = run.lower(params, state, x).compile().as_text()
+    assert "reduce-scatter(" in hlo
+    assert "all-gather(" in hlo
+    assert "all-reduce(" not in hlo
