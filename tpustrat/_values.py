@@ -307,9 +307,11 @@ def local_components(stacked: Any) -> dict[int, np.ndarray]:
     """
     if not isinstance(stacked, jax.Array):
         return dict(enumerate(np.asarray(stacked)))
+    key = is_key(stacked)
+    if stacked.is_fully_addressable:  # one process: one fetch of the whole array
+        return dict(enumerate(np.asarray(jax.random.key_data(stacked) if key else stacked)))
     num_replicas = stacked.shape[0]
     shards = stacked.addressable_shards
-    key = is_key(stacked)
     arrays = [jax.random.key_data(s.data) if key else s.data for s in shards]
     components: dict[int, np.ndarray] = {}
     for shard, data in zip(shards, jax.device_get(arrays)):
