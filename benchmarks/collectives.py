@@ -241,7 +241,7 @@ def main() -> None:
         "jax": jax.__version__,
         "platform": jax.devices()[0].platform,
         "devices": jax.device_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workload": title,
         "rows": rows,
     }

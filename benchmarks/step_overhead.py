@@ -399,7 +399,7 @@ def main() -> None:
         "machine": machine(),
         "jax": jax.__version__,
         "keras": None if skipped else importlib.metadata.version("keras"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "devices": jax.device_count(),
         "workload": title,

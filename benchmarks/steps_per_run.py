@@ -129,7 +129,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
     (out / "steps_per_run.json").write_text(json.dumps(record, indent=2))
