@@ -24,11 +24,42 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+import jax
+import numpy as np
 import pytest
+
+import tpustrat as ts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 MARK = re.compile(r"<!--\s*(not run|run as):\s*(.*?)\s*-->")
+
+# The guides are written for the value model of issue 10 (replicated results are plain
+# jax.Arrays, ts.REPLICA_AXIS, ctx.replica_key). Until that model is installed they are expected
+# to fail here; once it is, this condition is False and they run like every other page.
+# Delete this block when issue 10 has landed.
+OLD_VALUE_MODEL = not isinstance(ts.TPUStrategy().replicate(np.float32(0)), jax.Array)
+WRITTEN_FOR_ISSUE_10 = {
+    f"docs/guides/{name}.md"
+    for name in (
+        "quickstart",
+        "from_tf_distribute",
+        "from_pmap",
+        "feeding",
+        "model_parallelism",
+        "throughput",
+    )
+}
+
+
+def _document(path: pathlib.Path):
+    name = str(path.relative_to(ROOT))
+    mark = pytest.mark.xfail(
+        OLD_VALUE_MODEL and name in WRITTEN_FOR_ISSUE_10,
+        reason="written for issue 10's value model, not installed yet",
+        strict=True,
+    )
+    return pytest.param(path, id=name, marks=mark)
 
 
 class Block(NamedTuple):
@@ -105,7 +136,7 @@ def _run_in(block: Block, namespace: dict, label: str) -> str:
     return output.getvalue()
 
 
-@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", [_document(path) for path in DOCUMENTS])
 def test_python_blocks_run_as_written(path, tmp_path):
     namespace = {"__name__": "__docs__"}
     for block in python_blocks(path):
@@ -134,3 +165,12 @@ def test_quickstart_example_is_the_readme_quickstart():
     quickstart = python_blocks(ROOT / "README.md")[0].code.strip().splitlines()
     example = (ROOT / "examples" / "quickstart.py").read_text().strip().splitlines()
     assert example[-1] == quickstart[-1]
+
+
+def test_api_reference_documents_every_public_name():
+    """docs/api.md renders each name of ``ts.__all__`` (and of ``tpustrat.testing``)."""
+    documented = set(re.findall(r"^::: (\S+)$", (ROOT / "docs" / "api.md").read_text(), re.M))
+    public = {f"tpustrat.{name}" for name in ts.__all__ if name != "testing"}
+    public |= {f"tpustrat.testing.{name}" for name in ts.testing.__all__}
+    assert sorted(public - documented) == [], "add these to docs/api.md"
+    assert sorted(documented - public) == [], "docs/api.md names what is not public"
