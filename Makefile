@@ -23,12 +23,12 @@ export NO_MKDOCS_2_WARNING := 1
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "build>=1.2"
-	$(PY) -m build --wheel --outdir dist .
+	$(PY) -m build --quiet --wheel --outdir dist .
 	$(PY) -m pip install --quiet "$(WHEEL)[test,examples,docs,dev]"
 	touch $@
 
-$(WHEEL): $(SOURCES) $(DEPS)
-	$(PY) -m build --wheel --outdir dist .
+$(WHEEL): $(SOURCES) | $(DEPS)
+	$(PY) -m build --quiet --wheel --outdir dist .
 
 $(VENV)/.wheel: $(WHEEL)
 	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEEL)
