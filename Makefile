@@ -1,40 +1,78 @@
-# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv when missing.
+# `make demo` and `make test` do all the set-up: each creates .venv when missing.
+# The tests run against the built wheel installed in .venv, never against the source tree.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+DEPS := $(VENV)/.deps
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL := dist/tpustrat-$(VERSION)-py3-none-any.whl
+SOURCES := pyproject.toml README.md LICENSE $(wildcard tpustrat/*.py tpustrat/py.typed)
 DEVICES ?= 8
 ARGS ?=
+# The oldest JAX that pyproject.toml claims, with the oldest Flax and optax that support it.
+OLDEST_VENV := .venv-oldest
+OLDEST_PINS := jax==0.7.0 jaxlib==0.7.0 flax==0.11.0 optax==0.2.5
+# The benchmarks write into the ignored benchmarks/results/local/; RECORD=1 updates the tracked
+# benchmarks/results/ that benchmarks/README.md quotes.
+BENCH_FLAGS := $(if $(RECORD),--record)
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test format bench clean
+.PHONY: demo test test-oldest docs bench format clean
 
-$(STAMP): pyproject.toml
+# Dependencies (and `build`) once per change of pyproject.toml; tpustrat itself comes from the wheel.
+$(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,examples,dev]"
-	touch $(STAMP)
-
-$(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --upgrade pip "build>=1.2"
+	$(PY) -m build --quiet --wheel --outdir dist .
+	$(PY) -m pip install --quiet "$(WHEEL)[test,examples,docs,dev]"
 	touch $@
 
-demo: $(STAMP)
+$(WHEEL): $(SOURCES) | $(DEPS)
+	$(PY) -m build --quiet --wheel --outdir dist .
+
+$(VENV)/.wheel: $(WHEEL)
+	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEEL)
+	touch $@
+
+$(VENV)/.bench: $(DEPS)
+	$(PY) -m pip install --quiet "$(WHEEL)[bench]"
+	touch $@
+
+demo: $(VENV)/.wheel
 	XLA_FLAGS="--xla_force_host_platform_device_count=$(DEVICES) $(XLA_FLAGS)" $(PY) examples/nnx_digits.py $(ARGS)
 
-test: $(STAMP)
+# pytest runs as .venv/bin/pytest (not `python -m pytest`, which would put the source tree on
+# sys.path); TPUSTRAT_TEST_INSTALLED makes conftest.py refuse a tpustrat imported from ./tpustrat.
+test: $(VENV)/.wheel
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q $(ARGS)
+	$(VENV)/bin/mkdocs build --strict --quiet
+	TPUSTRAT_TEST_INSTALLED=1 $(VENV)/bin/pytest -q $(ARGS)
 
-format: $(STAMP)
+$(OLDEST_VENV)/.installed: $(WHEEL)
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(WHEEL)[test,examples]" $(OLDEST_PINS)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps $(WHEEL)
+	touch $@
+
+# The whole suite again on the oldest JAX that pyproject.toml claims (about 1.5 min on 2 cores).
+test-oldest: $(OLDEST_VENV)/.installed
+	TPUSTRAT_TEST_INSTALLED=1 $(OLDEST_VENV)/bin/pytest -q $(ARGS)
+
+docs: $(DEPS)
+	$(VENV)/bin/mkdocs build --strict
+	@echo "built build/site/index.html"
+
+format: $(DEPS)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: $(VENV)/.bench
-	$(PY) benchmarks/step_overhead.py
-	$(PY) benchmarks/collectives.py
-	$(PY) benchmarks/steps_per_run.py
-	$(PY) benchmarks/input_pipeline.py
+bench: $(VENV)/.wheel $(VENV)/.bench
+	$(PY) benchmarks/step_overhead.py $(BENCH_FLAGS)
+	$(PY) benchmarks/collectives.py $(BENCH_FLAGS)
+	$(PY) benchmarks/steps_per_run.py $(BENCH_FLAGS)
+	$(PY) benchmarks/input_pipeline.py $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build dist .pytest_cache .ruff_cache

@@ -7,8 +7,8 @@ operand and result bytes per device, next to the gradient bytes (4 bytes per par
 step, prediction with ``ctx.all_gather`` of the logits, compares the gathered bytes with the
 bytes of the global output (256 x 10 x 4). For reference, step_overhead's hand-written (b) and
 auto-partitioned (c) train steps on 8x1. The counts depend only on the jax/XLA version, not on
-the machine's load. Prints a table and writes ``results/collectives.json`` and
-``results/collectives.png``.
+the machine's load. Prints a table and writes ``collectives.json`` and ``collectives.png``
+into ``results/local/`` (``--record``: into the tracked ``results/``).
 
 Usage: python benchmarks/collectives.py  (about 10 s)
 """
@@ -32,6 +32,7 @@ import re
 import sys
 from typing import Any
 
+import _results
 import jax
 import numpy as np
 import step_overhead as workload
@@ -194,7 +195,7 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    _results.add_arguments(parser)
     args = parser.parse_args()
     params = jax.tree.map(np.asarray, workload.init_params(jax.random.key(0)))
     x, y = workload.global_batch()
@@ -233,15 +234,14 @@ def main() -> None:
             f"{r['group_size'] or '-':>5} {r['operand_bytes']:>10,} {r['result_bytes']:>10,} "
             f"{r['reference']:<16} {r['reference_bytes']:>10,} {r['result_over_reference']:>10.3f}"
         )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _results.folder(args)
     record = {
         "benchmark": "collectives",
         "command": " ".join(["python", *sys.argv]),
         "jax": jax.__version__,
         "platform": jax.devices()[0].platform,
         "devices": jax.device_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "workload": title,
         "rows": rows,
     }

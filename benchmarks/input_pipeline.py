@@ -9,7 +9,10 @@ in the machine's load touches all three; each number is the median over repeats 
 steady-state time per step (the first step of each epoch, which also fills the buffer, is left
 out).
 
-Usage: python benchmarks/input_pipeline.py  (about 20 s on 2 CPU cores)
+Prints a table and writes ``input_pipeline.json`` and ``input_pipeline.png`` into
+``results/local/`` (``--record``: into the tracked ``results/``).
+
+Usage: python benchmarks/input_pipeline.py [--batches 20] [--repeats 3]  (about 20 s on 2 cores)
 """
 
 import os
@@ -19,9 +22,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import argparse
+import datetime
+import json
+import pathlib
 import statistics
+import sys
 import time
 
+import _results
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +39,6 @@ import tpustrat as ts
 
 GLOBAL_BATCH = 256
 FEATURES = 128
-BATCHES_PER_EPOCH = 20
-REPEATS = 3
 CONFIGS_MS = [(10, 30), (20, 20), (30, 10)]  # (loader X, step Y)
 
 
@@ -92,25 +99,39 @@ def epoch_step_ms(strategy, weights, loader, iterations: int, buffer_size: int) 
     return (time.perf_counter() - start) * 1e3 / (len(loader) - 1)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20, help="batches per timed epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs of each kind per config")
+    _results.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def main():
+    args = parse_args()
     strategy = ts.TPUStrategy()
     rng = np.random.default_rng(1)
     weights = strategy.replicate(
         (rng.normal(size=(FEATURES, FEATURES)) / np.sqrt(FEATURES)).astype(np.float32)
     )
-    print(f"{strategy}, global batch {GLOBAL_BATCH}x{FEATURES}, {BATCHES_PER_EPOCH} batches")
+    title = (
+        f"{strategy.num_replicas_in_sync} replicas, global batch {GLOBAL_BATCH}x{FEATURES}, "
+        f"{args.batches} batches per epoch, {args.repeats} epochs each"
+    )
+    print(title)
     print("ms per step. X: loader sleep per batch; Y: the step alone (target, then measured")
     print("in the same alternation with a loader that never sleeps)")
     print(f"{'X':>4} {'Y':>4} {'Y meas':>7} {'prefetch':>9} {'sync':>7} {'max(X,Y)':>9} {'X+Y':>6}")
+    rows = []
     for loader_ms, target_ms in CONFIGS_MS:
         iterations = np.int32(calibrate(strategy, weights, target_ms))
         runs = {  # name: (loader, buffer size); "step" is Y alone: a loader that never sleeps
-            "step": (SleepyLoader(0, BATCHES_PER_EPOCH), 0),
-            "prefetch": (SleepyLoader(loader_ms, BATCHES_PER_EPOCH), 2),
-            "sync": (SleepyLoader(loader_ms, BATCHES_PER_EPOCH), 0),
+            "step": (SleepyLoader(0, args.batches), 0),
+            "prefetch": (SleepyLoader(loader_ms, args.batches), 2),
+            "sync": (SleepyLoader(loader_ms, args.batches), 0),
         }
         times = {name: [] for name in runs}
-        for _ in range(REPEATS):
+        for _ in range(args.repeats):
             for name, (loader, buffer_size) in runs.items():  # alternate the three
                 times[name].append(
                     epoch_step_ms(strategy, weights, loader, iterations, buffer_size)
@@ -120,6 +141,63 @@ def main():
             f"{loader_ms:>4} {target_ms:>4} {measured:>7.1f} {prefetch:>9.1f} {sync:>7.1f} "
             f"{max(loader_ms, measured):>9.1f} {loader_ms + measured:>6.1f}"
         )
+        rows.append(
+            {
+                "loader_ms": loader_ms,
+                "step_target_ms": target_ms,
+                "step_ms": measured,
+                "prefetch_ms": prefetch,
+                "sync_ms": sync,
+                "max_ms": max(loader_ms, measured),
+                "sum_ms": loader_ms + measured,
+                "runs_ms": times,
+            }
+        )
+    out = _results.folder(args)
+    record = {
+        "benchmark": "input_pipeline",
+        "command": " ".join(["python", *sys.argv]),
+        "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "devices": jax.device_count(),
+        "workload": title,
+        "rows": rows,
+    }
+    (out / "input_pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(rows, title, out / "input_pipeline.png")
+    print(f"wrote {out / 'input_pipeline.json'} and {out / 'input_pipeline.png'}")
+
+
+def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
+    """ms per step with and without prefetch, against max(X, Y) and X + Y, per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    positions = np.arange(len(rows))
+    width = 0.35
+    for offset, key, label in ((-1, "prefetch_ms", "with prefetch"), (1, "sync_ms", "synchronous")):
+        bars = ax.bar(positions + offset * width / 2, [r[key] for r in rows], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    for key, marker, label in (("max_ms", "_", "max(X, Y)"), ("sum_ms", "x", "X + Y")):
+        ax.scatter(
+            positions,
+            [r[key] for r in rows],
+            marker=marker,
+            s=200,
+            color="black",
+            label=label,
+            zorder=3,
+        )
+    ax.set_xticks(positions, [f"X={r['loader_ms']} ms\nY={r['step_ms']:.1f} ms" for r in rows])
+    ax.set_ylabel("ms per step (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

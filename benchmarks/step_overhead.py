@@ -13,7 +13,8 @@ Runs alternate (a b c d, b c d a, c d a b, ...) so that machine noise hits every
 the table shows median steps/s, the ratio of medians to (b), and the median over rounds of
 each round's ratio to (b) (steadier when the machine's load drifts). Then (a) and (b) run a
 step that computes nothing, which times dispatch alone: tpustrat's extra microseconds per call.
-Writes ``results/step_overhead.json`` and ``results/step_overhead.png``.
+Writes ``step_overhead.json`` and ``step_overhead.png`` into ``results/local/`` (``--record``: into
+the tracked ``results/``).
 
 On a CPU-only machine it simulates 8 devices (unless XLA_FLAGS already sets a device count).
 
@@ -46,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import _results
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,21 +280,18 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["variant"] for row in rows][::-1]
-    medians = [row["median_steps_per_s"] for row in rows][::-1]
-    low = [m - min(row["rounds"]) for m, row in zip(medians, rows[::-1])]
-    high = [max(row["rounds"]) - m for m, row in zip(medians, rows[::-1])]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.4))
-    bars = ax.barh(names, medians, xerr=[low, high], color="#4c72b0", capsize=4)
-    for bar, row in zip(bars, rows[::-1]):
-        ax.text(
-            bar.get_width() * 0.02,
-            bar.get_y() + bar.get_height() / 2,
-            f"{row['median_steps_per_s']:.0f} steps/s, {row['ratio_to_b']:.3f} x (b) "
-            f"(paired {row['paired_ratio_to_b']:.3f})",
-            va="center",
-            color="white",
-        )
+    rows = rows[::-1]  # the first variant on top
+    medians = [row["median_steps_per_s"] for row in rows]
+    low = [m - min(row["rounds"]) for m, row in zip(medians, rows)]
+    high = [max(row["rounds"]) - m for m, row in zip(medians, rows)]
+    # The numbers go in the axis labels, not on the bars, where the whiskers would cross them.
+    labels = [
+        f"{row['variant']}\n{row['median_steps_per_s']:.0f} steps/s, {row['ratio_to_b']:.3f} x (b)"
+        f" (paired {row['paired_ratio_to_b']:.3f})"
+        for row in rows
+    ]
+    fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 1.4))
+    ax.barh(labels, medians, xerr=[low, high], color="#4c72b0", capsize=4)
     ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -305,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds")
     parser.add_argument("--no-op-calls", type=int, default=1000, help="calls per round, no-op")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    _results.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -391,15 +390,14 @@ def main() -> None:
         f"tpustrat's extra {extra_us:.0f} us/call is {extra_us * baseline / 1e4:.1f}% of a "
         f"(b) train step ({1e6 / baseline:.0f} us)"
     )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _results.folder(args)
     record = {
         "benchmark": "step_overhead",
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
         "jax": jax.__version__,
         "keras": None if skipped else importlib.metadata.version("keras"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "devices": jax.device_count(),
         "workload": title,

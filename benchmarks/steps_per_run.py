@@ -5,7 +5,8 @@ Two tiny workloads on 8 replicas, global batch 64, where per-step dispatch matte
   local  the same model's loss and gradient with no collective (say, gradient accumulation).
 N = 1 is one ``strategy.run`` per step; N = 8 and 32 run N steps in one program (a lax.scan).
 Rounds alternate between the variants; the table shows median steps/s and the ratio to N = 1.
-Writes ``results/steps_per_run.json`` and ``results/steps_per_run.png``.
+Writes ``steps_per_run.json`` and ``steps_per_run.png`` into ``results/local/`` (``--record``: into
+the tracked ``results/``).
 
 Usage: python benchmarks/steps_per_run.py [--steps 256] [--rounds 5]
 """
@@ -23,10 +24,12 @@ import statistics
 import sys
 import time
 
+import _results
+
 PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 PARSER.add_argument("--steps", type=int, default=256, help="timed steps per round (multiple of 32)")
 PARSER.add_argument("--rounds", type=int, default=5)
-PARSER.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+_results.add_arguments(PARSER)
 ARGS = PARSER.parse_args()
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -122,14 +125,13 @@ def main() -> None:
             f"{row['workload']:<30} {row['steps_per_run']:>13} "
             f"{row['median_steps_per_s']:>9.1f} {row['ratio_to_1']:>13.2f}"
         )
-    out = pathlib.Path(ARGS.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _results.folder(ARGS)
     record = {
         "benchmark": "steps_per_run",
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
     (out / "steps_per_run.json").write_text(json.dumps(record, indent=2))

@@ -24,4 +24,4 @@ batch = next(iter(strategy.experimental_distribute_dataset([(x, y)])))  # rows s
 w = strategy.replicate(np.zeros(3, np.float32))
 for _ in range(200):
     w = strategy.run(step, args=(w, batch))
-print(strategy, "->", np.round(np.asarray(w), 3))  # [ 1.  -2.   0.5]
+print(np.round(np.asarray(w), 3))  # [ 1.  -2.   0.5]

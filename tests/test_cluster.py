@@ -21,6 +21,7 @@ import pytest
 
 import tpustrat as ts
 from tpustrat import _cluster, _launch
+from tpustrat.testing import run_in_local_processes
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 4
@@ -32,7 +33,7 @@ def job(request):
     """(replicas per process, the one-process reference, each process's results)."""
     replicas, cores = request.param
     reference = workers.exercise(ts.TPUStrategy(num_logical_cores=cores))
-    results = ts.run_in_local_processes(
+    results = run_in_local_processes(
         workers.in_cluster,
         NUM_PROCESSES,
         devices_per_process=DEVICES_PER_PROCESS,
@@ -139,7 +140,7 @@ def _assert_stopped(folder):
 def test_failed_process_stops_the_others(tmp_path):
     start = time.monotonic()
     with pytest.raises(ts.ClusterError, match="process 1 of 2 failed with exit code 1") as error:
-        ts.run_in_local_processes(
+        run_in_local_processes(
             workers.fail_in_process_1, 2, devices_per_process=2, args=(str(tmp_path),), timeout=90
         )
     assert "processes [0] were still running and were stopped" in str(error.value)
@@ -150,7 +151,7 @@ def test_failed_process_stops_the_others(tmp_path):
 
 def test_timeout_stops_every_process(tmp_path):
     with pytest.raises(ts.ClusterError, match=r"timed out after 15 s with processes \[0, 1\]") as e:
-        ts.run_in_local_processes(
+        run_in_local_processes(
             workers.sleep_forever, 2, devices_per_process=1, args=(str(tmp_path),), timeout=15
         )
     assert "in sleep_forever" in str(e.value)  # each process's Python stack
@@ -297,6 +298,7 @@ def test_user_script_with_function_in_main(tmp_path):
             import jax
             import numpy as np
             import tpustrat as ts
+            from tpustrat.testing import run_in_local_processes
 
             def replica_sum():
                 strategy = ts.TPUStrategy()
@@ -306,7 +308,7 @@ def test_user_script_with_function_in_main(tmp_path):
                 return info.process_id, float(strategy.reduce("sum", ids)), jax.device_count()
 
             if __name__ == "__main__":
-                print(ts.run_in_local_processes(replica_sum, 2, devices_per_process=3, timeout=90))
+                print(run_in_local_processes(replica_sum, 2, devices_per_process=3, timeout=90))
         """)
     )
     done = subprocess.run(
@@ -368,13 +370,13 @@ def test_tpu_held_by_another_process_message():
 
 def test_launcher_rejects_what_it_cannot_send():
     with pytest.raises(TypeError, match="top level of a module"):
-        ts.run_in_local_processes(lambda: 0, 2)
+        run_in_local_processes(lambda: 0, 2)
     with pytest.raises(ValueError, match="devices_per_process must be an int >= 1, got 0"):
-        ts.run_in_local_processes(workers.scale, 2, devices_per_process=0)
+        run_in_local_processes(workers.scale, 2, devices_per_process=0)
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, got -1"):
-        ts.run_in_local_processes(workers.scale, 2, timeout=-1)
+        run_in_local_processes(workers.scale, 2, timeout=-1)
     with pytest.raises(ValueError, match="heartbeat_timeout must be a whole number of seconds"):
-        ts.run_in_local_processes(workers.scale, 2, heartbeat_timeout=0.5)
+        run_in_local_processes(workers.scale, 2, heartbeat_timeout=0.5)
 
 
 @pytest.mark.parametrize("module", [_cluster, _launch], ids=lambda m: m.__name__)
@@ -389,4 +391,12 @@ def test_docstring_examples(module, fresh_cluster_state):
 
 def test_function_that_ends_its_process_is_reported():
     with pytest.raises(ts.ClusterError, match="process 0 of 1 exited with code 0 but returned"):
-        ts.run_in_local_processes(os._exit, 1, args=(0,), timeout=60)
+        run_in_local_processes(os._exit, 1, args=(0,), timeout=60)
+
+
+def test_old_launcher_name_warns_and_still_works():
+    with pytest.warns(DeprecationWarning, match="moved to tpustrat.testing.run_in_local_processes"):
+        old = ts.run_in_local_processes
+    assert old is run_in_local_processes
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        ts.no_such_name  # noqa: B018

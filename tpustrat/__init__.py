@@ -1,5 +1,9 @@
 """tpustrat: tf.distribute.TPUStrategy for JAX, built on jax.sharding and jax.shard_map."""
 
+import warnings
+from typing import Any
+
+from tpustrat import testing
 from tpustrat._accounting import CompileStats, Recompile
 from tpustrat._cluster import ClusterError, ClusterInfo, initialize_cluster
 from tpustrat._context import (
@@ -9,7 +13,6 @@ from tpustrat._context import (
     get_strategy,
 )
 from tpustrat._input import DistributedDataset, InputContext, InputOptions
-from tpustrat._launch import run_in_local_processes
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator
@@ -52,6 +55,19 @@ __all__ = [
     "get_strategy",
     "initialize_cluster",
     "reshard_update_state",
-    "run_in_local_processes",
     "shard_update",
+    "testing",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Keeps moved names working, with a DeprecationWarning that names their new place."""
+    if name == "run_in_local_processes":
+        warnings.warn(
+            "ts.run_in_local_processes moved to tpustrat.testing.run_in_local_processes; "
+            "import it from there (the old name will be removed in a future release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return testing.run_in_local_processes
+    raise AttributeError(f"module 'tpustrat' has no attribute {name!r}")

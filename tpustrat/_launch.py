@@ -97,7 +97,7 @@ def run_in_local_processes(
         process has been stopped when it is raised.
 
     Example:
-      >>> ts.run_in_local_processes(jax.device_count, 2, devices_per_process=3)
+      >>> ts.testing.run_in_local_processes(jax.device_count, 2, devices_per_process=3)
       [6, 6]
     """
     check_int("num_processes", num_processes, minimum=1)

@@ -11,6 +11,11 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 REPLICA_AXIS = "replica"
+"""The name of the replica axis inside ``strategy.run``, for collectives written by hand.
+
+Use it wherever ``jax.pmap`` code named its axis: ``lax.pmean(x, ts.REPLICA_AXIS)``,
+``nn.BatchNorm(axis_name=ts.REPLICA_AXIS)``, ``nnx.BatchNorm(..., axis_name=ts.REPLICA_AXIS)``.
+"""
 LOGICAL_CORE_AXIS = "logical_core"
 
 
