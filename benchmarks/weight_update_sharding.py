@@ -313,7 +313,7 @@ def main() -> None:
     )
     record = {
         "benchmark": "weight_update_sharding",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
         "args": {k: v for k, v in vars(args).items() if k != "child"},

@@ -24,8 +24,6 @@ import subprocess
 import sys
 from typing import NamedTuple
 
-import jax
-import numpy as np
 import pytest
 
 import tpustrat as ts
@@ -33,6 +31,7 @@ import tpustrat as ts
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 MARK = re.compile(r"<!--\s*(not run|run as):\s*(.*?)\s*-->")
+
 
 def _document(path: pathlib.Path):
     return pytest.param(path, id=str(path.relative_to(ROOT)))
