@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from tpustrat import _mesh
+from tpustrat._input_options import InputOptions
 from tpustrat._values import PerReplica
-
-if TYPE_CHECKING:
-    from tpustrat._input import InputOptions
 
 PyTree = Any
 

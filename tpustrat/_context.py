@@ -6,23 +6,47 @@ import contextlib
 import contextvars
 import enum
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import jax
 from jax import lax
+from jax.sharding import Mesh
 
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 
-if TYPE_CHECKING:
-    from tpustrat._strategy import TPUStrategy
-
 PyTree = Any
+
+
+class Strategy(Protocol):
+    """What the replica context and the modules under the strategy read of a strategy.
+
+    ``ts.TPUStrategy`` is one; the modules below ``_strategy`` name this Protocol instead of
+    importing the strategy, so that imports run one way.
+    """
+
+    @property
+    def mesh(self) -> Mesh:
+        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``."""
+        ...
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """How many replicas run each step together."""
+        ...
+
+    @property
+    def num_slices(self) -> int:
+        """How many slices the replicas form."""
+        ...
+
+
+_S = TypeVar("_S", bound=Strategy)
 
 _REPLICA_CONTEXT: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
     "tpustrat_replica_context", default=None
 )
-_STRATEGY: contextvars.ContextVar[TPUStrategy | None] = contextvars.ContextVar(
+_STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
     "tpustrat_strategy", default=None
 )
 
@@ -66,13 +90,13 @@ class ReplicaContext:
       8.0
     """
 
-    def __init__(self, strategy: TPUStrategy, row_mask: jax.Array | None = None):
+    def __init__(self, strategy: Strategy, row_mask: jax.Array | None = None):
         self._strategy = strategy
         self._row_mask = row_mask
         self._active = False
 
     @property
-    def strategy(self) -> TPUStrategy:
+    def strategy(self) -> Strategy:
         """The strategy running this step."""
         return self._strategy
 
@@ -262,7 +286,7 @@ def get_replica_context() -> ReplicaContext | None:
     return _REPLICA_CONTEXT.get()
 
 
-def get_strategy() -> TPUStrategy | None:
+def get_strategy() -> Strategy | None:
     """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
 
     Example:
@@ -275,7 +299,7 @@ def get_strategy() -> TPUStrategy | None:
 
 
 @contextlib.contextmanager
-def strategy_scope(strategy: TPUStrategy) -> Iterator[TPUStrategy]:
+def strategy_scope(strategy: _S) -> Iterator[_S]:
     """Makes ``strategy`` the one ``get_strategy`` returns, until the block ends."""
     token = _STRATEGY.set(strategy)
     try:
