@@ -161,62 +161,6 @@ class DistributedDataset:
         return DistributedIterator(distributed_elements(source, batcher), buffer_size)
 
 
-class DatasetDistribution:
-    """The dataset methods of ``ts.TPUStrategy`` (a mixin over its mesh)."""
-
-    _mesh: Mesh
-
-    def experimental_distribute_dataset(
-        self, dataset: Iterable[PyTree], options: InputOptions | None = None
-    ) -> DistributedDataset:
-        """Splits each global batch of ``dataset`` over the replicas, prefetched to the devices.
-
-        Replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)`` of a batch of ``B``
-        rows. A partial last batch is padded and masked, dropped, or refused, as ``options``
-        say (``ts.InputOptions``); the module docstring of ``tpustrat._input`` gives the recipe
-        for exact epoch metrics.
-
-        Args:
-          dataset: an iterable of pytrees whose leaves share a leading global-batch axis (a
-            list, a generator, a ``tf.data.Dataset``, a grain loader).
-          options: a ``ts.InputOptions``.
-
-        Returns:
-          A ``ts.DistributedDataset`` whose elements have the dataset's structure with
-          PerReplica leaves.
-
-        Example:
-          >>> strategy = ts.TPUStrategy()
-          >>> batches = [{"x": np.arange(16.0).reshape(8, 2)}]
-          >>> for batch in strategy.experimental_distribute_dataset(batches):
-          ...     print(batch["x"], strategy.run(lambda b: b["x"].sum(), args=(batch,)))
-          PerReplica(float32[8, 1, 2]) PerReplica(float32[8])
-        """
-        return distribute_dataset(self._mesh, dataset, options)
-
-    def distribute_datasets_from_function(
-        self,
-        dataset_fn: Callable[[InputContext], Iterable[PyTree]],
-        options: InputOptions | None = None,
-    ) -> DistributedDataset:
-        """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
-
-        As in tf.distribute, the dataset yields per-replica batches
-        (``ctx.get_per_replica_batch_size(global_batch_size)`` rows), and each step gives one
-        to each of the process's replicas, in replica order.
-
-        Example:
-          >>> strategy = ts.TPUStrategy()
-          >>> def dataset_fn(ctx):
-          ...     rows = ctx.get_per_replica_batch_size(16)
-          ...     return [np.zeros((rows, 3), np.float32)] * 8  # one step of 8 replicas
-          >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
-          >>> len(dist), dist.element_spec.shape
-          (1, (2, 3))
-        """
-        return distribute_datasets_from_function(self._mesh, dataset_fn, options)
-
-
 def distribute_dataset(
     mesh: Mesh, dataset: Iterable[PyTree], options: InputOptions | None = None
 ) -> DistributedDataset:
