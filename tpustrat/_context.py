@@ -12,6 +12,7 @@ import jax
 from jax import lax
 from jax.sharding import Mesh
 
+from tpustrat._checks import check_axis
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 
@@ -192,7 +193,9 @@ class ReplicaContext:
 
         def gather(x):
             x = jax.numpy.asarray(x)
-            return lax.all_gather(x, REPLICA_AXIS, axis=_axis("all_gather", x, axis), tiled=True)
+            return lax.all_gather(
+                x, REPLICA_AXIS, axis=check_axis("all_gather", axis, x.ndim, _shape(x)), tiled=True
+            )
 
         return jax.tree.map(gather, value)
 
@@ -231,7 +234,7 @@ class ReplicaContext:
 
         def scatter(x):
             x = jax.numpy.asarray(x)
-            dim = _axis("reduce_scatter", x, axis)
+            dim = check_axis("reduce_scatter", axis, x.ndim, _shape(x))
             if x.shape[dim] % num_replicas:
                 raise ValueError(
                     f"reduce_scatter axis {axis} of a value of shape {x.shape} has length "
@@ -263,15 +266,8 @@ class ReplicaContext:
             self._active = False
 
 
-def _axis(what: str, x: jax.Array, axis: int) -> int:
-    """``axis`` of ``x`` as a non-negative int, or a ValueError naming ``what`` and the range."""
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(
-            f"{what} axis {axis} is out of range for a value of shape {x.shape}; "
-            f"use an axis in [{-x.ndim}, {x.ndim})"
-            + (" (a scalar has no axis: reshape it to (1,) first)" if x.ndim == 0 else "")
-        )
-    return axis % x.ndim
+def _shape(x: jax.Array) -> str:
+    return f"a value of shape {x.shape}"
 
 
 def get_replica_context() -> ReplicaContext | None:

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _mesh
+from tpustrat._checks import check_int
 from tpustrat._context import Strategy, get_replica_context
 
 
@@ -80,7 +81,7 @@ def assign_to_logical_device(
             "or build the strategy with spmd=False"
         )
     cores = _num_cores(mesh)
-    if isinstance(logical_device_id, bool) or not 0 <= int(logical_device_id) < cores:
+    if check_int("logical_device_id", logical_device_id, minimum=0) >= cores:
         raise ValueError(
             f"logical_device_id {logical_device_id!r} is out of range: each replica has "
             f"{cores} logical cores, numbered 0 to {cores - 1}"
