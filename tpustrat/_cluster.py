@@ -346,7 +346,7 @@ def _check_tpu_not_held() -> None:
 
     JAX would otherwise fall back to the CPU with a warning, and the job would fail later.
     """
-    platforms = jax.config.jax_platforms
+    platforms = jax.config.jax_platforms  # pyrefly: ignore[missing-attribute]  # set dynamically
     if importlib.util.find_spec("libtpu") is None or (platforms and "tpu" not in platforms):
         return
     if jax.default_backend() == "tpu":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any, Protocol, TypeVar
 
 import jax
@@ -254,7 +254,7 @@ class ReplicaContext:
             )
 
     @contextlib.contextmanager
-    def _activate(self) -> Iterator[ReplicaContext]:
+    def _activate(self) -> Generator[ReplicaContext, None, None]:
         self._active = True
         token = _REPLICA_CONTEXT.set(self)
         strategy_token = _STRATEGY.set(self._strategy)
@@ -295,7 +295,7 @@ def get_strategy() -> Strategy | None:
 
 
 @contextlib.contextmanager
-def strategy_scope(strategy: _S) -> Iterator[_S]:
+def strategy_scope(strategy: _S) -> Generator[_S, None, None]:
     """Makes ``strategy`` the one ``get_strategy`` returns, until the block ends."""
     token = _STRATEGY.set(strategy)
     try:

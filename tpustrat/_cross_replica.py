@@ -127,9 +127,16 @@ def _is_per_replica(x: Any) -> bool:
 def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:
     """``result``, replicated when ``source`` spans several processes, so that each can read it."""
     concrete = isinstance(source, jax.Array) and not isinstance(source, jax.core.Tracer)
-    if concrete and not source.is_fully_addressable:
-        return jax.device_put(result, NamedSharding(source.sharding.mesh, P()))
-    return result
+    if not concrete or source.is_fully_addressable:
+        return result
+    sharding = source.sharding
+    if not isinstance(sharding, NamedSharding):
+        raise TypeError(
+            f"a value that spans several processes must be laid out with a NamedSharding to be "
+            f"reduced or gathered, got a {type(sharding).__name__}; place it with "
+            "jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))"
+        )
+    return jax.device_put(result, NamedSharding(sharding.mesh, P()))
 
 
 def _rank(ndim: int) -> str:

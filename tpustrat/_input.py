@@ -45,8 +45,8 @@ the same number of batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -116,7 +116,7 @@ class DistributedDataset:
         batch's size: a dataset that is a sequence (a list or tuple of batches) shows it
         without reading any data; for any other dataset ``len()`` raises a TypeError.
         """
-        if not hasattr(self._dataset, "__len__"):
+        if not isinstance(self._dataset, Sized):
             raise TypeError(f"the dataset ({type(self._dataset).__name__}) has no len()")
         group = self._elements_per_step
         if not self._options.drop_remainder:
@@ -257,24 +257,25 @@ def _steps_of_per_replica_batches(
     Only the last per-replica batch may be partial: joined with the others of its step and
     padded or dropped at the end, it still lands on its own replica.
     """
-    step, structure, partial = [], None, None
+    step: list[list[np.ndarray]] = []
+    structure, partial, key_impls, expected_rows = None, None, [], 0
     for index, element in enumerate(source):
         arrays, key_impls, tree, rows = host_arrays(element, index)
         if structure is None:
-            structure, per_replica_rows = tree, per_replica_rows or rows
+            structure, expected_rows = tree, per_replica_rows or rows
         if tree != structure:
             raise ValueError(
                 f"per-replica batch {index} has structure {tree} but batch 0 had {structure}; "
                 "every batch needs the same structure"
             )
-        if partial is not None or rows > per_replica_rows:
+        if partial is not None or rows > expected_rows:
             at, size = partial or (index, rows)
             raise ValueError(
                 f"per-replica batch {at} has {size} rows but a per-replica batch has "
-                f"{per_replica_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
+                f"{expected_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
                 "the last batch may have fewer (batch the dataset with that size)"
             )
-        if rows < per_replica_rows:
+        if rows < expected_rows:
             partial = (index, rows)
         step.append(arrays)
         if len(step) == group:
@@ -292,7 +293,8 @@ def _join(step: list[list[np.ndarray]], key_impls: list[Any], structure: Any) ->
     joined = [np.concatenate(leaves) for leaves in zip(*step)]
     return structure.unflatten(
         [
-            x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+            # wrap_key_data takes any uint32 array-like, though JAX annotates it jax.Array.
+            x if impl is None else jax.random.wrap_key_data(cast(jax.Array, x), impl=impl)
             for x, impl in zip(joined, key_impls)
         ]
     )

@@ -65,6 +65,9 @@ class ReplicaShard:
     """
 
     __slots__ = ("axis", "blocks", "shape")
+    blocks: Any
+    shape: tuple[int, ...]
+    axis: int
 
     def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
         object.__setattr__(self, "blocks", blocks)

@@ -86,10 +86,12 @@ class TPUStrategy:
                     "pass either device_assignment or devices/num_logical_cores, not both: the "
                     "device assignment already fixes the devices and cores of every replica"
                 )
-            devices = device_assignment.devices
-        if devices is None:
-            devices = _mesh.default_device_grid(jax.devices(), num_logical_cores)
-        self._mesh = _mesh.build_mesh(devices, num_logical_cores)
+            grid = device_assignment.devices
+        elif devices is None:
+            grid = _mesh.default_device_grid(jax.devices(), num_logical_cores)
+        else:
+            grid = devices
+        self._mesh = _mesh.build_mesh(grid, num_logical_cores)
         self._public_mesh = _mesh.public_mesh(self._mesh)
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
@@ -457,7 +459,7 @@ class TPUStrategy:
         split = _nnx.split_objects(tree)
         if split is not None:
             _, state, objects, _, _ = split
-            _nnx.nnx_module().update(objects, _values.replicate(state, self._mesh))
+            _nnx.loaded_nnx().update(objects, _values.replicate(state, self._mesh))
             return jax.tree.map(
                 lambda x: x if _nnx.is_nnx_object(x) else _values.replicate(x, self._mesh),
                 tree,

@@ -155,7 +155,7 @@ class Topology:
         """The number of devices each process owns."""
         return self._device_coordinates.shape[1]
 
-    def _index_at(self, coordinates: Sequence[int]) -> int:
+    def _index_at(self, coordinates: Sequence[int] | np.ndarray) -> int:
         point = tuple(operator.index(c) for c in coordinates)
         if len(point) != _RANK or min(point) < 0 or (np.array(point) >= self._grid.shape).any():
             raise ValueError(
