@@ -46,6 +46,7 @@ demo: $(VENV)/.wheel
 test: $(VENV)/.wheel
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/pyrefly check
 	$(VENV)/bin/mkdocs build --strict --quiet
 	TPUSTRAT_TEST_INSTALLED=1 $(VENV)/bin/pytest -q $(ARGS)
 

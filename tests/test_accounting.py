@@ -101,8 +101,9 @@ def test_donating_a_missing_argument_is_an_error():
     strategy = ts.TPUStrategy()
     with pytest.raises(ValueError, match=r"donate_argnums \(3,\) names a position past the 1"):
         strategy.run(lambda s: s, args=(1.0,), options=ts.RunOptions(donate_argnums=(3,)))
-    for bad in ((-1,), 0, (True,)):
-        with pytest.raises(
-            ValueError, match="donate_argnums must be a tuple of argument positions"
-        ):
-            ts.RunOptions(donate_argnums=bad)
+    with pytest.raises(TypeError, match="donate_argnums must be a tuple of argument positions"):
+        ts.RunOptions(donate_argnums=0)
+    with pytest.raises(TypeError, match=r"donate_argnums\[0\] must be an int, got the bool True"):
+        ts.RunOptions(donate_argnums=(True,))
+    with pytest.raises(ValueError, match=r"donate_argnums\[0\] must be an int >= 0, got -1"):
+        ts.RunOptions(donate_argnums=(-1,))

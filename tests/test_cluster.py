@@ -342,18 +342,28 @@ def test_single_process_job(fresh_cluster_state):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"coordinator_address": "10.0.0.1"}, "must be 'host:port'"),
-        ({"coordinator_address": "10.0.0.1:0"}, "port in \\[1, 65535\\], got '10.0.0.1:0'"),
-        ({"num_processes": 0}, "num_processes must be an int >= 1, got 0"),
-        ({"num_processes": 2, "process_id": 2}, "process_id 2 is out of range for 2 processes"),
-        ({"num_processes": 1, "initialization_timeout": 0}, "initialization_timeout must be"),
-        ({"num_processes": 1, "heartbeat_timeout": 2.5}, "heartbeat_timeout must be"),
+        ({"coordinator_address": "10.0.0.1"}, ValueError, "must be 'host:port'"),
+        (
+            {"coordinator_address": "10.0.0.1:0"},
+            ValueError,
+            "port in \\[1, 65535\\], got '10.0.0.1:0'",
+        ),
+        ({"num_processes": 0}, ValueError, "num_processes must be an int >= 1, got 0"),
+        ({"num_processes": "2"}, TypeError, "num_processes must be an int, got str '2'"),
+        (
+            {"num_processes": 2, "process_id": 2},
+            ValueError,
+            "process_id 2 is out of range for 2 processes",
+        ),
+        ({"local_device_ids": [0, "1"]}, TypeError, r"local_device_ids\[1\] must be an int"),
+        ({"num_processes": 1, "initialization_timeout": 0}, ValueError, "initialization_timeout"),
+        ({"num_processes": 1, "heartbeat_timeout": 2.5}, TypeError, "heartbeat_timeout must be"),
     ],
 )
-def test_invalid_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_invalid_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
         ts.initialize_cluster(**kwargs)
 
 
@@ -375,8 +385,14 @@ def test_launcher_rejects_what_it_cannot_send():
         run_in_local_processes(workers.scale, 2, devices_per_process=0)
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, got -1"):
         run_in_local_processes(workers.scale, 2, timeout=-1)
-    with pytest.raises(ValueError, match="heartbeat_timeout must be a whole number of seconds"):
+    with pytest.raises(TypeError, match="heartbeat_timeout must be a whole number of seconds, got"):
         run_in_local_processes(workers.scale, 2, heartbeat_timeout=0.5)
+    with pytest.raises(
+        ValueError, match="heartbeat_timeout must be a whole number of seconds >= 1"
+    ):
+        run_in_local_processes(workers.scale, 2, heartbeat_timeout=0)
+    with pytest.raises(TypeError, match="timeout must be a number of seconds, got str '60'"):
+        run_in_local_processes(workers.scale, 2, timeout="60")
 
 
 @pytest.mark.parametrize("module", [_cluster, _launch], ids=lambda m: m.__name__)

@@ -101,7 +101,9 @@ def test_grouped_collectives_written_by_hand_count_as_varying():
 def test_bad_slice_counts():
     with pytest.raises(ValueError, match="num_slices=3 does not divide the 8 replicas"):
         ts.TPUStrategy(num_slices=3)
-    with pytest.raises(TypeError, match="num_slices must be an int or None"):
+    with pytest.raises(TypeError, match=r"num_slices must be an int, got float 2\.0"):
         ts.TPUStrategy(num_slices=2.0)
+    with pytest.raises(ValueError, match="num_slices must be an int >= 1, got 0"):
+        ts.TPUStrategy(num_slices=0)
     mesh = _mesh.build_mesh(jax.devices())
     assert _mesh.count_slices(mesh) == 1

@@ -116,6 +116,11 @@ def _plain(w, x):
             ValueError,
             r"logical_device_id 4 is out of range: each replica has 4 logical cores",
         ),
+        (
+            lambda s, x: s.experimental_assign_to_logical_device(x, "1"),
+            TypeError,
+            r"logical_device_id must be an int, got str '1'",
+        ),
     ],
 )
 def test_validation(call, error, message):

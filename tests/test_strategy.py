@@ -25,10 +25,15 @@ def test_mesh_layout(strategy):
     assert ids == np.arange(8).reshape(r, c).tolist()
 
 
-@pytest.mark.parametrize("cores", [3, 5, 0])
+@pytest.mark.parametrize("cores", [3, 5])
 def test_indivisible_logical_cores(cores):
     with pytest.raises(ValueError, match=f"num_logical_cores={cores}"):
         ts.TPUStrategy(num_logical_cores=cores)
+
+
+def test_non_positive_logical_cores():
+    with pytest.raises(ValueError, match="num_logical_cores must be an int >= 1, got 0"):
+        ts.TPUStrategy(num_logical_cores=0)
 
 
 def test_explicit_devices():
@@ -269,6 +274,8 @@ def test_tight_loop_of_collectives_never_hangs():
 def test_max_steps_in_flight_is_validated():
     with pytest.raises(ValueError, match="max_steps_in_flight must be an int >= 1, got 0"):
         ts.TPUStrategy(max_steps_in_flight=0)
+    with pytest.raises(TypeError, match="max_steps_in_flight must be an int, got str '2'"):
+        ts.TPUStrategy(max_steps_in_flight="2")
 
 
 def test_donation_deletes_the_donated_state():

@@ -272,8 +272,8 @@ def test_hand_made_assignment():
 # --- Errors -----------------------------------------------------------------------------------
 
 
-def _raises(message):
-    return pytest.raises(ValueError, match=re.escape(message))
+def _raises(message, error=ValueError):
+    return pytest.raises(error, match=re.escape(message))
 
 
 def _with(devices, **changes):
@@ -311,7 +311,6 @@ def test_bad_explicit_coordinates(coordinates):
 
 BUILD_ERRORS = [
     (v4_8, {"computation_shape": [1, 1, 2]}, "computation_shape [1, 1, 2] has 3 entries; pass 4"),
-    (v4_8, {"computation_shape": "abcd"}, "computation_shape 'abcd' must be 4 integers"),
     (v4_8, {"computation_shape": [1, 0, 1, 1]}, "computation_shape [1, 0, 1, 1] has entries below"),
     (v4_8, {"computation_stride": [1, 1, 1, -1]}, "computation_stride [1, 1, 1, -1] has entries"),
     (
@@ -333,8 +332,6 @@ BUILD_ERRORS = [
         "computation_shape [3, 1, 1, 1]",
     ),
     (v4_8, {"num_replicas": 0}, "num_replicas must be an int >= 1, got 0"),
-    (v4_8, {"num_replicas": 2.0}, "num_replicas must be an int >= 1, got 2.0"),
-    (v4_8, {"num_replicas": True}, "num_replicas must be an int >= 1, got True"),
     (
         cpu_devices,
         {"computation_shape": [1, 1, 1, 4], "num_replicas": 3},
@@ -356,8 +353,21 @@ def test_bad_build_requests(devices, kwargs, message):
         DeviceAssignment.build(topology, **kwargs)
 
 
+BUILD_TYPE_ERRORS = [
+    ({"computation_shape": "abcd"}, "computation_shape 'abcd' must be 4 integers"),
+    ({"num_replicas": 2.0}, "num_replicas must be an int, got float 2.0"),
+    ({"num_replicas": True}, "num_replicas must be an int, got the bool True"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BUILD_TYPE_ERRORS)
+def test_build_requests_of_the_wrong_type(kwargs, message):
+    with _raises(message, TypeError):
+        DeviceAssignment.build(Topology.from_devices(v4_8()), **kwargs)
+
+
 def test_build_needs_a_topology():
-    with _raises("topology [0, 1] is not a Topology"):
+    with _raises("topology [0, 1] is not a Topology", TypeError):
         DeviceAssignment.build([0, 1])
 
 
@@ -382,7 +392,7 @@ def test_bad_hand_made_assignment(core_assignment, computation_shape, message):
 
 
 def test_hand_made_assignment_needs_a_topology():
-    with _raises("topology 'v4-8' is not a Topology"):
+    with _raises("topology 'v4-8' is not a Topology", TypeError):
         DeviceAssignment("v4-8", [[[0, 0, 0, 0]]])
 
 

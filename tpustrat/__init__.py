@@ -12,7 +12,8 @@ from tpustrat._context import (
     get_replica_context,
     get_strategy,
 )
-from tpustrat._input import DistributedDataset, InputContext, InputOptions
+from tpustrat._input import DistributedDataset
+from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._prefetch import DistributedIterator

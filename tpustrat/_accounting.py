@@ -117,8 +117,8 @@ _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _backend_compiles = [0]
 
 
-def _count_backend_compile(event: str, duration: float, **kwargs: Any) -> None:
-    del duration, kwargs
+def _count_backend_compile(event: str, duration_secs: float, **kwargs: str | int) -> None:
+    del duration_secs, kwargs
     if event == _BACKEND_COMPILE_EVENT:
         _backend_compiles[0] += 1
 
@@ -158,6 +158,8 @@ class Ledger:
             return
         self._compiles += 1
         old, new = self._compiled.get(key), self._traced.get(key)
+        if new is None:  # never traced, so nothing to compare (a compile follows a trace)
+            return
         self._compiled[key] = new
         if old is None or (traced and bucketing and _only_rows_changed(old, new)):
             return

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from tpustrat import _mesh
+from tpustrat._input_options import InputOptions
 from tpustrat._values import PerReplica
-
-if TYPE_CHECKING:
-    from tpustrat._input import InputOptions
 
 PyTree = Any
 
@@ -66,9 +64,6 @@ class Batcher:
         signature = [(a.shape[1:], a.dtype, impl) for a, impl in zip(arrays, key_impls)]
         if self._first is None:
             self._first = (structure, signature)
-            if self._static_size is None:
-                self._static_size = size
-                self._check_static_size(index)
         elif (structure, signature) != self._first:
             raise ValueError(
                 f"batch {index} has structure {_describe(structure, signature)} but batch 0 had "
@@ -76,6 +71,9 @@ class Batcher:
                 "shapes (only a partial batch may have fewer rows)"
             )
         static_size = self._static_size
+        if static_size is None:  # batch 0 sets the static size unless the options give it
+            static_size = self._static_size = size
+            self._check_static_size(index, static_size)
         if size > static_size:
             raise ValueError(
                 f"batch {index} has {size} rows, more than the static {self._layout.batch_name} of "
@@ -104,8 +102,8 @@ class Batcher:
             return structure.unflatten(placed[:-1]), placed[-1]
         return structure.unflatten(placed)
 
-    def _check_static_size(self, index: int) -> None:
-        layout, static_size = self._layout, self._static_size
+    def _check_static_size(self, index: int, static_size: int) -> None:
+        layout = self._layout
         if static_size == 0:
             raise ValueError(f"batch {index} is empty; every batch needs at least one row")
         if static_size % layout.num_slices:

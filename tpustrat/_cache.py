@@ -13,10 +13,11 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+Options = TypeVar("Options", bound=Hashable)
 Value = TypeVar("Value")
 
 
-class FunctionCache(Generic[Value]):
+class FunctionCache(Generic[Options, Value]):
     """Maps ``(fn, options)`` to a value built on first use, without keeping ``fn`` alive.
 
     ``build(weak_fn, options)`` makes the value; ``weak_fn`` calls ``fn`` through a weak
@@ -41,19 +42,19 @@ class FunctionCache(Generic[Value]):
 
     def __init__(
         self,
-        build: Callable[[Callable[..., Any], Hashable], Value],
+        build: Callable[[Callable[..., Any], Options], Value],
         max_size: int = 64,
         on_evict: Callable[[Value], None] | None = None,
     ):
         self._build = build
         self._max_size = max_size
         self._on_evict = on_evict
-        self._entries: dict[tuple[Any, Hashable], Value] = {}
+        self._entries: dict[tuple[Any, Options], Value] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, fn: Callable[..., Any], options: Hashable) -> Value:
+    def get(self, fn: Callable[..., Any], options: Options) -> Value:
         """The value for ``(fn, options)``, built on first use; marks it most recently used."""
         key = (_reference(fn, self._forget), options)
         value = self._entries.pop(key, None)
@@ -69,7 +70,7 @@ class FunctionCache(Generic[Value]):
             if key[0] is reference:
                 self._evict(key)
 
-    def _evict(self, key: tuple[Any, Hashable]) -> None:
+    def _evict(self, key: tuple[Any, Options]) -> None:
         value = self._entries.pop(key)
         if self._on_evict is not None:
             self._on_evict(value)

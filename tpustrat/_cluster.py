@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import jax
 
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, check_seconds
 
 
 class ClusterError(RuntimeError):
@@ -127,8 +127,8 @@ def initialize_cluster(
     """
     global _joined
     request = _check_request(coordinator_address, num_processes, process_id, local_device_ids)
-    check_seconds("initialization_timeout", initialization_timeout)
-    check_seconds("heartbeat_timeout", heartbeat_timeout)
+    check_seconds("initialization_timeout", initialization_timeout, whole=True)
+    check_seconds("heartbeat_timeout", heartbeat_timeout, whole=True)
     if not isinstance(exit_on_uncaught_exception, bool):
         raise TypeError(
             f"exit_on_uncaught_exception must be True or False, got {exit_on_uncaught_exception!r}"
@@ -152,12 +152,6 @@ def initialize_cluster(
     return info
 
 
-def check_seconds(name: str, value: int) -> None:
-    """Raises a ValueError unless ``value`` is a whole number of seconds >= 1, as JAX needs."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
-
-
 def _check_request(
     coordinator_address: str | None,
     num_processes: int | None,
@@ -177,8 +171,8 @@ def _check_request(
             )
     if local_device_ids is not None:
         local_device_ids = tuple(local_device_ids)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in local_device_ids):
-            raise ValueError(f"local_device_ids must be ints, got {local_device_ids!r}")
+        for i, device_id in enumerate(local_device_ids):
+            check_int(f"local_device_ids[{i}]", device_id, minimum=0)
     return _Request(coordinator_address, num_processes, process_id, local_device_ids)
 
 
@@ -352,7 +346,7 @@ def _check_tpu_not_held() -> None:
 
     JAX would otherwise fall back to the CPU with a warning, and the job would fail later.
     """
-    platforms = jax.config.jax_platforms
+    platforms = jax.config.jax_platforms  # pyrefly: ignore[missing-attribute]  # set dynamically
     if importlib.util.find_spec("libtpu") is None or (platforms and "tpu" not in platforms):
         return
     if jax.default_backend() == "tpu":

@@ -5,24 +5,49 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from typing import Any, Protocol, TypeVar
 
 import jax
 from jax import lax
+from jax.sharding import Mesh
 
+from tpustrat._checks import check_axis
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 
-if TYPE_CHECKING:
-    from tpustrat._strategy import TPUStrategy
-
 PyTree = Any
+
+
+class Strategy(Protocol):
+    """What the replica context and the modules under the strategy read of a strategy.
+
+    ``ts.TPUStrategy`` is one; the modules below ``_strategy`` name this Protocol instead of
+    importing the strategy, so that imports run one way.
+    """
+
+    @property
+    def mesh(self) -> Mesh:
+        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``."""
+        ...
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """How many replicas run each step together."""
+        ...
+
+    @property
+    def num_slices(self) -> int:
+        """How many slices the replicas form."""
+        ...
+
+
+_S = TypeVar("_S", bound=Strategy)
 
 _REPLICA_CONTEXT: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
     "tpustrat_replica_context", default=None
 )
-_STRATEGY: contextvars.ContextVar[TPUStrategy | None] = contextvars.ContextVar(
+_STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
     "tpustrat_strategy", default=None
 )
 
@@ -66,13 +91,13 @@ class ReplicaContext:
       8.0
     """
 
-    def __init__(self, strategy: TPUStrategy, row_mask: jax.Array | None = None):
+    def __init__(self, strategy: Strategy, row_mask: jax.Array | None = None):
         self._strategy = strategy
         self._row_mask = row_mask
         self._active = False
 
     @property
-    def strategy(self) -> TPUStrategy:
+    def strategy(self) -> Strategy:
         """The strategy running this step."""
         return self._strategy
 
@@ -168,7 +193,9 @@ class ReplicaContext:
 
         def gather(x):
             x = jax.numpy.asarray(x)
-            return lax.all_gather(x, REPLICA_AXIS, axis=_axis("all_gather", x, axis), tiled=True)
+            return lax.all_gather(
+                x, REPLICA_AXIS, axis=check_axis("all_gather", axis, x.ndim, _shape(x)), tiled=True
+            )
 
         return jax.tree.map(gather, value)
 
@@ -207,7 +234,7 @@ class ReplicaContext:
 
         def scatter(x):
             x = jax.numpy.asarray(x)
-            dim = _axis("reduce_scatter", x, axis)
+            dim = check_axis("reduce_scatter", axis, x.ndim, _shape(x))
             if x.shape[dim] % num_replicas:
                 raise ValueError(
                     f"reduce_scatter axis {axis} of a value of shape {x.shape} has length "
@@ -227,7 +254,7 @@ class ReplicaContext:
             )
 
     @contextlib.contextmanager
-    def _activate(self) -> Iterator[ReplicaContext]:
+    def _activate(self) -> Generator[ReplicaContext, None, None]:
         self._active = True
         token = _REPLICA_CONTEXT.set(self)
         strategy_token = _STRATEGY.set(self._strategy)
@@ -239,15 +266,8 @@ class ReplicaContext:
             self._active = False
 
 
-def _axis(what: str, x: jax.Array, axis: int) -> int:
-    """``axis`` of ``x`` as a non-negative int, or a ValueError naming ``what`` and the range."""
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(
-            f"{what} axis {axis} is out of range for a value of shape {x.shape}; "
-            f"use an axis in [{-x.ndim}, {x.ndim})"
-            + (" (a scalar has no axis: reshape it to (1,) first)" if x.ndim == 0 else "")
-        )
-    return axis % x.ndim
+def _shape(x: jax.Array) -> str:
+    return f"a value of shape {x.shape}"
 
 
 def get_replica_context() -> ReplicaContext | None:
@@ -262,7 +282,7 @@ def get_replica_context() -> ReplicaContext | None:
     return _REPLICA_CONTEXT.get()
 
 
-def get_strategy() -> TPUStrategy | None:
+def get_strategy() -> Strategy | None:
     """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
 
     Example:
@@ -275,7 +295,7 @@ def get_strategy() -> TPUStrategy | None:
 
 
 @contextlib.contextmanager
-def strategy_scope(strategy: TPUStrategy) -> Iterator[TPUStrategy]:
+def strategy_scope(strategy: _S) -> Generator[_S, None, None]:
     """Makes ``strategy`` the one ``get_strategy`` returns, until the block ends."""
     token = _STRATEGY.set(strategy)
     try:

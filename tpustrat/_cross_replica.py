@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _values
+from tpustrat._checks import check_axis
 from tpustrat._context import ReduceOp
 from tpustrat._values import PerReplica
 
@@ -30,7 +31,11 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
     reducer = _REDUCERS[op]
 
     def per_replica(x):
-        axes = (0,) if axis is None else (0, 1 + check_axis(axis, np.ndim(x) - 1, "reduce"))
+        axes = (
+            (0,)
+            if axis is None
+            else (0, 1 + check_axis("reduce", axis, np.ndim(x) - 1, _rank(np.ndim(x) - 1)))
+        )
         if _on_devices(x):
             return _readable_everywhere(reducer(x, axis=axes), x)
         rows = _every_replica(x)
@@ -47,7 +52,7 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
     def replicated(x):
         x = jnp.asarray(x)
         if axis is not None:
-            x = reducer(x, axis=check_axis(axis, x.ndim, "reduce"))
+            x = reducer(x, axis=check_axis("reduce", axis, x.ndim, _rank(x.ndim)))
         return x * num_replicas if op is ReduceOp.SUM else x
 
     return _values.map_distributed(value, per_replica, replicated)
@@ -57,7 +62,7 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
     """``strategy.gather``: every replica's value concatenated along ``axis``."""
 
     def per_replica(x):
-        a = check_axis(axis, np.ndim(x) - 1, "gather")
+        a = check_axis("gather", axis, np.ndim(x) - 1, _rank(np.ndim(x) - 1))
         shape = x.shape[1:]
         if _on_devices(x):
             moved = jnp.moveaxis(x, 0, a)
@@ -68,7 +73,9 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
 
     def replicated(x):
         x = jnp.asarray(x)
-        return jnp.concatenate([x] * num_replicas, axis=check_axis(axis, x.ndim, "gather"))
+        return jnp.concatenate(
+            [x] * num_replicas, axis=check_axis("gather", axis, x.ndim, _rank(x.ndim))
+        )
 
     return _values.map_distributed(value, per_replica, replicated)
 
@@ -120,18 +127,17 @@ def _is_per_replica(x: Any) -> bool:
 def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:
     """``result``, replicated when ``source`` spans several processes, so that each can read it."""
     concrete = isinstance(source, jax.Array) and not isinstance(source, jax.core.Tracer)
-    if concrete and not source.is_fully_addressable:
-        return jax.device_put(result, NamedSharding(source.sharding.mesh, P()))
-    return result
-
-
-def check_axis(axis: int, ndim: int, what: str) -> int:
-    """``axis`` as a non-negative index into a per-replica value of rank ``ndim``."""
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{what} axis must be an int, got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{what} axis {axis} is out of range for per-replica values of rank {ndim}; use an "
-            f"axis in [{-ndim}, {ndim})"
+    if not concrete or source.is_fully_addressable:
+        return result
+    sharding = source.sharding
+    if not isinstance(sharding, NamedSharding):
+        raise TypeError(
+            f"a value that spans several processes must be laid out with a NamedSharding to be "
+            f"reduced or gathered, got a {type(sharding).__name__}; place it with "
+            "jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))"
         )
-    return int(axis) % ndim
+    return jax.device_put(result, NamedSharding(sharding.mesh, P()))
+
+
+def _rank(ndim: int) -> str:
+    return f"per-replica values of rank {ndim}"

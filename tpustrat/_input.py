@@ -45,9 +45,8 @@ the same number of batches.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -61,104 +60,11 @@ from tpustrat._batching import (
     host_arrays,
     host_iterator,
 )
-from tpustrat._checks import check_int
+from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class InputContext:
-    """What ``distribute_datasets_from_function`` tells ``dataset_fn`` about its input pipeline.
-
-    There is one input pipeline per process; pipeline ``input_pipeline_id`` feeds that process's
-    replicas, so its dataset should yield per-replica batches of
-    ``get_per_replica_batch_size(global_batch_size)`` rows, one per replica and step (and read
-    only its share of the files, e.g. shard ``input_pipeline_id`` of ``num_input_pipelines``).
-
-    Attributes:
-      num_input_pipelines: how many pipelines (processes) feed the replicas.
-      input_pipeline_id: this pipeline's index in ``[0, num_input_pipelines)``.
-      num_replicas_in_sync: how many replicas run each step together.
-
-    Example:
-      >>> ctx = InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=8)
-      >>> ctx.get_per_replica_batch_size(64)
-      8
-    """
-
-    num_input_pipelines: int = 1
-    input_pipeline_id: int = 0
-    num_replicas_in_sync: int = 1
-
-    def __post_init__(self):
-        for name in ("num_input_pipelines", "num_replicas_in_sync"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("input_pipeline_id", self.input_pipeline_id, minimum=0)
-        if self.input_pipeline_id >= self.num_input_pipelines:
-            raise ValueError(
-                f"input_pipeline_id {self.input_pipeline_id} is out of range for "
-                f"{self.num_input_pipelines} input pipelines; use an id in "
-                f"[0, {self.num_input_pipelines})"
-            )
-
-    def get_per_replica_batch_size(self, global_batch_size: int) -> int:
-        """The rows each replica gets of a global batch of ``global_batch_size`` rows.
-
-        Raises:
-          ValueError: if ``global_batch_size`` is not a multiple of ``num_replicas_in_sync``.
-        """
-        check_int("global_batch_size", global_batch_size, minimum=1)
-        if global_batch_size % self.num_replicas_in_sync:
-            raise ValueError(
-                f"global batch {global_batch_size} is not divisible by "
-                f"{self.num_replicas_in_sync} replicas; use a global batch size that is a "
-                f"multiple of {self.num_replicas_in_sync}"
-            )
-        return global_batch_size // self.num_replicas_in_sync
-
-
-@dataclasses.dataclass(frozen=True)
-class InputOptions:
-    """How a distributed dataset moves batches onto the replicas.
-
-    Attributes:
-      experimental_fetch_to_device: True puts each batch on the devices in the background
-        thread; False leaves host numpy arrays in the PerReplica values (one process only), and
-        ``strategy.run`` copies them when it is called.
-      experimental_per_replica_buffer_size: how many batches the background thread keeps ready
-        ahead of the step; 0 reads and places each batch synchronously in ``next`` (no thread).
-      experimental_mask: make every element ``(batch, mask)`` and pad a partial batch to the
-        static shape; ``mask`` marks the real rows (see the module docstring for the recipe).
-      drop_remainder: drop a batch with fewer rows than the static shape, as tf.data does.
-      global_batch_size: the static global batch every batch is padded to; default the first
-        batch's size. Set it when the first batch may itself be partial.
-
-    Example:
-      >>> InputOptions(experimental_mask=True).experimental_per_replica_buffer_size
-      2
-    """
-
-    experimental_fetch_to_device: bool = True
-    experimental_per_replica_buffer_size: int = 2
-    experimental_mask: bool = False
-    drop_remainder: bool = False
-    global_batch_size: int | None = None
-
-    def __post_init__(self):
-        check_int(
-            "experimental_per_replica_buffer_size",
-            self.experimental_per_replica_buffer_size,
-            minimum=0,
-        )
-        if self.global_batch_size is not None:
-            check_int("global_batch_size", self.global_batch_size, minimum=1)
-        if self.experimental_mask and self.drop_remainder:
-            raise ValueError(
-                "InputOptions got experimental_mask=True and drop_remainder=True: a partial "
-                "batch is either padded and masked or dropped; choose one"
-            )
 
 
 class DistributedDataset:
@@ -210,7 +116,7 @@ class DistributedDataset:
         batch's size: a dataset that is a sequence (a list or tuple of batches) shows it
         without reading any data; for any other dataset ``len()`` raises a TypeError.
         """
-        if not hasattr(self._dataset, "__len__"):
+        if not isinstance(self._dataset, Sized):
             raise TypeError(f"the dataset ({type(self._dataset).__name__}) has no len()")
         group = self._elements_per_step
         if not self._options.drop_remainder:
@@ -253,62 +159,6 @@ class DistributedDataset:
             )
             source = _steps_of_per_replica_batches(source, self._elements_per_step, per_replica)
         return DistributedIterator(distributed_elements(source, batcher), buffer_size)
-
-
-class DatasetDistribution:
-    """The dataset methods of ``ts.TPUStrategy`` (a mixin over its mesh)."""
-
-    _mesh: Mesh
-
-    def experimental_distribute_dataset(
-        self, dataset: Iterable[PyTree], options: InputOptions | None = None
-    ) -> DistributedDataset:
-        """Splits each global batch of ``dataset`` over the replicas, prefetched to the devices.
-
-        Replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)`` of a batch of ``B``
-        rows. A partial last batch is padded and masked, dropped, or refused, as ``options``
-        say (``ts.InputOptions``); the module docstring of ``tpustrat._input`` gives the recipe
-        for exact epoch metrics.
-
-        Args:
-          dataset: an iterable of pytrees whose leaves share a leading global-batch axis (a
-            list, a generator, a ``tf.data.Dataset``, a grain loader).
-          options: a ``ts.InputOptions``.
-
-        Returns:
-          A ``ts.DistributedDataset`` whose elements have the dataset's structure with
-          PerReplica leaves.
-
-        Example:
-          >>> strategy = ts.TPUStrategy()
-          >>> batches = [{"x": np.arange(16.0).reshape(8, 2)}]
-          >>> for batch in strategy.experimental_distribute_dataset(batches):
-          ...     print(batch["x"], strategy.run(lambda b: b["x"].sum(), args=(batch,)))
-          PerReplica(float32[8, 1, 2]) PerReplica(float32[8])
-        """
-        return distribute_dataset(self._mesh, dataset, options)
-
-    def distribute_datasets_from_function(
-        self,
-        dataset_fn: Callable[[InputContext], Iterable[PyTree]],
-        options: InputOptions | None = None,
-    ) -> DistributedDataset:
-        """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
-
-        As in tf.distribute, the dataset yields per-replica batches
-        (``ctx.get_per_replica_batch_size(global_batch_size)`` rows), and each step gives one
-        to each of the process's replicas, in replica order.
-
-        Example:
-          >>> strategy = ts.TPUStrategy()
-          >>> def dataset_fn(ctx):
-          ...     rows = ctx.get_per_replica_batch_size(16)
-          ...     return [np.zeros((rows, 3), np.float32)] * 8  # one step of 8 replicas
-          >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
-          >>> len(dist), dist.element_spec.shape
-          (1, (2, 3))
-        """
-        return distribute_datasets_from_function(self._mesh, dataset_fn, options)
 
 
 def distribute_dataset(
@@ -407,24 +257,25 @@ def _steps_of_per_replica_batches(
     Only the last per-replica batch may be partial: joined with the others of its step and
     padded or dropped at the end, it still lands on its own replica.
     """
-    step, structure, partial = [], None, None
+    step: list[list[np.ndarray]] = []
+    structure, partial, key_impls, expected_rows = None, None, [], 0
     for index, element in enumerate(source):
         arrays, key_impls, tree, rows = host_arrays(element, index)
         if structure is None:
-            structure, per_replica_rows = tree, per_replica_rows or rows
+            structure, expected_rows = tree, per_replica_rows or rows
         if tree != structure:
             raise ValueError(
                 f"per-replica batch {index} has structure {tree} but batch 0 had {structure}; "
                 "every batch needs the same structure"
             )
-        if partial is not None or rows > per_replica_rows:
+        if partial is not None or rows > expected_rows:
             at, size = partial or (index, rows)
             raise ValueError(
                 f"per-replica batch {at} has {size} rows but a per-replica batch has "
-                f"{per_replica_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
+                f"{expected_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
                 "the last batch may have fewer (batch the dataset with that size)"
             )
-        if rows < per_replica_rows:
+        if rows < expected_rows:
             partial = (index, rows)
         step.append(arrays)
         if len(step) == group:
@@ -442,7 +293,8 @@ def _join(step: list[list[np.ndarray]], key_impls: list[Any], structure: Any) ->
     joined = [np.concatenate(leaves) for leaves in zip(*step)]
     return structure.unflatten(
         [
-            x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+            # wrap_key_data takes any uint32 array-like, though JAX annotates it jax.Array.
+            x if impl is None else jax.random.wrap_key_data(cast(jax.Array, x), impl=impl)
             for x, impl in zip(joined, key_impls)
         ]
     )

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from tpustrat import _cluster
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, check_seconds
 
 _TAIL_LINES = 30
 _BOOTSTRAP = (
@@ -102,10 +102,9 @@ def run_in_local_processes(
     """
     check_int("num_processes", num_processes, minimum=1)
     check_int("devices_per_process", devices_per_process, minimum=1)
-    _cluster.check_seconds("initialization_timeout", initialization_timeout)
-    _cluster.check_seconds("heartbeat_timeout", heartbeat_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    check_seconds("initialization_timeout", initialization_timeout, whole=True)
+    check_seconds("heartbeat_timeout", heartbeat_timeout, whole=True)
+    check_seconds("timeout", timeout, whole=False)
     if not callable(fn):
         raise TypeError(f"fn must be a callable, got {type(fn).__name__}")
     job = _Job(

@@ -8,7 +8,6 @@ identity (gradients included), it tells XLA how to lay the tensor out over the r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -16,100 +15,78 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _mesh
-from tpustrat._context import get_replica_context
+from tpustrat._checks import check_int
+from tpustrat._context import Strategy, get_replica_context
 
 
-class LogicalCoreAnnotations:
-    """The logical-core methods of ``ts.TPUStrategy`` (a mixin over its mesh and spmd flag)."""
+def split_to_logical_devices(
+    strategy: Strategy, mesh: Mesh, tensor: jax.Array, partition_dimensions: Sequence[int]
+) -> jax.Array:
+    """Tiles ``tensor`` over a replica's logical cores: ``experimental_split_to_logical_devices``.
 
-    _mesh: Mesh
-    _spmd: bool
+    Args:
+      strategy: the strategy whose method was called; it must be the one running the step.
+      mesh: its mesh, whose logical cores are factored into prime-sized sub-axes.
+      tensor: a value inside the step function.
+      partition_dimensions: one positive int per dimension of ``tensor``, multiplying to the
+        number of logical cores; each must divide its dimension.
 
-    def experimental_split_to_logical_devices(
-        self, tensor: jax.Array, partition_dimensions: Sequence[int]
-    ) -> jax.Array:
-        """Inside ``run``: tiles ``tensor`` across this replica's logical cores.
-
-        Dimension ``i`` is cut into ``partition_dimensions[i]`` pieces; the tile with index
-        ``(i0, i1, ...)`` lives on logical core ``np.ravel_multi_index((i0, i1, ...),
-        partition_dimensions)``, TF's tile assignment. Numerically the identity.
-
-        Args:
-          tensor: a value inside the step function.
-          partition_dimensions: one positive int per dimension of ``tensor``, multiplying to
-            ``num_logical_cores``; each must divide its dimension.
-
-        Returns:
-          ``tensor``, annotated.
-
-        Example:
-          >>> strategy = ts.TPUStrategy(num_logical_cores=4)
-          >>> def step(x):
-          ...     return strategy.experimental_split_to_logical_devices(x, [1, 2, 2]) * 2
-          >>> out = strategy.run(step, args=(np.ones((2, 4, 4), np.float32),))
-          >>> float(out.sum())
-          64.0
-        """
-        _check_in_replica("experimental_split_to_logical_devices", self)
-        cores = _num_cores(self._mesh)
-        shape = np.shape(tensor)
-        dims = [int(d) for d in partition_dimensions]
-        if len(dims) != len(shape):
+    Returns:
+      ``tensor``, annotated.
+    """
+    _check_in_replica("experimental_split_to_logical_devices", strategy)
+    cores = _num_cores(mesh)
+    shape = np.shape(tensor)
+    dims = [int(d) for d in partition_dimensions]
+    if len(dims) != len(shape):
+        raise ValueError(
+            f"partition_dimensions {dims} has {len(dims)} entries but the tensor has rank "
+            f"{len(shape)} (shape {shape}); give one entry per dimension, 1 for no split"
+        )
+    if any(d < 1 for d in dims):
+        raise ValueError(f"partition_dimensions {dims} must be positive; use 1 for no split")
+    if int(np.prod(dims)) != cores:
+        raise ValueError(
+            f"partition_dimensions {dims} multiply to {int(np.prod(dims))} but each replica "
+            f"has {cores} logical cores; make their product {cores}"
+        )
+    for axis, (size, parts) in enumerate(zip(shape, dims)):
+        if size % parts:
             raise ValueError(
-                f"partition_dimensions {dims} has {len(dims)} entries but the tensor has rank "
-                f"{len(shape)} (shape {shape}); give one entry per dimension, 1 for no split"
+                f"dimension {axis} of the tensor has size {size}, which is not divisible by "
+                f"partition_dimensions[{axis}]={parts}; pad the tensor or choose a divisor of "
+                f"{size}"
             )
-        if any(d < 1 for d in dims):
-            raise ValueError(f"partition_dimensions {dims} must be positive; use 1 for no split")
-        if int(np.prod(dims)) != cores:
-            raise ValueError(
-                f"partition_dimensions {dims} multiply to {int(np.prod(dims))} but each replica "
-                f"has {cores} logical cores; make their product {cores}"
-            )
-        for axis, (size, parts) in enumerate(zip(shape, dims)):
-            if size % parts:
-                raise ValueError(
-                    f"dimension {axis} of the tensor has size {size}, which is not divisible by "
-                    f"partition_dimensions[{axis}]={parts}; pad the tensor or choose a divisor of "
-                    f"{size}"
-                )
-        return _constrain(self._mesh, tensor, P(*_spec_entries(self._mesh, dims)))
+    return _constrain(mesh, tensor, P(*_spec_entries(mesh, dims)))
 
-    def experimental_replicate_to_logical_devices(self, tensor: jax.Array) -> jax.Array:
-        """Inside ``run``: keeps a whole copy of ``tensor`` on each of this replica's cores.
 
-        Example:
-          >>> strategy = ts.TPUStrategy(num_logical_cores=2)
-          >>> step = lambda x: strategy.experimental_replicate_to_logical_devices(x + 1)
-          >>> float(strategy.run(step, args=(np.float32(1),)))
-          2.0
-        """
-        _check_in_replica("experimental_replicate_to_logical_devices", self)
-        return _constrain(self._mesh, tensor, P())
+def replicate_to_logical_devices(strategy: Strategy, mesh: Mesh, tensor: jax.Array) -> jax.Array:
+    """Keeps ``tensor`` whole on every core of ``mesh``'s replica (``strategy``'s, checked)."""
+    _check_in_replica("experimental_replicate_to_logical_devices", strategy)
+    return _constrain(mesh, tensor, P())
 
-    def experimental_assign_to_logical_device(
-        self, tensor: jax.Array, logical_device_id: int
-    ) -> jax.Array:
-        """Inside ``run``: TF's placement of ``tensor`` on one logical core, checked as in TF.
 
-        The id must name a core of the replica, and ``spmd=True`` refuses the call, as in TF.
-        One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
-        every core of the replica (as ``experimental_replicate_to_logical_devices``).
-        """
-        _check_in_replica("experimental_assign_to_logical_device", self)
-        if self._spmd:
-            raise ValueError(
-                "experimental_assign_to_logical_device is not available with spmd=True (TF's "
-                "experimental_spmd_xla_partitioning); use experimental_split_to_logical_devices, "
-                "or build the strategy with spmd=False"
-            )
-        cores = _num_cores(self._mesh)
-        if isinstance(logical_device_id, bool) or not 0 <= int(logical_device_id) < cores:
-            raise ValueError(
-                f"logical_device_id {logical_device_id!r} is out of range: each replica has "
-                f"{cores} logical cores, numbered 0 to {cores - 1}"
-            )
-        return _constrain(self._mesh, tensor, P())
+def assign_to_logical_device(
+    strategy: Strategy, mesh: Mesh, tensor: jax.Array, logical_device_id: int, spmd: bool
+) -> jax.Array:
+    """Checks TF's placement on one logical core and keeps ``tensor`` whole on every core.
+
+    ``spmd`` is the strategy's flag: True refuses the call, as in TF.
+    """
+    _check_in_replica("experimental_assign_to_logical_device", strategy)
+    if spmd:
+        raise ValueError(
+            "experimental_assign_to_logical_device is not available with spmd=True (TF's "
+            "experimental_spmd_xla_partitioning); use experimental_split_to_logical_devices, "
+            "or build the strategy with spmd=False"
+        )
+    cores = _num_cores(mesh)
+    if check_int("logical_device_id", logical_device_id, minimum=0) >= cores:
+        raise ValueError(
+            f"logical_device_id {logical_device_id!r} is out of range: each replica has "
+            f"{cores} logical cores, numbered 0 to {cores - 1}"
+        )
+    return _constrain(mesh, tensor, P())
 
 
 def _spec_entries(mesh: Mesh, dims: list[int]) -> list[tuple[str, ...] | None]:
@@ -140,7 +117,7 @@ def _num_cores(mesh: Mesh) -> int:
     return mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
 
 
-def _check_in_replica(what: str, strategy: Any) -> None:
+def _check_in_replica(what: str, strategy: Strategy) -> None:
     context = get_replica_context()
     if context is None:
         raise RuntimeError(

@@ -10,6 +10,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from tpustrat._checks import check_int
+
 REPLICA_AXIS = "replica"
 """The name of the replica axis inside ``strategy.run``, for collectives written by hand.
 
@@ -109,9 +111,9 @@ def count_slices(mesh: Mesh, num_slices: int | None = None) -> int:
     distinct = sorted({s for row in found for s in row})
     if num_slices is None:
         num_slices = len(distinct)
-    elif isinstance(num_slices, bool) or not isinstance(num_slices, int):
-        raise TypeError(f"num_slices must be an int or None, got {num_slices!r}")
-    if num_slices < 1 or num_replicas % num_slices:
+    else:
+        check_int("num_slices", num_slices, minimum=1)
+    if num_replicas % num_slices:
         raise ValueError(
             f"num_slices={num_slices} does not divide the {num_replicas} replicas; declare a "
             f"number of slices that divides {num_replicas}"
@@ -131,11 +133,10 @@ def count_slices(mesh: Mesh, num_slices: int | None = None) -> int:
 
 def _check_split(num_devices: int, num_logical_cores: Any) -> None:
     """Raises unless ``num_devices`` devices split into replicas of ``num_logical_cores``."""
-    if isinstance(num_logical_cores, bool) or not isinstance(num_logical_cores, int):
-        raise TypeError(f"num_logical_cores must be an int, got {num_logical_cores!r}")
+    check_int("num_logical_cores", num_logical_cores, minimum=1)
     if num_devices == 0:
         raise ValueError("devices is empty; pass jax.devices() or a non-empty list of devices")
-    if num_logical_cores < 1 or num_devices % num_logical_cores:
+    if num_devices % num_logical_cores:
         raise ValueError(
             f"{num_devices} devices cannot be split into replicas of "
             f"num_logical_cores={num_logical_cores}; use a num_logical_cores that divides "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -29,9 +30,14 @@ from tpustrat._values import PerReplica, is_distributed
 PyTree = Any
 
 
-def nnx_module():
+def nnx_module() -> ModuleType | None:
     """flax.nnx if the user's program has imported it, else None."""
     return sys.modules.get("flax.nnx")
+
+
+def loaded_nnx() -> ModuleType:
+    """flax.nnx, for code that holds NNX objects and so knows the program has imported it."""
+    return sys.modules["flax.nnx"]
 
 
 def is_nnx_object(x: Any) -> bool:
@@ -62,7 +68,7 @@ class Lifted:
         self.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
 
     def __call__(self, state: PyTree, leaves: list) -> tuple[PyTree, PyTree]:
-        nnx = nnx_module()
+        nnx = loaded_nnx()
         objects = nnx.merge(self.graphdef, state)
         leaves = list(leaves)
         for position, obj in zip(self.positions, objects):
@@ -93,7 +99,7 @@ def split_objects(inputs: PyTree) -> tuple[Any, Any, tuple, PyTree, list] | None
     if not positions:
         return None
     objects = tuple(leaves[i] for i in positions)
-    graphdef, state = nnx_module().split(objects)
+    graphdef, state = loaded_nnx().split(objects)
     for i in positions:
         leaves[i] = None
     return graphdef, state, objects, (structure, tuple(positions)), leaves
@@ -105,7 +111,7 @@ def write_back(objects: tuple, state: PyTree) -> None:
     Raises:
       ValueError: if the step left some of the objects' state different on each replica.
     """
-    nnx = nnx_module()
+    nnx = loaded_nnx()
     varying = [
         jax.tree_util.keystr(path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(

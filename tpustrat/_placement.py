@@ -112,7 +112,9 @@ def prepare(
     return tree.unflatten(placed_nodes), specs, traced
 
 
-def replica_block_spec(x: Any, mesh: jax.sharding.Mesh) -> PartitionSpec | None:
+def replica_block_spec(
+    x: Any, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+) -> PartitionSpec | None:
     """The ``shard_map`` in_spec of a plain array laid out over ``mesh``'s replica axis.
 
     None for anything else (a host value, a replicated array): those go whole to every
@@ -174,10 +176,15 @@ def _valid_replica_layout(spec: tuple) -> bool:
     return True
 
 
-def _same_devices(a: jax.sharding.Mesh, b: jax.sharding.Mesh) -> bool:
+def _same_devices(
+    a: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    b: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+) -> bool:
     """Whether two meshes order the same devices the same way (the public and factored views)."""
     if a is b:
         return True
+    if not (isinstance(a, jax.sharding.Mesh) and isinstance(b, jax.sharding.Mesh)):
+        return False  # an abstract mesh names no devices
     return (
         a.axis_names[:1] == b.axis_names[:1] == (REPLICA_AXIS,)
         and a.shape[REPLICA_AXIS] == b.shape[REPLICA_AXIS]

@@ -60,7 +60,7 @@ class DistributedIterator:
 
     def __init__(self, elements: Iterator[PyTree], buffer_size: int):
         check_int("buffer_size", buffer_size, minimum=0)
-        self._elements: Iterator[PyTree] | None = None
+        self._elements: Iterator[PyTree] = iter(())
         self._channel: _Channel | None = None
         self._finished = False
         self._peeked = _NOTHING
@@ -69,10 +69,7 @@ class DistributedIterator:
             self._elements = elements
             return
         name = f"{THREAD_NAME_PREFIX}-{next(_thread_ids)}"
-        channel = _Channel(buffer_size)
-        channel.thread = threading.Thread(
-            target=_produce, args=(elements, channel), name=name, daemon=True
-        )
+        channel = _Channel(buffer_size, elements, name)
         self._channel = channel
         self._finalizer = weakref.finalize(self, channel.shut_down)
         channel.thread.start()
@@ -131,7 +128,7 @@ class DistributedIterator:
         Waits for the thread to finish reading the element it is on, if any.
         """
         self._finished = True
-        self._elements = None
+        self._elements = iter(())
         self._peeked = _NOTHING
         if self._channel is not None:
             self._finalizer()
@@ -144,13 +141,16 @@ class DistributedIterator:
 
 
 class _Channel:
-    """What the producer thread and the consumer share: a queue, free slots and a stop flag."""
+    """What the producer thread and the consumer share: a queue, free slots and a stop flag.
 
-    def __init__(self, buffer_size: int):
+    Also the producer thread itself (not yet started), which reads ``source``.
+    """
+
+    def __init__(self, buffer_size: int, source: Iterator[Any], name: str):
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.slots = threading.Semaphore(buffer_size)
         self.stopped = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.thread = threading.Thread(target=_produce, args=(source, self), name=name, daemon=True)
 
     def get(self) -> Any:
         item = self.queue.get()

@@ -56,13 +56,13 @@ class RunOptions:
 
     def __post_init__(self):
         positions = self.donate_argnums
-        if not isinstance(positions, tuple) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in positions
-        ):
-            raise ValueError(
+        if not isinstance(positions, tuple):
+            raise TypeError(
                 f"donate_argnums must be a tuple of argument positions >= 0, got {positions!r}; "
                 "e.g. donate_argnums=(0,) to donate args[0]"
             )
+        for i, position in enumerate(positions):
+            check_int(f"donate_argnums[{i}]", position, minimum=0)
 
 
 class Step:

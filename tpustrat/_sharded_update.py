@@ -28,7 +28,7 @@ through the public ``jax.extend.core`` only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,8 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from tpustrat import _mesh
-from tpustrat._context import ReplicaContext, get_replica_context
+from tpustrat._context import ReplicaContext, Strategy, get_replica_context
 from tpustrat._values import Mirrored, PerReplica, is_distributed
-
-if TYPE_CHECKING:
-    from tpustrat._strategy import TPUStrategy
 
 PyTree = Any
 
@@ -68,6 +65,9 @@ class ReplicaShard:
     """
 
     __slots__ = ("axis", "blocks", "shape")
+    blocks: Any
+    shape: tuple[int, ...]
+    axis: int
 
     def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
         object.__setattr__(self, "blocks", blocks)
@@ -194,7 +194,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
     return ShardedUpdate(init, update)
 
 
-def reshard_update_state(state: PyTree, strategy: TPUStrategy) -> PyTree:
+def reshard_update_state(state: PyTree, strategy: Strategy) -> PyTree:
     """Moves a sharded optimizer state onto ``strategy``'s replicas, whatever count it had.
 
     Each ``ReplicaShard`` is reassembled (padding dropped), re-cut for the new replica count and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +15,8 @@ from tpustrat import (
     _bucketing,
     _cache,
     _cross_replica,
+    _input,
+    _logical,
     _mesh,
     _multistep,
     _nnx,
@@ -24,15 +26,15 @@ from tpustrat import (
 )
 from tpustrat._checks import check_int
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
-from tpustrat._input import DatasetDistribution
-from tpustrat._logical import LogicalCoreAnnotations
+from tpustrat._input import DistributedDataset
+from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._topology import DeviceAssignment
 from tpustrat._values import PerReplica, ValueContext
 
 PyTree = Any
 
 
-class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
+class TPUStrategy:
     """Synchronous data parallelism over a ``("replica", "logical_core")`` device mesh.
 
     ``run`` executes a step function on every replica as one compiled SPMD program; PerReplica
@@ -84,10 +86,12 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                     "pass either device_assignment or devices/num_logical_cores, not both: the "
                     "device assignment already fixes the devices and cores of every replica"
                 )
-            devices = device_assignment.devices
-        if devices is None:
-            devices = _mesh.default_device_grid(jax.devices(), num_logical_cores)
-        self._mesh = _mesh.build_mesh(devices, num_logical_cores)
+            grid = device_assignment.devices
+        elif devices is None:
+            grid = _mesh.default_device_grid(jax.devices(), num_logical_cores)
+        else:
+            grid = devices
+        self._mesh = _mesh.build_mesh(grid, num_logical_cores)
         self._public_mesh = _mesh.public_mesh(self._mesh)
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
@@ -455,13 +459,114 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         split = _nnx.split_objects(tree)
         if split is not None:
             _, state, objects, _, _ = split
-            _nnx.nnx_module().update(objects, _values.replicate(state, self._mesh))
+            _nnx.loaded_nnx().update(objects, _values.replicate(state, self._mesh))
             return jax.tree.map(
                 lambda x: x if _nnx.is_nnx_object(x) else _values.replicate(x, self._mesh),
                 tree,
                 is_leaf=_nnx.is_nnx_object,
             )
         return _values.replicate(tree, self._mesh)
+
+    def experimental_distribute_dataset(
+        self, dataset: Iterable[PyTree], options: InputOptions | None = None
+    ) -> DistributedDataset:
+        """Splits each global batch of ``dataset`` over the replicas, prefetched to the devices.
+
+        Replica ``i`` of ``R`` gets rows ``[i * B / R, (i + 1) * B / R)`` of a batch of ``B``
+        rows. A partial last batch is padded and masked, dropped, or refused, as ``options``
+        say (``ts.InputOptions``); the module docstring of ``tpustrat._input`` gives the recipe
+        for exact epoch metrics.
+
+        Args:
+          dataset: an iterable of pytrees whose leaves share a leading global-batch axis (a
+            list, a generator, a ``tf.data.Dataset``, a grain loader).
+          options: a ``ts.InputOptions``.
+
+        Returns:
+          A ``ts.DistributedDataset`` whose elements have the dataset's structure with
+          PerReplica leaves.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> batches = [{"x": np.arange(16.0).reshape(8, 2)}]
+          >>> for batch in strategy.experimental_distribute_dataset(batches):
+          ...     print(batch["x"], strategy.run(lambda b: b["x"].sum(), args=(batch,)))
+          PerReplica(float32[8, 1, 2]) PerReplica(float32[8])
+        """
+        return _input.distribute_dataset(self._mesh, dataset, options)
+
+    def distribute_datasets_from_function(
+        self,
+        dataset_fn: Callable[[InputContext], Iterable[PyTree]],
+        options: InputOptions | None = None,
+    ) -> DistributedDataset:
+        """Calls ``dataset_fn(ts.InputContext)`` once per process for that process's replicas.
+
+        As in tf.distribute, the dataset yields per-replica batches
+        (``ctx.get_per_replica_batch_size(global_batch_size)`` rows), and each step gives one
+        to each of the process's replicas, in replica order.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> def dataset_fn(ctx):
+          ...     rows = ctx.get_per_replica_batch_size(16)
+          ...     return [np.zeros((rows, 3), np.float32)] * 8  # one step of 8 replicas
+          >>> dist = strategy.distribute_datasets_from_function(dataset_fn)
+          >>> len(dist), dist.element_spec.shape
+          (1, (2, 3))
+        """
+        return _input.distribute_datasets_from_function(self._mesh, dataset_fn, options)
+
+    def experimental_split_to_logical_devices(
+        self, tensor: jax.Array, partition_dimensions: Sequence[int]
+    ) -> jax.Array:
+        """Inside ``run``: tiles ``tensor`` across this replica's logical cores.
+
+        Dimension ``i`` is cut into ``partition_dimensions[i]`` pieces; the tile with index
+        ``(i0, i1, ...)`` lives on logical core ``np.ravel_multi_index((i0, i1, ...),
+        partition_dimensions)``, TF's tile assignment. Numerically the identity.
+
+        Args:
+          tensor: a value inside the step function.
+          partition_dimensions: one positive int per dimension of ``tensor``, multiplying to
+            ``num_logical_cores``; each must divide its dimension.
+
+        Returns:
+          ``tensor``, annotated.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=4)
+          >>> def step(x):
+          ...     return strategy.experimental_split_to_logical_devices(x, [1, 2, 2]) * 2
+          >>> out = strategy.run(step, args=(np.ones((2, 4, 4), np.float32),))
+          >>> float(out.sum())
+          64.0
+        """
+        return _logical.split_to_logical_devices(self, self._mesh, tensor, partition_dimensions)
+
+    def experimental_replicate_to_logical_devices(self, tensor: jax.Array) -> jax.Array:
+        """Inside ``run``: keeps a whole copy of ``tensor`` on each of this replica's cores.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=2)
+          >>> step = lambda x: strategy.experimental_replicate_to_logical_devices(x + 1)
+          >>> float(strategy.run(step, args=(np.float32(1),)))
+          2.0
+        """
+        return _logical.replicate_to_logical_devices(self, self._mesh, tensor)
+
+    def experimental_assign_to_logical_device(
+        self, tensor: jax.Array, logical_device_id: int
+    ) -> jax.Array:
+        """Inside ``run``: TF's placement of ``tensor`` on one logical core, checked as in TF.
+
+        The id must name a core of the replica, and ``spmd=True`` refuses the call, as in TF.
+        One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
+        every core of the replica (as ``experimental_replicate_to_logical_devices``).
+        """
+        return _logical.assign_to_logical_device(
+            self, self._mesh, tensor, logical_device_id, self._spmd
+        )
 
 
 def _is_per_replica(x: Any) -> bool:

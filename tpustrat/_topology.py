@@ -155,7 +155,7 @@ class Topology:
         """The number of devices each process owns."""
         return self._device_coordinates.shape[1]
 
-    def _index_at(self, coordinates: Sequence[int]) -> int:
+    def _index_at(self, coordinates: Sequence[int] | np.ndarray) -> int:
         point = tuple(operator.index(c) for c in coordinates)
         if len(point) != _RANK or min(point) < 0 or (np.array(point) >= self._grid.shape).any():
             raise ValueError(
@@ -186,7 +186,7 @@ class Topology:
 
 def _check_topology(topology: object) -> None:
     if not isinstance(topology, Topology):
-        raise ValueError(f"topology {topology!r} is not a Topology; use Topology.from_devices")
+        raise TypeError(f"topology {topology!r} is not a Topology; use Topology.from_devices")
 
 
 def _as_shape(name: str, value: Sequence[int] | None) -> tuple[int, ...]:
@@ -196,7 +196,7 @@ def _as_shape(name: str, value: Sequence[int] | None) -> tuple[int, ...]:
     try:
         shape = tuple(operator.index(v) for v in value)
     except TypeError:
-        raise ValueError(f"{name} {value!r} must be 4 integers (x, y, z, core)") from None
+        raise TypeError(f"{name} {value!r} must be 4 integers (x, y, z, core)") from None
     if len(shape) != _RANK:
         raise ValueError(
             f"{name} {list(shape)} has {len(shape)} entries; pass 4, one per topology axis "
