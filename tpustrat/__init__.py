@@ -10,7 +10,6 @@ from tpustrat._context import (
     ReduceOp,
     ReplicaContext,
     get_replica_context,
-    get_strategy,
 )
 from tpustrat._input import DistributedDataset
 from tpustrat._input_options import InputContext, InputOptions
@@ -24,7 +23,7 @@ from tpustrat._sharded_update import (
     reshard_update_state,
     shard_update,
 )
-from tpustrat._strategy import TPUStrategy
+from tpustrat._strategy import TPUStrategy, get_strategy
 from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 

@@ -282,21 +282,15 @@ def get_replica_context() -> ReplicaContext | None:
     return _REPLICA_CONTEXT.get()
 
 
-def get_strategy() -> Strategy | None:
-    """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
-
-    Example:
-      >>> strategy = ts.TPUStrategy()
-      >>> with strategy.scope():
-      ...     ts.get_strategy() is strategy
-      True
-    """
+def current_strategy() -> Strategy | None:
+    """The strategy of the innermost ``strategy.scope()`` or ``run``, or None
+    (``ts.get_strategy`` is the public, precisely typed face of this)."""
     return _STRATEGY.get()
 
 
 @contextlib.contextmanager
 def strategy_scope(strategy: _S) -> Generator[_S, None, None]:
-    """Makes ``strategy`` the one ``get_strategy`` returns, until the block ends."""
+    """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends."""
     token = _STRATEGY.set(strategy)
     try:
         yield strategy

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 
@@ -14,6 +14,7 @@ from tpustrat import (
     _accounting,
     _bucketing,
     _cache,
+    _context,
     _cross_replica,
     _input,
     _logical,
@@ -586,3 +587,15 @@ _FLAT_INDEX = jax.tree_util.FlattenedIndexKey  # the step through a PerReplica t
 
 def _nnx_leaves(tree: PyTree) -> list[Any]:
     return jax.tree.leaves(tree, is_leaf=_nnx.is_nnx_object)
+
+
+def get_strategy() -> TPUStrategy | None:
+    """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> with strategy.scope():
+      ...     ts.get_strategy() is strategy
+      True
+    """
+    return cast("TPUStrategy | None", _context.current_strategy())
