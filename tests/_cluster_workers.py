@@ -117,6 +117,29 @@ def train_from_function(strategy, data):
     return params, seen["context"], seen["read"], first_ids
 
 
+def train_from_process_shards(strategy, data):
+    """10 steps fed by ``experimental_distribute_dataset(..., shard_by_process=True)``: the
+    dataset's elements are per-process batches (process ``p``'s rows of each global batch, in
+    process order) and each process places only its own. Returns the parameters and the row
+    ids this process's elements held."""
+    processes = len({d.process_index for d in strategy.mesh.devices.flat})
+    share = GLOBAL_BATCH // processes
+    elements = [
+        {k: v[p * share : (p + 1) * share] for k, v in batch.items()}
+        for batch in data
+        for p in range(processes)
+    ]
+    dist = strategy.experimental_distribute_dataset(
+        elements, ts.InputOptions(shard_by_process=True)
+    )
+    params = strategy.replicate(init_params())
+    placed = []
+    for batch in dist:
+        placed += [int(i) for ids in strategy.experimental_local_results(batch["id"]) for i in ids]
+        params = strategy.run(sgd_step, args=(params, batch))
+    return _params(params), placed, len(dist)
+
+
 def _train_on(strategy, dist):
     """SGD over every batch of ``dist``; the parameters and the row ids each local replica
     received in the first batch."""
@@ -160,6 +183,7 @@ def exercise(strategy):
     params, asked = train_from_values(strategy, data)
     dataset_params, dataset_ids = train_from_dataset(strategy, data)
     function_params, context, read, function_ids = train_from_function(strategy, data)
+    shard_params, shard_ids, shard_steps = train_from_process_shards(strategy, data)
     values = strategy.experimental_distribute_values_from_function(
         lambda ctx: (
             np.arange(6, dtype=np.float32).reshape(2, 3) * (ctx.replica_id_in_sync_group + 1)
@@ -175,6 +199,9 @@ def exercise(strategy):
         "function_context": context,
         "function_read": read,
         "function_ids": function_ids,
+        "shard_params": shard_params,
+        "shard_ids": shard_ids,
+        "shard_steps": shard_steps,
         "reduce": {
             op: np.asarray(strategy.reduce(op, out)) for op in ("sum", "mean", "max", "min")
         },

@@ -76,7 +76,7 @@ def test_each_process_holds_and_feeds_its_own_replicas(job):
         assert result["asked"] == local  # value_fn ran for this process's replicas only
 
 
-@pytest.mark.parametrize("feed", ["params", "dataset_params", "function_params"])
+@pytest.mark.parametrize("feed", ["params", "dataset_params", "function_params", "shard_params"])
 def test_training_matches_one_process(job, feed):
     _, reference, results = job
     for result in results:
@@ -84,6 +84,19 @@ def test_training_matches_one_process(job, feed):
             np.testing.assert_allclose(result[feed][name], value, rtol=2e-5, atol=1e-6)
     moved = np.abs(reference["params"]["w1"] - workers.init_params()["w1"]).max()
     assert moved > 1e-2  # ten steps really trained
+
+
+def test_sharded_by_process_each_process_places_only_its_elements(job):
+    _, reference, results = job
+    share = workers.GLOBAL_BATCH // NUM_PROCESSES
+    assert reference["shard_steps"] == workers.NUM_STEPS
+    for process_id, result in enumerate(results):
+        assert result["shard_steps"] == workers.NUM_STEPS
+        assert result["shard_ids"] == [
+            step * workers.GLOBAL_BATCH + process_id * share + row
+            for step in range(workers.NUM_STEPS)
+            for row in range(share)
+        ]
 
 
 def test_datasets_read_and_place_only_local_rows(job):

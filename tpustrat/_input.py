@@ -45,6 +45,7 @@ the same number of batches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, cast
 
@@ -88,11 +89,13 @@ class DistributedDataset:
         layout: Layout,
         options: InputOptions,
         elements_per_step: int = 1,
+        process_share: tuple[int, int] | None = None,
     ):
         self._dataset = dataset
         self._layout = layout
         self._options = options
         self._elements_per_step = elements_per_step
+        self._process_share = process_share
         self._one_shot = isinstance(dataset, Iterator)
         self._started = False
         self._element_spec = None
@@ -116,18 +119,28 @@ class DistributedDataset:
         batch's size: a dataset that is a sequence (a list or tuple of batches) shows it
         without reading any data; for any other dataset ``len()`` raises a TypeError.
         """
-        if not isinstance(self._dataset, Sized):
-            raise TypeError(f"the dataset ({type(self._dataset).__name__}) has no len()")
+        elements = self._dataset
+        if self._process_share is not None:
+            if not isinstance(elements, Sequence):
+                raise TypeError(
+                    f"len() of a dataset sharded by process counts every P-th element, which a "
+                    f"{type(elements).__name__} cannot pick without reading; pass a list of "
+                    "batches, or count the steps of one epoch yourself"
+                )
+            index, count = self._process_share  # this process's elements of the full steps
+            elements = elements[index : len(elements) // count * count : count]
+        if not isinstance(elements, Sized):
+            raise TypeError(f"the dataset ({type(elements).__name__}) has no len()")
         group = self._elements_per_step
         if not self._options.drop_remainder:
-            return -(-len(self._dataset) // group)
-        if not isinstance(self._dataset, Sequence):
+            return -(-len(elements) // group)
+        if not isinstance(elements, Sequence):
             raise TypeError(
                 "len() of a distributed dataset with drop_remainder=True needs the size of "
-                f"every batch, which a {type(self._dataset).__name__} does not show without "
+                f"every batch, which a {type(elements).__name__} does not show without "
                 "reading it; pass a list of batches, or count the steps of one epoch yourself"
             )
-        sizes = [_rows(element) for element in self._dataset]
+        sizes = [_rows(element) for element in elements]
         steps = [sum(sizes[i : i + group]) for i in range(0, len(sizes), group)]
         if not steps:
             return 0
@@ -153,6 +166,8 @@ class DistributedDataset:
     def _iterator(self, buffer_size: int) -> DistributedIterator:
         batcher = Batcher(self._layout, self._options)
         source = host_iterator(self._dataset)
+        if self._process_share is not None:
+            source = _process_share(source, *self._process_share, self._options.drop_remainder)
         if self._elements_per_step > 1:
             per_replica = self._layout.static_size and (
                 self._layout.static_size // self._elements_per_step
@@ -177,6 +192,19 @@ def distribute_dataset(
     options = _check_options(options, mesh)
     _check_dataset(dataset, "experimental_distribute_dataset")
     num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    if options.shard_by_process and len(processes) > 1:
+        local = local_replicas(mesh)
+        layout = Layout(
+            mesh=mesh,
+            positions=tuple(range(len(local))),
+            num_slices=len(local),
+            static_size=_static_size(options, num_replicas, len(local)),
+            batch_name="per-process batch",
+            slices_name="replicas of this process",
+        )
+        share = (processes.index(jax.process_index()), len(processes))
+        return DistributedDataset(dataset, layout, options, process_share=share)
     layout = Layout(
         mesh=mesh,
         positions=tuple(local_replicas(mesh)),
@@ -239,6 +267,26 @@ def distribute_datasets_from_function(
         slices_name="replicas of this process",
     )
     return DistributedDataset(dataset, layout, options, elements_per_step=len(local))
+
+
+def _process_share(
+    source: Iterator[PyTree], index: int, count: int, drop_remainder: bool
+) -> Iterator[PyTree]:
+    """Element ``index`` of every ``count`` consecutive elements of ``source`` (see
+    ``InputOptions.shard_by_process``); the other processes' elements are passed over unread.
+    """
+    while True:
+        group = list(itertools.islice(source, count))
+        if len(group) == count:
+            yield group[index]
+            continue
+        if group and not drop_remainder:
+            raise ValueError(
+                f"with shard_by_process each step takes one element per process, but the "
+                f"dataset ended with {len(group)} element(s) for {count} processes; give it a "
+                f"multiple of {count} elements, or pass drop_remainder=True to drop them"
+            )
+        return
 
 
 def _static_size(options: InputOptions, num_replicas: int, num_slices: int) -> int | None:

@@ -78,6 +78,15 @@ class InputOptions:
       drop_remainder: drop a batch with fewer rows than the static shape, as tf.data does.
       global_batch_size: the static global batch every batch is padded to; default the first
         batch's size. Set it when the first batch may itself be partial.
+      shard_by_process: for ``experimental_distribute_dataset`` in a job of ``P`` processes,
+        TF's ``AutoShardPolicy.DATA``: each element of the dataset is one process's batch
+        (``global_batch_size / P`` rows), and process ``p`` places only elements ``p``,
+        ``p + P``, ``p + 2P``, ... on its replicas, so no process converts or copies another's
+        rows. Step ``k`` trains on elements ``kP`` to ``kP + P - 1``, which is what one
+        process would train on with those elements joined into one global batch. An epoch
+        whose element count is not a multiple of ``P`` is an error at its end, unless
+        ``drop_remainder=True`` drops the incomplete last step. In one process it changes
+        nothing.
 
     Example:
       >>> InputOptions(experimental_mask=True).experimental_per_replica_buffer_size
@@ -89,6 +98,7 @@ class InputOptions:
     experimental_mask: bool = False
     drop_remainder: bool = False
     global_batch_size: int | None = None
+    shard_by_process: bool = False
 
     def __post_init__(self):
         check_int(
