@@ -84,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> Result:
     data = digits.load(seed=args.seed)
     global_batch_size = args.batch_size
     model = MLP()
-    params = model.init(
-        jax.random.key(args.seed), np.zeros((1, digits.NUM_FEATURES)), train=False
-    )["params"]
+    params = model.init(jax.random.key(args.seed), np.zeros((1, digits.NUM_FEATURES)), train=False)[
+        "params"
+    ]
     tx = optax.adam(args.learning_rate)
     initial = {
         "train": strategy.replicate(TrainState.create(apply_fn=model.apply, params=params, tx=tx)),

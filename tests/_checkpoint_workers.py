@@ -38,16 +38,6 @@ def make_data():
     ]
 
 
-def plain(tree):
-    """``tree`` without ``ts.Mirrored`` wrappers (which ``run`` returns until the value model
-    change lands; after it, this is the identity)."""
-    return jax.tree.map(
-        lambda x: x.value if isinstance(x, ts.Mirrored) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, ts.Mirrored),
-    )
-
-
 def replicated(strategy, value):
     """``value`` (an array or a typed key) on every device of ``strategy``, in any process."""
     if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
@@ -87,7 +77,7 @@ def train_step(strategy, state, batch):
     """One step; the random stream (noise added to the gradient) continues from the state."""
     key, noise_key = jax.random.split(state["key"])
     noise = 0.01 * jax.random.normal(noise_key, (FEATURES, 1))
-    params = plain(strategy.run(sgd_step, args=(state["params"], batch, noise)))
+    params = strategy.run(sgd_step, args=(state["params"], batch, noise))
     return {**state, "params": params, "key": key}
 
 
@@ -183,8 +173,13 @@ def abstract_mesh_state(strategy):
         },
         "key": jax.ShapeDtypeStruct((), KEY_DTYPE, sharding=sharding),
         "step": np.int32(0),
-        "per_replica": ts.PerReplica.from_stacked(jax.ShapeDtypeStruct((n, 2), np.float32)),
+        "per_replica": abstract_per_replica(jax.ShapeDtypeStruct((n, 2), np.float32)),
     }
+
+
+def abstract_per_replica(stacked):
+    """A PerReplica holding a ShapeDtypeStruct (as jax.eval_shape would give)."""
+    return jax.tree.unflatten(jax.tree.structure(ts.PerReplica([np.float32(0)])), [stacked])
 
 
 def host_values(strategy, state):

@@ -116,6 +116,7 @@ class CheckpointManager:
         check_int("save_interval_steps", save_interval_steps, minimum=1)
         self._directory = Path(directory).absolute()
         self._strategy = strategy
+        self._save_interval_steps = save_interval_steps
         self._ocp = ocp
         handlers = ocp.handlers
         registry = handlers.DefaultCheckpointHandlerRegistry()
@@ -164,7 +165,7 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write (``step`` is on the save interval)."""
-        return self._manager.should_save(step)
+        return step % self._save_interval_steps == 0 and step not in self._manager.all_steps()
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process of a multi-process job has agreed to stop at ``step``.
@@ -199,7 +200,7 @@ class CheckpointManager:
           force: save even if ``step`` is not on the save interval.
 
         Returns:
-          Whether a save was started (False off the interval).
+          Whether a save was started (False off the interval, or if ``step`` is saved already).
 
         Raises:
           TypeError: a leaf of ``state`` cannot be saved (the message names it).
@@ -211,7 +212,7 @@ class CheckpointManager:
         position = None
         if iterator is not None:
             position = _check_iterator(iterator).get_state()
-        if not self.should_save(step) and not force:
+        if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
         if not (self._directory.is_dir() and os.access(self._directory, os.W_OK | os.X_OK)):
             # Checked first: orbax, failing to make the step directory, leaves threads waiting.
@@ -232,7 +233,8 @@ class CheckpointManager:
         if position is not None:
             items[_INPUT] = ocp.args.JsonSave(position)
         try:
-            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+            # The interval is decided above; orbax's own policy would also save the first step.
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:
             raise self._write_error(error, f"saving step {step}") from error
 
@@ -402,16 +404,14 @@ def _key_impl(key: Any) -> str:
 
 
 def _named_leaves(state: PyTree) -> list[tuple[str, str, Any]]:
-    """(name, kind, value) for every leaf; a PerReplica's stacked arrays are leaves of their own.
+    """(name, kind, value) for every leaf; a PerReplica's leaf is its stacked array.
 
-    Names are the pytree paths joined by dots (``params.Dense_0.kernel``); a PerReplica whose
-    stacked value is itself a pytree adds that pytree's path.
+    Names are the pytree paths joined by dots (``params.Dense_0.kernel``).
     """
     named, seen = [], {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_per_replica)[0]:
         if isinstance(leaf, PerReplica):
-            inner = jax.tree_util.tree_flatten_with_path(leaf.stacked)[0]
-            entries = [(path + p, "per_replica", x) for p, x in inner]
+            entries = [(path, "per_replica", leaf.stacked)]
         else:
             is_array = isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
             entries = [(path, "array" if is_array else "host", leaf)]
@@ -529,16 +529,16 @@ class _RestorePlan:
 
     def rebuild(self, restored: Mapping[str, Any]) -> PyTree:
         """The target's structure with the restored arrays."""
-        values = iter(self._named)
+        names = iter(name for name, _, _ in self._named)
         leaves = []
         for leaf in self._target_leaves:
             if isinstance(leaf, PerReplica):
-                inner = jax.tree.structure(leaf.stacked)
-                stacked = [restored[next(values)[0]] for _ in range(inner.num_leaves)]
-                leaves.append(PerReplica.from_stacked(inner.unflatten(stacked)))
-                continue
-            name = next(values)[0]
-            leaves.append(_like(leaf, restored[name]))
+                inner = jax.tree.structure(leaf)  # unflattening keeps abstract targets working
+                leaves.append(
+                    inner.unflatten([restored[next(names)] for _ in range(inner.num_leaves)])
+                )
+            else:
+                leaves.append(_like(leaf, restored[next(names)]))
         return self._treedef.unflatten(leaves)
 
 
