@@ -49,6 +49,7 @@ def run_until_sigterm(directory, out, at_step, timeout=120):
     return code, steps, stderr
 
 
+@pytest.mark.slow  # five training processes, each starting JAX and compiling: ~20 s on 2 cores
 def test_sigterm_at_three_random_steps_resumes_exactly(tmp_path):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustrat import _mesh
 from tpustrat._checks import check_int
@@ -160,7 +160,7 @@ class CheckpointManager:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """Every committed step, oldest first."""
+        """Every saved step, oldest first (the last one's write may still be running)."""
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
@@ -212,7 +212,9 @@ class CheckpointManager:
         position = None
         if iterator is not None:
             position = _check_iterator(iterator).get_state()
-        if step in self._manager.all_steps() or not (force or self.should_save(step)):
+        if step in self._manager.all_steps() or not (
+            force or step % self._save_interval_steps == 0
+        ):
             return False
         if not (self._directory.is_dir() and os.access(self._directory, os.W_OK | os.X_OK)):
             # Checked first: orbax, failing to make the step directory, leaves threads waiting.
@@ -463,7 +465,7 @@ class _RestorePlan:
         self.abstract = {name: self._abstract(name, kind, x) for name, kind, x in self._named}
 
     def _abstract(self, name: str, kind: str, leaf: Any) -> Any:
-        mesh = self._strategy._mesh
+        mesh = _placement_mesh(self._strategy)
         if kind == "host":
             return _host_array(leaf)
         if kind == "per_replica":
@@ -555,9 +557,15 @@ def _like(target: Any, value: Any) -> Any:
     return np.asarray(value)
 
 
+def _placement_mesh(strategy: TPUStrategy) -> Mesh:
+    """The mesh the strategy places arrays on (``replicate``, ``run``): ``strategy.mesh`` with
+    its logical cores factored into sub-axes, the same devices."""
+    return strategy._mesh
+
+
 def _target_sharding(name: str, sharding: Any, strategy: TPUStrategy) -> NamedSharding:
     """The target's sharding moved onto the strategy's mesh; replicated if it has none."""
-    mesh = strategy._mesh
+    mesh = _placement_mesh(strategy)
     if not isinstance(sharding, NamedSharding):
         return _mesh.replicated_sharding(mesh)
     axes = _mesh.spec_axes(sharding.spec)
