@@ -8,9 +8,9 @@ replicated over 8 replicas, is saved with ``ts.CheckpointManager``:
   sync   ``CheckpointManager(asynchronous=False)``: ``save`` returns when the step is
          committed, so the loop is blocked for the whole write.
 Rounds alternate the two; the table shows the median and range over rounds. Writes
-``results/checkpoint_save.json``.
+``checkpoint_save.json`` (see ``_results.py`` for where; ``--record`` for ``results/``).
 
-Usage: python benchmarks/checkpoint_save.py [--megabytes 64] [--rounds 5]
+Usage: python benchmarks/checkpoint_save.py [--megabytes 64] [--rounds 5] [--record]
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import sys
 import tempfile
 import time
 
+import _results
+
 PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 PARSER.add_argument("--megabytes", type=float, default=64, help="size of the whole state")
 PARSER.add_argument("--rounds", type=int, default=5)
-PARSER.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+_results.add_arguments(PARSER)
 ARGS = PARSER.parse_args()
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -105,7 +107,7 @@ def main() -> None:
     print(f"a synchronous save blocks the loop {ratio:.1f}x as long as an asynchronous one")
     record = {
         "benchmark": "checkpoint_save",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": {
             "platform": platform.platform(),
@@ -119,8 +121,7 @@ def main() -> None:
         "results": rows,
         "sync_over_async_blocked": ratio,
     }
-    out = pathlib.Path(ARGS.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _results.folder(ARGS)
     (out / "checkpoint_save.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / 'checkpoint_save.json'}")
 
