@@ -3,11 +3,13 @@
 ``python tests/_checkpoint_workers.py DIRECTORY OUT STEPS [--big] [--kill-during-save-at K]``
 trains a tiny model with a ``ts.PreemptionCheckpointHandler``: it prints ``step N`` after each
 step, logs the batch trained on at step N to ``OUT.log``, and on finishing writes the
-parameters to ``OUT.npz``. The module-level functions run under ``ts.run_in_local_processes``.
+parameters to ``OUT.npz``. The other module-level functions run under
+``tpustrat.testing.run_in_local_processes``.
 """
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,6 +114,28 @@ def train(directory, out, num_steps, kill_during_save_at=None, big=False):
     handler.close()
     manager.close()
     np.savez(f"{out}.npz", **{k: np.asarray(v) for k, v in state["params"].items()})
+
+
+def command(directory, out, num_steps, *flags):
+    """The command line that runs ``train`` in a new process."""
+    return [sys.executable, __file__, str(directory), str(out), str(num_steps), *flags]
+
+
+def environment():
+    """The environment for it: the tpustrat this process imported (a checkout or the wheel)."""
+    package_root = Path(ts.__file__).resolve().parent.parent
+    return dict(os.environ, PYTHONPATH=str(package_root), JAX_PLATFORMS="cpu")
+
+
+def run(directory, out, num_steps, *flags, timeout=120):
+    """Runs ``train`` in a new process to its end (or its own SIGKILL); returns the process."""
+    return subprocess.run(
+        command(directory, out, num_steps, *flags),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def record_pid(folder):

@@ -4,11 +4,7 @@ The processes that need real signals or several JAX processes run ``_checkpoint_
 each has a timeout.
 """
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import _checkpoint_workers as workers
 import grain
@@ -19,22 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "_checkpoint_workers.py"
-
-
-def run_worker(directory, out, steps, *extra, timeout=120):
-    """Runs the training worker to its end (or its own SIGKILL); returns the process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, str(WORKER), str(directory), str(out), str(steps), *extra],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+from tpustrat.testing import run_in_local_processes
 
 
 def expected_values(num_replicas):
@@ -277,13 +258,13 @@ def test_save_is_asynchronous(tmp_path):
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
-    reference = run_worker(tmp_path / "reference", tmp_path / "reference", 12)
+    reference = workers.run(tmp_path / "reference", tmp_path / "reference", 12)
     assert reference.returncode == 0, reference.stderr[-3000:]
     directory = tmp_path / "checkpoints"
-    killed = run_worker(directory, tmp_path / "run", 12, "--big", "--kill-during-save-at", "8")
+    killed = workers.run(directory, tmp_path / "run", 12, "--big", "--kill-during-save-at", "8")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert any("tmp" in p.name for p in directory.iterdir()), "the save of step 8 had finished"
-    resumed = run_worker(directory, tmp_path / "run", 12, "--big")
+    resumed = workers.run(directory, tmp_path / "run", 12, "--big")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "start 4" in resumed.stdout  # step 8 was never committed; step 4 was
     want = np.load(tmp_path / "reference.npz")
@@ -293,7 +274,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_complete_checkpoint(
 
 
 def test_save_on_one_process_restore_on_two(saved):
-    results = ts.run_in_local_processes(
+    results = run_in_local_processes(
         workers.restore_in_cluster, 2, devices_per_process=4, args=(str(saved), 1), timeout=120
     )
     expected = expected_values(8)
@@ -305,7 +286,7 @@ def test_save_on_one_process_restore_on_two(saved):
 
 
 def test_save_on_two_processes_restore_on_one(tmp_path):
-    ts.run_in_local_processes(
+    run_in_local_processes(
         workers.save_in_cluster, 2, devices_per_process=4, args=(str(tmp_path),), timeout=120
     )
     strategy = ts.TPUStrategy()

@@ -4,7 +4,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,9 +11,9 @@ from pathlib import Path
 import _checkpoint_workers as workers
 import numpy as np
 import pytest
-from test_checkpoint import ROOT, WORKER, run_worker
 
 import tpustrat as ts
+from tpustrat.testing import run_in_local_processes
 
 NUM_STEPS = workers.NUM_BATCHES
 
@@ -22,29 +21,27 @@ NUM_STEPS = workers.NUM_BATCHES
 def run_until_sigterm(directory, out, at_step, timeout=120):
     """Starts the worker, sends SIGTERM once it has printed ``step at_step`` (or later); returns
     its exit code, the first step it ran and the steps it printed."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(directory), str(out), str(NUM_STEPS)],
-        env=env,
+    with subprocess.Popen(
+        workers.command(directory, out, NUM_STEPS),
+        env=workers.environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
-    )
-    timer = threading.Timer(timeout, process.kill)
-    timer.start()
-    try:
-        steps, signalled = [], False
-        for line in process.stdout:
-            if line.startswith("step "):
-                steps.append(int(line.split()[1]))
-                if steps[-1] >= at_step and not signalled:
-                    process.send_signal(signal.SIGTERM)
-                    signalled = True
-        stderr = process.stderr.read()
-        code = process.wait()
-    finally:
-        timer.cancel()
+    ) as process:
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        try:
+            steps, signalled = [], False
+            for line in process.stdout:
+                if line.startswith("step "):
+                    steps.append(int(line.split()[1]))
+                    if steps[-1] >= at_step and not signalled:
+                        process.send_signal(signal.SIGTERM)
+                        signalled = True
+            stderr = process.stderr.read()
+            code = process.wait()
+        finally:
+            timer.cancel()
     assert signalled, f"the run ended before step {at_step}: {stderr[-2000:]}"
     return code, steps, stderr
 
@@ -54,7 +51,7 @@ def test_sigterm_at_three_random_steps_resumes_exactly(tmp_path):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     kill_steps = [rng.randint(2, 7), rng.randint(10, 14), rng.randint(17, 21)]
-    reference = run_worker(tmp_path / "reference", tmp_path / "reference", NUM_STEPS)
+    reference = workers.run(tmp_path / "reference", tmp_path / "reference", NUM_STEPS)
     assert reference.returncode == 0, reference.stderr[-3000:]
     directory = tmp_path / "checkpoints"
     for at_step in kill_steps:
@@ -63,7 +60,7 @@ def test_sigterm_at_three_random_steps_resumes_exactly(tmp_path):
         # The save happened at the step boundary right after the notice: nothing was lost.
         with ts.CheckpointManager(directory, ts.TPUStrategy()) as manager:
             assert manager.latest_step() == steps[-1], seed
-    final = run_worker(directory, tmp_path / "run", NUM_STEPS)
+    final = workers.run(directory, tmp_path / "run", NUM_STEPS)
     assert final.returncode == 0, final.stderr[-3000:]
     trained = [line.split() for line in Path(f"{tmp_path / 'run'}.log").read_text().splitlines()]
     assert [int(step) for step, _ in trained] == list(range(1, NUM_STEPS + 1)), seed
@@ -91,7 +88,7 @@ def test_two_processes_save_the_same_step_when_one_gets_sigterm(tmp_path):
     signaller = threading.Thread(target=_signal_process_1, args=(folder, stop), daemon=True)
     signaller.start()
     try:
-        results = ts.run_in_local_processes(
+        results = run_in_local_processes(
             workers.preempt_in_cluster,
             2,
             devices_per_process=4,
