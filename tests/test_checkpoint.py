@@ -93,14 +93,16 @@ def test_restore_onto_other_meshes_without_per_replica_leaves(tmp_path, target):
 
 
 def test_per_replica_leaf_on_another_replica_count_names_the_leaf(saved):
-    strategy = ts.TPUStrategy(num_logical_cores=2)
-    target = workers.abstract_mesh_state(strategy)
-    target["per_replica"] = workers.abstract_per_replica(jax.ShapeDtypeStruct((8, 2), np.float32))
-    with (
-        ts.CheckpointManager(saved, strategy) as manager,
-        pytest.raises(ValueError, match="'per_replica' is a PerReplica over 8 replicas but"),
-    ):
-        manager.restore(target)
+    strategy = ts.TPUStrategy(num_logical_cores=2)  # 4 replicas; the checkpoint has 8
+    with ts.CheckpointManager(saved, strategy) as manager:
+        with pytest.raises(ValueError, match="'per_replica' is a PerReplica saved over 8 replicas"):
+            manager.restore(workers.abstract_mesh_state(strategy))
+        wrong = workers.abstract_mesh_state(strategy)
+        wrong["per_replica"] = workers.abstract_per_replica(
+            jax.ShapeDtypeStruct((8, 2), np.float32)
+        )
+        with pytest.raises(ValueError, match="target leaf 'per_replica' is a PerReplica over 8"):
+            manager.restore(wrong)
 
 
 def test_tree_mismatch_lists_the_leaves_that_differ(saved):
