@@ -4,7 +4,10 @@ The processes that need real signals or several JAX processes run ``_checkpoint_
 each has a timeout.
 """
 
+import contextlib
+import resource
 import shutil
+import signal
 
 import _checkpoint_workers as workers
 import grain
@@ -144,6 +147,36 @@ def test_unwritable_directory_is_a_clear_error_and_the_state_stays(tmp_path):
     manager.save(3, state)  # the same state saves once the directory is back
     manager.close()
     assert sorted(p.name for p in directory.iterdir() if p.name.isdigit()) == ["3"]
+
+
+@contextlib.contextmanager
+def disk_full_after(limit_bytes):
+    """Writes past ``limit_bytes`` in one file fail with EFBIG, as on a full disk."""
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail, do not kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_disk_full_during_an_async_save_is_a_clear_error_and_the_state_stays(tmp_path):
+    strategy = ts.TPUStrategy()
+    values = np.random.default_rng(0).normal(size=1_000_000).astype(np.float32)  # 4 MB
+    state = {"w": workers.replicated(strategy, values)}
+    manager = ts.CheckpointManager(tmp_path, strategy)
+    with disk_full_after(1 << 20), pytest.raises(ts.CheckpointError) as error:
+        manager.save(1, state)  # returns: the write fails in the background
+        manager.wait_until_finished()
+    assert "File too large" in str(error.value)
+    assert "the training state is still in memory" in str(error.value)
+    assert manager.all_steps() == []  # nothing half-written counts as a checkpoint
+    manager.save(2, state)  # with room again, the same state saves
+    manager.close()
+    assert manager.all_steps() == [2]
+    np.testing.assert_array_equal(manager.restore(state)["w"], values)
 
 
 @pytest.mark.parametrize("source", ["list", "generator"])
