@@ -159,16 +159,17 @@ def positioned_elements(
 
 def set_source_state(source: Iterator[PyTree], position: dict[str, Any]) -> None:
     """Gives the dataset's iterator ``source`` the state saved in ``position``."""
-    if not callable(getattr(source, "set_state", None)):
+    set_state = getattr(source, "set_state", None)
+    if not callable(set_state):
         raise ValueError(
             f"the input position holds a dataset iterator's state but this dataset's iterator "
             f"({type(source).__name__}) has no set_state; restore it with the dataset it was "
             "saved from (a grain loader)"
         )
     if "source_bytes" in position:
-        source.set_state(base64.b64decode(position["source_bytes"]))
+        set_state(base64.b64decode(position["source_bytes"]))
     else:
-        source.set_state(position["source"])
+        set_state(position["source"])
 
 
 def skip_reads(source: Iterator[PyTree], reads: int) -> None:

@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,10 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tpustrat import _mesh
 from tpustrat._checks import check_int
 from tpustrat._prefetch import DistributedIterator
+from tpustrat._strategy import TPUStrategy
 from tpustrat._values import PerReplica
-
-if TYPE_CHECKING:
-    from tpustrat._strategy import TPUStrategy
 
 PyTree = Any
 
@@ -111,6 +109,11 @@ class CheckpointManager:
         asynchronous: bool = True,
     ):
         ocp = _orbax()
+        if not isinstance(strategy, TPUStrategy):
+            raise TypeError(
+                f"strategy must be a ts.TPUStrategy (whose mesh restored arrays go on), got "
+                f"{type(strategy).__name__}"
+            )
         if max_to_keep is not None:
             check_int("max_to_keep", max_to_keep, minimum=1)
         check_int("save_interval_steps", save_interval_steps, minimum=1)

@@ -80,13 +80,17 @@ class DistributedIterator:
     def __init__(self, elements: Iterator[PyTree] | PositionedInput, buffer_size: int):
         check_int("buffer_size", buffer_size, minimum=0)
         self._buffer_size = buffer_size
-        self._input = elements if isinstance(elements, PositionedInput) else None
-        self._elements: Iterator[Any] = iter(()) if self._input is not None else elements
-        self._position: dict[str, Any] = {} if self._input is None else dict(self._input.start)
+        self._input: PositionedInput | None = None
+        self._elements: Iterator[Any] = iter(())
+        self._position: dict[str, Any] = {}
+        if isinstance(elements, PositionedInput):
+            self._input, self._position = elements, dict(elements.start)
+        else:
+            self._elements = elements
         self._started = False
         self._channel: _Channel | None = None
         self._finished = False
-        self._peeked = _NOTHING
+        self._peeked: Any = _NOTHING
         self._element_spec = None
 
     def _start(self) -> None:
