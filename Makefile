@@ -74,6 +74,7 @@ bench: $(VENV)/.wheel $(VENV)/.bench
 	$(PY) benchmarks/collectives.py $(BENCH_FLAGS)
 	$(PY) benchmarks/steps_per_run.py $(BENCH_FLAGS)
 	$(PY) benchmarks/input_pipeline.py $(BENCH_FLAGS)
+	$(PY) benchmarks/checkpoint_save.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) build dist .pytest_cache .ruff_cache

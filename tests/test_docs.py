@@ -131,8 +131,8 @@ def test_python_blocks_run_as_written(path, tmp_path):
 
 
 def test_parser_finds_the_readme_blocks():
-    """The README's seven Python blocks are found, so the test above cannot pass on none."""
-    assert len(python_blocks(ROOT / "README.md")) == 7
+    """The README's eight Python blocks are found, so the test above cannot pass on none."""
+    assert len(python_blocks(ROOT / "README.md")) == 8
 
 
 def test_quickstart_example_is_the_readme_quickstart():

@@ -46,3 +46,15 @@ def test_quickstart_recovers_the_weights(capsys):
     """The README's quickstart (examples/quickstart.py) runs as written."""
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     assert capsys.readouterr().out.strip().endswith("[ 1.  -2.   0.5]")
+
+
+def test_preemptible_example_resumes_where_it_stopped(examples_on_path, tmp_path):
+    example = importlib.import_module("preemptible_digits")
+    flags = ["--save-every", "5", "--batch-size", "96"]
+    first = example.main(["--checkpoint-dir", str(tmp_path / "a"), "--steps", "10", *flags])
+    resumed = example.main(["--checkpoint-dir", str(tmp_path / "a"), "--steps", "20", *flags])
+    straight = example.main(["--checkpoint-dir", str(tmp_path / "b"), "--steps", "20", *flags])
+    assert (first.first_step, resumed.first_step, straight.first_step) == (0, 10, 0)
+    for got, want in zip(resumed.params, straight.params):
+        np.testing.assert_allclose(got, want, rtol=1e-7)
+    assert resumed.test_accuracy == straight.test_accuracy > 0.5

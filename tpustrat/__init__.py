@@ -5,6 +5,7 @@ from typing import Any
 
 from tpustrat import testing
 from tpustrat._accounting import CompileStats, Recompile
+from tpustrat._checkpoint import CheckpointError, CheckpointManager
 from tpustrat._cluster import ClusterError, ClusterInfo, initialize_cluster
 from tpustrat._context import (
     ReduceOp,
@@ -15,6 +16,7 @@ from tpustrat._input import DistributedDataset
 from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
+from tpustrat._preemption import PreemptionCheckpointHandler
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._run import RunOptions
 from tpustrat._sharded_update import (
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REPLICA_AXIS",
+    "CheckpointError",
+    "CheckpointManager",
     "ClusterError",
     "ClusterInfo",
     "CompileStats",
@@ -41,6 +45,7 @@ __all__ = [
     "InputOptions",
     "Mirrored",
     "PerReplica",
+    "PreemptionCheckpointHandler",
     "Recompile",
     "ReduceOp",
     "ReplicaContext",

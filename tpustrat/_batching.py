@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -50,12 +51,12 @@ class Layout:
 class Batcher:
     """Checks each host batch against the first and places it on the replicas; one per epoch."""
 
-    def __init__(self, layout: Layout, options: InputOptions):
+    def __init__(self, layout: Layout, options: InputOptions, first_index: int = 0):
         self._layout = layout
         self._options = options
         self._static_size = layout.static_size
-        self._first = None  # batch 0's structure and (shape[1:], dtype) of each leaf
-        self._index = 0
+        self._first = None  # the first batch's structure and (shape[1:], dtype) of each leaf
+        self._index = first_index  # the host batch's index in the dataset, for messages
 
     def __call__(self, element: PyTree) -> PyTree | None:
         """The distributed element for one host batch, or None if the batch is dropped."""
@@ -63,15 +64,15 @@ class Batcher:
         arrays, key_impls, structure, size = host_arrays(element, index)
         signature = [(a.shape[1:], a.dtype, impl) for a, impl in zip(arrays, key_impls)]
         if self._first is None:
-            self._first = (structure, signature)
-        elif (structure, signature) != self._first:
+            self._first = (structure, signature, index)
+        elif (structure, signature) != self._first[:2]:
             raise ValueError(
-                f"batch {index} has structure {_describe(structure, signature)} but batch 0 had "
-                f"{_describe(*self._first)}; every batch needs the same structure, dtypes and "
-                "shapes (only a partial batch may have fewer rows)"
+                f"batch {index} has structure {_describe(structure, signature)} but batch "
+                f"{self._first[2]} had {_describe(*self._first[:2])}; every batch needs the same "
+                "structure, dtypes and shapes (only a partial batch may have fewer rows)"
             )
         static_size = self._static_size
-        if static_size is None:  # batch 0 sets the static size unless the options give it
+        if static_size is None:  # the first batch sets the static size unless the options do
             static_size = self._static_size = size
             self._check_static_size(index, static_size)
         if size > static_size:
@@ -128,11 +129,60 @@ class Batcher:
         ]
 
 
-def distributed_elements(source: Iterator[PyTree], batcher: Batcher) -> Iterator[PyTree]:
+def positioned_elements(
+    source: Iterator[PyTree], batcher: Batcher, position: dict[str, Any], state_of: Any
+) -> Iterator[tuple[PyTree, dict[str, Any]]]:
+    """Each distributed element with the input position just after it.
+
+    A position counts the elements returned (``batches``) and the elements of ``source`` read
+    (``reads``, which also counts dropped partial batches); when ``state_of`` (the dataset's
+    own iterator, which ``source`` reads) has ``get_state`` (a grain iterator), it holds that
+    state as ``source``, or as base64 text ``source_bytes`` if the state is bytes.
+    """
+    batches, reads = position["batches"], position["reads"]
+    stateful = callable(getattr(state_of, "get_state", None))
     for element in source:
+        reads += 1
         distributed = batcher(element)
-        if distributed is not None:
-            yield distributed
+        if distributed is None:
+            continue
+        batches += 1
+        after = {"batches": batches, "reads": reads}
+        if stateful:
+            state = state_of.get_state()
+            if isinstance(state, bytes):
+                after["source_bytes"] = base64.b64encode(state).decode("ascii")
+            else:
+                after["source"] = state
+        yield distributed, after
+
+
+def set_source_state(source: Iterator[PyTree], position: dict[str, Any]) -> None:
+    """Gives the dataset's iterator ``source`` the state saved in ``position``."""
+    set_state = getattr(source, "set_state", None)
+    if not callable(set_state):
+        raise ValueError(
+            f"the input position holds a dataset iterator's state but this dataset's iterator "
+            f"({type(source).__name__}) has no set_state; restore it with the dataset it was "
+            "saved from (a grain loader)"
+        )
+    if "source_bytes" in position:
+        set_state(base64.b64decode(position["source_bytes"]))
+    else:
+        set_state(position["source"])
+
+
+def skip_reads(source: Iterator[PyTree], reads: int) -> None:
+    """Reads and drops the first ``reads`` elements of ``source``, a new pass over the data."""
+    for read in range(reads):
+        try:
+            next(source)
+        except StopIteration:
+            raise ValueError(
+                f"the input position is after {reads} batches but the dataset ended after "
+                f"{read}; restore with the dataset the checkpoint was saved with (a generator "
+                "must start from its beginning)"
+            ) from None
 
 
 def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:

@@ -57,9 +57,11 @@ from tpustrat import _mesh
 from tpustrat._batching import (
     Batcher,
     Layout,
-    distributed_elements,
     host_arrays,
     host_iterator,
+    positioned_elements,
+    set_source_state,
+    skip_reads,
 )
 from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
@@ -164,8 +166,45 @@ class DistributedDataset:
         return self._element_spec
 
     def _iterator(self, buffer_size: int) -> DistributedIterator:
-        batcher = Batcher(self._layout, self._options)
+        return DistributedIterator(
+            _DatasetInput(
+                self._dataset,
+                self._layout,
+                self._options,
+                self._elements_per_step,
+                self._process_share,
+            ),
+            buffer_size,
+        )
+
+
+class _DatasetInput:
+    """One pass over a distributed dataset, opened at an input position (a PositionedInput)."""
+
+    start: dict[str, Any] = {"batches": 0, "reads": 0}  # noqa: RUF012 (never mutated)
+
+    def __init__(
+        self,
+        dataset: Iterable[PyTree],
+        layout: Layout,
+        options: InputOptions,
+        elements_per_step: int,
+        process_share: tuple[int, int] | None,
+    ):
+        self._dataset = dataset
+        self._layout = layout
+        self._options = options
+        self._elements_per_step = elements_per_step
+        self._process_share = process_share
+
+    def open(self, position: dict[str, Any]) -> Iterator[tuple[PyTree, dict[str, Any]]]:
         source = host_iterator(self._dataset)
+        # The dataset's own iterator state, when saved, puts it just after the last batch used;
+        # otherwise the batches already used are read again and skipped.
+        has_state = "source" in position or "source_bytes" in position
+        if has_state:
+            set_source_state(source, position)
+        raw = source
         if self._process_share is not None:
             source = _process_share(source, *self._process_share, self._options.drop_remainder)
         if self._elements_per_step > 1:
@@ -173,7 +212,24 @@ class DistributedDataset:
                 self._layout.static_size // self._elements_per_step
             )
             source = _steps_of_per_replica_batches(source, self._elements_per_step, per_replica)
-        return DistributedIterator(distributed_elements(source, batcher), buffer_size)
+        if not has_state:
+            skip_reads(source, position["reads"])
+        batcher = Batcher(self._layout, self._options, first_index=position["reads"])
+        return positioned_elements(source, batcher, position, state_of=raw)
+
+    def check(self, position: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(position, Mapping):
+            raise TypeError(
+                f"an input position is a dict from get_state(), got {type(position).__name__}"
+            )
+        for key in ("batches", "reads"):
+            value = position.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"input position {dict(position)!r} has {key}={value!r}; pass a dict "
+                    "returned by DistributedIterator.get_state()"
+                )
+        return dict(position)
 
 
 def distribute_dataset(

@@ -7,8 +7,8 @@ import queue
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
@@ -35,6 +35,22 @@ class _Failure(NamedTuple):
     error: BaseException
 
 
+@runtime_checkable
+class PositionedInput(Protocol):
+    """An input that opens at a saved position: what a distributed dataset gives its iterator
+    so that the iterator's position can be checkpointed."""
+
+    start: dict[str, Any]
+
+    def open(self, position: dict[str, Any]) -> Iterator[tuple[PyTree, dict[str, Any]]]:
+        """The elements from ``position`` on, each with the position just after it."""
+        ...
+
+    def check(self, position: Mapping[str, Any]) -> dict[str, Any]:
+        """``position`` as a dict if it is a position of this input; else a ValueError."""
+        ...
+
+
 class DistributedIterator:
     """One epoch of a distributed dataset, read ahead by a background thread.
 
@@ -45,10 +61,13 @@ class DistributedIterator:
     element is raised again, the same object with its traceback, by the ``next`` call that would
     have returned that element. After the end of the data, an error or ``close()``, ``next``
     raises StopIteration. The thread holds no reference to the iterator, so dropping the iterator
-    stops the thread; ``close()`` or leaving a ``with`` block stops it at once.
+    stops the thread; ``close()`` or leaving a ``with`` block stops it at once. The thread starts
+    at the first ``next`` (or ``element_spec``), so ``set_state`` can first move the iterator to
+    a checkpointed input position.
 
     Args:
-      elements: the distributed elements to read ahead; only the thread advances it.
+      elements: the distributed elements to read ahead (only the thread advances it), or a
+        ``PositionedInput`` (what ``iter(dist)`` passes), whose position ``get_state`` reports.
       buffer_size: how many elements may be ready ahead of the consumer; 0 reads synchronously
         in ``next`` (no thread).
 
@@ -58,18 +77,32 @@ class DistributedIterator:
       [0, 1, 2]
     """
 
-    def __init__(self, elements: Iterator[PyTree], buffer_size: int):
+    def __init__(self, elements: Iterator[PyTree] | PositionedInput, buffer_size: int):
         check_int("buffer_size", buffer_size, minimum=0)
-        self._elements: Iterator[PyTree] = iter(())
+        self._buffer_size = buffer_size
+        self._input: PositionedInput | None = None
+        self._elements: Iterator[Any] = iter(())
+        self._position: dict[str, Any] = {}
+        if isinstance(elements, PositionedInput):
+            self._input, self._position = elements, dict(elements.start)
+        else:
+            self._elements = elements
+        self._started = False
         self._channel: _Channel | None = None
         self._finished = False
-        self._peeked = _NOTHING
+        self._peeked: Any = _NOTHING
         self._element_spec = None
-        if buffer_size == 0:
-            self._elements = elements
+
+    def _start(self) -> None:
+        """Opens the input at its position and starts the thread; runs on the first read."""
+        self._started = True
+        if self._input is not None:
+            self._elements = self._input.open(self._position)
+        if self._buffer_size == 0:
             return
         name = f"{THREAD_NAME_PREFIX}-{next(_thread_ids)}"
-        channel = _Channel(buffer_size, elements, name)
+        channel = _Channel(self._buffer_size, self._elements, name)
+        self._elements = iter(())  # only the thread advances it
         self._channel = channel
         self._finalizer = weakref.finalize(self, channel.shut_down)
         channel.thread.start()
@@ -79,10 +112,16 @@ class DistributedIterator:
 
     def __next__(self) -> PyTree:
         if self._peeked is not _NOTHING:
-            element, self._peeked = self._peeked, _NOTHING
-            return element
+            item, self._peeked = self._peeked, _NOTHING
+            return self._advance(item)
+        return self._advance(self._read())
+
+    def _read(self) -> Any:
+        """The next item from the source or the thread: an element, or (element, position)."""
         if self._finished:
             raise StopIteration
+        if not self._started:
+            self._start()
         if self._channel is None:
             try:
                 return next(self._elements)
@@ -104,6 +143,73 @@ class DistributedIterator:
             raise error
         return item
 
+    def _advance(self, item: Any) -> PyTree:
+        """The element of ``item``; the input position moves past it."""
+        if self._input is None:
+            return item
+        element, self._position = item
+        return element
+
+    def get_state(self) -> dict[str, Any]:
+        """The input position after the last element ``next`` returned, as a JSON-able dict.
+
+        ``ts.CheckpointManager`` saves it with the training state. It counts the batches
+        returned (elements the thread has read ahead do not count) and, when the dataset's own
+        iterator has ``get_state`` (a grain loader), holds that iterator's state too.
+
+        Raises:
+          TypeError: if this iterator was made from a plain iterator rather than by
+            ``iter(dist)`` of a distributed dataset, so it has no position to save.
+
+        Example:
+          >>> dist = ts.TPUStrategy().experimental_distribute_dataset([np.zeros((8, 2))] * 3)
+          >>> iterator = iter(dist)
+          >>> _ = next(iterator)
+          >>> iterator.get_state()["batches"]
+          1
+        """
+        self._positioned()
+        return dict(self._position)
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Moves a fresh iterator to a position from ``get_state``: ``next`` continues there.
+
+        A list, sequence or generator dataset skips the batches already read (a generator must
+        be a new one, from its start); a dataset whose iterator has ``set_state`` (a grain
+        loader) is given its saved state instead.
+
+        Args:
+          state: a dict returned by ``get_state`` of an iterator over the same dataset.
+
+        Raises:
+          ValueError: if this iterator has already read an element, or ``state`` is not a
+            position of this kind of dataset.
+
+        Example:
+          >>> dist = ts.TPUStrategy().experimental_distribute_dataset(
+          ...     [np.full((8, 1), i) for i in range(3)])
+          >>> iterator = iter(dist)
+          >>> iterator.set_state({"batches": 2, "reads": 2})
+          >>> float(next(iterator).values[0][0, 0])
+          2.0
+        """
+        positioned = self._positioned()
+        if self._started:
+            raise ValueError(
+                "set_state moves a fresh iterator, but this one has already read elements; "
+                "call it right after iter(dist), before next() or element_spec"
+            )
+        self._position = positioned.check(state)
+
+    def _positioned(self) -> PositionedInput:
+        """The input whose position this iterator tracks; a TypeError if it tracks none."""
+        if self._input is None:
+            raise TypeError(
+                "this DistributedIterator reads a plain iterator and has no input position to "
+                "save; checkpoint an iterator made by iter(dist) of a ts.DistributedDataset"
+            )
+        return self._input
+
     @property
     def element_spec(self) -> PyTree:
         """The shapes and dtypes one replica sees in the step: ``jax.ShapeDtypeStruct`` leaves.
@@ -113,13 +219,14 @@ class DistributedIterator:
         if self._element_spec is None:
             if self._peeked is _NOTHING:
                 try:
-                    self._peeked = next(self)
+                    self._peeked = self._read()
                 except StopIteration:
                     raise ValueError(
                         "element_spec needs one batch but this iterator has none left; read it "
                         "from a fresh iterator, iter(dist).element_spec"
                     ) from None
-            self._element_spec = _per_replica_spec(self._peeked)
+            element = self._peeked if self._input is None else self._peeked[0]
+            self._element_spec = _per_replica_spec(element)
         return self._element_spec
 
     def close(self) -> None:
