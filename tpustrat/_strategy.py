@@ -89,6 +89,7 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         self._lifted: dict[Any, _nnx.Lifted] = {}
         self._ledger = _accounting.Ledger()
         self._donated = _placement.DonationRecord()
+        self._layouts = _placement.PlacedLayouts()
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -182,28 +183,53 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
         inputs = (tuple(args), dict(kwargs or {}))
+        leaves, structure = jax.tree.flatten(inputs)
+        block_specs = False
+        if not (options.experimental_bucketizing_dynamic_shape or self._donated.may_hold(leaves)):
+            block_specs = self._layouts.match(leaves, structure)
+        if block_specs is not False:  # every leaf already in place, as on the last such call
+            return self._call(fn, options, None, block_specs, inputs, fast=True)
         split = _nnx.split_objects(inputs)
         if split is not None:
             return self._run_nnx(fn, args, split, options)
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
             inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
-        inputs, block_specs, traced = _placement.prepare(
+        inputs, block_specs, traced = self._prepare(inputs)
+        if traced:
+            return self._step((fn, options.donate_argnums))(valid_rows, block_specs, *inputs)[0]
+        return self._call(fn, options, valid_rows, block_specs, inputs, fast=False)
+
+    def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
+        return _placement.prepare(
             inputs,
             self.num_replicas_in_sync,
             self._per_replica_sharding,
             self._replicated_sharding,
             self._donated,
+            self._layouts,
         )
+
+    def _call(self, fn, options, valid_rows, block_specs, inputs, fast: bool) -> PyTree:
+        """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
+
+        On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
+        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why.
+        """
         key = (fn, options.donate_argnums)
         step = self._step(key)
-        outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
-        if not traced and not isinstance(marker, jax.core.Tracer):
-            for i in options.donate_argnums:
-                for path, leaf in _leaves_with_paths(inputs[0][i]):
-                    self._donated.add(leaf, f"args[{i}]{path}")
-            self._ledger.count(key, step.name, retraced, compiled)
-            self._window.admit(marker)
+        try:
+            outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
+        except Exception:
+            if fast:
+                self._prepare(inputs)  # raises the clear error when an input is at fault
+            raise
+        if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
+            return outputs
+        if options.donate_argnums:
+            self._donated.add_survivors(inputs[0], options.donate_argnums)
+        self._ledger.count(key, step.name, retraced, compiled)
+        self._window.admit(marker)
         return outputs
 
     def _run_nnx(self, fn, args, split, options: _run.RunOptions) -> PyTree:
@@ -438,17 +464,6 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
 
 def _is_per_replica(x: Any) -> bool:
     return isinstance(x, PerReplica)
-
-
-def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` for every array of ``tree``, a PerReplica counting as its array."""
-    return [
-        (jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, _FLAT_INDEX))), leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-_FLAT_INDEX = jax.tree_util.FlattenedIndexKey  # the step through a PerReplica to its array
 
 
 def _nnx_leaves(tree: PyTree) -> list[Any]:
