@@ -27,6 +27,7 @@ import collections
 import cProfile
 import functools
 import io
+import pathlib
 import pstats
 import time
 from collections.abc import Callable
@@ -80,7 +81,7 @@ def make_shard_map(leaves: int) -> Callable[[int], float]:
         start = time.perf_counter()
         for _ in range(calls):
             s = jitted(s)
-            pending.append(jax.tree.leaves(s)[0])
+            pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
             if len(pending) > WINDOW:
                 pending.popleft().block_until_ready()
         jax.block_until_ready(s)
@@ -111,11 +112,17 @@ def plot(rows: list[dict], title: str, path) -> None:
     plt = _harness.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in (TPUSTRAT, BASELINE):
-        left.plot(LEAF_COUNTS, [row[name]["median_us"] for row in rows], marker="o", label=name)
+        left.plot(
+            [row["leaves"] for row in rows],
+            [row[name]["median_us"] for row in rows],
+            marker="o",
+            label=name,
+        )
     left.set(xscale="log", yscale="log", xlabel="leaves in the state", ylabel="us per call")
     left.legend()
-    right.plot(LEAF_COUNTS, [row["ratio"] for row in rows], marker="o", label="ratio of medians")
-    right.plot(LEAF_COUNTS, [row["paired_ratio"] for row in rows], marker="s", label="paired")
+    counts = [row["leaves"] for row in rows]
+    right.plot(counts, [row["ratio"] for row in rows], marker="o", label="ratio of medians")
+    right.plot(counts, [row["paired_ratio"] for row in rows], marker="s", label="paired")
     right.axhline(1.05, color="grey", linestyle="--", label="1.05")
     right.set(xscale="log", xlabel="leaves in the state", ylabel="(a) time / (b) time")
     right.legend()
@@ -129,9 +136,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="cProfile (a) at 1,000 leaves")
+    parser.add_argument("--leaves", type=int, nargs="+", default=LEAF_COUNTS)
+    parser.add_argument("--out", type=pathlib.Path, default=_harness.RESULTS)
     args = parser.parse_args()
     rows = []
-    for leaves in LEAF_COUNTS:
+    for leaves in args.leaves:
         calls = calls_per_round(leaves)
         runs = {TPUSTRAT: make_tpustrat(leaves), BASELINE: make_shard_map(leaves)}
         for run in runs.values():
@@ -170,7 +179,7 @@ def main() -> None:
     if args.profile:
         data["profile_1000_leaves"] = profile()
         print(data["profile_1000_leaves"])
-    path = _harness.write("leaf_overhead", data)
+    path = _harness.write("leaf_overhead", data, args.out)
     plot(rows, f"{title}\n{data['machine']}", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
