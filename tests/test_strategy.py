@@ -383,3 +383,15 @@ def test_fast_path_still_refuses_deleted_and_miscounted_inputs():
     with pytest.raises(ValueError, match=r"args\[1\] is a PerReplica with 16 components but"):
         strategy.run(_add_sum, args=(state, wrong))
     np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 1 + 3 * 28.0))
+
+
+def test_window_passes_over_outputs_a_later_step_donated():
+    """A plain step's window marker is one of its outputs; donating it later must not break."""
+    strategy = ts.TPUStrategy(max_steps_in_flight=1)
+    donate = ts.RunOptions(donate_argnums=(0,))
+    state = strategy.replicate({"w": np.zeros(3, np.float32)})
+    for k in range(6):  # plain and donating calls alternate: each donates the last one's output
+        state = strategy.run(
+            lambda s: {"w": s["w"] + 1}, args=(state,), options=donate if k % 2 else None
+        )
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 6.0))

@@ -176,8 +176,8 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                 f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
                 "argument write args=(x,)"
             )
-        options = options or _run.RunOptions()
-        if any(i >= len(args) for i in options.donate_argnums):
+        options = options or _DEFAULT_OPTIONS
+        if options.donate_argnums and max(options.donate_argnums) >= len(args):
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
                 "args of this call; donate an existing position, e.g. (0,) for the state"
@@ -460,6 +460,9 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
                 is_leaf=_nnx.is_nnx_object,
             )
         return _values.replicate(tree, self._mesh)
+
+
+_DEFAULT_OPTIONS = _run.RunOptions()
 
 
 def _is_per_replica(x: Any) -> bool:
