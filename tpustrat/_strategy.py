@@ -221,8 +221,12 @@ class TPUStrategy(DatasetDistribution, LogicalCoreAnnotations):
         try:
             outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
         except Exception:
-            if fast:
+            if not fast:
+                raise
+            try:
                 self._prepare(inputs)  # raises the clear error when an input is at fault
+            except (TypeError, ValueError) as clear:
+                raise clear from None
             raise
         if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
             return outputs
