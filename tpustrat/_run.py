@@ -242,15 +242,16 @@ def _an_output_array(outputs: PyTree) -> jax.Array:
     """One array of ``outputs``, found without flattening a large output (a train state)."""
     node = outputs
     while True:
-        if isinstance(node, jax.Array):
-            return node
-        if isinstance(node, PerReplica):
-            return node.stacked
-        if isinstance(node, (tuple, list)) and node:
-            node = node[0]
-        elif type(node) is dict and node:
+        kind = type(node)
+        if kind is dict and node:
             node = next(iter(node.values()))
-        else:
+        elif (kind is tuple or kind is list) and node:
+            node = node[0]
+        elif kind is PerReplica:
+            return node.stacked
+        elif isinstance(node, jax.Array):
+            return node
+        else:  # another pytree node, or an empty container first: any leaf will do
             return jax.tree.leaves(outputs)[0]
 
 
