@@ -444,10 +444,18 @@ def keras_gpt(vocab: int, width: int, layers_count: int, heads: int, context: in
     import keras
     from keras import layers
 
+    class AddPositions(layers.Layer):
+        """Adds a learned embedding of each position (a trainable table, as in the NNX model)."""
+
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=(context, width), initializer="random_normal")
+
+        def call(self, x):
+            return x + keras.ops.cast(self.table, x.dtype)
+
     tokens = keras.Input((context,), dtype="int32")
     embed = layers.Embedding(vocab, width)
-    positions = layers.Embedding(context, width)(keras.ops.arange(context)[None])
-    x = embed(tokens) + positions
+    x = AddPositions()(embed(tokens))
     for _ in range(layers_count):
         y = layers.LayerNormalization(epsilon=1e-6)(x)
         x = x + layers.MultiHeadAttention(heads, width // heads)(y, y, use_causal_mask=True)
