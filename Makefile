@@ -75,6 +75,11 @@ bench: $(VENV)/.wheel $(VENV)/.bench
 	$(PY) benchmarks/steps_per_run.py $(BENCH_FLAGS)
 	$(PY) benchmarks/input_pipeline.py $(BENCH_FLAGS)
 	$(PY) benchmarks/checkpoint_save.py $(BENCH_FLAGS)
+	$(PY) benchmarks/weight_update_sharding.py $(BENCH_FLAGS)
+	$(PY) benchmarks/leaf_overhead.py $(BENCH_FLAGS)
+	$(PY) benchmarks/defaults.py $(BENCH_FLAGS)
+	$(PY) benchmarks/workloads.py $(BENCH_FLAGS)
+	$(PY) benchmarks/scaling.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) build dist .pytest_cache .ruff_cache

@@ -12,9 +12,11 @@ few repeats:
     its compiled program;
   - the bytes that cross between two slices per device: a flat all-reduce against tpustrat's
     hierarchical one (``TPUStrategy(num_slices=2)``), read from the compiled programs.
-Prints a table, writes ``results/scaling.json`` and ``results/scaling.png``.
+Prints a table, writes ``scaling.json`` and ``scaling.png`` into ``results/local/`` (``--record``:
+into the tracked ``results/``).
 
-Usage: python benchmarks/scaling.py [--devices 8 64 256 1024]  (about 2 minutes on 2 cores)
+Usage: python benchmarks/scaling.py [--devices 8 64 256 1024] [--record]  (about 2 minutes on 2
+cores)
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import subprocess
 import sys
 import time
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+import _results
+
 HOST_APIS = ("values_from_function", "local_results", "values", "reduce", "gather", "dataset")
 GRADIENT_FLOATS = 131_072  # a 512 KiB gradient
 
@@ -149,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    _results.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child)))
@@ -168,9 +172,9 @@ def main() -> None:
         records.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"measured {n} devices", file=sys.stderr)
     _print_table(records)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scaling.json").write_text(json.dumps(records, indent=2) + "\n")
-    _plot(records)
+    out = _results.folder(args)
+    (out / "scaling.json").write_text(json.dumps(records, indent=2) + "\n")
+    _plot(records, out)
 
 
 def _print_table(records: list[dict]) -> None:
@@ -191,7 +195,7 @@ def _print_table(records: list[dict]) -> None:
         )
 
 
-def _plot(records: list[dict]) -> None:
+def _plot(records: list[dict], out: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,7 +229,7 @@ def _plot(records: list[dict]) -> None:
     )
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "scaling.png", dpi=120)
+    fig.savefig(out / "scaling.png", dpi=120)
 
 
 if __name__ == "__main__":

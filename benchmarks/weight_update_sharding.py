@@ -18,7 +18,8 @@ Then, on 8 simulated devices, the steady step rate of both forms on a small mode
 (``--rate-width``), over ``--rounds`` rounds of ``--steps`` steps that alternate the two forms;
 the ratio is the median over rounds of sharded/replicated steps per second.
 
-Prints a table and writes ``results/weight_update_sharding.json`` and ``.png``.
+Prints a table and writes ``weight_update_sharding.json`` and ``.png`` into ``results/local/``
+(``--record``: into the tracked ``results/``).
 
 Usage: python benchmarks/weight_update_sharding.py  (about 15 s on 2 cores)
        python benchmarks/weight_update_sharding.py --width 1024 --replicas 8 64 --rounds 3
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import time
 
+import _results
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +54,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def init_params(width: int, layers: int, rng: np.random.Generator | None = None) -> dict:
@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per subprocess")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    _results.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure_compiled(args.width, args.layers, args.batch)))
@@ -321,14 +322,14 @@ def main() -> None:
         "step_rate": rate,
         "argument_ratio_at_8": ratio,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "weight_update_sharding.json").write_text(json.dumps(record, indent=2) + "\n")
+    out = _results.folder(args)
+    (out / "weight_update_sharding.json").write_text(json.dumps(record, indent=2) + "\n")
     title = (
         f"{eight['parameters'] / 1e6:.1f}M-parameter Adam MLP: bytes per device, "
         "replicated vs ts.shard_update"
     )
-    plot(memory, title, RESULTS / "weight_update_sharding.png")
-    print(f"wrote {RESULTS / 'weight_update_sharding.json'} and .png")
+    plot(memory, title, out / "weight_update_sharding.png")
+    print(f"wrote {out / 'weight_update_sharding.json'} and .png")
 
 
 if __name__ == "__main__":

@@ -363,3 +363,57 @@ def test_strategy_calls_inside_jit_leave_plain_calls_working():
     for _ in range(4):  # more plain calls than the window holds
         assert float(strategy.reduce("sum", x)) == 28.0
         assert float(strategy.run(lambda: ts.get_replica_context().all_reduce("sum", 1.0))) == 8
+
+
+def test_calls_with_placed_inputs_match_the_checked_path(strategy):
+    """The fast path (inputs laid out as on the last call) computes what the checked path does."""
+    ids = _replica_ids(strategy)
+    n = strategy.num_replicas_in_sync
+    state = {f"w{k}": np.full(2, k, np.float32) for k in range(12)}  # host arrays: placed first
+
+    def step(state, i):
+        mean = ts.get_replica_context().all_reduce("mean", i)
+        return jax.tree.map(lambda w: w + mean, state)
+
+    for _ in range(4):  # call 1 places, call 2 records the layout, calls 3-4 take the fast path
+        state = strategy.run(step, args=(state, ids))
+    for k in range(12):
+        np.testing.assert_allclose(np.asarray(state[f"w{k}"]), k + 4 * (n - 1) / 2)
+    stats = strategy.compile_stats()
+    assert (stats.num_compiles, stats.num_cache_hits) == (1, 3)
+
+
+def _add_sum(state, i):
+    return {"w": state["w"] + ts.get_replica_context().all_reduce("sum", i)}
+
+
+def test_fast_path_still_refuses_deleted_and_miscounted_inputs():
+    strategy = ts.TPUStrategy()
+    donate = ts.RunOptions(donate_argnums=(0,))
+    ids = _replica_ids(strategy)
+    state = strategy.replicate({"w": np.ones(3, np.float32)})
+    for _ in range(3):
+        state = strategy.run(_add_sum, args=(state, ids))
+    old = state
+    state = strategy.run(lambda s, i: s, args=(old, ids), options=donate)
+    with pytest.raises(ValueError, match=r"args\[0\]\['w'\] was donated to an earlier run call"):
+        strategy.run(_add_sum, args=(old, ids))
+    # A PerReplica of 16 components laid out exactly as the 8-component one was.
+    wrong = ts.PerReplica.from_stacked(
+        jax.device_put(np.zeros(16, np.float32), ids.stacked.sharding)
+    )
+    with pytest.raises(ValueError, match=r"args\[1\] is a PerReplica with 16 components but"):
+        strategy.run(_add_sum, args=(state, wrong))
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 1 + 3 * 28.0))
+
+
+def test_window_passes_over_outputs_a_later_step_donated():
+    """A plain step's window marker is one of its outputs; donating it later must not break."""
+    strategy = ts.TPUStrategy(max_steps_in_flight=1)
+    donate = ts.RunOptions(donate_argnums=(0,))
+    state = strategy.replicate({"w": np.zeros(3, np.float32)})
+    for k in range(6):  # plain and donating calls alternate: each donates the last one's output
+        state = strategy.run(
+            lambda s: {"w": s["w"] + 1}, args=(state,), options=donate if k % 2 else None
+        )
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 6.0))

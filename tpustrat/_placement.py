@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import operator
 import weakref
 from typing import Any
 
@@ -33,12 +35,81 @@ class DonationRecord:
         key = id(array)
         self._donated[key] = (weakref.ref(array, lambda _: self._donated.pop(key, None)), where)
 
+    def add_survivors(self, args: tuple, donate_argnums: tuple[int, ...]) -> None:
+        """Records the arrays of ``args[i]`` for each donated ``i`` that JAX did not delete.
+
+        A deleted array needs no entry (``is_deleted`` tells); the survivors are the unsafe
+        ones: buffers a host view kept alive, or that no output could reuse.
+        """
+        for i in donate_argnums:
+            leaves = jax.tree.leaves(args[i])
+            survivors = {id(x) for x in leaves if isinstance(x, jax.Array) and not x.is_deleted()}
+            if not survivors:
+                continue
+            for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
+                if id(leaf) in survivors:
+                    self.add(leaf, f"args[{i}]{_path_name(path)}")
+
     def donated_as(self, array: Any) -> str | None:
         """Where ``array`` was donated (e.g. ``"args[0]['w']"``), or None if it never was."""
         entry = self._donated.get(id(array))
         if entry is not None and entry[0]() is array:
             return entry[1]
         return None
+
+    def may_hold(self, leaves: list[Any]) -> bool:
+        """Whether any of ``leaves`` may have been donated (cheap; ``donated_as`` decides)."""
+        return bool(self._donated) and not self._donated.keys().isdisjoint(map(id, leaves))
+
+
+class PlacedLayouts:
+    """Input layouts that ``prepare`` found entirely in place, for a fast path on later calls.
+
+    A training loop passes the same structure on every call, its leaves the arrays the last
+    step returned, already where ``run`` wants them. Per pytree structure this remembers the
+    sharding of every leaf and the block specs ``prepare`` derived; a later call whose leaves
+    are concrete arrays with the very same shardings skips ``prepare``'s per-leaf checks and
+    goes straight to ``jax.jit``, whose own C++ path checks shapes and dtypes (and ``run``
+    reports what it refuses through ``prepare``). The number of remembered structures is
+    bounded.
+    """
+
+    def __init__(self, maxsize: int = 64):
+        self._maxsize = maxsize
+        self._layouts: collections.OrderedDict[Any, tuple[tuple, Any]] = collections.OrderedDict()
+        self._array_types: set[type] = set()
+
+    def match(
+        self, leaves: list[Any], structure: Any
+    ) -> tuple[PartitionSpec | None, ...] | bool | None:
+        """The block specs remembered for this call's layout, or False when it is not known."""
+        entry = self._layouts.get(structure)
+        if entry is None or not self._array_types.issuperset(map(type, leaves)):
+            return False
+        shardings, block_specs = entry
+        if tuple(map(_SHARDING, leaves)) != shardings or any(map(_IS_DELETED, leaves)):
+            return False  # (jax.jit's C++ path does not check for deleted buffers itself)
+        return block_specs
+
+    def remember(
+        self,
+        leaves: list[Any],
+        structure: Any,
+        block_specs: tuple[PartitionSpec | None, ...] | None,
+    ) -> None:
+        """Records that ``leaves`` (concrete arrays, in place) needed nothing from ``prepare``."""
+        types = set(map(type, leaves))
+        if not all(issubclass(t, jax.Array) and not issubclass(t, jax.core.Tracer) for t in types):
+            return
+        self._array_types |= types
+        self._layouts[structure] = (tuple(map(_SHARDING, leaves)), block_specs)
+        self._layouts.move_to_end(structure)
+        while len(self._layouts) > self._maxsize:
+            self._layouts.popitem(last=False)
+
+
+_SHARDING = operator.attrgetter("sharding")
+_IS_DELETED = operator.methodcaller("is_deleted")
 
 
 def prepare(
@@ -47,13 +118,15 @@ def prepare(
     per_replica: NamedSharding,
     replicated: NamedSharding,
     donated: DonationRecord,
+    layouts: PlacedLayouts | None = None,
 ) -> tuple[PyTree, tuple[PartitionSpec | None, ...] | None, bool]:
     """Checks ``run``'s ``(args, kwargs)`` and places them on the mesh.
 
     PerReplica leaves go to ``per_replica``. Every other leaf goes to ``replicated``, except
     an array already laid out over the replica axis of the strategy's mesh, which stays as it
     is (each replica then receives its block). ``Mirrored`` markers are unwrapped. Leaves
-    already in place are not copied; the tree is rebuilt only when something moved.
+    already in place are not copied; the tree is rebuilt only when something moved. When
+    nothing moved, the layout is added to ``layouts`` for ``PlacedLayouts.match``.
 
     Returns:
       The placed inputs; for each of their leaves (PerReplica counting as one) the in_spec of
@@ -108,6 +181,8 @@ def prepare(
             specs[index] = spec
         specs = tuple(specs)
     if traced or not moved:
+        if not traced and layouts is not None:
+            layouts.remember(*jax.tree.flatten(inputs), specs)
         return inputs, specs, traced
     return tree.unflatten(placed_nodes), specs, traced
 
@@ -191,6 +266,14 @@ def _same_devices(
         and a.devices.size == b.devices.size
         and all(x == y for x, y in zip(a.devices.flat, b.devices.flat))
     )
+
+
+def _path_name(path: tuple) -> str:
+    """``keystr`` of ``path`` without the step through a PerReplica or Mirrored to its value."""
+    return jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, _FLAT_INDEX)))
+
+
+_FLAT_INDEX = jax.tree_util.FlattenedIndexKey
 
 
 def _where(inputs: PyTree, index: int) -> str:

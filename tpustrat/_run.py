@@ -120,8 +120,10 @@ class Step:
 
         ``valid_rows`` is the number of real rows of a bucketed call, or None; ``block_specs``
         gives the in_spec of each input leaf split over the replica axis (None elsewhere), or
-        is None when there is none. The marker is a scalar array the program writes last: it
-        is ready when the step is done, and no later step can donate it.
+        is None when there is none. The marker is an array that is ready when the step is
+        done: one of its outputs, or, when the step donates (its outputs may be donated in
+        turn) or returns no array, a scalar the program writes for the purpose. An extra
+        output is not free: it is one more buffer on every device, every call.
         """
         traces, compiles = self.traces, _accounting.backend_compiles()
         if self._donate_argnums:  # _diagnose_donation says it better, once
@@ -130,12 +132,21 @@ class Step:
                 outputs, marker = self._jitted(valid_rows, block_specs, kwargs, *args)
         else:
             outputs, marker = self._jitted(valid_rows, block_specs, kwargs, *args)
+        if marker is None:
+            marker = _an_output_array(outputs)
         return outputs, marker, self.traces != traces, _accounting.backend_compiles() != compiles
 
     def _trace(self, valid_rows, block_specs, kwargs, *args):
         self.traces += 1
         self._on_trace(_accounting.signature((args, kwargs)))
         arrays, per_replica_flags, rebuild = _split_inputs((args, kwargs))
+        replicas = self._mesh.shape[_mesh.REPLICA_AXIS]
+        for a, pr in zip(arrays, per_replica_flags):
+            if pr and (a.ndim == 0 or a.shape[0] != replicas):  # run's fast path skips prepare
+                raise ValueError(
+                    f"a PerReplica argument has {a.shape[:1] or 'no'} components but the "
+                    f"strategy has {replicas} replicas; build it with one component per replica"
+                )
         in_specs = [
             P(_mesh.REPLICA_AXIS) if pr else (block_specs and block_specs[i]) or P()
             for i, pr in enumerate(per_replica_flags)
@@ -204,7 +215,8 @@ class Step:
         if self._donate_argnums:
             _diagnose_donation(self.name, args, self._donate_argnums, outputs, varying)
         wrapped = [PerReplica.from_stacked(x) if v else x for x, v in zip(outputs, varying)]
-        return out_tree[0].unflatten(wrapped), jnp.zeros((), jnp.int32)
+        marker = None if outputs and not self._donate_argnums else jnp.zeros((), jnp.int32)
+        return out_tree[0].unflatten(wrapped), marker
 
 
 class DispatchWindow:
@@ -212,9 +224,10 @@ class DispatchWindow:
 
     XLA:CPU can abort on a rendezvous timeout when many collective programs are queued at once,
     and on any backend an unbounded queue hides the real step time. Each dispatched program
-    leaves one array here that is ready when the program is done and that no user code holds
-    (``Step``'s marker), so a later step cannot donate it away; when more than ``size`` are
-    pending, the window waits for the oldest.
+    leaves one array here that is ready when the program is done (``Step``'s marker); when
+    more than ``size`` are pending, the window waits for the oldest. A marker deleted since
+    (an output a later step, or the user, donated) is passed over: the step that consumed it
+    cannot finish before it.
     """
 
     def __init__(self, size: int):
@@ -236,6 +249,23 @@ class DispatchWindow:
             oldest = self._pending.popleft()
             if not oldest.is_deleted():  # a reduce result the user donated since: its step waits
                 oldest.block_until_ready()
+
+
+def _an_output_array(outputs: PyTree) -> jax.Array:
+    """One array of ``outputs``, found without flattening a large output (a train state)."""
+    node = outputs
+    while True:
+        kind = type(node)
+        if kind is dict and node:
+            node = next(iter(node.values()))
+        elif (kind is tuple or kind is list) and node:
+            node = node[0]
+        elif kind is PerReplica:
+            return node.stacked
+        elif isinstance(node, jax.Array):
+            return node
+        else:  # another pytree node, or an empty container first: any leaf will do
+            return jax.tree.leaves(outputs)[0]
 
 
 def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:

@@ -110,6 +110,7 @@ class TPUStrategy:
         self._multisteps = _cache.FunctionCache(_multistep.MultiStep)
         self._lifted = _cache.FunctionCache(lambda weak_fn, options: _nnx.Lifted(weak_fn, *options))
         self._donated = _placement.DonationRecord()
+        self._layouts = _placement.PlacedLayouts()
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -201,35 +202,65 @@ class TPUStrategy:
                 f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
                 "argument write args=(x,)"
             )
-        options = options or _run.RunOptions()
-        if any(i >= len(args) for i in options.donate_argnums):
+        options = options or _DEFAULT_OPTIONS
+        if options.donate_argnums and max(options.donate_argnums) >= len(args):
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
         inputs = (tuple(args), dict(kwargs or {}))
+        leaves, structure = jax.tree.flatten(inputs)
+        block_specs = False
+        if not (options.experimental_bucketizing_dynamic_shape or self._donated.may_hold(leaves)):
+            block_specs = self._layouts.match(leaves, structure)
+        if block_specs is not False:  # every leaf already in place, as on the last such call
+            return self._call(fn, options, None, block_specs, inputs, fast=True)
         split = _nnx.split_objects(inputs)
         if split is not None:
             return self._run_nnx(fn, args, split, options)
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
             inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
-        inputs, block_specs, traced = _placement.prepare(
+        inputs, block_specs, traced = self._prepare(inputs)
+        if traced:
+            step, _ = self._steps.get(fn, options.donate_argnums)
+            return step(valid_rows, block_specs, *inputs)[0]
+        return self._call(fn, options, valid_rows, block_specs, inputs, fast=False)
+
+    def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
+        return _placement.prepare(
             inputs,
             self.num_replicas_in_sync,
             self._per_replica_sharding,
             self._replicated_sharding,
             self._donated,
+            self._layouts,
         )
+
+    def _call(self, fn, options, valid_rows, block_specs, inputs, fast: bool) -> PyTree:
+        """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
+
+        On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
+        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why.
+        """
         step, key = self._steps.get(fn, options.donate_argnums)
-        outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
-        if not traced and not isinstance(marker, jax.core.Tracer):
-            for i in options.donate_argnums:
-                for path, leaf in _leaves_with_paths(inputs[0][i]):
-                    self._donated.add(leaf, f"args[{i}]{path}")
-            bucketing = options.experimental_bucketizing_dynamic_shape
-            self._ledger.count(key, step.name, retraced, compiled, bucketing)
-            self._window.admit(marker)
+        try:
+            outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
+        except Exception:
+            if not fast:
+                raise
+            try:
+                self._prepare(inputs)  # raises the clear error when an input is at fault
+            except (TypeError, ValueError) as clear:
+                raise clear from None
+            raise
+        if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
+            return outputs
+        if options.donate_argnums:
+            self._donated.add_survivors(inputs[0], options.donate_argnums)
+        bucketing = options.experimental_bucketizing_dynamic_shape
+        self._ledger.count(key, step.name, retraced, compiled, bucketing)
+        self._window.admit(marker)
         return outputs
 
     def _run_nnx(self, fn, args, split, options: _run.RunOptions) -> PyTree:
@@ -570,19 +601,11 @@ class TPUStrategy:
         )
 
 
+_DEFAULT_OPTIONS = _run.RunOptions()
+
+
 def _is_per_replica(x: Any) -> bool:
     return isinstance(x, PerReplica)
-
-
-def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` for every array of ``tree``, a PerReplica counting as its array."""
-    return [
-        (jax.tree_util.keystr(tuple(k for k in path if not isinstance(k, _FLAT_INDEX))), leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-_FLAT_INDEX = jax.tree_util.FlattenedIndexKey  # the step through a PerReplica to its array
 
 
 def _nnx_leaves(tree: PyTree) -> list[Any]:

@@ -1,0 +1,189 @@
+"""Host cost per call against the number of pytree leaves: strategy.run vs jit(shard_map).
+
+The step adds 1 to every leaf of a state of N float32[4] arrays (N = 1, 10, 100, 1,000), on 8
+replicas, with the state fed back each call. (a) is ``strategy.run(step, args=(state,))``;
+(b) is the same step hand-written as ``jax.jit(jax.shard_map(...))``, with the same 2 steps in
+flight. The device work is tiny, so the time per call is the host path: flattening, checks,
+jit's dispatch, and the buffers of N outputs on 8 devices. Rounds alternate (a) and (b); the
+table shows the median microseconds per call and the ratios. ``--profile`` then profiles (a)
+with 1,000 leaves under cProfile and prints where its host time goes.
+Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
+into the tracked ``results/``).
+
+Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 1 minute on 2 cores)
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import argparse
+import collections
+import cProfile
+import functools
+import io
+import pstats
+import time
+from collections.abc import Callable
+
+import _harness
+import _results
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpustrat as ts
+
+LEAF_COUNTS = (1, 10, 100, 1000)
+WINDOW = 2  # tpustrat's default max_steps_in_flight, used by both loops
+TPUSTRAT, BASELINE = "(a) tpustrat strategy.run", "(b) jit(shard_map) by hand"
+
+
+def step(state):
+    return jax.tree.map(lambda w: w + 1, state)
+
+
+def initial_state(leaves: int) -> dict[str, np.ndarray]:
+    return {f"w{k:04d}": np.full(4, k, np.float32) for k in range(leaves)}
+
+
+def make_tpustrat(leaves: int) -> Callable[[int], float]:
+    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
+    state = {"now": strategy.replicate(initial_state(leaves))}
+
+    def run(calls: int) -> float:
+        s = state["now"]
+        start = time.perf_counter()
+        for _ in range(calls):
+            s = strategy.run(step, args=(s,))
+        jax.block_until_ready(s)
+        state["now"] = s
+        return (time.perf_counter() - start) / calls
+
+    return run
+
+
+def make_shard_map(leaves: int) -> Callable[[int], float]:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+    jitted = jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=False)
+    )
+    state = {"now": jax.device_put(initial_state(leaves), NamedSharding(mesh, P()))}
+
+    def run(calls: int) -> float:
+        s, pending = state["now"], collections.deque()
+        start = time.perf_counter()
+        for _ in range(calls):
+            s = jitted(s)
+            pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
+            if len(pending) > WINDOW:
+                pending.popleft().block_until_ready()
+        jax.block_until_ready(s)
+        state["now"] = s
+        return (time.perf_counter() - start) / calls
+
+    return run
+
+
+def calls_per_round(leaves: int) -> int:
+    return max(20, 2000 // leaves)  # about 0.2 s per round on 2 cores
+
+
+def profile(calls: int = 50, leaves: int = 1000) -> str:
+    """cProfile's top entries for ``calls`` tpustrat calls with ``leaves`` leaves."""
+    run = make_tpustrat(leaves)
+    run(5)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run(calls)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    return text.getvalue()
+
+
+def plot(rows: list[dict], title: str, path) -> None:
+    plt = _harness.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in (TPUSTRAT, BASELINE):
+        left.plot(
+            [row["leaves"] for row in rows],
+            [row[name]["median_us"] for row in rows],
+            marker="o",
+            label=name,
+        )
+    left.set(xscale="log", yscale="log", xlabel="leaves in the state", ylabel="us per call")
+    left.legend()
+    counts = [row["leaves"] for row in rows]
+    right.plot(counts, [row["ratio"] for row in rows], marker="o", label="ratio of medians")
+    right.plot(counts, [row["paired_ratio"] for row in rows], marker="s", label="paired")
+    right.axhline(1.05, color="grey", linestyle="--", label="1.05")
+    right.set(xscale="log", xlabel="leaves in the state", ylabel="(a) time / (b) time")
+    right.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--profile", action="store_true", help="cProfile (a) at 1,000 leaves")
+    parser.add_argument("--leaves", type=int, nargs="+", default=LEAF_COUNTS)
+    _results.add_arguments(parser)
+    args = parser.parse_args()
+    rows = []
+    for leaves in args.leaves:
+        calls = calls_per_round(leaves)
+        runs = {TPUSTRAT: make_tpustrat(leaves), BASELINE: make_shard_map(leaves)}
+        for run in runs.values():
+            run(5)  # compile, then settle into the fast path
+        samples = _harness.alternate(
+            {name: functools.partial(run, calls) for name, run in runs.items()}, args.rounds
+        )
+        summary = {r["variant"]: r for r in _harness.summarize(samples, BASELINE, False)}
+        rows.append(
+            {
+                "leaves": leaves,
+                "calls_per_round": calls,
+                **{
+                    name: {
+                        "median_us": 1e6 * s["median"],
+                        "rounds_us": [1e6 * v for v in s["rounds"]],
+                    }
+                    for name, s in summary.items()
+                },
+                "ratio": summary[TPUSTRAT]["ratio"],
+                "paired_ratio": summary[TPUSTRAT]["paired_ratio"],
+            }
+        )
+    title = (
+        f"state of N float32[4] leaves, step w + 1, {jax.device_count()} x "
+        f"{jax.devices()[0].platform}, {WINDOW} steps in flight, {args.rounds} rounds"
+    )
+    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
+    print(f"{'leaves':>7} {'(a) us/call':>12} {'(b) us/call':>12} {'(a)/(b)':>8} {'paired':>8}")
+    for row in rows:
+        print(
+            f"{row['leaves']:>7} {row[TPUSTRAT]['median_us']:>12.0f} "
+            f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f}"
+        )
+    data = _harness.record("leaf_overhead", title, rows=rows)
+    if args.profile:
+        data["profile_1000_leaves"] = profile()
+        print(data["profile_1000_leaves"])
+    path = _harness.write("leaf_overhead", data, _results.folder(args))
+    plot(rows, f"{title}\n{data['machine']}", path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
