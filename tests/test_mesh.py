@@ -112,18 +112,37 @@ def test_a_bad_core_count_is_refused_before_any_ordering():
 
 
 @pytest.mark.parametrize("cores", [2, 4])
-def test_parameters_split_over_the_cores_stay_split(cores):
+@pytest.mark.parametrize("start", ["replicated", "split"])
+def test_state_keeps_its_layout_over_the_cores_and_compiles_once(cores, start):
+    """Parameters split over the cores stay split, uncopied; replicated ones stay replicated."""
     strategy = ts.TPUStrategy(num_logical_cores=cores)
-    w = jax.device_put(
-        np.ones((4, 8), np.float32), NamedSharding(strategy.mesh, P(None, "logical_core"))
-    )
-    placed, specs, _ = _placement.prepare(
-        ((w,), {}),
-        strategy.num_replicas_in_sync,
-        _mesh.per_replica_sharding(strategy.mesh),
-        _mesh.replicated_sharding(strategy.mesh),
-        _placement.DonationRecord(),
-    )
-    assert placed[0][0] is w and specs is None, "no copy to full size"
-    out = strategy.run(lambda w: w.sum(), args=(w,))
-    assert float(out) == 32.0
+    w = np.ones((4, 8), np.float32)
+    if start == "split":
+        w = jax.device_put(w, NamedSharding(strategy.mesh, P(None, "logical_core")))
+        buffers = {s.data.unsafe_buffer_pointer() for s in w.addressable_shards}
+        placed, _, _ = _placement.prepare(
+            ((w,), {}),
+            strategy.num_replicas_in_sync,
+            _mesh.per_replica_sharding(strategy.mesh),
+            _mesh.replicated_sharding(strategy.mesh),
+            _placement.DonationRecord(),
+        )
+        assert {s.data.unsafe_buffer_pointer() for s in placed[0][0].addressable_shards} == (
+            buffers
+        ), "no copy to full size"
+    state = {"w": w if start == "split" else strategy.replicate(w), "n": strategy.replicate(0)}
+    x = ts.PerReplica([np.ones((2, 4), np.float32)] * strategy.num_replicas_in_sync)
+
+    def step(state, x):
+        w = strategy.experimental_split_to_logical_devices(state["w"], [1, cores])
+        total = ts.get_replica_context().all_reduce("sum", (x @ w).sum())
+        return {"w": state["w"] - 0.001 * total, "n": state["n"] + 1}, total
+
+    for _ in range(4):
+        state, _ = strategy.run(step, args=(state, x))
+    assert strategy.compile_stats().num_compiles == 1
+    spec = tuple(state["w"].sharding.spec)
+    assert (spec == () or spec == (None,) * len(spec)) == (start == "replicated")
+    per_device = {s.data.shape for s in state["w"].addressable_shards}
+    assert per_device == ({(4, 8)} if start == "replicated" else {(4, 8 // cores)})
+    assert int(state["n"]) == 4

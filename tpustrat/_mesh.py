@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from tpustrat._checks import check_int
 
@@ -158,6 +158,26 @@ def public_mesh(mesh: Mesh) -> Mesh:
         return mesh
     grid = mesh.devices.reshape(mesh.devices.shape[0], -1)
     return Mesh(grid, (REPLICA_AXIS, LOGICAL_CORE_AXIS), axis_types=(AxisType.Auto,) * 2)
+
+
+def on_mesh(sharding: NamedSharding, mesh: Mesh | AbstractMesh) -> NamedSharding:
+    """``sharding`` expressed on ``mesh``, a strategy's mesh over the same devices.
+
+    An array placed on the public ``("replica", "logical_core")`` view names ``logical_core``,
+    which the factored mesh spells as its sub-axes ``logical_core.0``, ``logical_core.1``, ...
+    """
+    if sharding.mesh is mesh or sharding.mesh == mesh:
+        return sharding
+    cores = tuple(name for name in mesh.axis_names if name != REPLICA_AXIS)
+
+    def entry(names):
+        if names is None:
+            return None
+        names = names if isinstance(names, tuple) else (names,)
+        spelled = sum((cores if n == LOGICAL_CORE_AXIS else (n,) for n in names), ())
+        return spelled[0] if len(spelled) == 1 else spelled
+
+    return NamedSharding(mesh, PartitionSpec(*(entry(e) for e in sharding.spec)))
 
 
 def per_replica_sharding(mesh: Mesh) -> NamedSharding:

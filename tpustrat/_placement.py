@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tpustrat._mesh import REPLICA_AXIS, spec_axes
+from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
 from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
 
 PyTree = Any
@@ -130,8 +130,10 @@ def prepare(
 
     Returns:
       The placed inputs; for each of their leaves (PerReplica counting as one) the in_spec of
-      an array split over the replica axis or None, or None when no leaf is split so; and
-      whether any leaf is traced (``run`` called inside the user's ``jax.jit``).
+      an array split over the replica axis, or, on a mesh with several logical cores, the
+      layout of a replicated leaf (a NamedSharding, which outputs of the same place in the
+      state keep: see ``_run.Step``), or None; None instead of that tuple when every entry
+      would be None; and whether any leaf is traced (``run`` inside the user's ``jax.jit``).
     """
     nodes, tree = jax.tree.flatten(inputs, is_leaf=is_distributed)
     moved = any(isinstance(node, Mirrored) for node in nodes)
@@ -139,6 +141,7 @@ def prepare(
         inputs = unwrap_mirrored(inputs)
         nodes, tree = jax.tree.flatten(inputs, is_leaf=is_distributed)
     traced = False
+    model_parallel = replicated.mesh.devices.size > num_replicas
     placed_nodes, block_specs = [], []
     for index, node in enumerate(nodes):
         is_per_replica = isinstance(node, PerReplica)
@@ -171,8 +174,19 @@ def prepare(
                 )
             x = jax.device_put(x, per_replica if is_per_replica else replicated)
             moved = True
+            if model_parallel and not is_per_replica:
+                block_specs.append((index, replicated))
         elif not is_per_replica and isinstance(x, jax.Array) and x.sharding != replicated:
-            block_specs.append((index, replica_block_spec(x, replicated.mesh)))
+            spec = replica_block_spec(x, replicated.mesh)
+            if spec is None and model_parallel and isinstance(x.sharding, NamedSharding):
+                layout = on_mesh(x.sharding, replicated.mesh)
+                if layout is not x.sharding:  # the same buffers, named on the strategy's mesh
+                    x, moved = jax.device_put(x, layout), True
+                block_specs.append((index, layout))
+            else:
+                block_specs.append((index, spec))
+        elif model_parallel and not is_per_replica:
+            block_specs.append((index, replicated))
         placed_nodes.append(PerReplica.from_stacked(x) if is_per_replica else x)
     specs = None
     if any(spec is not None for _, spec in block_specs):

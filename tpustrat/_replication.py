@@ -17,27 +17,50 @@ given the same inputs computes the same outputs on every device.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from types import ModuleType
+from typing import Any
 
-from jax import lax
+import jax.lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
-from jax.extend.core import primitives as public
+from jax.extend.core import primitives as _public
 
 # isort: split
 # JAX has no public name for these primitives (jax.extend.core.primitives lists most others):
 # the varying-type cast, resharding, the invariant and asynchronous collectives, shard_map,
 # typed random keys and some linear algebra. This is tpustrat's only import from jax._src.
-from jax._src import core as _core
-from jax._src import pjit as _pjit
-from jax._src import shard_alike as _shard_alike
-from jax._src import shard_map as _shard_map
-from jax._src.lax import lax as _lax
-from jax._src.lax import linalg as _linalg
-from jax._src.lax import parallel as _parallel
-from jax._src.random import prng as _prng
+from jax._src import core as _core_module
+from jax._src import pjit as _pjit_module
+from jax._src import shard_alike as _shard_alike_module
+from jax._src import shard_map as _shard_map_module
+from jax._src.lax import lax as _lax_module
+from jax._src.lax import linalg as _linalg_module
+from jax._src.lax import parallel as _parallel_module
+from jax._src.random import prng as _prng_module
 
 # isort: split
 from tpustrat._collectives import HIERARCHICAL_ALL_REDUCE
 from tpustrat._mesh import REPLICA_AXIS
+
+
+class _Present:
+    """The primitives a module of this JAX has, and None for those it lacks.
+
+    The tables name primitives of the newest JAX; an older one (down to the 0.7 that
+    pyproject.toml claims) lacks a few, and what it lacks cannot occur in its jaxprs.
+    """
+
+    def __init__(self, module: ModuleType):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name, None)
+
+
+public, lax = _Present(_public), _Present(jax.lax)
+_core, _pjit = _Present(_core_module), _Present(_pjit_module)
+_shard_alike, _shard_map = _Present(_shard_alike_module), _Present(_shard_map_module)
+_lax, _linalg = _Present(_lax_module), _Present(_linalg_module)
+_parallel, _prng = _Present(_parallel_module), _Present(_prng_module)
 
 # Deterministic functions of their inputs: the output varies exactly when an input does.
 PRESERVING: frozenset[Primitive] = frozenset(
@@ -113,6 +136,7 @@ PRESERVING: frozenset[Primitive] = frozenset(
             _parallel.ppermute_done_p,
         ),
     }
+    - {None}
 )  # fmt: skip
 
 # Collectives whose result every replica receives whole, when they combine the replica axis.
@@ -123,11 +147,12 @@ COMBINING: frozenset[Primitive] = frozenset(
         _parallel.psum_start_p, _parallel.psum_invariant_start_p,
         _parallel.all_gather_start_p,
     }
+    - {None}
 )  # fmt: skip
 
 # Calls whose single inner jaxpr (under this parameter) takes the call's inputs and gives its
 # outputs; the proof follows them.
-CALLS: dict[Primitive, str] = {
+_CALL_PARAMETERS: dict[Any, str] = {
     public.jit_p: "jaxpr",
     public.closed_call_p: "call_jaxpr",
     public.call_p: "call_jaxpr",
@@ -136,6 +161,7 @@ CALLS: dict[Primitive, str] = {
     public.custom_vjp_call_p: "call_jaxpr",
     _shard_map.shard_map_p: "jaxpr",
 }
+CALLS: dict[Primitive, str] = {p: name for p, name in _CALL_PARAMETERS.items() if p is not None}
 
 # Primitives reviewed and left to vary, by name: the default for every primitive without a rule,
 # listed so that the census test (tests/test_replication.py) can tell them from new ones.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _accounting, _mesh, _replication
@@ -147,9 +147,10 @@ class Step:
                     f"a PerReplica argument has {a.shape[:1] or 'no'} components but the "
                     f"strategy has {replicas} replicas; build it with one component per replica"
                 )
+        layouts = block_specs or [None] * len(arrays)
         in_specs = [
-            P(_mesh.REPLICA_AXIS) if pr else (block_specs and block_specs[i]) or P()
-            for i, pr in enumerate(per_replica_flags)
+            P(_mesh.REPLICA_AXIS) if pr else spec if isinstance(spec, P) else P()
+            for spec, pr in zip(layouts, per_replica_flags)
         ]
         if valid_rows is not None:
             arrays, per_replica_flags = [valid_rows, *arrays], [False, *per_replica_flags]
@@ -212,6 +213,8 @@ class Step:
 
         out_specs = [P(_mesh.REPLICA_AXIS) if v else P() for v in varying]
         outputs = shard_mapped(replay, eqn.params["in_specs"], out_specs)(*operands)
+        keep = [not v and not a for v, a in zip(varying, _annotated_outputs(eqn.params["jaxpr"]))]
+        outputs = _keep_layouts(out_tree[0], outputs, keep, args, layouts)
         if self._donate_argnums:
             _diagnose_donation(self.name, args, self._donate_argnums, outputs, varying)
         wrapped = [PerReplica.from_stacked(x) if v else x for x, v in zip(outputs, varying)]
@@ -266,6 +269,75 @@ def _an_output_array(outputs: PyTree) -> jax.Array:
             return node
         else:  # another pytree node, or an empty container first: any leaf will do
             return jax.tree.leaves(outputs)[0]
+
+
+def _keep_layouts(out_tree, outputs: list, keep: list[bool], args: tuple, layouts) -> list:
+    """Outputs laid out over the logical cores as the argument they update was.
+
+    On a mesh with several logical cores XLA picks the layout of a replicated output over the
+    cores, so a state that went in replicated may come back tiled (after
+    ``experimental_split_to_logical_devices`` in the step), and the next call would compile
+    again for the new layout. The whole output, or else a top-level part of it, with the
+    structure, shapes and dtypes of a top-level argument (``state`` in ``step(state, batch) ->
+    (state, loss)``) is the updated argument: its leaves marked in ``keep`` (replicated, and
+    not laid out by the step's own annotation) keep that argument's layouts (``layouts``, from
+    ``_placement.prepare``), tiled or whole, so the program's outputs feed the next call
+    unchanged.
+    """
+    if not any(isinstance(layout, NamedSharding) for layout in layouts):
+        return outputs
+    arguments, start = [], 0
+    for arg in args:
+        leaves, structure = jax.tree.flatten(arg, is_leaf=_is_per_replica)
+        arguments.append((structure, leaves, range(start, start + len(leaves))))
+        start += len(leaves)
+    outputs = list(outputs)
+
+    def updates(part) -> bool:
+        """Keeps the layouts of the argument ``part`` updates, if it updates one."""
+        out_indices, structure = jax.tree.flatten(part)
+        for argument in arguments:
+            arg_structure, leaves, positions = argument
+            if arg_structure != structure or any(
+                isinstance(leaf, PerReplica) or _abstract(leaf) != _abstract(outputs[o])
+                for leaf, o in zip(leaves, out_indices)
+            ):
+                continue
+            arguments.remove(argument)
+            for o, i in zip(out_indices, positions):
+                if isinstance(layouts[i], NamedSharding) and keep[o]:
+                    outputs[o] = jax.lax.with_sharding_constraint(outputs[o], layouts[i])
+            return True
+        return False
+
+    indices = out_tree.unflatten(list(range(len(outputs))))  # the output, by leaf position
+    if not updates(indices) and isinstance(indices, (tuple, list)):
+        for part in indices:
+            updates(part)
+    return outputs
+
+
+def _annotated_outputs(jaxpr) -> list[bool]:
+    """For each output of the step's jaxpr, whether the step laid it out itself.
+
+    That is, whether it comes from a layout annotation (``experimental_split_to_logical_devices``
+    and the like: a sharding constraint), seen through the reshapes that stack it over replicas.
+    """
+    producers = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+
+    def producer(atom):
+        return None if isinstance(atom, Literal) else producers.get(atom)
+
+    annotated = []
+    for var in jaxpr.outvars:
+        eqn = producer(var)
+        while eqn is not None and eqn.primitive.name in _STACKING and len(eqn.invars) == 1:
+            eqn = producer(eqn.invars[0])
+        annotated.append(eqn is not None and eqn.primitive.name in _replication.LAYOUT_ANNOTATIONS)
+    return annotated
+
+
+_STACKING = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
 
 
 def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
