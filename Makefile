@@ -11,7 +11,7 @@ DEVICES ?= 8
 ARGS ?=
 # The oldest JAX that pyproject.toml claims, with the oldest Flax and optax that support it.
 OLDEST_VENV := .venv-oldest
-OLDEST_PINS := jax==0.7.0 jaxlib==0.7.0 flax==0.11.0 optax==0.2.5
+OLDEST_PINS := jax==0.7.0 jaxlib==0.7.0 flax==0.11.0 optax==0.2.5 orbax-checkpoint==0.11.20
 # The benchmarks write into the ignored benchmarks/results/local/; RECORD=1 updates the tracked
 # benchmarks/results/ that benchmarks/README.md quotes.
 BENCH_FLAGS := $(if $(RECORD),--record)

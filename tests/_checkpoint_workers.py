@@ -217,8 +217,8 @@ def host_values(strategy, state):
             np.asarray(x) for x in strategy.experimental_local_results(state["per_replica"])
         ],
         "shardings": [
-            str(state["params"]["w"].sharding.spec),
-            str(state["per_replica"].stacked.sharding.spec),
+            tuple(state["params"]["w"].sharding.spec),
+            tuple(state["per_replica"].stacked.sharding.spec),
         ],
         "devices": len(state["params"]["w"].sharding.device_set),
     }

@@ -324,7 +324,7 @@ def test_save_on_one_process_restore_on_two(saved):
         local = expected["per_replica"][process_id * 4 : (process_id + 1) * 4]
         assert_restored(values, expected, local)
         assert values["devices"] == 8
-        assert values["shardings"] == ["P()", "P('replica',)"]
+        assert values["shardings"] == [(), ("replica",)]
 
 
 def test_save_on_two_processes_restore_on_one(tmp_path):

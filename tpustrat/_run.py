@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import _accounting, _mesh, _replication
+from tpustrat import _accounting, _bucketing, _cache, _mesh, _nnx, _placement, _replication
 from tpustrat._checks import check_int
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
@@ -220,6 +221,133 @@ class Step:
         wrapped = [PerReplica.from_stacked(x) if v else x for x, v in zip(outputs, varying)]
         marker = None if outputs and not self._donate_argnums else jnp.zeros((), jnp.int32)
         return out_tree[0].unflatten(wrapped), marker
+
+
+class Runner:
+    """``strategy.run``'s orchestration: place the inputs, run the step, keep the books.
+
+    One per strategy. It owns the compiled steps (weakly keyed on the step function and
+    bounded, as ``jax.jit``'s caches are), the compile accounting, the dispatch window, the
+    record of donated arrays and the layouts of inputs seen already in place (``run``'s fast
+    path), and lifts Flax NNX objects into state. ``run`` calls, in order: the fast path or
+    ``_placement.prepare`` (after shape bucketing), the compiled ``Step``, then the books.
+
+    Args:
+      mesh: the strategy's mesh.
+      make_context: builds the ReplicaContext of one trace, given the row mask (or None).
+      max_steps_in_flight: the dispatch window's size.
+    """
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        make_context: Callable[[jax.Array | None], ReplicaContext],
+        max_steps_in_flight: int,
+    ):
+        self._mesh, self._make_context = mesh, make_context
+        self._num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
+        self._per_replica = _mesh.per_replica_sharding(mesh)
+        self._replicated = _mesh.replicated_sharding(mesh)
+        self.window = DispatchWindow(max_steps_in_flight)
+        self.ledger = _accounting.Ledger()
+        self._step_ids = itertools.count()
+        self._steps = _cache.FunctionCache(
+            self._new_step, on_evict=lambda entry: self.ledger.forget(entry[1])
+        )
+        self._lifted = _cache.FunctionCache(lambda weak_fn, options: _nnx.Lifted(weak_fn, *options))
+        self._donated = _placement.DonationRecord()
+        self._layouts = _placement.PlacedLayouts()
+
+    def run(self, fn: Callable[..., PyTree], args: tuple, kwargs: dict, options: RunOptions):
+        """``strategy.run`` on checked arguments."""
+        inputs = (args, kwargs)
+        leaves, structure = jax.tree.flatten(inputs)
+        block_specs = False
+        if not (options.experimental_bucketizing_dynamic_shape or self._donated.may_hold(leaves)):
+            block_specs = self._layouts.match(leaves, structure)
+        if block_specs is not False:  # every leaf already in place, as on the last such call
+            return self._call(fn, options, None, block_specs, inputs, fast=True)
+        split = _nnx.split_objects(inputs)
+        if split is not None:
+            return self._run_nnx(fn, args, split, options)
+        valid_rows = None
+        if options.experimental_bucketizing_dynamic_shape:
+            inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
+        inputs, block_specs, traced = self._prepare(inputs)
+        if traced:
+            step, _ = self._steps.get(fn, options.donate_argnums)
+            return step(valid_rows, block_specs, *inputs)[0]
+        return self._call(fn, options, valid_rows, block_specs, inputs, fast=False)
+
+    def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
+        return _placement.prepare(
+            inputs,
+            self._num_replicas,
+            self._per_replica,
+            self._replicated,
+            self._donated,
+            self._layouts,
+        )
+
+    def _call(self, fn, options, valid_rows, block_specs, inputs, fast: bool) -> PyTree:
+        """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
+
+        On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
+        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why.
+        """
+        step, key = self._steps.get(fn, options.donate_argnums)
+        try:
+            outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
+        except Exception:
+            if not fast:
+                raise
+            try:
+                self._prepare(inputs)  # raises the clear error when an input is at fault
+            except (TypeError, ValueError) as clear:
+                raise clear from None
+            raise
+        if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
+            return outputs
+        if options.donate_argnums:
+            self._donated.add_survivors(inputs[0], options.donate_argnums)
+        bucketing = options.experimental_bucketizing_dynamic_shape
+        self.ledger.count(key, step.name, retraced, compiled, bucketing)
+        self.window.admit(marker)
+        return outputs
+
+    def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
+        """``run`` of a step that takes Flax NNX objects: their new state is written back."""
+        graphdef, state, objects, (structure, positions), leaves = split
+        object_args = {
+            i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
+        }
+        if not set(options.donate_argnums) <= object_args:
+            raise ValueError(
+                f"donate_argnums {options.donate_argnums} names array arguments of a step that "
+                f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
+                "objects' state can be donated: donate their positions only"
+            )
+        lifted = self._lifted.get(fn, (graphdef, structure, positions))
+        donate = (0,) if options.donate_argnums else ()
+        out, new_state = self.run(
+            lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
+        )
+        _nnx.write_back(objects, new_state)
+        return out
+
+    def _new_step(
+        self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]
+    ) -> tuple[Step, int]:
+        """A compiled step for ``fn`` and the key compile accounting knows it by."""
+        key = next(self._step_ids)
+        step = Step(
+            fn,
+            self._mesh,
+            self._make_context,
+            on_trace=lambda signature: self.ledger.traced(key, signature),
+            donate_argnums=donate_argnums,
+        )
+        return step, key
 
 
 class DispatchWindow:
@@ -438,3 +566,7 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
 def _abstract(x) -> jax.ShapeDtypeStruct:
     aval = jax.typeof(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def _nnx_leaves(tree: PyTree) -> list[Any]:
+    return jax.tree.leaves(tree, is_leaf=_nnx.is_nnx_object)

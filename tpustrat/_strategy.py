@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
@@ -12,7 +11,6 @@ import jax
 
 from tpustrat import (
     _accounting,
-    _bucketing,
     _cache,
     _context,
     _cross_replica,
@@ -21,7 +19,6 @@ from tpustrat import (
     _mesh,
     _multistep,
     _nnx,
-    _placement,
     _run,
     _values,
 )
@@ -97,20 +94,10 @@ class TPUStrategy:
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
         self._spmd = bool(spmd)
-        self._window = _run.DispatchWindow(max_steps_in_flight)
-        self._per_replica_sharding = _mesh.per_replica_sharding(self._mesh)
-        self._replicated_sharding = _mesh.replicated_sharding(self._mesh)
-        self._ledger = _accounting.Ledger()
-        # Weakly keyed on the step function and bounded, as jax.jit's caches: a new lambda per
-        # call compiles again but does not keep every earlier program alive.
-        self._step_ids = itertools.count()
-        self._steps = _cache.FunctionCache(
-            self._new_step, on_evict=lambda entry: self._ledger.forget(entry[1])
+        self._runner = _run.Runner(
+            self._mesh, lambda row_mask: ReplicaContext(self, row_mask), max_steps_in_flight
         )
         self._multisteps = _cache.FunctionCache(_multistep.MultiStep)
-        self._lifted = _cache.FunctionCache(lambda weak_fn, options: _nnx.Lifted(weak_fn, *options))
-        self._donated = _placement.DonationRecord()
-        self._layouts = _placement.PlacedLayouts()
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -202,88 +189,13 @@ class TPUStrategy:
                 f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
                 "argument write args=(x,)"
             )
-        options = options or _DEFAULT_OPTIONS
+        options = options or _run.RunOptions()
         if options.donate_argnums and max(options.donate_argnums) >= len(args):
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
-        inputs = (tuple(args), dict(kwargs or {}))
-        leaves, structure = jax.tree.flatten(inputs)
-        block_specs = False
-        if not (options.experimental_bucketizing_dynamic_shape or self._donated.may_hold(leaves)):
-            block_specs = self._layouts.match(leaves, structure)
-        if block_specs is not False:  # every leaf already in place, as on the last such call
-            return self._call(fn, options, None, block_specs, inputs, fast=True)
-        split = _nnx.split_objects(inputs)
-        if split is not None:
-            return self._run_nnx(fn, args, split, options)
-        valid_rows = None
-        if options.experimental_bucketizing_dynamic_shape:
-            inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
-        inputs, block_specs, traced = self._prepare(inputs)
-        if traced:
-            step, _ = self._steps.get(fn, options.donate_argnums)
-            return step(valid_rows, block_specs, *inputs)[0]
-        return self._call(fn, options, valid_rows, block_specs, inputs, fast=False)
-
-    def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
-        return _placement.prepare(
-            inputs,
-            self.num_replicas_in_sync,
-            self._per_replica_sharding,
-            self._replicated_sharding,
-            self._donated,
-            self._layouts,
-        )
-
-    def _call(self, fn, options, valid_rows, block_specs, inputs, fast: bool) -> PyTree:
-        """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
-
-        On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
-        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why.
-        """
-        step, key = self._steps.get(fn, options.donate_argnums)
-        try:
-            outputs, marker, retraced, compiled = step(valid_rows, block_specs, *inputs)
-        except Exception:
-            if not fast:
-                raise
-            try:
-                self._prepare(inputs)  # raises the clear error when an input is at fault
-            except (TypeError, ValueError) as clear:
-                raise clear from None
-            raise
-        if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
-            return outputs
-        if options.donate_argnums:
-            self._donated.add_survivors(inputs[0], options.donate_argnums)
-        bucketing = options.experimental_bucketizing_dynamic_shape
-        self._ledger.count(key, step.name, retraced, compiled, bucketing)
-        self._window.admit(marker)
-        return outputs
-
-    def _run_nnx(self, fn, args, split, options: _run.RunOptions) -> PyTree:
-        """``run`` of a step that takes Flax NNX objects: their new state is written back."""
-        graphdef, state, objects, (structure, positions), leaves = split
-        object_args = {
-            i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
-        }
-        if not set(options.donate_argnums) <= object_args:
-            raise ValueError(
-                f"donate_argnums {options.donate_argnums} names array arguments of a step that "
-                f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
-                "objects' state can be donated: donate their positions only"
-            )
-        lifted = self._lifted.get(fn, (graphdef, structure, positions))
-        donate = (0,) if options.donate_argnums else ()
-        out, new_state = self.run(
-            lifted,
-            args=(state, leaves),
-            options=dataclasses.replace(options, donate_argnums=donate),
-        )
-        _nnx.write_back(objects, new_state)
-        return out
+        return self._runner.run(fn, tuple(args), dict(kwargs or {}), options)
 
     def experimental_run_steps(
         self,
@@ -355,21 +267,7 @@ class TPUStrategy:
           2 programs compiled, 1 cache hits
             - <lambda> compiled again: args[0] changed shape from (4,) to (6,)...
         """
-        return self._ledger.stats()
-
-    def _new_step(
-        self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]
-    ) -> tuple[_run.Step, int]:
-        """A compiled step for ``fn`` and the key compile accounting knows it by."""
-        key = next(self._step_ids)
-        step = _run.Step(
-            fn,
-            self._mesh,
-            lambda row_mask: ReplicaContext(self, row_mask),
-            on_trace=lambda signature: self._ledger.traced(key, signature),
-            donate_argnums=donate_argnums,
-        )
-        return step, key
+        return self._runner.ledger.stats()
 
     def reduce(self, reduce_op: ReduceOp | str, value: PyTree, axis: int | None = None) -> PyTree:
         """Combines a distributed value across replicas into one value.
@@ -396,7 +294,7 @@ class TPUStrategy:
         """
         op = ReduceOp.parse(reduce_op)
         result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
-        self._window.admit(result)
+        self._runner.window.admit(result)
         return result
 
     def gather(self, value: PyTree, axis: int) -> PyTree:
@@ -417,7 +315,7 @@ class TPUStrategy:
           (8, 2)
         """
         result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
-        self._window.admit(result)
+        self._runner.window.admit(result)
         return result
 
     def experimental_local_results(self, value: PyTree) -> tuple[PyTree, ...]:
@@ -601,15 +499,8 @@ class TPUStrategy:
         )
 
 
-_DEFAULT_OPTIONS = _run.RunOptions()
-
-
 def _is_per_replica(x: Any) -> bool:
     return isinstance(x, PerReplica)
-
-
-def _nnx_leaves(tree: PyTree) -> list[Any]:
-    return jax.tree.leaves(tree, is_leaf=_nnx.is_nnx_object)
 
 
 def get_strategy() -> TPUStrategy | None:
