@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 from jax.experimental import io_callback
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
 
@@ -303,3 +305,43 @@ def test_host_callback_with_logical_core_annotations_is_refused():
 
     with pytest.raises(ValueError, match="JAX runs host callbacks only where every mesh axis"):
         strategy.run(fn, args=(np.zeros(4, np.float32),))
+
+
+@pytest.mark.parametrize("cores", [2, 4])
+@pytest.mark.parametrize("placement", ["whole", "split"])
+def test_gradients_through_annotations_with_parameters_whole_or_split(cores, placement):
+    """jax.grad through split and replicate annotations, parameters placed whole or split."""
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    rng = np.random.default_rng(0)
+    params = {
+        "w": rng.normal(size=(3, 8 * cores)).astype(np.float32),
+        "v": rng.normal(size=(8 * cores, 1)).astype(np.float32),
+    }
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+
+    def forward(p, xb):
+        w = strategy.experimental_split_to_logical_devices(p["w"], [1, cores])
+        hidden = strategy.experimental_replicate_to_logical_devices(jnp.tanh(xb @ w))
+        return hidden @ p["v"]
+
+    def train_step(p, xb):
+        grads = jax.grad(lambda p: forward(p, xb).sum() / 16)(p)
+        grads = ts.get_replica_context().all_reduce("sum", grads)
+        return jax.tree.map(lambda a, g: a - 0.1 * g, p, grads)
+
+    want = params
+    for _ in range(3):
+        grads = jax.grad(lambda p: (jnp.tanh(x @ p["w"]) @ p["v"]).sum() / 16)(want)
+        want = jax.tree.map(lambda a, g: a - 0.1 * g, want, grads)
+    state = strategy.replicate(params)
+    if placement == "split":
+        tiled = NamedSharding(strategy.mesh, P(None, "logical_core"))
+        state = dict(state, w=jax.device_put(params["w"], tiled))
+    batch = next(iter(strategy.experimental_distribute_dataset([x])))
+    for _ in range(3):
+        state = strategy.run(train_step, args=(state, batch))
+    assert strategy.compile_stats().num_compiles == 1
+    per_device = {s.data.shape for s in state["w"].addressable_shards}
+    assert per_device == ({(3, 8)} if placement == "split" else {(3, 8 * cores)})
+    for k in params:
+        np.testing.assert_allclose(np.asarray(state[k]), np.asarray(want[k]), rtol=2e-5, atol=1e-6)

@@ -99,18 +99,23 @@ def test_tutorial_step_trains_in_place_like_one_device(shape, compile_count):
         )
 
 
+class Holder(nnx.Module):
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+
+
 def test_shared_references_between_arguments_survive():
     strategy = ts.TPUStrategy()
     model = CNN(nnx.Rngs(0))
-    holder = nnx.Dict(inner=model)  # the same module reached twice
+    holder = Holder(model)  # the same module reached twice
 
     def step(m, h):
         m.linear2.bias[...] = m.linear2.bias[...] + 1.0
-        return h["inner"].linear2.bias[...]
+        return h.inner.linear2.bias[...]
 
     out = strategy.run(step, args=(model, holder))
     np.testing.assert_allclose(np.asarray(out), np.ones(3))
-    assert holder["inner"] is model
+    assert holder.inner is model
     np.testing.assert_allclose(np.asarray(model.linear2.bias[...]), np.ones(3))
 
 

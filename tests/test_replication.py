@@ -242,6 +242,10 @@ def test_collectives_that_do_not_combine_every_replica_vary():
     assert flags == [True, True, True, True, False, False, False]
 
 
+@pytest.mark.skipif(
+    not hasattr(parallel, "psum_start"),
+    reason="this JAX has no asynchronous collectives (jax 0.7), so no jaxpr can hold one",
+)
 def test_async_collectives():
     permutation = [(i, (i + 1) % 8) for i in range(8)]
 

@@ -110,7 +110,16 @@ def _spec_entries(mesh: Mesh, dims: list[int]) -> list[tuple[str, ...] | None]:
 
 
 def _constrain(mesh: Mesh, tensor: jax.Array, spec: P) -> jax.Array:
+    # From JAX 0.8 on, named on the mesh of the trace (``mesh`` with the replica axis manual
+    # inside ``run``), so that the constraint's transpose under jax.grad agrees with the
+    # context it runs in; JAX 0.7 lowers only a concrete mesh here.
+    context = jax.sharding.get_abstract_mesh()
+    if _NAMES_CONTEXT_MESH and context.axis_names == mesh.axis_names:
+        return jax.lax.with_sharding_constraint(tensor, NamedSharding(context, spec))
     return jax.lax.with_sharding_constraint(tensor, NamedSharding(mesh, spec))
+
+
+_NAMES_CONTEXT_MESH = tuple(int(part) for part in jax.__version__.split(".")[:2]) >= (0, 8)
 
 
 def _num_cores(mesh: Mesh) -> int:

@@ -28,6 +28,7 @@ from jax.extend.core import primitives as _public
 # JAX has no public name for these primitives (jax.extend.core.primitives lists most others):
 # the varying-type cast, resharding, the invariant and asynchronous collectives, shard_map,
 # typed random keys and some linear algebra. This is tpustrat's only import from jax._src.
+from jax._src import ad_checkpoint as _ad_checkpoint_module
 from jax._src import core as _core_module
 from jax._src import pjit as _pjit_module
 from jax._src import shard_alike as _shard_alike_module
@@ -61,6 +62,7 @@ _core, _pjit = _Present(_core_module), _Present(_pjit_module)
 _shard_alike, _shard_map = _Present(_shard_alike_module), _Present(_shard_map_module)
 _lax, _linalg = _Present(_lax_module), _Present(_linalg_module)
 _parallel, _prng = _Present(_parallel_module), _Present(_prng_module)
+_ad_checkpoint = _Present(_ad_checkpoint_module)
 
 # Deterministic functions of their inputs: the output varies exactly when an input does.
 PRESERVING: frozenset[Primitive] = frozenset(
@@ -157,6 +159,7 @@ _CALL_PARAMETERS: dict[Any, str] = {
     public.closed_call_p: "call_jaxpr",
     public.call_p: "call_jaxpr",
     public.remat_p: "jaxpr",
+    _ad_checkpoint.remat_p: "jaxpr",  # named "remat2" in older JAX, where it is not public
     public.custom_jvp_call_p: "call_jaxpr",
     public.custom_vjp_call_p: "call_jaxpr",
     _shard_map.shard_map_p: "jaxpr",
@@ -205,6 +208,10 @@ REVIEWED_AS_VARYING: frozenset[str] = frozenset(
         "bcsr_extract", "bcsr_fromdense", "bcsr_todense", "coo_fromdense", "coo_matmat",
         "coo_matvec", "coo_todense", "csr_fromdense", "csr_matmat", "csr_matvec",
         "csr_todense", "todense", "coo_spmm", "coo_spmv", "csr_spmm", "csr_spmv", "spsolve",
+        # primitives of older JAX (0.7) that later releases removed or renamed
+        "bias_bwd", "bias_fwd", "custom_dce_call", "custom_transpose_call", "dce_sential",
+        "eigh_jacobi", "for", "full_to_shard", "shard_to_full", "mesh_cast", "mutable_array",
+        "pgather", "sparse_dense_matmul", "sparse_pack_nm", "xla_pmap",
     }
 )  # fmt: skip
 
