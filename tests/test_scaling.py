@@ -66,4 +66,6 @@ def test_host_apis_finish_exactly_and_compile_nothing_per_replica(devices):
     column = [float(sum(4 * r + c for r in range(devices))) for c in range(4)]
     assert result["sum"] == column
     assert result["element"] == [devices, 4]
-    assert result["compiles"] <= 2, "host APIs must not compile a program per replica"
+    # A few programs compiled once for all replicas (merging the replica axis for the local
+    # results, say), never one per replica: hundreds of those would take seconds and can abort.
+    assert result["compiles"] <= 4, "host APIs must not compile a program per replica"
