@@ -250,15 +250,7 @@ def distribute_dataset(
     num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
     processes = sorted({d.process_index for d in mesh.devices.flat})
     if options.shard_by_process and len(processes) > 1:
-        local = local_replicas(mesh)
-        layout = Layout(
-            mesh=mesh,
-            positions=tuple(range(len(local))),
-            num_slices=len(local),
-            static_size=_static_size(options, num_replicas, len(local)),
-            batch_name="per-process batch",
-            slices_name="replicas of this process",
-        )
+        layout = _process_layout(mesh, options, "per-process batch")
         share = (processes.index(jax.process_index()), len(processes))
         return DistributedDataset(dataset, layout, options, process_share=share)
     layout = Layout(
@@ -314,15 +306,21 @@ def distribute_datasets_from_function(
     )
     dataset = dataset_fn(context)
     _check_dataset(dataset, "the dataset_fn of distribute_datasets_from_function")
-    layout = Layout(
+    layout = _process_layout(mesh, options, "step of per-replica batches")
+    return DistributedDataset(dataset, layout, options, elements_per_step=len(local))
+
+
+def _process_layout(mesh: Mesh, options: InputOptions, batch_name: str) -> Layout:
+    """The rows of one host batch go to this process's replicas, in order."""
+    local = local_replicas(mesh)
+    return Layout(
         mesh=mesh,
         positions=tuple(range(len(local))),
         num_slices=len(local),
-        static_size=_static_size(options, num_replicas, len(local)),
-        batch_name="step of per-replica batches",
+        static_size=_static_size(options, mesh.shape[_mesh.REPLICA_AXIS], len(local)),
+        batch_name=batch_name,
         slices_name="replicas of this process",
     )
-    return DistributedDataset(dataset, layout, options, elements_per_step=len(local))
 
 
 def _process_share(
