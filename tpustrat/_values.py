@@ -338,6 +338,14 @@ def replica_components(stacked: Any) -> dict[int, Any]:
         start, stop, _ = shard.index[0].indices(stacked.shape[0])
         for replica in range(start, stop):
             devices.setdefault(replica, []).append(shard.device)
+    if (
+        stacked.is_fully_addressable
+        and stacked.ndim >= 2
+        and stacked.shape[1]
+        and not is_key(stacked)
+        and isinstance(stacked.sharding, jax.sharding.NamedSharding)
+    ):
+        return _components_from_one_transfer(stacked)
     host = local_components(stacked)
     replicas = sorted(host)
     placed = jax.device_put(
@@ -347,6 +355,33 @@ def replica_components(stacked: Any) -> dict[int, Any]:
         impl = jax.random.key_impl(stacked)
         placed = [jax.random.wrap_key_data(x, impl=impl) for x in placed]
     return dict(zip(replicas, placed))
+
+
+def _components_from_one_transfer(stacked: jax.Array) -> dict[int, jax.Array]:
+    """``replica_components`` of a one-process array whose components have rank >= 1.
+
+    The host copy ``(R, n, ...)`` goes back as one array ``(R * n, ...)`` split over the
+    replicas (a single transfer), whose shard on each device is exactly that replica's
+    component: the components are those shards, assembled without a copy.
+    """
+    sharding = stacked.sharding
+    assert isinstance(sharding, jax.sharding.NamedSharding)  # replica_components checked it
+    rows = stacked.shape[1]
+    merged = jax.device_put(
+        np.asarray(stacked).reshape(-1, *stacked.shape[2:]),
+        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(_mesh.REPLICA_AXIS)),
+    )
+    shards: dict[int, list[jax.Array]] = {}
+    for shard in merged.addressable_shards:
+        shards.setdefault((shard.index[0].start or 0) // rows, []).append(shard.data)
+    return {
+        r: data[0]
+        if len(data) == 1
+        else jax.make_array_from_single_device_arrays(
+            data[0].shape, _replica_sharding(tuple(d.device for d in data)), data
+        )
+        for r, data in shards.items()
+    }
 
 
 @functools.lru_cache(maxsize=4096)
