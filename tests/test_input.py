@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
 from tpustrat._batching import Layout
-from tpustrat._input_options import InputContext, InputOptions
+from tpustrat._dataset_options import InputContext, InputOptions
 
 MASKED = InputOptions(experimental_mask=True)
 

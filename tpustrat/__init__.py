@@ -12,8 +12,8 @@ from tpustrat._context import (
     ReplicaContext,
     get_replica_context,
 )
+from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
-from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._preemption import PreemptionCheckpointHandler

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tpustrat import _mesh
-from tpustrat._input_options import InputOptions
+from tpustrat._dataset_options import InputOptions
 from tpustrat._values import PerReplica
 
 PyTree = Any

@@ -63,7 +63,7 @@ from tpustrat._batching import (
     set_source_state,
     skip_reads,
 )
-from tpustrat._input_options import InputContext, InputOptions
+from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
 

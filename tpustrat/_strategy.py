@@ -24,8 +24,8 @@ from tpustrat import (
 )
 from tpustrat._checks import check_int
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
+from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
-from tpustrat._input_options import InputContext, InputOptions
 from tpustrat._topology import DeviceAssignment
 from tpustrat._values import PerReplica, ValueContext
 
