@@ -16,6 +16,8 @@ import pathlib
 import platform
 import statistics
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -113,3 +115,34 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def keras_window(keras, window: int):
+    """A Keras callback that keeps at most ``window`` steps in flight and times the fit.
+
+    Left alone, ``fit`` dispatches steps without bound, and with simulated CPU devices XLA
+    aborts on a collective rendezvous timeout within a few hundred steps. As an ``async_safe``
+    callback, the batch-end hook runs on Keras's worker thread once that step's logs are ready;
+    the batch-begin hook waits for it. ``seconds`` is the time from train begin to train end.
+    """
+
+    class Window(keras.callbacks.Callback):
+        async_safe = True
+
+        def on_train_begin(self, logs=None):
+            self.finished, self.ready = 0, threading.Condition()
+            self.start = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            with self.ready:
+                self.ready.wait_for(lambda: self.finished >= batch - window)
+
+        def on_train_batch_end(self, batch, logs=None):
+            with self.ready:
+                self.finished += 1
+                self.ready.notify()
+
+        def on_train_end(self, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    return Window()

@@ -34,19 +34,17 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import argparse
 import collections
-import contextlib
 import datetime
 import importlib.metadata
 import itertools
 import json
 import pathlib
-import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 
+import _harness
 import _results
 import jax
 import jax.numpy as jnp
@@ -206,35 +204,8 @@ def make_keras(params, x, y) -> Callable[[int], float]:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
 
-    class Window(keras.callbacks.Callback):
-        """Keeps at most WINDOW steps in flight, as the other variants do, and times the fit.
-
-        Left alone, fit dispatches steps without bound, and with 8 simulated CPU devices XLA
-        aborts on a collective rendezvous timeout within a few hundred steps. As an
-        ``async_safe`` callback, the batch-end hook runs on Keras's worker thread once that
-        step's logs are ready; the batch-begin hook waits for it.
-        """
-
-        async_safe = True
-
-        def on_train_begin(self, logs=None):
-            self.finished, self.ready = 0, threading.Condition()
-            self.start = time.perf_counter()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            with self.ready:
-                self.ready.wait_for(lambda: self.finished >= batch - WINDOW)
-
-        def on_train_batch_end(self, batch, logs=None):
-            with self.ready:
-                self.finished += 1
-                self.ready.notify()
-
-        def on_train_end(self, logs=None):
-            self.seconds = time.perf_counter() - self.start
-
     def run(steps):
-        window = Window()
+        window = _harness.keras_window(keras, WINDOW)
         model.fit(
             np.tile(x, (steps, 1)),
             np.tile(y, steps),
@@ -258,20 +229,6 @@ def keras_unavailable() -> str | None:
     if keras.backend.backend() != "jax":
         return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
     return None
-
-
-def machine() -> str:
-    """CPU model and core count (or the accelerator), for the record."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return f"{jax.device_count()} x {device.device_kind}"
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
@@ -376,7 +333,7 @@ def main() -> None:
         f"{jax.device_count()} x {jax.devices()[0].platform}, {args.rounds} rounds of "
         f"{args.steps} steps, window {WINDOW}"
     )
-    print(f"\n{title}\n{machine()}, jax {jax.__version__}")
+    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
     print(f"{'variant':<30} {'steps/s':>9} {'ratio to (b)':>13} {'paired ratio':>13}")
     for row in rows:
         print(
@@ -394,7 +351,7 @@ def main() -> None:
     record = {
         "benchmark": "step_overhead",
         "command": " ".join(["python", *sys.argv]),
-        "machine": machine(),
+        "machine": _harness.machine(),
         "jax": jax.__version__,
         "keras": None if skipped else importlib.metadata.version("keras"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -55,7 +55,6 @@ import dataclasses
 import functools
 import itertools
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -479,29 +478,8 @@ def make_keras(workload: Workload, x, y) -> Variant:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
 
-    class Window(keras.callbacks.Callback):
-        """At most WINDOW steps in flight (XLA:CPU deadlocks on an unbounded queue); times fit."""
-
-        async_safe = True
-
-        def on_train_begin(self, logs=None):
-            self.finished, self.ready = 0, threading.Condition()
-            self.start = time.perf_counter()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            with self.ready:
-                self.ready.wait_for(lambda: self.finished >= batch - WINDOW)
-
-        def on_train_batch_end(self, batch, logs=None):
-            with self.ready:
-                self.finished += 1
-                self.ready.notify()
-
-        def on_train_end(self, logs=None):
-            self.seconds = time.perf_counter() - self.start
-
     def run(steps):
-        window = Window()
+        window = _harness.keras_window(keras, WINDOW)
         reps = (steps,) + (1,) * (x.ndim - 1)
         model.fit(
             np.tile(x, reps),
