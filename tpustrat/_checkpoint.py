@@ -33,7 +33,7 @@ from tpustrat import _mesh
 from tpustrat._checks import check_int
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._strategy import TPUStrategy
-from tpustrat._values import PerReplica
+from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
 
@@ -383,10 +383,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from error
 
 
-def _is_per_replica(x: Any) -> bool:
-    return isinstance(x, PerReplica)
-
-
 def _is_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
@@ -414,7 +410,7 @@ def _named_leaves(state: PyTree) -> list[tuple[str, str, Any]]:
     Names are the pytree paths joined by dots (``params.Dense_0.kernel``).
     """
     named, seen = [], {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_per_replica)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_replica)[0]:
         if isinstance(leaf, PerReplica):
             entries = [(path, "per_replica", leaf.stacked)]
         else:
@@ -462,8 +458,8 @@ class _RestorePlan:
     def __init__(self, target: PyTree, strategy: TPUStrategy, step: int):
         self._strategy = strategy
         self._step = step
-        self._treedef = jax.tree.structure(target, is_leaf=_is_per_replica)
-        self._target_leaves = jax.tree.leaves(target, is_leaf=_is_per_replica)
+        self._treedef = jax.tree.structure(target, is_leaf=is_per_replica)
+        self._target_leaves = jax.tree.leaves(target, is_leaf=is_per_replica)
         self._named = _named_leaves(target)
         self.abstract = {name: self._abstract(name, kind, x) for name, kind, x in self._named}
 

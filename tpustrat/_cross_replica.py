@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from tpustrat import _values
 from tpustrat._checks import check_axis
 from tpustrat._context import ReduceOp
-from tpustrat._values import PerReplica
+from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
 
@@ -82,7 +82,7 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
 
 def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
     """One pytree per replica this process addresses, in replica order, each on its devices."""
-    leaves, tree = jax.tree.flatten(_values.unwrap_mirrored(value), is_leaf=_is_per_replica)
+    leaves, tree = jax.tree.flatten(_values.unwrap_mirrored(value), is_leaf=is_per_replica)
     components = [
         _values.replica_components(leaf.stacked) if isinstance(leaf, PerReplica) else None
         for leaf in leaves
@@ -118,10 +118,6 @@ def _every_replica(x: Any) -> np.ndarray:
         every = multihost_utils.process_allgather(np.asarray(replicas, np.int32), tiled=True)
         rows = multihost_utils.process_allgather(rows, tiled=True)[np.argsort(every)]
     return rows
-
-
-def _is_per_replica(x: Any) -> bool:
-    return isinstance(x, PerReplica)
 
 
 def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:

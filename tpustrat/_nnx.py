@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from tpustrat._mesh import REPLICA_AXIS
-from tpustrat._values import PerReplica, is_distributed
+from tpustrat._values import PerReplica, is_distributed, is_per_replica
 
 PyTree = Any
 
@@ -114,9 +114,7 @@ def write_back(objects: tuple, state: PyTree) -> None:
     nnx = loaded_nnx()
     varying = [
         jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(
-            state, is_leaf=lambda x: isinstance(x, PerReplica)
-        )[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_replica)[0]
         if isinstance(leaf, PerReplica)
     ]
     if varying:

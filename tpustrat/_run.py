@@ -20,7 +20,7 @@ from tpustrat import _accounting, _bucketing, _cache, _mesh, _nnx, _placement, _
 from tpustrat._checks import check_int
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
-from tpustrat._values import PerReplica
+from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
 
@@ -416,7 +416,7 @@ def _keep_layouts(out_tree, outputs: list, keep: list[bool], args: tuple, layout
         return outputs
     arguments, start = [], 0
     for arg in args:
-        leaves, structure = jax.tree.flatten(arg, is_leaf=_is_per_replica)
+        leaves, structure = jax.tree.flatten(arg, is_leaf=is_per_replica)
         arguments.append((structure, leaves, range(start, start + len(leaves))))
         start += len(leaves)
     outputs = list(outputs)
@@ -508,14 +508,10 @@ def _needs_every_axis_manual(name: str, jaxpr) -> bool:
 
 def _split_inputs(tree: PyTree):
     """Flattens ``tree`` into arrays, per-replica flags and a function to rebuild local values."""
-    nodes, node_tree = jax.tree.flatten(tree, is_leaf=_is_per_replica)
+    nodes, node_tree = jax.tree.flatten(tree, is_leaf=is_per_replica)
     arrays = [n.stacked if isinstance(n, PerReplica) else n for n in nodes]
     flags = [isinstance(n, PerReplica) for n in nodes]
     return arrays, flags, node_tree.unflatten
-
-
-def _is_per_replica(x: Any) -> bool:
-    return isinstance(x, PerReplica)
 
 
 def _padded_rows(local_arrays, per_replica_flags) -> int:
@@ -542,7 +538,7 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
     free = collections.Counter((tuple(o.shape), str(o.dtype), v) for o, v in zip(outputs, varying))
     unusable = []
     for i in donate_argnums:
-        for path, node in jax.tree_util.tree_flatten_with_path(args[i], is_leaf=_is_per_replica)[0]:
+        for path, node in jax.tree_util.tree_flatten_with_path(args[i], is_leaf=is_per_replica)[0]:
             stacked = isinstance(node, PerReplica)
             leaf = node.stacked if stacked else node
             key = (tuple(leaf.shape), str(leaf.dtype), stacked)

@@ -27,7 +27,7 @@ from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
 from tpustrat._topology import DeviceAssignment
-from tpustrat._values import PerReplica, ValueContext
+from tpustrat._values import PerReplica, ValueContext, is_per_replica
 
 PyTree = Any
 
@@ -381,7 +381,7 @@ class TPUStrategy:
           >>> float(strategy.run(lambda p: p["w"].sum(), args=(params,)))
           3.0
         """
-        if any(isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=_is_per_replica)):
+        if any(isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=is_per_replica)):
             raise TypeError(
                 "replicate got a PerReplica value; reduce it first, e.g. "
                 "strategy.reduce('mean', value)"
@@ -497,10 +497,6 @@ class TPUStrategy:
         return _logical.assign_to_logical_device(
             self, self._mesh, tensor, logical_device_id, self._spmd
         )
-
-
-def _is_per_replica(x: Any) -> bool:
-    return isinstance(x, PerReplica)
 
 
 def get_strategy() -> TPUStrategy | None:

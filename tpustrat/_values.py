@@ -182,6 +182,11 @@ class ValueContext(NamedTuple):
     num_replicas_in_sync: int = 1
 
 
+def is_per_replica(x: Any) -> bool:
+    """True for a PerReplica; use as ``is_leaf`` to stop at PerReplica nodes in a pytree."""
+    return isinstance(x, PerReplica)
+
+
 def is_distributed(x: Any) -> bool:
     """True for PerReplica and Mirrored; use as ``is_leaf`` to stop at them in a pytree."""
     return isinstance(x, (PerReplica, Mirrored))
@@ -289,7 +294,7 @@ def map_distributed(
             return per_replica(node.stacked)
         return replicated(node)
 
-    return jax.tree.map(visit, unwrap_mirrored(tree), is_leaf=lambda x: isinstance(x, PerReplica))
+    return jax.tree.map(visit, unwrap_mirrored(tree), is_leaf=is_per_replica)
 
 
 def local_components(stacked: Any) -> dict[int, np.ndarray]:
