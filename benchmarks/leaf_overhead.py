@@ -29,6 +29,7 @@ import cProfile
 import functools
 import io
 import pstats
+import statistics
 import time
 from collections.abc import Callable
 
@@ -54,23 +55,27 @@ def initial_state(leaves: int) -> dict[str, np.ndarray]:
     return {f"w{k:04d}": np.full(4, k, np.float32) for k in range(leaves)}
 
 
-def make_tpustrat(leaves: int) -> Callable[[int], float]:
+def make_tpustrat(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
+    """(a): seconds per call; appends the Python thread's CPU seconds per call to ``host_cpu``."""
     strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
     state = {"now": strategy.replicate(initial_state(leaves))}
 
     def run(calls: int) -> float:
         s = state["now"]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             s = strategy.run(step, args=(s,))
         jax.block_until_ready(s)
+        if host_cpu is not None:
+            host_cpu.append((time.thread_time() - cpu) / calls)
         state["now"] = s
         return (time.perf_counter() - start) / calls
 
     return run
 
 
-def make_shard_map(leaves: int) -> Callable[[int], float]:
+def make_shard_map(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
+    """(b), measured as (a) is."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
     jitted = jax.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=False)
@@ -79,13 +84,15 @@ def make_shard_map(leaves: int) -> Callable[[int], float]:
 
     def run(calls: int) -> float:
         s, pending = state["now"], collections.deque()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             s = jitted(s)
             pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
             if len(pending) > WINDOW:
                 pending.popleft().block_until_ready()
         jax.block_until_ready(s)
+        if host_cpu is not None:
+            host_cpu.append((time.thread_time() - cpu) / calls)
         state["now"] = s
         return (time.perf_counter() - start) / calls
 
@@ -143,9 +150,15 @@ def main() -> None:
     rows = []
     for leaves in args.leaves:
         calls = calls_per_round(leaves)
-        runs = {TPUSTRAT: make_tpustrat(leaves), BASELINE: make_shard_map(leaves)}
+        host_cpu: dict[str, list[float]] = {TPUSTRAT: [], BASELINE: []}
+        runs = {
+            TPUSTRAT: make_tpustrat(leaves, host_cpu[TPUSTRAT]),
+            BASELINE: make_shard_map(leaves, host_cpu[BASELINE]),
+        }
         for run in runs.values():
             run(5)  # compile, then settle into the fast path
+        for cpu in host_cpu.values():
+            cpu.clear()
         samples = _harness.alternate(
             {name: functools.partial(run, calls) for name, run in runs.items()}, args.rounds
         )
@@ -158,6 +171,7 @@ def main() -> None:
                     name: {
                         "median_us": 1e6 * s["median"],
                         "rounds_us": [1e6 * v for v in s["rounds"]],
+                        "host_cpu_us": 1e6 * statistics.median(host_cpu[name]),
                     }
                     for name, s in summary.items()
                 },
@@ -170,11 +184,15 @@ def main() -> None:
         f"{jax.devices()[0].platform}, {WINDOW} steps in flight, {args.rounds} rounds"
     )
     print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
-    print(f"{'leaves':>7} {'(a) us/call':>12} {'(b) us/call':>12} {'(a)/(b)':>8} {'paired':>8}")
+    print(
+        f"{'leaves':>7} {'(a) us/call':>12} {'(b) us/call':>12} {'(a)/(b)':>8} {'paired':>8} "
+        f"{'(a) host CPU us':>16} {'(b) host CPU us':>16}"
+    )
     for row in rows:
         print(
             f"{row['leaves']:>7} {row[TPUSTRAT]['median_us']:>12.0f} "
-            f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f}"
+            f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f} "
+            f"{row[TPUSTRAT]['host_cpu_us']:>16.1f} {row[BASELINE]['host_cpu_us']:>16.1f}"
         )
     data = _harness.record("leaf_overhead", title, rows=rows)
     if args.profile:

@@ -375,12 +375,48 @@ def test_calls_with_placed_inputs_match_the_checked_path(strategy):
         mean = ts.get_replica_context().all_reduce("mean", i)
         return jax.tree.map(lambda w: w + mean, state)
 
-    for _ in range(4):  # call 1 places, call 2 records the layout, calls 3-4 take the fast path
+    # Call 1 places, call 2 records the layout, call 3 finds it, and calls 4-6 repeat call 3.
+    for _ in range(6):
         state = strategy.run(step, args=(state, ids))
     for k in range(12):
-        np.testing.assert_allclose(np.asarray(state[f"w{k}"]), k + 4 * (n - 1) / 2)
+        np.testing.assert_allclose(np.asarray(state[f"w{k}"]), k + 6 * (n - 1) / 2)
     stats = strategy.compile_stats()
-    assert (stats.num_compiles, stats.num_cache_hits) == (1, 3)
+    assert (stats.num_compiles, stats.num_cache_hits) == (1, 5)
+
+
+def test_a_repeated_call_is_told_apart_by_step_options_and_shapes():
+    """After a loop's repeated calls, another step, options or shape runs as asked."""
+    strategy = ts.TPUStrategy()
+    state = strategy.replicate({"w": np.zeros(3, np.float32)})
+    for _ in range(4):
+        state = strategy.run(lambda s: {"w": s["w"] + 1}, args=(state,))
+    state = strategy.run(lambda s: {"w": s["w"] * 10}, args=(state,))  # another step
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 40.0))
+    donate = ts.RunOptions(donate_argnums=(0,))
+    new = strategy.run(lambda s: {"w": s["w"] * 10}, args=(state,), options=donate)
+    assert state["w"].is_deleted()  # the donating options were used, not the last call's
+    np.testing.assert_allclose(np.asarray(new["w"]), np.full(3, 400.0))
+    bigger = strategy.replicate({"w": np.zeros(5, np.float32)})
+    grown = strategy.run(lambda s: {"w": s["w"] * 10}, args=(bigger,))
+    assert grown["w"].shape == (5,)
+
+
+class _Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def step(self, s):
+        return {"w": s["w"] * self.factor}
+
+
+def test_a_repeated_bound_method_call_uses_its_own_object():
+    strategy = ts.TPUStrategy()
+    state = strategy.replicate({"w": np.ones(2, np.float32)})
+    two, three = _Scaler(2.0), _Scaler(3.0)
+    for _ in range(4):
+        state = strategy.run(two.step, args=(state,))
+    state = strategy.run(three.step, args=(state,))
+    np.testing.assert_allclose(np.asarray(state["w"]), np.full(2, 16.0 * 3))
 
 
 def _add_sum(state, i):

@@ -145,17 +145,16 @@ class Ledger:
         """Records that the step ``key`` was traced for ``signature``."""
         self._traced[key] = signature
 
-    def count(
-        self, key: Any, name: str, traced: bool, compiled: bool, bucketing: bool = False
-    ) -> None:
-        """Records one plain ``run`` call of the step ``key``.
+    def hit(self) -> None:
+        """Records a plain ``run`` call that reused a compiled program."""
+        self._hits += 1
+
+    def compiled(self, key: Any, name: str, traced: bool, bucketing: bool = False) -> None:
+        """Records a plain ``run`` call of the step ``key`` that compiled (``traced``: anew).
 
         Under shape bucketing (``bucketing``), a compile for a new bucket, where only the
         per-replica row counts changed, is expected and not reported as a recompile.
         """
-        if not (traced or compiled):
-            self._hits += 1
-            return
         self._compiles += 1
         old, new = self._compiled.get(key), self._traced.get(key)
         if new is None:  # never traced, so nothing to compare (a compile follows a trace)

@@ -56,7 +56,7 @@ class FunctionCache(Generic[Options, Value]):
 
     def get(self, fn: Callable[..., Any], options: Options) -> Value:
         """The value for ``(fn, options)``, built on first use; marks it most recently used."""
-        key = (_reference(fn, self._forget), options)
+        key = (reference(fn, self._forget), options)
         value = self._entries.pop(key, None)
         if value is None:
             value = self._build(_weak_callable(key[0]), options)
@@ -94,8 +94,14 @@ class _Strong:
         return isinstance(other, _Strong) and self._fn == other._fn
 
 
-def _reference(fn: Callable[..., Any], on_death: Callable[[weakref.ref], None]) -> Any:
-    """A hashable reference to ``fn`` that is equal for equal functions, weak where possible."""
+def reference(
+    fn: Callable[..., Any], on_death: Callable[[weakref.ref], None] | None = None
+) -> Callable[[], Callable[..., Any] | None]:
+    """A hashable reference to ``fn`` that is equal for equal functions, weak where possible.
+
+    Calling it gives ``fn`` back, or None once ``fn`` is gone; ``on_death`` is then called
+    with the reference.
+    """
     try:
         if inspect.ismethod(fn):
             reference = weakref.WeakMethod(fn, on_death)

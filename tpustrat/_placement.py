@@ -87,7 +87,7 @@ class PlacedLayouts:
         if entry is None or not self._array_types.issuperset(map(type, leaves)):
             return False
         shardings, block_specs = entry
-        if tuple(map(_SHARDING, leaves)) != shardings or any(map(_IS_DELETED, leaves)):
+        if tuple(map(SHARDING, leaves)) != shardings or any(map(IS_DELETED, leaves)):
             return False  # (jax.jit's C++ path does not check for deleted buffers itself)
         return block_specs
 
@@ -102,14 +102,14 @@ class PlacedLayouts:
         if not all(issubclass(t, jax.Array) and not issubclass(t, jax.core.Tracer) for t in types):
             return
         self._array_types |= types
-        self._layouts[structure] = (tuple(map(_SHARDING, leaves)), block_specs)
+        self._layouts[structure] = (tuple(map(SHARDING, leaves)), block_specs)
         self._layouts.move_to_end(structure)
         while len(self._layouts) > self._maxsize:
             self._layouts.popitem(last=False)
 
 
-_SHARDING = operator.attrgetter("sharding")
-_IS_DELETED = operator.methodcaller("is_deleted")
+SHARDING = operator.attrgetter("sharding")
+IS_DELETED = operator.methodcaller("is_deleted")
 
 
 def prepare(

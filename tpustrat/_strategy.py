@@ -189,13 +189,15 @@ class TPUStrategy:
                 f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
                 "argument write args=(x,)"
             )
-        options = options or _run.RunOptions()
-        if options.donate_argnums and max(options.donate_argnums) >= len(args):
+        if options is None:
+            options = _run.DEFAULT_OPTIONS
+        elif options.donate_argnums and max(options.donate_argnums) >= len(args):
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
-        return self._runner.run(fn, tuple(args), dict(kwargs or {}), options)
+        args = args if type(args) is tuple else tuple(args)
+        return self._runner.run(fn, args, {} if kwargs is None else dict(kwargs), options)
 
     def experimental_run_steps(
         self,
@@ -294,7 +296,7 @@ class TPUStrategy:
         """
         op = ReduceOp.parse(reduce_op)
         result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
-        self._runner.window.admit(result)
+        self._runner.window.admit_result(result)
         return result
 
     def gather(self, value: PyTree, axis: int) -> PyTree:
@@ -315,7 +317,7 @@ class TPUStrategy:
           (8, 2)
         """
         result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
-        self._runner.window.admit(result)
+        self._runner.window.admit_result(result)
         return result
 
     def experimental_local_results(self, value: PyTree) -> tuple[PyTree, ...]:
