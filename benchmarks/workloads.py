@@ -16,7 +16,8 @@ and global under jax.jit). Variants, same model, same global batch, same optimiz
   (d) tpustrat run: ``strategy.run(step, args=(state, batch))`` with no options, the plain loop;
   (e) tpustrat run_steps: ``strategy.experimental_run_steps`` over a distributed dataset
       (host batches prefetched onto the devices), 4 steps per program (``--steps-per-run``),
-      state donated.
+      state donated; on CPU with ``unroll=True`` (XLA:CPU runs convolutions inside a loop many
+      times slower), elsewhere or with ``--scan-loop`` as one ``lax.scan`` loop.
 
 (a), (b) and (d) reuse one batch already on the devices; (e) feeds a fresh host batch each step
 through its dataset; (c) feeds host batches through Keras's own loop. Each keeps at most 2
@@ -73,6 +74,7 @@ import tpustrat as ts
 
 WINDOW = 2  # steps in flight, for every variant
 STEPS_PER_RUN = [4]  # variant (e); --steps-per-run sets it
+UNROLL: list[int | bool] = [1]  # variant (e)'s unroll; main sets it
 LEARNING_RATE = 1e-3
 BASELINE = "(a) jit(shard_map) by hand"
 KERAS = "(c) Keras 3 DataParallel"
@@ -404,7 +406,7 @@ def make_tpustrat_run_steps(strategy, update, params, opt_state, x, y) -> Varian
         start = time.perf_counter()
         for _ in range(steps // STEPS_PER_RUN[0]):
             state = strategy.experimental_run_steps(
-                step, state, iterator, STEPS_PER_RUN[0], options=donate
+                step, state, iterator, STEPS_PER_RUN[0], unroll=UNROLL[0], options=donate
             ).state
         jax.block_until_ready(state)
         holder["state"] = state
@@ -625,11 +627,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--steps-per-run", type=int, default=4, help="for variant (e)")
+    parser.add_argument(
+        "--scan-loop", action="store_true", help="(e) as a lax.scan loop on CPU too (unroll=1)"
+    )
     _results.add_arguments(parser)
     args = parser.parse_args()
     if args.steps % args.steps_per_run:
         parser.error("--steps must be a multiple of --steps-per-run")
     STEPS_PER_RUN[0] = args.steps_per_run
+    UNROLL[0] = True if jax.devices()[0].platform == "cpu" and not args.scan_loop else 1
     keras_reason = keras_unavailable()
     if keras_reason:
         print(f"skipping {KERAS}: {keras_reason}")
@@ -641,7 +647,8 @@ def main() -> None:
     ]
     title = (
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.rounds} rounds of "
-        f"{args.steps} steps, {WINDOW} in flight, Adam, bf16 compute / f32 params"
+        f"{args.steps} steps, {WINDOW} in flight, Adam, bf16 compute / f32 params, "
+        f"(e) unroll={UNROLL[0]}"
     )
     print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
     for result in results:

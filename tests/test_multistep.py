@@ -44,8 +44,9 @@ def _values(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, True])
 @pytest.mark.parametrize("steps_per_run", [1, 4, 8])
-def test_equals_separate_runs(strategy, steps_per_run):
+def test_equals_separate_runs(strategy, steps_per_run, unroll):
     batches = _batches(strategy, 8)
     state = _initial_state(strategy)
     losses = []
@@ -58,7 +59,7 @@ def test_equals_separate_runs(strategy, steps_per_run):
     fused_losses = []
     for _ in range(8 // steps_per_run):
         fused, stacked, num = strategy.experimental_run_steps(
-            _train_step, fused, iterator, steps_per_run, stack_outputs=True
+            _train_step, fused, iterator, steps_per_run, stack_outputs=True, unroll=unroll
         )
         assert num == steps_per_run
         assert isinstance(stacked, jax.Array)
@@ -131,10 +132,28 @@ def test_repeated_calls_compile_once(compile_count):
     assert compile_count() == before
 
 
+@pytest.mark.parametrize(("unroll", "loops"), [(1, True), (2, True), (True, False)])
+def test_unroll_true_writes_the_steps_out_without_a_loop(unroll, loops):
+    strategy = ts.TPUStrategy()
+    batches = _batches(strategy, 4)
+
+    def program(state, *batches):
+        return strategy.experimental_run_steps(
+            _train_step, state, iter(batches), 4, unroll=unroll
+        ).state
+
+    hlo = jax.jit(program).lower(_initial_state(strategy), *batches).as_text()
+    assert (" while(" in hlo or "stablehlo.while" in hlo) == loops
+
+
 def test_errors():
     strategy = ts.TPUStrategy()
     with pytest.raises(ValueError, match="steps_per_run must be an int >= 1, got 0"):
         strategy.experimental_run_steps(_train_step, None, iter([]), 0)
+    with pytest.raises(ValueError, match="unroll must be an int >= 1, got 0"):
+        strategy.experimental_run_steps(_train_step, None, iter([]), 2, unroll=0)
+    with pytest.raises(TypeError, match="unroll must be an int, got str '2'"):
+        strategy.experimental_run_steps(_train_step, None, iter([]), 2, unroll="2")
     batches = iter(_batches(strategy, 2))
     with pytest.raises(TypeError, match=r"needs fn\(state, batch\) -> \(state, outputs\)"):
         strategy.experimental_run_steps(lambda s, b: s, np.float32(0), batches, 2)

@@ -38,15 +38,19 @@ class StepsResult(NamedTuple):
 class MultiStep:
     """``fn(state, batch) -> (state, outputs)`` scanned over a stack of batches.
 
-    One instance per (fn, stack_outputs, number of batches), so ``strategy.run`` sees the same
-    function on every call and compiles each count once, as a program of its own.
+    One instance per (fn, stack_outputs, unroll, number of batches), so ``strategy.run`` sees
+    the same function on every call and compiles each count once, as a program of its own.
+    ``unroll`` is ``lax.scan``'s.
     """
 
     def __init__(
-        self, fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]], options: tuple[bool, int]
+        self,
+        fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
+        options: tuple[bool, int | bool, int],
     ):
         self.fn = fn
-        self.stack_outputs, _ = options  # the number of batches only keys the strategy's cache
+        # The number of batches only keys the strategy's cache.
+        self.stack_outputs, self.unroll, _ = options
         self.__qualname__ = f"steps({getattr(fn, '__qualname__', repr(fn))})"
 
     def __call__(self, state: PyTree, *batches: PyTree) -> tuple[PyTree, PyTree]:
@@ -70,7 +74,8 @@ class MultiStep:
 
         state = jax.tree.map(jnp.asarray, state)
         # Stacked here, inside the one program, rather than by a dispatch of its own.
-        final, outputs = lax.scan(body, state, jax.tree.map(lambda *xs: jnp.stack(xs), *batches))
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        final, outputs = lax.scan(body, state, stacked, unroll=self.unroll)
         if not self.stack_outputs:
             outputs = jax.tree.map(lambda x: x[-1], outputs)
         return final, outputs
