@@ -5,7 +5,9 @@ replicas, with the state fed back each call. (a) is ``strategy.run(step, args=(s
 (b) is the same step hand-written as ``jax.jit(jax.shard_map(...))``, with the same 2 steps in
 flight. The device work is tiny, so the time per call is the host path: flattening, checks,
 jit's dispatch, and the buffers of N outputs on 8 devices. Rounds alternate (a) and (b); the
-table shows the median microseconds per call and the ratios. ``--profile`` then profiles (a)
+table shows the median microseconds per call and the ratios, and the CPU time the Python
+thread itself spends per call (``time.thread_time``: the host work, without the device threads
+it competes with on a small host). ``--profile`` then profiles (a)
 with 1,000 leaves under cProfile and prints where its host time goes.
 Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
 into the tracked ``results/``).
