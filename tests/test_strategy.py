@@ -384,21 +384,40 @@ def test_calls_with_placed_inputs_match_the_checked_path(strategy):
     assert (stats.num_compiles, stats.num_cache_hits) == (1, 5)
 
 
-def test_a_repeated_call_is_told_apart_by_step_options_and_shapes():
-    """After a loop's repeated calls, another step, options or shape runs as asked."""
+def _plus_one(state):
+    return {"w": state["w"] + 1}
+
+
+def _times_ten(state):
+    return {"w": state["w"] * 10}
+
+
+def test_a_repeated_call_is_told_apart_by_step_options_and_inputs():
+    """After a loop's repeated calls, another step, options, shape or kind of input runs as
+    asked."""
     strategy = ts.TPUStrategy()
     state = strategy.replicate({"w": np.zeros(3, np.float32)})
     for _ in range(4):
-        state = strategy.run(lambda s: {"w": s["w"] + 1}, args=(state,))
-    state = strategy.run(lambda s: {"w": s["w"] * 10}, args=(state,))  # another step
+        state = strategy.run(_plus_one, args=(state,))
+    state = strategy.run(_times_ten, args=(state,))
     np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 40.0))
+    for _ in range(3):
+        state = strategy.run(_plus_one, args=(state,))
     donate = ts.RunOptions(donate_argnums=(0,))
-    new = strategy.run(lambda s: {"w": s["w"] * 10}, args=(state,), options=donate)
+    new = strategy.run(_plus_one, args=(state,), options=donate)
     assert state["w"].is_deleted()  # the donating options were used, not the last call's
-    np.testing.assert_allclose(np.asarray(new["w"]), np.full(3, 400.0))
-    bigger = strategy.replicate({"w": np.zeros(5, np.float32)})
-    grown = strategy.run(lambda s: {"w": s["w"] * 10}, args=(bigger,))
+    np.testing.assert_allclose(np.asarray(new["w"]), np.full(3, 44.0))
+    for _ in range(3):
+        new = strategy.run(_plus_one, args=(new,))
+    grown = strategy.run(_plus_one, args=(strategy.replicate({"w": np.zeros(5, np.float32)}),))
     assert grown["w"].shape == (5,)
+    for host in (np.full(3, 2, np.float32), 2.0):  # not jax.Arrays: placed, as on any call
+        for _ in range(3):
+            new = strategy.run(_plus_one, args=(new,))
+        out = strategy.run(_plus_one, args=({"w": host},))
+        np.testing.assert_allclose(np.asarray(out["w"]), 3.0)
+    stats = strategy.compile_stats()
+    assert stats.num_compiles == 5  # plus_one, times_ten, donating plus_one, (5,), weak scalar
 
 
 class _Scaler:

@@ -377,29 +377,32 @@ class _HotCall:
 
     A loop calls the same step, with the same options, on the arrays the last call returned.
     Recognizing such a call costs a pytree-structure comparison and a read of each leaf's
-    type, sharding and deletion: no lookup of the compiled step or of the remembered layouts.
+    sharding and deletion: no lookup of the compiled step or of the remembered layouts.
     """
 
-    __slots__ = ("block_specs", "fn", "key", "options", "shardings", "step", "structure", "types")
+    __slots__ = ("block_specs", "fn", "key", "options", "shardings", "step", "structure")
 
     def __init__(self, fn, options: RunOptions, structure, leaves: list, block_specs, step, key):
         self.fn = _cache.reference(fn)  # weak where possible
         self.options, self.structure, self.block_specs = options, structure, block_specs
-        self.types = frozenset(map(type, leaves))  # concrete jax.Array types, checked by the caller
-        self.shardings = tuple(map(_placement.SHARDING, leaves))
+        self.shardings = tuple(map(_placement.SHARDING, leaves))  # of concrete jax.Arrays
         self.step: Step = step
         self.key: int = key
 
     def repeats(self, fn, options: RunOptions, structure, leaves: list) -> bool:
         """Whether a call of ``fn`` on ``leaves`` is this call again, every input in place."""
-        return (
+        if not (
             structure == self.structure
             and (options is self.options or options == self.options)
             and self.fn() == fn
-            and self.types.issuperset(map(type, leaves))
-            and tuple(map(_placement.SHARDING, leaves)) == self.shardings
-            and not any(map(_placement.IS_DELETED, leaves))
-        )
+        ):
+            return False
+        try:
+            return tuple(map(_placement.SHARDING, leaves)) == self.shardings and not any(
+                map(_placement.IS_DELETED, leaves)
+            )
+        except AttributeError:  # a leaf that is not a concrete jax.Array: a number, a tracer
+            return False
 
 
 class DispatchWindow:
