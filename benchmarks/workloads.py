@@ -16,8 +16,8 @@ and global under jax.jit). Variants, same model, same global batch, same optimiz
   (d) tpustrat run: ``strategy.run(step, args=(state, batch))`` with no options, the plain loop;
   (e) tpustrat run_steps: ``strategy.experimental_run_steps`` over a distributed dataset
       (host batches prefetched onto the devices), 4 steps per program (``--steps-per-run``),
-      state donated; on CPU with ``unroll=True`` (XLA:CPU runs convolutions inside a loop many
-      times slower), elsewhere or with ``--scan-loop`` as one ``lax.scan`` loop.
+      state donated; for the CNN on CPU with ``unroll=True`` (XLA:CPU runs convolutions inside
+      a loop many times slower), otherwise (or with ``--scan-loop``) as one ``lax.scan`` loop.
 
 (a), (b) and (d) reuse one batch already on the devices; (e) feeds a fresh host batch each step
 through its dataset; (c) feeds host batches through Keras's own loop. Each keeps at most 2
@@ -74,7 +74,6 @@ import tpustrat as ts
 
 WINDOW = 2  # steps in flight, for every variant
 STEPS_PER_RUN = [4]  # variant (e); --steps-per-run sets it
-UNROLL: list[int | bool] = [1]  # variant (e)'s unroll; main sets it
 LEARNING_RATE = 1e-3
 BASELINE = "(a) jit(shard_map) by hand"
 KERAS = "(c) Keras 3 DataParallel"
@@ -205,6 +204,7 @@ class Workload:
     units_per_example: int
     describe: str
     keras_model: Callable[[], Any] | None = None
+    convolutional: bool = False
 
 
 def resnet_workload(full: bool) -> Workload:
@@ -227,6 +227,7 @@ def resnet_workload(full: bool) -> Workload:
         f"ResNet-{2 + 2 * sum(blocks)} (GroupNorm) width {width}, 32x32x3, "
         f"{batch} images per device",
         lambda: keras_resnet(width, blocks),
+        convolutional=True,
     )
 
 
@@ -394,7 +395,7 @@ def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
     return Variant(run, first, _tpustrat_memory(strategy, step, holder["state"], batch))
 
 
-def make_tpustrat_run_steps(strategy, update, params, opt_state, x, y) -> Variant:
+def make_tpustrat_run_steps(strategy, unroll, update, params, opt_state, x, y) -> Variant:
     step = _tpustrat_step(update)
     donate = ts.RunOptions(donate_argnums=(0,))
     holder = {"state": strategy.replicate((params, opt_state))}
@@ -406,7 +407,7 @@ def make_tpustrat_run_steps(strategy, update, params, opt_state, x, y) -> Varian
         start = time.perf_counter()
         for _ in range(steps // STEPS_PER_RUN[0]):
             state = strategy.experimental_run_steps(
-                step, state, iterator, STEPS_PER_RUN[0], unroll=UNROLL[0], options=donate
+                step, state, iterator, STEPS_PER_RUN[0], unroll=unroll, options=donate
             ).state
         jax.block_until_ready(state)
         holder["state"] = state
@@ -510,7 +511,9 @@ def keras_unavailable() -> str | None:
 # ----------------------------------------------------------------------------- driver
 
 
-def benchmark(workload: Workload, rounds: int, steps: int, keras_reason: str | None) -> dict:
+def benchmark(
+    workload: Workload, rounds: int, steps: int, keras_reason: str | None, scan_loop: bool
+) -> dict:
     devices = jax.device_count()
     global_batch = workload.per_device_batch * devices
     x, y = workload.batch(global_batch)
@@ -529,8 +532,10 @@ def benchmark(workload: Workload, rounds: int, steps: int, keras_reason: str | N
     if keras_reason is None:
         variants[KERAS] = make_keras(workload, x, y)
     variants["(d) tpustrat run"] = make_tpustrat_run(strategy, update, *state)
+    cpu = jax.devices()[0].platform == "cpu"
+    unroll = True if cpu and workload.convolutional and not scan_loop else 1
     variants["(e) tpustrat run_steps + prefetch + donation"] = make_tpustrat_run_steps(
-        strategy, update, *state
+        strategy, unroll, update, *state
     )
     for variant in variants.values():
         variant.run(STEPS_PER_RUN[0])  # warm up
@@ -556,7 +561,7 @@ def benchmark(workload: Workload, rounds: int, steps: int, keras_reason: str | N
         )
     return {
         "workload": workload.name,
-        "describe": workload.describe,
+        "describe": f"{workload.describe}; (e) with unroll={unroll}",
         "unit": workload.unit,
         "global_batch": global_batch,
         "flops_per_step_per_device": flops,
@@ -635,20 +640,18 @@ def main() -> None:
     if args.steps % args.steps_per_run:
         parser.error("--steps must be a multiple of --steps-per-run")
     STEPS_PER_RUN[0] = args.steps_per_run
-    UNROLL[0] = True if jax.devices()[0].platform == "cpu" and not args.scan_loop else 1
     keras_reason = keras_unavailable()
     if keras_reason:
         print(f"skipping {KERAS}: {keras_reason}")
     names = ("resnet", "gpt") if args.workload == "both" else (args.workload,)
     builders = {"resnet": resnet_workload, "gpt": gpt_workload}
     results = [
-        benchmark(builders[name](args.full), args.rounds, args.steps, keras_reason)
+        benchmark(builders[name](args.full), args.rounds, args.steps, keras_reason, args.scan_loop)
         for name in names
     ]
     title = (
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.rounds} rounds of "
-        f"{args.steps} steps, {WINDOW} in flight, Adam, bf16 compute / f32 params, "
-        f"(e) unroll={UNROLL[0]}"
+        f"{args.steps} steps, {WINDOW} in flight, Adam, bf16 compute / f32 params"
     )
     print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
     for result in results:
