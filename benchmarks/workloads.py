@@ -17,14 +17,17 @@ and global under jax.jit). Variants, same model, same global batch, same optimiz
   (e) tpustrat run_steps: ``strategy.experimental_run_steps`` over a distributed dataset
       (host batches prefetched onto the devices), 4 steps per program (``--steps-per-run``),
       state donated; for the CNN on CPU with ``unroll=True`` (XLA:CPU runs convolutions inside
-      a loop many times slower), otherwise (or with ``--scan-loop``) as one ``lax.scan`` loop.
+      a loop many times slower), otherwise (or with ``--scan-loop``) as one ``lax.scan`` loop;
+  (f) (e) with weight-update sharding: ``ts.shard_update(optax.adam)``, so that each replica
+      keeps and updates only its block of the optimizer state.
 
-(a), (b) and (d) reuse one batch already on the devices; (e) feeds a fresh host batch each step
-through its dataset; (c) feeds host batches through Keras's own loop. Each keeps at most 2
-steps in flight. Rounds alternate the variants; the table gives median images/s or tokens/s,
-ms per step, the ratio to (a) (of medians, and the median of each round's ratio), the first
-call's time (trace and compile), per-device memory of the compiled step
-(``memory_analysis``: arguments + outputs + temporaries - aliased), and the step's FLOPs per
+(a), (b) and (d) reuse one batch already on the devices; (e) and (f) feed a fresh host batch
+each step through their dataset; (c) feeds host batches through Keras's own loop. Each keeps at
+most 2 steps in flight. Rounds alternate the variants; the table gives median images/s or
+tokens/s, ms per step, the ratio to (a) (of medians, and the median of each round's ratio), the
+first call's time (trace and compile), per-device memory of the compiled step
+(``memory_analysis``: arguments + outputs + temporaries - aliased; for (e) and (f), of one
+donated step through ``run``), and the step's FLOPs per
 device (``cost_analysis`` of (a)'s compiled program). MFU divides achieved FLOP/s per device by
 the chip's bf16 peak (table below); on CPU it shows achieved GFLOP/s instead.
 
@@ -371,15 +374,19 @@ def _tpustrat_memory(strategy, step, state, batch, options=None) -> int:
     return _compiled_stats(lowered.compile())[0]
 
 
-def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
-    step = _tpustrat_step(update)
+def _per_replica_batch(strategy, x, y):
     n = strategy.num_replicas_in_sync
-    batch = strategy.experimental_distribute_values_from_function(
+    return strategy.experimental_distribute_values_from_function(
         lambda ctx: (
             np.split(x, n)[ctx.replica_id_in_sync_group],
             np.split(y, n)[ctx.replica_id_in_sync_group],
         )
     )
+
+
+def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
+    step = _tpustrat_step(update)
+    batch = _per_replica_batch(strategy, x, y)
     holder = {"state": strategy.replicate((params, opt_state))}
 
     def run(steps):
@@ -395,10 +402,11 @@ def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
     return Variant(run, first, _tpustrat_memory(strategy, step, holder["state"], batch))
 
 
-def make_tpustrat_run_steps(strategy, unroll, update, params, opt_state, x, y) -> Variant:
-    step = _tpustrat_step(update)
+def _run_steps_loop(strategy, unroll, step, state, x, y) -> Variant:
+    """``experimental_run_steps`` over a prefetching dataset of host batches, state donated."""
     donate = ts.RunOptions(donate_argnums=(0,))
-    holder = {"state": strategy.replicate((params, opt_state))}
+    memory = _tpustrat_memory(strategy, step, state, _per_replica_batch(strategy, x, y), donate)
+    holder = {"state": state}
 
     def run(steps):
         batches = strategy.experimental_distribute_dataset(itertools.repeat((x, y), steps))
@@ -415,7 +423,33 @@ def make_tpustrat_run_steps(strategy, unroll, update, params, opt_state, x, y) -
         return (time.perf_counter() - start) / steps
 
     first = _timed_first(lambda _: run(STEPS_PER_RUN[0]))
-    return Variant(run, first)
+    return Variant(run, first, memory)
+
+
+def make_tpustrat_run_steps(strategy, unroll, update, params, opt_state, x, y) -> Variant:
+    state = strategy.replicate((params, opt_state))
+    return _run_steps_loop(strategy, unroll, _tpustrat_step(update), state, x, y)
+
+
+def make_tpustrat_sharded_update(strategy, unroll, graphdef, params, x, y) -> Variant:
+    """(e) with ``ts.shard_update(optax.adam)``: each replica updates its block of the state."""
+    tx = ts.shard_update(optax.adam(LEARNING_RATE))
+    update = make_update(graphdef, tx)
+
+    def step(state, batch):
+        params, opt_state = state
+        ctx = ts.get_replica_context()
+
+        def mean_loss(grads_and_loss):  # the update reduce-scatters the gradients itself
+            grads, loss = grads_and_loss
+            return grads, ctx.all_reduce("mean", loss)
+
+        params, opt_state, loss = update(params, opt_state, *batch, mean_loss)
+        return (params, opt_state), loss
+
+    params = strategy.replicate(params)
+    state = (params, strategy.run(tx.init, args=(params,)))
+    return _run_steps_loop(strategy, unroll, step, state, x, y)
 
 
 # ----------------------------------------------------------------------------- Keras
@@ -536,6 +570,9 @@ def benchmark(
     unroll = True if cpu and workload.convolutional and not scan_loop else 1
     variants["(e) tpustrat run_steps + prefetch + donation"] = make_tpustrat_run_steps(
         strategy, unroll, update, *state
+    )
+    variants["(f) (e) + ts.shard_update(adam)"] = make_tpustrat_sharded_update(
+        strategy, unroll, graphdef, params, x, y
     )
     for variant in variants.values():
         variant.run(STEPS_PER_RUN[0])  # warm up
