@@ -368,10 +368,11 @@ def _tpustrat_step(update):
 
 def _tpustrat_memory(strategy, step, state, batch, options=None) -> int:
     """Per-device memory of the program ``run`` compiles, lowered through ``jax.jit``."""
-    lowered = jax.jit(lambda s, b: strategy.run(step, args=(s, b), options=options)).lower(
-        state, batch
+    donate = (0,) if options is not None and options.donate_argnums else ()
+    program = jax.jit(
+        lambda s, b: strategy.run(step, args=(s, b), options=options), donate_argnums=donate
     )
-    return _compiled_stats(lowered.compile())[0]
+    return _compiled_stats(program.lower(state, batch).compile())[0]
 
 
 def _per_replica_batch(strategy, x, y):
