@@ -191,6 +191,11 @@ class TPUStrategy:
             )
         if options is None:
             options = _run.DEFAULT_OPTIONS
+        elif not isinstance(options, _run.RunOptions):
+            raise TypeError(
+                f"strategy.run options must be a ts.RunOptions, got {type(options).__name__}; "
+                "e.g. options=ts.RunOptions(donate_argnums=(0,))"
+            )
         elif options.donate_argnums and max(options.donate_argnums) >= len(args):
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names a position past the {len(args)} "
