@@ -59,6 +59,7 @@ import dataclasses
 import functools
 import itertools
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -637,7 +638,7 @@ def print_table(result: dict) -> None:
 
 def plot(results: list[dict], title: str, path) -> None:
     plt = _harness.pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(8 * len(results), 4.5), squeeze=False)
     for ax, result in zip(axes[0], results):
         rows = result["rows"][::-1]
         names = [row["variant"] for row in rows]
@@ -656,7 +657,7 @@ def plot(results: list[dict], title: str, path) -> None:
                 color="white",
             )
         ax.set_xlabel(f"{result['unit']}/s (median; whiskers: min and max over rounds)")
-        ax.set_title(result["describe"], fontsize=8)
+        ax.set_title(textwrap.fill(result["describe"], 60), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
