@@ -140,6 +140,34 @@ def test_dropout_differs_across_replicas_and_repeats_from_one_seed():
     np.testing.assert_array_equal(again[1], second)
 
 
+def _predict(model, x):
+    return model(x)
+
+
+def test_switching_between_train_and_eval_modes_compiles_each_once(compile_count):
+    """model.train() and model.eval() give two graph definitions; each compiles once."""
+    strategy = ts.TPUStrategy()
+    model = CNN(nnx.Rngs(0), dropout=0.5)
+    strategy.replicate(model)
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.ones((2, 6), np.float32)
+    )
+    reference = nnx.merge(*nnx.split(model))
+    reference.eval()
+    want = np.asarray(reference(np.ones((2, 6), np.float32)))
+    trained, evaluated = [], []
+    before = compile_count()
+    for _ in range(3):
+        model.train()
+        trained.append(np.asarray(strategy.run(_predict, args=(model, x)).stacked))
+        model.eval()
+        evaluated.append(np.asarray(strategy.run(_predict, args=(model, x)).stacked))
+    assert compile_count() - before == 2
+    for out in evaluated:  # no dropout in eval mode: every replica computes the plain model
+        np.testing.assert_allclose(out, np.broadcast_to(want, out.shape), rtol=1e-6)
+    assert not np.allclose(trained[0], trained[1]), "train mode draws new dropout masks"
+
+
 def test_state_left_different_on_each_replica_is_a_clear_error():
     strategy = ts.TPUStrategy()
     model = CNN(nnx.Rngs(0))

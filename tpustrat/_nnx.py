@@ -49,11 +49,48 @@ def is_nnx_object(x: Any) -> bool:
     return isinstance(x, base)
 
 
+class LiftedSteps:
+    """The ``Lifted`` steps of one function and argument structure, one per graph definition.
+
+    Kept by the strategy per (function, structure), so that ``run`` sees the same callable on
+    every call and compiles once. A loop passes the same objects on every call, so their graph
+    definition is nearly always the last one's: comparing it with that one costs less than
+    hashing it to look it up (both walk the whole graph). At most ``max_size`` definitions are
+    kept, the oldest dropped first.
+
+    Args:
+      fn: the user's step.
+      structure: the treedef of ``(args, kwargs)`` with each NNX object as a leaf.
+      positions: the indices of those leaves that are NNX objects, in order.
+      max_size: the most graph definitions kept.
+    """
+
+    def __init__(self, fn: Callable[..., PyTree], structure: Any, positions, max_size: int = 8):
+        self._fn, self._structure, self._positions = fn, structure, tuple(positions)
+        self._max_size = max_size
+        self._last: Lifted | None = None
+        self._by_graph: dict[Any, Lifted] = {}
+
+    def get(self, graphdef: Any) -> Lifted:
+        """The step for objects of this graph definition, made on first use."""
+        last = self._last
+        if last is not None and last.graphdef == graphdef:
+            return last
+        lifted = self._by_graph.pop(graphdef, None)
+        if lifted is None:
+            lifted = Lifted(self._fn, graphdef, self._structure, self._positions)
+        self._by_graph[graphdef] = lifted
+        while len(self._by_graph) > self._max_size:
+            del self._by_graph[next(iter(self._by_graph))]
+        self._last = lifted
+        return lifted
+
+
 class Lifted:
     """``fn`` over NNX objects, as a function of their state: what ``run`` compiles.
 
-    One instance per (function, graph definition, argument structure), kept by the strategy,
-    so that ``run`` sees the same callable on every call and compiles once.
+    One instance per (function, graph definition, argument structure), kept by the strategy
+    (``LiftedSteps``), so that ``run`` sees the same callable on every call and compiles once.
 
     Args:
       fn: the user's step.

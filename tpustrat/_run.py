@@ -257,7 +257,9 @@ class Runner:
         self._steps = _cache.FunctionCache(
             self._new_step, on_evict=lambda entry: self.ledger.forget(entry[1])
         )
-        self._lifted = _cache.FunctionCache(lambda weak_fn, options: _nnx.Lifted(weak_fn, *options))
+        self._lifted = _cache.FunctionCache(
+            lambda weak_fn, options: _nnx.LiftedSteps(weak_fn, *options)
+        )
         self._donated = _placement.DonationRecord()
         self._layouts = _placement.PlacedLayouts()
         self._hot: _HotCall | None = None
@@ -349,7 +351,7 @@ class Runner:
                 f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
                 "objects' state can be donated: donate their positions only"
             )
-        lifted = self._lifted.get(fn, (graphdef, structure, positions))
+        lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
         donate = (0,) if options.donate_argnums else ()
         out, new_state = self.run(
             lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
