@@ -7,7 +7,10 @@ flight. The device work is tiny, so the time per call is the host path: flatteni
 jit's dispatch, and the buffers of N outputs on 8 devices. Rounds alternate (a) and (b); the
 table shows the median microseconds per call and the ratios, and the CPU time the Python
 thread itself spends per call (``time.thread_time``: the host work, without the device threads
-it competes with on a small host). ``--profile`` then profiles (a)
+it competes with on a small host). A second table does the same for Flax NNX objects, with a
+model of 10 and 100 variables: (c) ``strategy.run`` on the live model, which it splits and
+updates in place on every call, (d) ``nnx.jit`` of the same step on one device, (e)
+``strategy.run`` on the model's state (``nnx.split`` once, ``nnx.merge`` inside the step). ``--profile`` then profiles (a)
 with 1,000 leaves under cProfile and prints where its host time goes.
 Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
 into the tracked ``results/``).
@@ -39,6 +42,7 @@ import _harness
 import _results
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -47,6 +51,10 @@ import tpustrat as ts
 LEAF_COUNTS = (1, 10, 100, 1000)
 WINDOW = 2  # tpustrat's default max_steps_in_flight, used by both loops
 TPUSTRAT, BASELINE = "(a) tpustrat strategy.run", "(b) jit(shard_map) by hand"
+NNX_VARIABLES = (10, 100)
+LIVE = "(c) run(step, args=(model,))"
+NNX_JIT = "(d) nnx.jit(step)(model), 1 device"
+FUNCTIONAL = "(e) run(step, args=(state,))"
 
 
 def step(state):
@@ -99,6 +107,84 @@ def make_shard_map(leaves: int, host_cpu: list[float] | None = None) -> Callable
         return (time.perf_counter() - start) / calls
 
     return run
+
+
+class Layers(nnx.Module):
+    """``variables // 2`` Linear(4, 4) layers: a kernel and a bias each."""
+
+    def __init__(self, variables: int):
+        rngs = nnx.Rngs(0)
+        self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(variables // 2)])
+
+
+def bump(model: Layers) -> None:
+    for layer in model.layers:
+        layer.kernel[...] = layer.kernel[...] + 1
+
+
+def make_nnx_variants(variables: int, host_cpu: dict[str, list[float]]) -> dict:
+    """(c), (d) and (e) for a model of ``variables`` variables, each ``run(calls)`` timed."""
+    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
+    live, alone = Layers(variables), Layers(variables)
+    strategy.replicate(live)
+    graphdef, state = nnx.split(Layers(variables))
+    holder = {"state": strategy.replicate(state)}
+
+    def functional_step(state):
+        model = nnx.merge(graphdef, state)
+        bump(model)
+        return nnx.state(model)
+
+    jitted = nnx.jit(bump)
+    calls = {
+        LIVE: lambda: strategy.run(bump, args=(live,)),
+        NNX_JIT: lambda: jitted(alone),
+        FUNCTIONAL: lambda: holder.update(
+            state=strategy.run(functional_step, args=(holder["state"],))
+        ),
+    }
+
+    def timed(name: str) -> Callable[[int], float]:
+        def run(n: int) -> float:
+            start, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(n):
+                calls[name]()
+            jax.block_until_ready((nnx.state(live), nnx.state(alone), holder["state"]))
+            host_cpu[name].append((time.thread_time() - cpu) / n)
+            return (time.perf_counter() - start) / n
+
+        return run
+
+    return {name: timed(name) for name in calls}
+
+
+def nnx_rows(rounds: int) -> list[dict]:
+    """Host time per call of a step on live NNX objects, nnx.jit's, and on the state."""
+    rows = []
+    for variables in NNX_VARIABLES:
+        host_cpu: dict[str, list[float]] = {LIVE: [], NNX_JIT: [], FUNCTIONAL: []}
+        runs = make_nnx_variants(variables, host_cpu)
+        for run in runs.values():
+            run(5)
+        for cpu in host_cpu.values():
+            cpu.clear()
+        calls = max(20, 2000 // variables)
+        samples = _harness.alternate(
+            {name: functools.partial(run, calls) for name, run in runs.items()}, rounds
+        )
+        rows.append(
+            {
+                "variables": variables,
+                **{
+                    name: {
+                        "median_us": 1e6 * statistics.median(values),
+                        "host_cpu_us": 1e6 * statistics.median(host_cpu[name]),
+                    }
+                    for name, values in samples.items()
+                },
+            }
+        )
+    return rows
 
 
 def calls_per_round(leaves: int) -> int:
@@ -196,7 +282,18 @@ def main() -> None:
             f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f} "
             f"{row[TPUSTRAT]['host_cpu_us']:>16.1f} {row[BASELINE]['host_cpu_us']:>16.1f}"
         )
-    data = _harness.record("leaf_overhead", title, rows=rows)
+    nnx_table = nnx_rows(args.rounds)
+    print(f"\nFlax NNX objects, a step that adds 1 to every kernel ({args.rounds} rounds):")
+    for name in (LIVE, NNX_JIT, FUNCTIONAL):
+        print(f"  {name}")
+    print(f"{'variables':>9} {'':>3} {'us/call':>8} {'host CPU us':>12}")
+    for row in nnx_table:
+        for name in (LIVE, NNX_JIT, FUNCTIONAL):
+            print(
+                f"{row['variables']:>9} {name[:3]:>3} {row[name]['median_us']:>8.0f} "
+                f"{row[name]['host_cpu_us']:>12.0f}"
+            )
+    data = _harness.record("leaf_overhead", title, rows=rows, nnx=nnx_table)
     if args.profile:
         data["profile_1000_leaves"] = profile()
         print(data["profile_1000_leaves"])
