@@ -10,8 +10,9 @@ thread itself spends per call (``time.thread_time``: the host work, without the 
 it competes with on a small host). A second table does the same for Flax NNX objects, with a
 model of 10 and 100 variables: (c) ``strategy.run`` on the live model, which it splits and
 updates in place on every call, (d) ``nnx.jit`` of the same step on one device, (e)
-``strategy.run`` on the model's state (``nnx.split`` once, ``nnx.merge`` inside the step). ``--profile`` then profiles (a)
-with 1,000 leaves under cProfile and prints where its host time goes.
+``strategy.run`` on the model's state (``nnx.split`` once, ``nnx.merge`` inside the step).
+``--profile`` then profiles (a) with 1,000 leaves under cProfile and prints where its host time
+goes.
 Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
 into the tracked ``results/``).
 

@@ -129,7 +129,7 @@ def test_bad_arguments(strategy):
         strategy.run(lambda x: x, args=({"tag": "a"},))
     with pytest.raises(TypeError, match="needs a callable"):
         strategy.run(3)
-    with pytest.raises(TypeError, match="options must be a ts.RunOptions, got dict"):
+    with pytest.raises(TypeError, match=r"options must be a ts\.RunOptions, got dict"):
         strategy.run(lambda x: x, args=(1.0,), options={"donate_argnums": (0,)})
     wrong = ts.PerReplica([np.float32(0)] * (strategy.num_replicas_in_sync + 1))
     with pytest.raises(ValueError, match=r"args\[0\] is a PerReplica with \d+ components but"):
