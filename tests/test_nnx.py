@@ -168,6 +168,20 @@ def test_switching_between_train_and_eval_modes_compiles_each_once(compile_count
     assert not np.allclose(trained[0], trained[1]), "train mode draws new dropout masks"
 
 
+def test_a_variable_the_step_adds_reaches_the_callers_object():
+    strategy = ts.TPUStrategy()
+    model = CNN(nnx.Rngs(0))
+
+    def step(m):
+        m.seen = nnx.BatchStat(jnp.full(3, 2.0))  # a new variable: the state's structure grows
+        m.linear2.bias[...] = m.linear2.bias[...] + 1.0
+        return m.linear2.bias[...]
+
+    strategy.run(step, args=(model,))
+    np.testing.assert_allclose(np.asarray(model.seen[...]), np.full(3, 2.0))
+    np.testing.assert_allclose(np.asarray(model.linear2.bias[...]), np.ones(3))
+
+
 def test_state_left_different_on_each_replica_is_a_clear_error():
     strategy = ts.TPUStrategy()
     model = CNN(nnx.Rngs(0))

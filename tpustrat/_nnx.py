@@ -142,8 +142,13 @@ def split_objects(inputs: PyTree) -> tuple[Any, Any, tuple, PyTree, list] | None
     return graphdef, state, objects, (structure, tuple(positions)), leaves
 
 
-def write_back(objects: tuple, state: PyTree) -> None:
-    """Writes the step's new ``state`` into the caller's ``objects``.
+def write_back(objects: tuple, state: PyTree, new_state: PyTree) -> None:
+    """Writes the step's ``new_state`` into the caller's ``objects``, whose state was ``state``.
+
+    ``state`` is what ``nnx.split`` gave: its variables are the objects' own. When the step
+    kept the state's structure (no variable added or removed, no metadata changed), each one
+    takes its new value as ``nnx.update`` would give it, without walking the objects' graph
+    again; otherwise ``nnx.update`` does the walk.
 
     Raises:
       ValueError: if the step left some of the objects' state different on each replica.
@@ -151,7 +156,7 @@ def write_back(objects: tuple, state: PyTree) -> None:
     nnx = loaded_nnx()
     varying = [
         jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_replica)[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(new_state, is_leaf=is_per_replica)[0]
         if isinstance(leaf, PerReplica)
     ]
     if varying:
@@ -162,4 +167,14 @@ def write_back(objects: tuple, state: PyTree) -> None:
             "(ts.get_replica_context().all_reduce('mean', grads)), and give BatchNorm "
             f"axis_name=ts.REPLICA_AXIS ({REPLICA_AXIS!r}) so its statistics are global"
         )
-    nnx.update(objects, state)
+    if jax.tree.structure(new_state) != jax.tree.structure(state):
+        nnx.update(objects, new_state)
+        return
+
+    def is_variable(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    for variable, new in zip(
+        jax.tree.leaves(state, is_leaf=is_variable), jax.tree.leaves(new_state, is_leaf=is_variable)
+    ):
+        variable.update_from_state(new)

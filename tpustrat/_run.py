@@ -342,10 +342,10 @@ class Runner:
     def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
         """``run`` of a step that takes Flax NNX objects: their new state is written back."""
         graphdef, state, objects, (structure, positions), leaves = split
-        object_args = {
+        object_args = options.donate_argnums and {
             i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
         }
-        if not set(options.donate_argnums) <= object_args:
+        if object_args and not set(options.donate_argnums) <= object_args:
             raise ValueError(
                 f"donate_argnums {options.donate_argnums} names array arguments of a step that "
                 f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
@@ -356,7 +356,7 @@ class Runner:
         out, new_state = self.run(
             lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
         )
-        _nnx.write_back(objects, new_state)
+        _nnx.write_back(objects, state, new_state)
         return out
 
     def _new_step(
