@@ -46,11 +46,11 @@ class MultiStep:
     def __init__(
         self,
         fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
-        options: tuple[bool, int | bool, int],
+        options: tuple[bool, int | bool, bool, int],
     ):
         self.fn = fn
-        # The number of batches only keys the strategy's cache.
-        self.stack_outputs, self.unroll, _ = options
+        # Whether unroll is a bool and the number of batches only key the strategy's cache.
+        self.stack_outputs, self.unroll, _, _ = options
         self.__qualname__ = f"steps({getattr(fn, '__qualname__', repr(fn))})"
 
     def __call__(self, state: PyTree, *batches: PyTree) -> tuple[PyTree, PyTree]:

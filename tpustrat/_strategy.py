@@ -266,7 +266,9 @@ class TPUStrategy:
         batches = list(itertools.islice(iterator, steps_per_run))
         if not batches:
             raise StopIteration
-        multistep = self._multisteps.get(fn, (stack_outputs, unroll, len(batches)))
+        # True == 1 to Python: the key tells a fully unrolled program from a loop of one step.
+        key = (stack_outputs, unroll, isinstance(unroll, bool), len(batches))
+        multistep = self._multisteps.get(fn, key)
         state, outputs = self.run(multistep, args=(state, *batches), options=options)
         return _multistep.StepsResult(state, outputs, len(batches))
 
