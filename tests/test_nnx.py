@@ -209,6 +209,10 @@ def test_donating_the_objects_state():
     strategy.run(step, args=(model,), options=ts.RunOptions(donate_argnums=(0,)))
     assert old.is_deleted()
     np.testing.assert_allclose(np.asarray(model.linear1.kernel[...]), want)
+    with pytest.raises(ValueError, match=r"donate_argnums \(1,\) names array arguments"):
+        strategy.run(
+            lambda m, x: x, args=(model, np.ones(2)), options=ts.RunOptions(donate_argnums=(1,))
+        )
 
 
 class BatchNormNet(nnx.Module):

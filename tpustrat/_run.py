@@ -342,15 +342,16 @@ class Runner:
     def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
         """``run`` of a step that takes Flax NNX objects: their new state is written back."""
         graphdef, state, objects, (structure, positions), leaves = split
-        object_args = options.donate_argnums and {
-            i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
-        }
-        if object_args and not set(options.donate_argnums) <= object_args:
-            raise ValueError(
-                f"donate_argnums {options.donate_argnums} names array arguments of a step that "
-                f"takes NNX objects (at {sorted(object_args)}); with NNX arguments only the "
-                "objects' state can be donated: donate their positions only"
-            )
+        if options.donate_argnums:
+            object_args = {
+                i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
+            }
+            if not set(options.donate_argnums) <= object_args:
+                raise ValueError(
+                    f"donate_argnums {options.donate_argnums} names array arguments of a step "
+                    f"that takes NNX objects (at {sorted(object_args)}); with NNX arguments only "
+                    "the objects' state can be donated: donate their positions only"
+                )
         lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
         donate = (0,) if options.donate_argnums else ()
         out, new_state = self.run(
