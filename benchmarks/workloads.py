@@ -600,7 +600,7 @@ def benchmark(
         )
     return {
         "workload": workload.name,
-        "describe": f"{workload.describe}; (e) with unroll={unroll}",
+        "describe": f"{workload.describe}; (e) and (f) with unroll={unroll}",
         "unit": workload.unit,
         "global_batch": global_batch,
         "flops_per_step_per_device": flops,
