@@ -16,7 +16,7 @@ goes.
 Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
 into the tracked ``results/``).
 
-Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 1 minute on 2 cores)
+Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 2.5 minutes on 2 cores)
 """
 
 from __future__ import annotations
