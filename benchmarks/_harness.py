@@ -117,6 +117,24 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> None:
+    """Lays ``fig`` out, writes it to ``path`` as a PNG, and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def keras_unavailable() -> str | None:
+    """Why the Keras variant cannot run here, or None when it can."""
+    try:
+        import keras
+    except ImportError:
+        return "keras is not installed (pip install -e '.[bench]')"
+    if keras.backend.backend() != "jax":
+        return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
+    return None
+
+
 def keras_window(keras, window: int):
     """A Keras callback that keeps at most ``window`` steps in flight and times the fit.
 

@@ -220,9 +220,7 @@ def plot(rows: list[dict], title: str, path) -> None:
         )
     ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _harness.save_figure(fig, path)
 
 
 def main() -> None:

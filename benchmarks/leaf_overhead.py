@@ -224,9 +224,7 @@ def plot(rows: list[dict], title: str, path) -> None:
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="leaves in the state", ylabel="host CPU us per call, (a) - (b)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _harness.save_figure(fig, path)
 
 
 def main() -> None:

@@ -220,23 +220,8 @@ def make_keras(params, x, y) -> Callable[[int], float]:
     return run
 
 
-def keras_unavailable() -> str | None:
-    """Why variant (d) cannot run here, or None when it can."""
-    try:
-        import keras
-    except ImportError:
-        return "keras is not installed (pip install -e '.[bench]')"
-    if keras.backend.backend() != "jax":
-        return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
-    return None
-
-
 def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     rows = rows[::-1]  # the first variant on top
     medians = [row["median_steps_per_s"] for row in rows]
     low = [m - min(row["rounds"]) for m, row in zip(medians, rows)]
@@ -251,9 +236,7 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
     ax.barh(labels, medians, xerr=[low, high], color="#4c72b0", capsize=4)
     ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _harness.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,7 +273,7 @@ def main() -> None:
         "(c) jit + NamedSharding": make_auto,
         KERAS: make_keras,
     }
-    skipped = keras_unavailable()
+    skipped = _harness.keras_unavailable()
     if skipped:
         print(f"skipping (d): {skipped}")
         del factories[KERAS]

@@ -534,16 +534,6 @@ def make_keras(workload: Workload, x, y) -> Variant:
     return Variant(run, _timed_first(run))
 
 
-def keras_unavailable() -> str | None:
-    try:
-        import keras
-    except ImportError:
-        return "keras is not installed (pip install -e '.[bench]')"
-    if keras.backend.backend() != "jax":
-        return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
-    return None
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -659,9 +649,7 @@ def plot(results: list[dict], title: str, path) -> None:
         ax.set_xlabel(f"{result['unit']}/s (median; whiskers: min and max over rounds)")
         ax.set_title(textwrap.fill(result["describe"], 60), fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _harness.save_figure(fig, path)
 
 
 def main() -> None:
@@ -679,7 +667,7 @@ def main() -> None:
     if args.steps % args.steps_per_run:
         parser.error("--steps must be a multiple of --steps-per-run")
     STEPS_PER_RUN[0] = args.steps_per_run
-    keras_reason = keras_unavailable()
+    keras_reason = _harness.keras_unavailable()
     if keras_reason:
         print(f"skipping {KERAS}: {keras_reason}")
     names = ("resnet", "gpt") if args.workload == "both" else (args.workload,)
