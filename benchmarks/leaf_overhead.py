@@ -38,6 +38,7 @@ import pstats
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import _harness
 import _results
@@ -66,48 +67,57 @@ def initial_state(leaves: int) -> dict[str, np.ndarray]:
     return {f"w{k:04d}": np.full(4, k, np.float32) for k in range(leaves)}
 
 
-def make_tpustrat(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
-    """(a): seconds per call; appends the Python thread's CPU seconds per call to ``host_cpu``."""
-    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
-    state = {"now": strategy.replicate(initial_state(leaves))}
+def timed(loop: Callable[[int], None], host_cpu: list[float] | None) -> Callable[[int], float]:
+    """``run(calls)``: times ``loop(calls)``, which waits for its last call.
+
+    Returns seconds per call, and appends the Python thread's CPU seconds per call
+    (``time.thread_time``) to ``host_cpu``.
+    """
 
     def run(calls: int) -> float:
-        s = state["now"]
         start, cpu = time.perf_counter(), time.thread_time()
-        for _ in range(calls):
-            s = strategy.run(step, args=(s,))
-        jax.block_until_ready(s)
+        loop(calls)
         if host_cpu is not None:
             host_cpu.append((time.thread_time() - cpu) / calls)
-        state["now"] = s
         return (time.perf_counter() - start) / calls
 
     return run
 
 
+def make_tpustrat(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
+    """(a), timed by ``timed``."""
+    strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
+    state = {"now": strategy.replicate(initial_state(leaves))}
+
+    def loop(calls: int) -> None:
+        s = state["now"]
+        for _ in range(calls):
+            s = strategy.run(step, args=(s,))
+        jax.block_until_ready(s)
+        state["now"] = s
+
+    return timed(loop, host_cpu)
+
+
 def make_shard_map(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
-    """(b), measured as (a) is."""
+    """(b), timed by ``timed``."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
     jitted = jax.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=False)
     )
     state = {"now": jax.device_put(initial_state(leaves), NamedSharding(mesh, P()))}
 
-    def run(calls: int) -> float:
+    def loop(calls: int) -> None:
         s, pending = state["now"], collections.deque()
-        start, cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             s = jitted(s)
             pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
             if len(pending) > WINDOW:
                 pending.popleft().block_until_ready()
         jax.block_until_ready(s)
-        if host_cpu is not None:
-            host_cpu.append((time.thread_time() - cpu) / calls)
         state["now"] = s
-        return (time.perf_counter() - start) / calls
 
-    return run
+    return timed(loop, host_cpu)
 
 
 class Layers(nnx.Module):
@@ -145,18 +155,15 @@ def make_nnx_variants(variables: int, host_cpu: dict[str, list[float]]) -> dict:
         ),
     }
 
-    def timed(name: str) -> Callable[[int], float]:
-        def run(n: int) -> float:
-            start, cpu = time.perf_counter(), time.thread_time()
+    def looped(call: Callable[[], Any]) -> Callable[[int], None]:
+        def loop(n: int) -> None:
             for _ in range(n):
-                calls[name]()
+                call()
             jax.block_until_ready((nnx.state(live), nnx.state(alone), holder["state"]))
-            host_cpu[name].append((time.thread_time() - cpu) / n)
-            return (time.perf_counter() - start) / n
 
-        return run
+        return loop
 
-    return {name: timed(name) for name in calls}
+    return {name: timed(looped(call), host_cpu[name]) for name, call in calls.items()}
 
 
 def nnx_rows(rounds: int) -> list[dict]:
