@@ -87,8 +87,8 @@ class PlacedLayouts:
         if entry is None or not self._array_types.issuperset(map(type, leaves)):
             return False
         shardings, block_specs = entry
-        if tuple(map(SHARDING, leaves)) != shardings or any(map(IS_DELETED, leaves)):
-            return False  # (jax.jit's C++ path does not check for deleted buffers itself)
+        if not laid_out_as(leaves, shardings):
+            return False
         return block_specs
 
     def remember(
@@ -102,14 +102,28 @@ class PlacedLayouts:
         if not all(issubclass(t, jax.Array) and not issubclass(t, jax.core.Tracer) for t in types):
             return
         self._array_types |= types
-        self._layouts[structure] = (tuple(map(SHARDING, leaves)), block_specs)
+        self._layouts[structure] = (shardings_of(leaves), block_specs)
         self._layouts.move_to_end(structure)
         while len(self._layouts) > self._maxsize:
             self._layouts.popitem(last=False)
 
 
-SHARDING = operator.attrgetter("sharding")
-IS_DELETED = operator.methodcaller("is_deleted")
+_SHARDING = operator.attrgetter("sharding")
+_IS_DELETED = operator.methodcaller("is_deleted")
+
+
+def shardings_of(leaves: list[Any]) -> tuple[Any, ...]:
+    """The sharding of every leaf (concrete ``jax.Array`` s)."""
+    return tuple(map(_SHARDING, leaves))
+
+
+def laid_out_as(leaves: list[Any], shardings: tuple[Any, ...]) -> bool:
+    """Whether ``leaves`` have exactly ``shardings`` (as from ``shardings_of``) and none is deleted.
+
+    ``jax.jit``'s C++ path does not check for deleted buffers itself. Raises AttributeError
+    for a leaf that is not a concrete ``jax.Array`` (a number, a tracer).
+    """
+    return tuple(map(_SHARDING, leaves)) == shardings and not any(map(_IS_DELETED, leaves))
 
 
 def prepare(

@@ -268,15 +268,12 @@ class Runner:
         """``strategy.run`` on checked arguments."""
         inputs = (args, kwargs)
         leaves, structure = _flatten(inputs)
+        donated = self._donated.may_hold(leaves)
         hot = self._hot
-        if (
-            hot is not None
-            and hot.repeats(fn, options, structure, leaves)
-            and not self._donated.may_hold(leaves)
-        ):
+        if hot is not None and not donated and hot.repeats(fn, options, structure, leaves):
             return self._call(hot.step, hot.key, options, None, hot.block_specs, inputs, True)
         block_specs = False
-        if not (options.experimental_bucketizing_dynamic_shape or self._donated.may_hold(leaves)):
+        if not (options.experimental_bucketizing_dynamic_shape or donated):
             block_specs = self._layouts.match(leaves, structure)
         if block_specs is not False:  # every leaf already in place, as on the last such call
             step, key = self._steps.get(fn, options.donate_argnums)
@@ -388,7 +385,7 @@ class _HotCall:
     def __init__(self, fn, options: RunOptions, structure, leaves: list, block_specs, step, key):
         self.fn = _cache.reference(fn)  # weak where possible
         self.options, self.structure, self.block_specs = options, structure, block_specs
-        self.shardings = tuple(map(_placement.SHARDING, leaves))  # of concrete jax.Arrays
+        self.shardings = _placement.shardings_of(leaves)  # concrete jax.Arrays, in place
         self.step: Step = step
         self.key: int = key
 
@@ -401,9 +398,7 @@ class _HotCall:
         ):
             return False
         try:
-            return tuple(map(_placement.SHARDING, leaves)) == self.shardings and not any(
-                map(_placement.IS_DELETED, leaves)
-            )
+            return _placement.laid_out_as(leaves, self.shardings)
         except AttributeError:  # a leaf that is not a concrete jax.Array: a number, a tracer
             return False
 
