@@ -120,9 +120,11 @@ class Batcher:
         local = [layout.local_rows(a, static_size // layout.num_slices) for a in arrays]
         if not self._options.experimental_fetch_to_device:
             return local
+        sharding = _mesh.per_replica_sharding(layout.mesh)
+        if jax.process_count() == 1:  # the local rows are the whole batch: one transfer for all
+            return jax.device_put(local, sharding)
         num_replicas = layout.mesh.shape[_mesh.REPLICA_AXIS]
         shapes = [(num_replicas, *a.shape[1:]) for a in local]
-        sharding = _mesh.per_replica_sharding(layout.mesh)
         return [  # one call per leaf: jax < 0.8 takes no pytrees here
             jax.make_array_from_process_local_data(sharding, rows, shape)
             for rows, shape in zip(local, shapes)
