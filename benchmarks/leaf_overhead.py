@@ -4,7 +4,10 @@ The step adds 1 to every leaf of a state of N float32[4] arrays (N = 1, 10, 100,
 replicas, with the state fed back each call. (a) is ``strategy.run(step, args=(state,))``;
 (b) is the same step hand-written as ``jax.jit(jax.shard_map(...))``, with the same 2 steps in
 flight. The device work is tiny, so the time per call is the host path: flattening, checks,
-jit's dispatch, and the buffers of N outputs on 8 devices. Rounds alternate (a) and (b); the
+jit's dispatch, and the buffers of N outputs on 8 devices. (b') is (b) plus the checks that
+keep a runtime's fast path safe, and nothing else: it flattens the call's arguments and reads
+every leaf's sharding and deletion flag, as ``run``'s repeated call does, so (b')/(b) is what
+those checks alone cost and the least (a)/(b) can be. Rounds alternate (a), (b) and (b'); the
 table shows the median microseconds per call and the ratios, and the CPU time the Python
 thread itself spends per call (``time.thread_time``: the host work, without the device threads
 it competes with on a small host). A second table does the same for Flax NNX objects, with a
@@ -16,7 +19,7 @@ goes.
 Writes ``leaf_overhead.json`` and ``leaf_overhead.png`` into ``results/local/`` (``--record``:
 into the tracked ``results/``).
 
-Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 2.5 minutes on 2 cores)
+Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 1 minute on 2 cores)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import collections
 import cProfile
 import functools
 import io
+import operator
 import pstats
 import statistics
 import time
@@ -53,6 +57,8 @@ import tpustrat as ts
 LEAF_COUNTS = (1, 10, 100, 1000)
 WINDOW = 2  # tpustrat's default max_steps_in_flight, used by both loops
 TPUSTRAT, BASELINE = "(a) tpustrat strategy.run", "(b) jit(shard_map) by hand"
+CHECKED = "(b') (b) + flatten, sharding and deletion checks"
+SHARDING, IS_DELETED = operator.attrgetter("sharding"), operator.methodcaller("is_deleted")
 NNX_VARIABLES = (10, 100)
 LIVE = "(c) run(step, args=(model,))"
 NNX_JIT = "(d) nnx.jit(step)(model), 1 device"
@@ -99,17 +105,31 @@ def make_tpustrat(leaves: int, host_cpu: list[float] | None = None) -> Callable[
     return timed(loop, host_cpu)
 
 
-def make_shard_map(leaves: int, host_cpu: list[float] | None = None) -> Callable[[int], float]:
-    """(b), timed by ``timed``."""
+def make_shard_map(
+    leaves: int, host_cpu: list[float] | None = None, checked: bool = False
+) -> Callable[[int], float]:
+    """(b), or with ``checked`` (b'), timed by ``timed``."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
     jitted = jax.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=False)
     )
     state = {"now": jax.device_put(initial_state(leaves), NamedSharding(mesh, P()))}
+    # What every call must find: run's repeated call compares the same three things.
+    expected = jax.tree_util.tree_flatten(((state["now"],), {}))[1]
+    sharding = NamedSharding(mesh, P())
+    shardings = (sharding,) * leaves
 
     def loop(calls: int) -> None:
         s, pending = state["now"], collections.deque()
         for _ in range(calls):
+            if checked:
+                flat, structure = jax.tree_util.tree_flatten(((s,), {}))
+                if (
+                    structure != expected
+                    or tuple(map(SHARDING, flat)) != shardings
+                    or any(map(IS_DELETED, flat))
+                ):
+                    raise AssertionError(f"(b') found an input out of place: {structure}")
             s = jitted(s)
             pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
             if len(pending) > WINDOW:
@@ -216,20 +236,40 @@ def plot(rows: list[dict], title: str, path) -> None:
     plt = _harness.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     counts = [row["leaves"] for row in rows]
-    for name in (TPUSTRAT, BASELINE):
-        left.plot(counts, [row[name]["median_us"] for row in rows], marker="o", label=name)
+    for name in (TPUSTRAT, BASELINE, CHECKED):
+        if name in rows[0]:
+            left.plot(counts, [row[name]["median_us"] for row in rows], marker="o", label=name)
     left.set(xscale="log", yscale="log", xlabel="leaves in the state", ylabel="us per call")
     left.legend()
-    middle.plot(counts, [row["ratio"] for row in rows], marker="o", label="ratio of medians")
-    middle.plot(counts, [row["paired_ratio"] for row in rows], marker="s", label="paired")
+    middle.plot(counts, [row["ratio"] for row in rows], marker="o", label="(a)/(b), medians")
+    middle.plot(counts, [row["paired_ratio"] for row in rows], marker="s", label="(a)/(b), paired")
+    if "checked_paired_ratio" in rows[0]:  # records written before (b') existed lack it
+        middle.plot(
+            counts,
+            [row["checked_paired_ratio"] for row in rows],
+            marker="^",
+            label="(b')/(b), paired: the checks alone",
+        )
     middle.axhline(1.10, color="grey", linestyle=":", label="1.10 (goal, 1 leaf)")
     middle.axhline(1.05, color="grey", linestyle="--", label="1.05 (goal, 1,000 leaves)")
-    middle.set(xscale="log", xlabel="leaves in the state", ylabel="(a) time / (b) time")
+    middle.set(xscale="log", xlabel="leaves in the state", ylabel="time / (b) time")
     middle.legend()
-    extra = [row[TPUSTRAT]["host_cpu_us"] - row[BASELINE]["host_cpu_us"] for row in rows]
-    right.bar([str(c) for c in counts], extra, color="#4c72b0")
+    positions = np.arange(len(counts))
+    variants = [name for name in (TPUSTRAT, CHECKED) if name in rows[0]]
+    width = 0.8 / len(variants)
+    for k, name in enumerate(variants):
+        extra = [row[name]["host_cpu_us"] - row[BASELINE]["host_cpu_us"] for row in rows]
+        right.bar(
+            positions + k * width,
+            extra,
+            width,
+            label=f"{name[:4].strip()} - (b)",
+            color="C0" if name == TPUSTRAT else "C2",  # the left panel's colours
+        )
+    right.set_xticks(positions + width * (len(variants) - 1) / 2, [str(c) for c in counts])
     right.axhline(0, color="black", linewidth=0.8)
-    right.set(xlabel="leaves in the state", ylabel="host CPU us per call, (a) - (b)")
+    right.set(xlabel="leaves in the state", ylabel="host CPU us per call, more than (b)")
+    right.legend()
     fig.suptitle(title, fontsize=9)
     _harness.save_figure(fig, path)
 
@@ -244,10 +284,11 @@ def main() -> None:
     rows = []
     for leaves in args.leaves:
         calls = calls_per_round(leaves)
-        host_cpu: dict[str, list[float]] = {TPUSTRAT: [], BASELINE: []}
+        host_cpu: dict[str, list[float]] = {TPUSTRAT: [], BASELINE: [], CHECKED: []}
         runs = {
             TPUSTRAT: make_tpustrat(leaves, host_cpu[TPUSTRAT]),
             BASELINE: make_shard_map(leaves, host_cpu[BASELINE]),
+            CHECKED: make_shard_map(leaves, host_cpu[CHECKED], checked=True),
         }
         for run in runs.values():
             run(5)  # compile, then settle into the fast path
@@ -271,6 +312,8 @@ def main() -> None:
                 },
                 "ratio": summary[TPUSTRAT]["ratio"],
                 "paired_ratio": summary[TPUSTRAT]["paired_ratio"],
+                "checked_ratio": summary[CHECKED]["ratio"],
+                "checked_paired_ratio": summary[CHECKED]["paired_ratio"],
             }
         )
     title = (
@@ -278,15 +321,20 @@ def main() -> None:
         f"{jax.devices()[0].platform}, {WINDOW} steps in flight, {args.rounds} rounds"
     )
     print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
+    print(f"  {CHECKED}")
+    checked_ratio, checked_cpu = "(b')/(b)", "(b') host CPU us"
     print(
         f"{'leaves':>7} {'(a) us/call':>12} {'(b) us/call':>12} {'(a)/(b)':>8} {'paired':>8} "
-        f"{'(a) host CPU us':>16} {'(b) host CPU us':>16}"
+        f"{checked_ratio:>9} {'paired':>8} {'(a) host CPU us':>16} {'(b) host CPU us':>16} "
+        f"{checked_cpu:>17}"
     )
     for row in rows:
         print(
             f"{row['leaves']:>7} {row[TPUSTRAT]['median_us']:>12.0f} "
             f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f} "
-            f"{row[TPUSTRAT]['host_cpu_us']:>16.1f} {row[BASELINE]['host_cpu_us']:>16.1f}"
+            f"{row['checked_ratio']:>9.3f} {row['checked_paired_ratio']:>8.3f} "
+            f"{row[TPUSTRAT]['host_cpu_us']:>16.1f} {row[BASELINE]['host_cpu_us']:>16.1f} "
+            f"{row[CHECKED]['host_cpu_us']:>17.1f}"
         )
     nnx_table = nnx_rows(args.rounds)
     print(f"\nFlax NNX objects, a step that adds 1 to every kernel ({args.rounds} rounds):")
