@@ -119,16 +119,18 @@ def _mesh():
 
 
 def _body(params, x, y):
-    """The step of (B) and (D): step_overhead's train_body, also returning the loss."""
+    """The step of (B), (D) and (E): step_overhead's train_body, also returning the loss."""
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
     loss, grads = jax.lax.pmean((loss, grads), "replica")
     return sgd(params, grads), loss
 
 
-def _hand_written(mesh, donate_argnums=()):
+def _hand_written(mesh, donate_argnums=(), body=_body):
+    """``body(params, x, y) -> (params, loss)`` as ``jax.jit(jax.shard_map(...))``, the batch
+    split over the replicas."""
     return jax.jit(
         jax.shard_map(
-            _body,
+            body,
             mesh=mesh,
             in_specs=(P(), P("replica"), P("replica")),
             out_specs=P(),
@@ -140,15 +142,21 @@ def _hand_written(mesh, donate_argnums=()):
 
 def make_best(params, x, y) -> Callable[[int], float]:
     mesh = _mesh()
-    step = _hand_written(mesh, donate_argnums=0)
+    return _in_flight_loop(_hand_written(mesh, donate_argnums=0), mesh, params, x, y, 1)
+
+
+def _in_flight_loop(program, mesh, params, x, y, steps_per_call: int) -> Callable[[int], float]:
+    """(B) and (E): ``program(params, x, y) -> (params, loss)``, ``steps_per_call`` steps a
+    call, on a batch put on the devices once, the state donated and ``IN_FLIGHT`` calls in
+    flight (waiting on the loss, which nothing donates)."""
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("replica")))
     holder = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
 
     def run(steps):
         p, pending = holder["params"], collections.deque()
         start = time.perf_counter()
-        for _ in range(steps):
-            p, loss = step(p, x, y)
+        for _ in range(steps // steps_per_call):
+            p, loss = program(p, x, y)
             pending.append(loss)
             if len(pending) > IN_FLIGHT:
                 pending.popleft().block_until_ready()
@@ -212,32 +220,8 @@ def make_ceiling(params, x, y) -> Callable[[int], float]:
     def scanned(params, x, y):
         return jax.lax.scan(lambda p, _: _body(p, x, y), params, None, length=STEPS_PER_RUN)
 
-    program = jax.jit(
-        jax.shard_map(
-            scanned,
-            mesh=mesh,
-            in_specs=(P(), P("replica"), P("replica")),
-            out_specs=P(),
-            check_vma=False,
-        ),
-        donate_argnums=0,
-    )
-    x, y = jax.device_put((x, y), NamedSharding(mesh, P("replica")))
-    holder = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
-
-    def run(steps):
-        p, pending = holder["params"], collections.deque()
-        start = time.perf_counter()
-        for _ in range(steps // STEPS_PER_RUN):
-            p, losses = program(p, x, y)
-            pending.append(losses)
-            if len(pending) > IN_FLIGHT:
-                pending.popleft().block_until_ready()
-        jax.block_until_ready(p)
-        holder["params"] = p
-        return steps / (time.perf_counter() - start)
-
-    return run
+    program = _hand_written(mesh, donate_argnums=0, body=scanned)
+    return _in_flight_loop(program, mesh, params, x, y, STEPS_PER_RUN)
 
 
 def plot(rows: list[dict], title: str, path) -> None:
