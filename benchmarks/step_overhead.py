@@ -12,7 +12,9 @@ Workload: an MLP 64-512-512-10, global batch 256, SGD, on 8 replicas. Variants:
 Runs alternate (a b c d, b c d a, c d a b, ...) so that machine noise hits every variant alike;
 the table shows median steps/s, the ratio of medians to (b), and the median over rounds of
 each round's ratio to (b) (steadier when the machine's load drifts). Then (a) and (b) run a
-step that computes nothing, which times dispatch alone: tpustrat's extra microseconds per call.
+step that computes nothing, with the same arguments, returning a scalar and never the
+parameters (a step that returned them would copy them): that times dispatch alone, and
+tpustrat's extra microseconds per call.
 Writes ``step_overhead.json`` and ``step_overhead.png`` into ``results/local/`` (``--record``: into
 the tracked ``results/``).
 
@@ -101,9 +103,11 @@ def train_body(params, x, y):
 
 
 def no_op_step(params, batch):
-    """A step that computes nothing, to time dispatch alone."""
+    """A step that computes nothing, to time dispatch alone: it takes the train step's arguments
+    and returns one replicated scalar (one number of each parameter, summed), so a call writes
+    no buffer the size of the parameters."""
     del batch
-    return params
+    return sum(jnp.ravel(w)[0] for w in jax.tree.leaves(params))
 
 
 def shard_map_step(mesh: jax.sharding.Mesh, body=train_body):
@@ -142,26 +146,30 @@ def per_replica_batch(strategy: ts.TPUStrategy, x: np.ndarray, y: np.ndarray) ->
     )
 
 
-def make_tpustrat(params, x, y, step=tpustrat_step) -> Callable[[int], float]:
+def make_tpustrat(params, x, y, step=tpustrat_step, feed_back=True) -> Callable[[int], float]:
+    """(a); with ``feed_back=False`` every call gets the same parameters (for ``no_op_step``)."""
     strategy = ts.TPUStrategy(max_steps_in_flight=WINDOW)
     batch = per_replica_batch(strategy, x, y)
     state = {"params": strategy.replicate(params)}
 
     def run(steps):
         start = time.perf_counter()
-        p = state["params"]
+        p = out = state["params"]
         for _ in range(steps):
-            p = strategy.run(step, args=(p, batch))
-        jax.block_until_ready(p)
+            out = strategy.run(step, args=(p, batch))
+            if feed_back:
+                p = out
+        jax.block_until_ready(out)
         state["params"] = p
         return time.perf_counter() - start
 
     return run
 
 
-def make_shard_map(params, x, y, body=train_body) -> Callable[[int], float]:
+def make_shard_map(params, x, y, body=train_body, feed_back=True) -> Callable[[int], float]:
+    """(b); ``feed_back`` as for ``make_tpustrat``."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
-    return _windowed(shard_map_step(mesh, body), mesh, params, x, y)
+    return _windowed(shard_map_step(mesh, body), mesh, params, x, y, feed_back)
 
 
 def make_auto(params, x, y) -> Callable[[int], float]:
@@ -169,20 +177,23 @@ def make_auto(params, x, y) -> Callable[[int], float]:
     return _windowed(auto_step, mesh, params, x, y)
 
 
-def _windowed(step, mesh, params, x, y) -> Callable[[int], float]:
+def _windowed(step, mesh, params, x, y, feed_back=True) -> Callable[[int], float]:
     x = jax.device_put(x, NamedSharding(mesh, P("replica")))
     y = jax.device_put(y, NamedSharding(mesh, P("replica")))
     state = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
 
     def run(steps):
         start = time.perf_counter()
-        p, pending = state["params"], collections.deque()
+        p = out = state["params"]
+        pending = collections.deque()
         for _ in range(steps):
-            p = step(p, x, y)
-            pending.append(jax.tree.leaves(p)[0])
+            out = step(p, x, y)
+            if feed_back:
+                p = out
+            pending.append(jax.tree.leaves(out)[0])
             if len(pending) > WINDOW:
                 pending.popleft().block_until_ready()
-        jax.block_until_ready(p)
+        jax.block_until_ready(out)
         state["params"] = p
         return time.perf_counter() - start
 
@@ -284,8 +295,16 @@ def main() -> None:
     # The same two loops around a step that computes nothing: what dispatch alone costs.
     no_op_rates = alternate(
         {
-            "(a) tpustrat strategy.run": make_tpustrat(params, x, y, step=no_op_step),
-            BASELINE: make_shard_map(params, x, y, body=lambda params, x, y: params),
+            "(a) tpustrat strategy.run": make_tpustrat(
+                params, x, y, step=no_op_step, feed_back=False
+            ),
+            BASELINE: make_shard_map(
+                params,
+                x,
+                y,
+                body=lambda params, x, y: no_op_step(params, (x, y)),
+                feed_back=False,
+            ),
         },
         args.rounds,
         args.no_op_calls,
