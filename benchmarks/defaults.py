@@ -59,6 +59,7 @@ from step_overhead import (
     loss_fn,
     per_replica_batch,
     sgd,
+    shard_map_step,
     tpustrat_step,
 )
 
@@ -125,24 +126,9 @@ def _body(params, x, y):
     return sgd(params, grads), loss
 
 
-def _hand_written(mesh, donate_argnums=(), body=_body):
-    """``body(params, x, y) -> (params, loss)`` as ``jax.jit(jax.shard_map(...))``, the batch
-    split over the replicas."""
-    return jax.jit(
-        jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(P(), P("replica"), P("replica")),
-            out_specs=P(),
-            check_vma=False,
-        ),
-        donate_argnums=donate_argnums,
-    )
-
-
 def make_best(params, x, y) -> Callable[[int], float]:
     mesh = _mesh()
-    return _in_flight_loop(_hand_written(mesh, donate_argnums=0), mesh, params, x, y, 1)
+    return _in_flight_loop(shard_map_step(mesh, _body, donate_argnums=0), mesh, params, x, y, 1)
 
 
 def _in_flight_loop(program, mesh, params, x, y, steps_per_call: int) -> Callable[[int], float]:
@@ -198,7 +184,7 @@ def make_own(params, x, y) -> Callable[[int], float]:
 
 
 def make_naive(params, x, y) -> Callable[[int], float]:
-    step = _hand_written(_mesh())
+    step = shard_map_step(_mesh(), _body)
     holder = {"params": params}
 
     def run(steps):
@@ -220,7 +206,7 @@ def make_ceiling(params, x, y) -> Callable[[int], float]:
     def scanned(params, x, y):
         return jax.lax.scan(lambda p, _: _body(p, x, y), params, None, length=STEPS_PER_RUN)
 
-    program = _hand_written(mesh, donate_argnums=0, body=scanned)
+    program = shard_map_step(mesh, scanned, donate_argnums=0)
     return _in_flight_loop(program, mesh, params, x, y, STEPS_PER_RUN)
 
 

@@ -110,7 +110,7 @@ def no_op_step(params, batch):
     return sum(jnp.ravel(w)[0] for w in jax.tree.leaves(params))
 
 
-def shard_map_step(mesh: jax.sharding.Mesh, body=train_body):
+def shard_map_step(mesh: jax.sharding.Mesh, body=train_body, donate_argnums=()):
     """``jax.jit(jax.shard_map(body))`` over ``mesh``: params replicated, batch split."""
     return jax.jit(
         jax.shard_map(
@@ -119,7 +119,8 @@ def shard_map_step(mesh: jax.sharding.Mesh, body=train_body):
             in_specs=(P(), P("replica"), P("replica")),
             out_specs=P(),
             check_vma=False,
-        )
+        ),
+        donate_argnums=donate_argnums,
     )
 
 
