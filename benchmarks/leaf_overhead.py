@@ -113,10 +113,10 @@ def make_shard_map(
     jitted = jax.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=False)
     )
-    state = {"now": jax.device_put(initial_state(leaves), NamedSharding(mesh, P()))}
+    sharding = NamedSharding(mesh, P())  # jit's outputs carry this very object, as run's do
+    state = {"now": jax.device_put(initial_state(leaves), sharding)}
     # What every call must find: run's repeated call compares the same three things.
     expected = jax.tree_util.tree_flatten(((state["now"],), {}))[1]
-    sharding = NamedSharding(mesh, P())
     shardings = (sharding,) * leaves
 
     def loop(calls: int) -> None:
