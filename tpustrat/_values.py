@@ -338,11 +338,6 @@ def replica_components(stacked: Any) -> dict[int, Any]:
     """
     if not isinstance(stacked, jax.Array) or isinstance(stacked, jax.core.Tracer):
         return {r: stacked[r] for r in range(np.shape(stacked)[0])}
-    devices: dict[int, list[jax.Device]] = {}
-    for shard in stacked.addressable_shards:
-        start, stop, _ = shard.index[0].indices(stacked.shape[0])
-        for replica in range(start, stop):
-            devices.setdefault(replica, []).append(shard.device)
     if (
         stacked.is_fully_addressable
         and stacked.ndim >= 2
@@ -351,6 +346,11 @@ def replica_components(stacked: Any) -> dict[int, Any]:
         and isinstance(stacked.sharding, jax.sharding.NamedSharding)
     ):
         return _components_from_one_transfer(stacked)
+    devices: dict[int, list[jax.Device]] = {}
+    for shard in stacked.addressable_shards:
+        start, stop, _ = shard.index[0].indices(stacked.shape[0])
+        for replica in range(start, stop):
+            devices.setdefault(replica, []).append(shard.device)
     host = local_components(stacked)
     replicas = sorted(host)
     placed = jax.device_put(
