@@ -14,6 +14,7 @@ from tpustrat._context import (
 )
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
+from tpustrat._loss import compute_average_loss
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._preemption import PreemptionCheckpointHandler
@@ -56,6 +57,7 @@ __all__ = [
     "TPUStrategy",
     "Topology",
     "ValueContext",
+    "compute_average_loss",
     "get_replica_context",
     "get_strategy",
     "initialize_cluster",
