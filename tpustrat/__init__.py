@@ -27,6 +27,7 @@ from tpustrat._sharded_update import (
     shard_update,
 )
 from tpustrat._strategy import TPUStrategy, get_strategy
+from tpustrat._summary import SummaryWriter
 from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
 
@@ -54,6 +55,7 @@ __all__ = [
     "RunOptions",
     "ShardedUpdate",
     "StepsResult",
+    "SummaryWriter",
     "TPUStrategy",
     "Topology",
     "ValueContext",
