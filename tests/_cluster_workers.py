@@ -4,7 +4,9 @@
 (one process, 8 devices: the reference) and once under 2 processes x 4 devices, and compares.
 """
 
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -251,3 +253,34 @@ def fail_in_process_1(folder):
 def sleep_forever(folder):
     record_pid(folder)
     time.sleep(3600)
+
+
+def reduce_in_process_0_only(folder):
+    """Both processes run a step and reduce a PerReplica; then process 0 alone reduces again
+    and waits for process 1, whose program ends and waits in the job's shutdown. Each process
+    logs the "tpustrat" logger to ``log-<process id>.txt``."""
+    record_pid(folder)
+    handler = logging.FileHandler(Path(folder, f"log-{jax.process_index()}.txt"))
+    logging.getLogger("tpustrat").addHandler(handler)
+    strategy = ts.TPUStrategy()
+    values = strategy.experimental_distribute_values_from_function(lambda ctx: np.float32(1.0))
+    total = lambda v: ts.get_replica_context().all_reduce("sum", v)
+    strategy.run(total, args=(values,))
+    assert float(strategy.reduce("sum", values)) == 8.0
+    if jax.process_index() == 0:
+        strategy.reduce("sum", values)  # process 1 never makes this call
+
+
+def fail_with_a_long_traceback():
+    """Raises an error chained to 15 others: a traceback of about 80 lines."""
+    error = None
+    for layer in range(15):
+        try:
+            raise ValueError(f"layer {layer}") from error
+        except ValueError as caught:
+            error = caught
+    raise RuntimeError("the worker failed") from error
+
+
+def return_a_lock():
+    return threading.Lock()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import _cluster_workers as workers
@@ -171,6 +172,35 @@ def test_timeout_stops_every_process(tmp_path):
     _assert_stopped(tmp_path)
 
 
+def test_a_call_made_by_one_process_is_named_in_every_process_log(tmp_path):
+    """Process 0 reduces once more than process 1, which ends its program: each logs where it
+    waits and its call counts after warn_after_waiting, and the launcher stops both."""
+    start = time.monotonic()
+    with pytest.raises(ts.ClusterError, match=r"timed out after 15 s with processes \[0, 1\]"):
+        run_in_local_processes(
+            workers.reduce_in_process_0_only,
+            2,
+            devices_per_process=4,
+            args=(str(tmp_path),),
+            timeout=15,
+            warn_after_waiting=2,
+        )
+    assert time.monotonic() - start < 30
+    _assert_stopped(tmp_path)
+    counts = "; its calls so far: run 1, reduce {}, gather 0, checkpoint save 0. Every process"
+    log_0 = (tmp_path / "log-0.txt").read_text()
+    log_1 = (tmp_path / "log-1.txt").read_text()
+    assert log_0.startswith(
+        "tpustrat: process 0 of 2 has waited 2 s or more in reduce (its reduce call 2)"
+        + counts.format(2)
+    )
+    assert log_1.startswith(
+        "tpustrat: process 1 of 2 has waited 2 s or more in the job's shutdown: its program "
+        "ended, and JAX waits for the other processes" + counts.format(1)
+    )
+    assert log_0.count("tpustrat:") == log_1.count("tpustrat:") == 1
+
+
 def _environment():
     """This environment with one CPU device, minus what JAX's cluster detection reads."""
     detected = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "JAX_COORDINATOR", "TPU_")
@@ -230,6 +260,126 @@ def test_start_up_failures_say_what_to_do():
         f"tpustrat: process 0 of 2 serves the coordinator at 127.0.0.1:{free}, but not every "
         "process registered within 2 s: the job was not started on all hosts"
     ) in done.stderr
+
+
+def _start_python(code, *argv):
+    """Starts ``code`` in a fresh Python on one CPU device, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+
+
+def _finish(processes, timeout):
+    """Each process's (return code, stdout, stderr); every process is stopped at the end."""
+    done = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            done.append((process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return done
+
+
+_JOIN = """
+    import os, sys
+    import tpustrat as ts
+
+    address, num_processes, process_id = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+    try:
+        ts.initialize_cluster(address, num_processes, process_id, initialization_timeout=4)
+    except ts.ClusterError as error:
+        print(error, flush=True)
+"""
+
+
+def test_process_told_of_more_processes_than_process_0_is_named_in_both():
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    done = _finish([_start_python(_JOIN, address, 2, 0), _start_python(_JOIN, address, 3, 1)], 60)
+    assert time.monotonic() - start < 30
+    (_, served, _), (_, told_more, _) = done
+    assert (
+        f"process 1 was started with num_processes=3, but process 0 (started with "
+        f"num_processes=2) and the coordinator at {address} run a job of 2 processes: the "
+        "processes were started with different num_processes"
+    ) in served
+    assert (
+        f"process 1 (started with num_processes=3) joined the coordinator at {address}, which "
+        "runs a job of 2 processes (process 0's num_processes): the processes were started "
+        "with different num_processes"
+    ) in told_more
+
+
+def test_process_0_told_of_more_processes_is_named_in_both():
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    done = _finish([_start_python(_JOIN, address, 3, 0), _start_python(_JOIN, address, 2, 1)], 60)
+    assert time.monotonic() - start < 30
+    for (code, _, stderr), who, this_one in zip(done, ["0 of 3 serves", "1 of 2 reached"], [3, 2]):
+        assert code == 1
+        assert (
+            f"tpustrat: process {who} the coordinator at {address}, but not every process "
+            "registered within 4 s"
+        ) in stderr
+        assert f"started with different num_processes (this one: {this_one};" in stderr
+
+
+def test_another_program_on_the_coordinator_port_is_named():
+    """A listener that accepts and says nothing, and one that answers something else."""
+    code = """
+        import os, sys
+        import tpustrat as ts
+
+        address = sys.argv[1]
+        os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+        for process_id in (0, 1):
+            try:
+                ts.initialize_cluster(address, 2, process_id, initialization_timeout=60)
+            except ts.ClusterError as error:
+                print(error, flush=True)
+    """
+    with socket.socket() as silent, socket.socket() as talker:
+        for listener in (silent, talker):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+        talk = threading.Thread(target=_greet, args=(talker, b"SSH-2.0-OpenSSH_9.6\r\n"))
+        talk.start()
+        addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in (silent, talker)]
+        start = time.monotonic()
+        done = _finish([_start_python(code, address) for address in addresses], timeout=60)
+        elapsed = time.monotonic() - start
+        talk.join()
+    assert elapsed < 30
+    for (_, stdout, _), address in zip(done, addresses):
+        port = address.rsplit(":", 1)[1]
+        assert f"process 0 of 2 serves the coordinator at {address}, but port {port}" in stdout
+        assert "already in use" in stdout
+    (_, silent_out, _), (_, talker_out, _) = done
+    expected = (
+        "process 1 of 2 connected to {}, but the program listening there {}, which JAX's "
+        "coordinator never does: the port is used by another program"
+    )
+    assert expected.format(addresses[0], "said nothing for 5 s") in silent_out
+    assert expected.format(addresses[1], "answered b'SSH-2.0-O'") in talker_out
+
+
+def _greet(listener, greeting):
+    listener.settimeout(30)
+    try:
+        connection, _ = listener.accept()
+    except TimeoutError:
+        return  # nobody came: the test's assertions say so
+    with connection:
+        connection.sendall(greeting)
+        time.sleep(1)
 
 
 def test_dead_process_ends_the_job_after_heartbeat_timeout():
@@ -373,11 +523,75 @@ def test_single_process_job(fresh_cluster_state):
         ({"local_device_ids": [0, "1"]}, TypeError, r"local_device_ids\[1\] must be an int"),
         ({"num_processes": 1, "initialization_timeout": 0}, ValueError, "initialization_timeout"),
         ({"num_processes": 1, "heartbeat_timeout": 2.5}, TypeError, "heartbeat_timeout must be"),
+        (
+            {"coordinator_address": 8476},
+            TypeError,
+            "coordinator_address must be a 'host:port' string, got int 8476",
+        ),
+        ({"coordinator_address": "http://10.0.0.1:8476"}, ValueError, "drop the scheme: '10.0"),
+        (
+            {"coordinator_address": "::1:8476"},
+            ValueError,
+            r"write an IPv6 address in brackets: '\[::1\]:8476'",
+        ),
+        ({"coordinator_address": " 10.0.0.1:8476"}, ValueError, "remove the spaces"),
+        ({"coordinator_address": "10.0.0.1:\uff18\uff14"}, ValueError, "port in \\[1, 65535\\]"),
+        ({"coordinator_address": "[::1:8476"}, ValueError, "must be 'host:port'"),
+        ({"coordinator_address": "[host]:8476"}, ValueError, "must be 'host:port'"),
+        ({"coordinator_address": "my host:8476"}, ValueError, "must be 'host:port'"),
+        ({"process_id": -1}, ValueError, "process_id must be an int >= 0, got -1"),
+        (
+            {"local_device_ids": "01"},
+            TypeError,
+            "local_device_ids must be a list of device ids, got str '01'",
+        ),
+        (
+            {"num_processes": 1, "warn_after_waiting": 0},
+            ValueError,
+            "warn_after_waiting must be a number of seconds > 0, got 0",
+        ),
+        (
+            {"num_processes": 1, "warn_after_waiting": "60"},
+            TypeError,
+            "warn_after_waiting must be a number of seconds, got str '60'",
+        ),
+        (
+            {"num_processes": 1, "exit_on_uncaught_exception": 1},
+            TypeError,
+            "exit_on_uncaught_exception must be True or False, got 1",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         ts.initialize_cluster(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("10.0.0.1:8476", ("10.0.0.1", 8476)),
+        ("[::1]:8476", ("::1", 8476)),
+        ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+        ("host-3.example.com:65535", ("host-3.example.com", 65535)),
+    ],
+)
+def test_valid_coordinator_addresses(address, parts):
+    assert _cluster._split_address(address) == parts
+
+
+def test_a_second_call_with_other_settings_is_refused(fresh_cluster_state):
+    info = ts.initialize_cluster(num_processes=1, heartbeat_timeout=10)
+    assert ts.initialize_cluster(heartbeat_timeout=10, initialization_timeout=300) is info
+    with pytest.raises(
+        ts.ClusterError,
+        match="joined a job with heartbeat_timeout=10, but this call asks for heartbeat_timeout=20",
+    ):
+        ts.initialize_cluster(heartbeat_timeout=20)
+    with pytest.raises(ts.ClusterError, match=r"warn_after_waiting=60\.0, but this call asks for"):
+        ts.initialize_cluster(warn_after_waiting=5)
+    with pytest.raises(ts.ClusterError, match="exit_on_uncaught_exception=False, but this call"):
+        ts.initialize_cluster(exit_on_uncaught_exception=True)
 
 
 def test_tpu_held_by_another_process_message():
@@ -416,6 +630,54 @@ def test_docstring_examples(module, fresh_cluster_state):
     for test in finder.find(module, globs={"ts": ts, "jax": jax, "np": np}):
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def _nested_function():
+    def step():
+        return 0
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"fn": lambda: 0}, TypeError, "could not send fn '<lambda>'.*not a lambda"),
+        ({"fn": _nested_function()}, TypeError, "could not send fn '_nested_function.<locals>"),
+        ({"fn": 3}, TypeError, "fn must be a callable, got int 3"),
+        ({"args": 5}, TypeError, r"args must be a tuple or list .*got int 5; .*args=\(value,\)"),
+        ({"args": "ab"}, TypeError, "args must be a tuple or list .*got str 'ab'"),
+        ({"args": (1, threading.Lock())}, TypeError, r"could not send args\[1\], a lock,"),
+        ({"kwargs": {"lock": threading.Lock()}}, TypeError, r"could not send kwargs\['lock'\]"),
+        ({"kwargs": {1: 2}}, TypeError, "kwargs must be a dict of keyword arguments with str"),
+        ({"kwargs": [1]}, TypeError, "kwargs must be a dict .*got list"),
+        ({"env": {"X": 1}}, TypeError, "env must map str to str, got 'X': 1"),
+        ({"env": ["X"]}, TypeError, r"env must be a dict of str to str, got list \['X'\]"),
+        ({"num_processes": 0}, ValueError, "num_processes must be an int >= 1, got 0"),
+        ({"warn_after_waiting": 0}, ValueError, "warn_after_waiting must be a number of seconds"),
+    ],
+)
+def test_launcher_misuse_names_the_argument(kwargs, error, message):
+    call = {"fn": workers.scale, "num_processes": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        run_in_local_processes(**call)
+
+
+def test_worker_error_comes_back_with_its_whole_traceback():
+    with pytest.raises(ts.ClusterError) as error:
+        run_in_local_processes(workers.fail_with_a_long_traceback, 1, timeout=60)
+    message = str(error.value)
+    assert message.startswith(
+        "process 0 of 1 failed with exit code 1. Its traceback:\nTraceback (most recent call last)"
+    )
+    assert "ValueError: layer 0\n" in message  # the first of 80 lines
+    assert "in fail_with_a_long_traceback" in message
+    assert message.endswith("RuntimeError: the worker failed")
+
+
+def test_result_that_cannot_be_sent_back_is_named():
+    with pytest.raises(ts.ClusterError, match="could not send back what fn returned, a lock"):
+        run_in_local_processes(workers.return_a_lock, 1, timeout=60)
 
 
 def test_function_that_ends_its_process_is_reported():

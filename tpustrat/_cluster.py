@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
+import math
 import os
+import re
 import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 
+from tpustrat import _watchdog
 from tpustrat._checks import check_int, check_seconds
 
 
@@ -56,10 +61,32 @@ class ClusterInfo:
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
+    """The arguments of one ``initialize_cluster`` call; None where the caller gave none."""
+
     coordinator_address: str | None
     num_processes: int | None
     process_id: int | None
     local_device_ids: tuple[int, ...] | None
+    initialization_timeout: int | None = None
+    heartbeat_timeout: int | None = None
+    exit_on_uncaught_exception: bool | None = None
+    warn_after_waiting: float | None = None
+
+    def settings(self) -> _Settings:
+        """The options that take effect on joining, with their defaults filled in."""
+        return _Settings(
+            initialization_timeout=self.initialization_timeout or 300,
+            heartbeat_timeout=self.heartbeat_timeout or 100,
+            exit_on_uncaught_exception=bool(self.exit_on_uncaught_exception),
+            warn_after_waiting=self.warn_after_waiting or 60.0,
+        )
+
+
+class _Settings(NamedTuple):
+    initialization_timeout: int
+    heartbeat_timeout: int
+    exit_on_uncaught_exception: bool
+    warn_after_waiting: float
 
 
 _joined: tuple[_Request, ClusterInfo] | None = None
@@ -68,6 +95,15 @@ _joined: tuple[_Request, ClusterInfo] | None = None
 # explanation is what the user reads.
 _GRACE_SECONDS = 5
 
+# How long a coordinator may take to greet a new connection (a gRPC server sends its HTTP/2
+# SETTINGS frame at once); a listener silent for longer is another program.
+_GREETING_SECONDS = 5
+
+# How long a process waits for the others to publish their num_processes after joining; they
+# publish before the backend starts, which waits for every process, so this is never reached
+# unless a process joined with jax.distributed.initialize instead of initialize_cluster.
+_PUBLISH_SECONDS = 10
+
 
 def initialize_cluster(
     coordinator_address: str | None = None,
@@ -75,9 +111,10 @@ def initialize_cluster(
     process_id: int | None = None,
     *,
     local_device_ids: Sequence[int] | None = None,
-    initialization_timeout: int = 300,
-    heartbeat_timeout: int = 100,
-    exit_on_uncaught_exception: bool = False,
+    initialization_timeout: int | None = None,
+    heartbeat_timeout: int | None = None,
+    exit_on_uncaught_exception: bool | None = None,
+    warn_after_waiting: float | None = None,
 ) -> ClusterInfo:
     """Joins this process to a multi-process JAX job; call it first, on every host.
 
@@ -106,19 +143,26 @@ def initialize_cluster(
       process_id: this process's index in ``[0, num_processes)``. Default: detected.
       local_device_ids: restricts this process to these local devices (GPU jobs with one
         process per device); default all of them.
-      initialization_timeout: seconds to wait for every process to register.
-      heartbeat_timeout: seconds of silence after which a process counts as dead.
+      initialization_timeout: seconds to wait for every process to register (default 300).
+      heartbeat_timeout: seconds of silence after which a process counts as dead (default 100).
       exit_on_uncaught_exception: in a job of several processes, end this process with
         ``os._exit(1)`` as soon as an uncaught exception's traceback is printed, without running
-        ``atexit`` handlers, so that the job stops fast instead of waiting in JAX's shutdown.
+        ``atexit`` handlers, so that the job stops fast instead of waiting in JAX's shutdown
+        (default False).
+      warn_after_waiting: in a job of several processes, seconds a process may wait in
+        ``run``, ``reduce``, ``gather``, a checkpoint save or the job's shutdown before it logs
+        (logger ``"tpustrat"``, WARNING) which call it waits in and how many calls of each kind
+        it has made, so that a call made by some processes only shows in every log (default
+        60; ``float("inf")`` never warns).
 
     Returns:
       A ``ts.ClusterInfo`` describing this process and the job.
 
     Raises:
-      ClusterError: the coordinator cannot be reached or its port is taken, JAX already
-        started in this process, no cluster was detected, the TPU is held by another process,
-        or the job was already initialized differently.
+      ClusterError: the coordinator cannot be reached, its port is taken (or held by another
+        program), the processes were given different ``num_processes``, JAX already started in
+        this process, no cluster was detected, the TPU is held by another process, or the job
+        was already initialized differently.
 
     Example:
       >>> info = ts.initialize_cluster(num_processes=1)  # a job of one process
@@ -126,15 +170,19 @@ def initialize_cluster(
       True
     """
     global _joined
-    request = _check_request(coordinator_address, num_processes, process_id, local_device_ids)
-    check_seconds("initialization_timeout", initialization_timeout, whole=True)
-    check_seconds("heartbeat_timeout", heartbeat_timeout, whole=True)
-    if not isinstance(exit_on_uncaught_exception, bool):
-        raise TypeError(
-            f"exit_on_uncaught_exception must be True or False, got {exit_on_uncaught_exception!r}"
-        )
+    request = _check_request(
+        coordinator_address,
+        num_processes,
+        process_id,
+        local_device_ids,
+        initialization_timeout,
+        heartbeat_timeout,
+        exit_on_uncaught_exception,
+        warn_after_waiting,
+    )
     if _joined is not None:
         return _same_job(request, *_joined)
+    settings = request.settings()
     if jax.distributed.is_initialized():
         # Someone called jax.distributed.initialize directly: describe the job JAX is in.
         info = _describe_job(request.coordinator_address)
@@ -142,12 +190,15 @@ def initialize_cluster(
         _check_tpu_not_held()
         info = _describe_job(None)
     else:
-        address = _join(request, initialization_timeout, heartbeat_timeout)
+        address = _join(request, settings.initialization_timeout, settings.heartbeat_timeout)
         _check_tpu_not_held()
         info = _describe_job(address)
-        if info.num_processes > 1 and exit_on_uncaught_exception:
+        _check_same_num_processes(request, info)
+        if info.num_processes > 1 and settings.exit_on_uncaught_exception:
             _exit_on_uncaught_exception()
     _same_job(request, request, info)
+    if info.num_processes > 1 and math.isfinite(settings.warn_after_waiting):
+        _watchdog.start(info.process_id, info.num_processes, settings.warn_after_waiting)
     _joined = (request, info)
     return info
 
@@ -157,6 +208,10 @@ def _check_request(
     num_processes: int | None,
     process_id: int | None,
     local_device_ids: Sequence[int] | None,
+    initialization_timeout: int | None = None,
+    heartbeat_timeout: int | None = None,
+    exit_on_uncaught_exception: bool | None = None,
+    warn_after_waiting: float | None = None,
 ) -> _Request:
     if coordinator_address is not None:
         _split_address(coordinator_address)
@@ -170,20 +225,71 @@ def _check_request(
                 f"each process a distinct id in [0, {num_processes})"
             )
     if local_device_ids is not None:
+        if isinstance(local_device_ids, (str, bytes)) or not isinstance(local_device_ids, Sequence):
+            raise TypeError(
+                f"local_device_ids must be a list of device ids, got "
+                f"{type(local_device_ids).__name__} {local_device_ids!r}; pass e.g. [0, 1]"
+            )
         local_device_ids = tuple(local_device_ids)
         for i, device_id in enumerate(local_device_ids):
             check_int(f"local_device_ids[{i}]", device_id, minimum=0)
-    return _Request(coordinator_address, num_processes, process_id, local_device_ids)
+    if initialization_timeout is not None:
+        check_seconds("initialization_timeout", initialization_timeout, whole=True)
+    if heartbeat_timeout is not None:
+        check_seconds("heartbeat_timeout", heartbeat_timeout, whole=True)
+    if exit_on_uncaught_exception is not None and not isinstance(exit_on_uncaught_exception, bool):
+        raise TypeError(
+            f"exit_on_uncaught_exception must be True or False, got {exit_on_uncaught_exception!r}"
+        )
+    if warn_after_waiting is not None:
+        check_seconds("warn_after_waiting", warn_after_waiting, whole=False)
+    return _Request(
+        coordinator_address,
+        num_processes,
+        process_id,
+        local_device_ids,
+        initialization_timeout,
+        heartbeat_timeout,
+        exit_on_uncaught_exception,
+        warn_after_waiting,
+    )
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+(?:%\w+)?\]")
 
 
 def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            f"coordinator_address must be 'host:port' with a port in [1, 65535], got "
+    """``(host, port)`` of a ``"host:port"`` address, or an error that says what is wrong."""
+    if not isinstance(address, str):
+        raise TypeError(
+            f"coordinator_address must be a 'host:port' string, got {type(address).__name__} "
             f"{address!r}; use process 0's address, e.g. '10.0.0.1:8476'"
         )
+    host, _, port = address.rpartition(":")
+    hint = ""
+    if "://" in address:
+        hint = f" (drop the scheme: {address.split('://', 1)[1]!r})"
+    elif host.count(":") and not host.startswith("["):
+        hint = f" (write an IPv6 address in brackets: '[{host}]:{port}')"
+    elif address != address.strip():
+        hint = " (remove the spaces)"
+    valid_port = re.fullmatch(r"[0-9]{1,5}", port) is not None and 0 < int(port) < 65536
+    if hint or not valid_port or not _HOST.fullmatch(host) or not _is_ip_if_bracketed(host):
+        raise ValueError(
+            f"coordinator_address must be 'host:port' with a port in [1, 65535], got "
+            f"{address!r}{hint}; use process 0's address, e.g. '10.0.0.1:8476'"
+        )
     return host.strip("[]"), int(port)
+
+
+def _is_ip_if_bracketed(host: str) -> bool:
+    if not host.startswith("["):
+        return True
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 def _same_job(request: _Request, first: _Request, info: ClusterInfo) -> ClusterInfo:
@@ -193,6 +299,7 @@ def _same_job(request: _Request, first: _Request, info: ClusterInfo) -> ClusterI
         "num_processes": info.num_processes,
         "process_id": info.process_id,
         "local_device_ids": first.local_device_ids,
+        **first.settings()._asdict(),
     }
     for name, have in joined.items():
         want = getattr(request, name)
@@ -219,7 +326,7 @@ def _join(request: _Request, initialization_timeout: int, heartbeat_timeout: int
     elif address is not None and request.process_id is not None:
         _wait_for_coordinator(address, who, initialization_timeout)
     remaining = max(1, round(initialization_timeout - (time.monotonic() - start)))
-    watchdog = _RegistrationWatchdog(who, request.process_id, address, remaining)
+    watchdog = _RegistrationWatchdog(request, who, address, remaining)
     try:
         jax.distributed.initialize(
             address,
@@ -240,7 +347,59 @@ def _join(request: _Request, initialization_timeout: int, heartbeat_timeout: int
         ) from error
     finally:
         watchdog.cancel()
+    if request.num_processes is not None and request.process_id is not None:
+        _key_value_store().key_value_set(
+            f"{_NUM_PROCESSES_KEY}{request.process_id}", str(request.num_processes)
+        )
     return address
+
+
+_NUM_PROCESSES_KEY = "tpustrat/num_processes/"
+
+
+def _key_value_store() -> Any:
+    """The key-value store of the coordinator this process joined.
+
+    JAX has no public API for it (``jax.distributed`` offers ``initialize``, ``shutdown`` and
+    ``is_initialized`` only); this is the one touch of ``jax._src`` in tpustrat's start-up.
+    """
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _check_same_num_processes(request: _Request, info: ClusterInfo) -> None:
+    """Raises a ClusterError unless every process was started with this job's num_processes.
+
+    The coordinator runs a job of process 0's ``num_processes``; a process that was told more
+    joins it all the same, and a collective would fail much later naming no one. Each process
+    published its own count on joining; each reads them all.
+    """
+    if request.num_processes is None or request.process_id is None:
+        return
+    address, n = info.coordinator_address, info.num_processes
+    who = f"process {request.process_id} (started with num_processes={request.num_processes})"
+    if request.num_processes != n:
+        raise ClusterError(
+            f"{who} joined the coordinator at {address}, which runs a job of {n} processes "
+            f"(process 0's num_processes): the processes were started with different "
+            f"num_processes. Start every process with the same num_processes (and process ids "
+            f"0 to num_processes - 1)"
+        )
+    store, deadline = _key_value_store(), time.monotonic() + _PUBLISH_SECONDS
+    published = {}
+    while len(published) < n and time.monotonic() < deadline:
+        published = dict(store.key_value_dir_get(_NUM_PROCESSES_KEY))
+        time.sleep(0 if len(published) >= n else 0.05)
+    for key, value in sorted(published.items()):
+        other = key.rsplit("/", 1)[-1]
+        if value != str(n):
+            raise ClusterError(
+                f"process {other} was started with num_processes={value}, but {who} and the "
+                f"coordinator at {address} run a job of {n} processes: the processes were "
+                f"started with different num_processes. Start every process with the same "
+                f"num_processes (and process ids 0 to num_processes - 1)"
+            )
 
 
 def _who(process_id: int | None, num_processes: int | None) -> str:
@@ -268,12 +427,19 @@ def _check_port_free(address: str, who: str) -> None:
 
 
 def _wait_for_coordinator(address: str, who: str, timeout: float) -> None:
-    """Waits until the coordinator accepts connections, or raises a ClusterError."""
+    """Waits until the coordinator answers a connection, or raises a ClusterError.
+
+    A program other than JAX's coordinator may hold the port (a stale server, another job's
+    service): JAX would wait for it the whole ``initialization_timeout``. The coordinator, a
+    gRPC server, greets every connection with an HTTP/2 SETTINGS frame at once; a listener
+    that stays silent, or says something else, is reported here instead.
+    """
     host, port = _split_address(address)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=2):
+            with socket.create_connection((host, port), timeout=2) as connection:
+                _check_greeting(connection, address, who)
                 return
         except OSError as error:
             if time.monotonic() >= deadline:
@@ -286,6 +452,32 @@ def _wait_for_coordinator(address: str, who: str, timeout: float) -> None:
             time.sleep(0.2)
 
 
+def _check_greeting(connection: socket.socket, address: str, who: str) -> None:
+    """Raises a ClusterError unless the peer greets like a gRPC server; OSError if it hung up."""
+    connection.settimeout(_GREETING_SECONDS)
+    greeting = b""
+    try:
+        # An HTTP/2 client preface and an empty SETTINGS frame, as a gRPC client opens with.
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        while len(greeting) < 9:
+            received = connection.recv(9 - len(greeting))
+            if not received:
+                raise ConnectionResetError(f"{address} closed the connection without a word")
+            greeting += received
+    except TimeoutError:
+        pass
+    if len(greeting) == 9 and greeting[3] == 0x04:  # a SETTINGS frame: an HTTP/2 server
+        return
+    port = _split_address(address)[1]
+    said = f"answered {greeting!r}" if greeting else f"said nothing for {_GREETING_SECONDS} s"
+    raise ClusterError(
+        f"{who} connected to {address}, but the program listening there {said}, which JAX's "
+        f"coordinator never does: the port is used by another program (an earlier job still "
+        f"running, another service). Stop it (`lsof -i :{port}` on that host names it) or "
+        "choose another port in coordinator_address, the same on every host"
+    )
+
+
 class _RegistrationWatchdog:
     """Explains on stderr, then exits, when registration outlasts ``timeout`` seconds.
 
@@ -293,7 +485,8 @@ class _RegistrationWatchdog:
     abort, not a Python exception); this says first what happened in the user's terms.
     """
 
-    def __init__(self, who: str, process_id: int | None, address: str | None, timeout: int):
+    def __init__(self, request: _Request, who: str, address: str | None, timeout: int):
+        process_id, num_processes = request.process_id, request.num_processes
         if process_id == 0 and address is not None:
             what = f"{who} serves the coordinator at {address}"
         elif address is not None and process_id is not None:
@@ -302,8 +495,10 @@ class _RegistrationWatchdog:
             what = f"{who} started joining the job"
         self._message = (
             f"tpustrat: {what}, but not every process registered within {timeout} s: the job was "
-            "not started on all hosts, or a host cannot reach the coordinator. Start the same "
-            "command on every host (process ids 0 to num_processes - 1), or raise "
+            "not started on all hosts, a host cannot reach the coordinator, or the processes "
+            f"were started with different num_processes (this one: {num_processes}; the "
+            "coordinator waits for process 0's count). Start the same command on every host "
+            "(the same num_processes, process ids 0 to num_processes - 1), or raise "
             "initialization_timeout if some hosts start slowly. Exiting.\n"
         )
         self._timer = threading.Timer(timeout, self._expire)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class _Job:
     num_processes: int
     initialization_timeout: int
     heartbeat_timeout: int
+    warn_after_waiting: float | None
 
 
 def run_in_local_processes(
@@ -62,6 +64,7 @@ def run_in_local_processes(
     timeout: float = 300.0,
     initialization_timeout: int = 60,
     heartbeat_timeout: int = 30,
+    warn_after_waiting: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> list[Any]:
     """Runs ``fn(*args, **kwargs)`` in ``num_processes`` local processes forming one JAX job.
@@ -86,15 +89,20 @@ def run_in_local_processes(
       timeout: seconds for the whole run; then every process is stopped.
       initialization_timeout: seconds for the processes to find each other.
       heartbeat_timeout: seconds after which JAX ends a job whose process went silent.
+      warn_after_waiting: seconds a process may wait in a call the others do not make before
+        it logs which (``ts.initialize_cluster``'s option; default 60).
       env: extra environment variables for the processes.
 
     Returns:
       ``fn``'s result in each process, indexed by process id.
 
     Raises:
-      ClusterError: a process failed (the message names it and ends with its stderr), or the
-        run took longer than ``timeout`` (the message shows where each process was). Every
-        process has been stopped when it is raised.
+      TypeError: ``fn``, ``args`` or ``kwargs`` cannot be sent to the processes (the message
+        names which), or an argument has the wrong type.
+      ClusterError: a process failed (the message names it and ends with ``fn``'s traceback
+        in that process, or the end of its stderr), or the run took longer than ``timeout``
+        (the message shows where each process was). Every process has been stopped when it
+        is raised.
 
     Example:
       >>> ts.testing.run_in_local_processes(jax.device_count, 2, devices_per_process=3)
@@ -105,18 +113,22 @@ def run_in_local_processes(
     check_seconds("initialization_timeout", initialization_timeout, whole=True)
     check_seconds("heartbeat_timeout", heartbeat_timeout, whole=True)
     check_seconds("timeout", timeout, whole=False)
+    if warn_after_waiting is not None:
+        check_seconds("warn_after_waiting", warn_after_waiting, whole=False)
     if not callable(fn):
-        raise TypeError(f"fn must be a callable, got {type(fn).__name__}")
+        raise TypeError(f"fn must be a callable, got {type(fn).__name__} {fn!r}")
+    args, kwargs = _check_arguments(args, kwargs)
     job = _Job(
-        call=_pickle_call(fn, tuple(args), dict(kwargs or {})),
+        call=_pickle_call(fn, args, kwargs),
         sys_path=list(sys.path),
         main=_main_module(fn),
         coordinator_address=f"127.0.0.1:{_free_port()}",
         num_processes=num_processes,
         initialization_timeout=initialization_timeout,
         heartbeat_timeout=heartbeat_timeout,
+        warn_after_waiting=warn_after_waiting,
     )
-    child_env = _child_env(job.coordinator_address, devices_per_process, env or {})
+    child_env = _child_env(job.coordinator_address, devices_per_process, _check_env(env))
     with tempfile.TemporaryDirectory(prefix="tpustrat-") as tmp:
         folder = Path(tmp)
         (folder / "job.pickle").write_bytes(pickle.dumps(job))
@@ -130,15 +142,60 @@ def run_in_local_processes(
             _stop(children)
 
 
-def _pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
-    try:
-        return pickle.dumps((fn, args, kwargs))
-    except (pickle.PicklingError, AttributeError, TypeError) as error:
+def _check_arguments(args: Any, kwargs: Any) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` as a tuple and a dict; a TypeError for any other form."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise TypeError(
-            f"run_in_local_processes could not send {getattr(fn, '__qualname__', fn)!r} and its "
-            f"arguments to the processes ({error}); pass a function defined at the top level of "
-            "a module (not a lambda or a nested function) and picklable arguments"
+            f"args must be a tuple or list of fn's positional arguments, got "
+            f"{type(args).__name__} {args!r}; for one argument write args=(value,)"
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"kwargs must be a dict of keyword arguments with str keys, got "
+            f"{type(kwargs).__name__} {kwargs!r}; write e.g. kwargs={{'steps': 10}}"
+        )
+    return tuple(args), dict(kwargs)
+
+
+def _check_env(env: Any) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a dict of str to str, got {type(env).__name__} {env!r}")
+    for key, value in env.items():
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise TypeError(
+                f"env must map str to str, got {key!r}: {value!r}; environment variables are "
+                f"strings: write e.g. {{{str(key)!r}: {str(value)!r}}}"
+            )
+    return dict(env)
+
+
+def _pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """The pickled call; a TypeError naming ``fn``, or the argument, that cannot be sent."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        pickle.dumps(fn)
+    except Exception as error:
+        raise TypeError(
+            f"run_in_local_processes could not send fn {name!r} to the processes ({error}); "
+            "pass a function defined at the top level of a module (not a lambda or a nested "
+            "function), which each process imports by name"
         ) from None
+    named = [(f"args[{i}]", a) for i, a in enumerate(args)]
+    named += [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    for where, value in named:
+        try:
+            pickle.dumps(value)
+        except Exception as error:
+            raise TypeError(
+                f"run_in_local_processes could not send {where}, a {type(value).__name__}, to "
+                f"the processes ({error}); pass picklable arguments (arrays, numbers, strings, "
+                "top-level functions) and build the rest inside fn"
+            ) from None
+    return pickle.dumps((fn, args, kwargs))
 
 
 def _main_module(fn: Callable[..., Any]) -> tuple[str, str] | None:
@@ -224,9 +281,13 @@ def _wait(children: list[subprocess.Popen], folder: Path, timeout: float) -> Non
         running = [i for i, child in enumerate(children) if child.poll() is None]
         _stop(children)
         stopped = f"; processes {running} were still running and were stopped" if running else ""
+        raised = folder / f"error-{process_id}.txt"
+        if raised.exists():
+            where = f"Its traceback:\n{raised.read_text(errors='replace').rstrip()}"
+        else:
+            where = f"The last lines of its stderr:\n{_tail(folder, process_id)}"
         raise _cluster.ClusterError(
-            f"process {process_id} of {n} {_describe_exit(code)}{stopped}. The last lines of "
-            f"process {process_id}'s stderr:\n{_tail(folder, process_id)}"
+            f"process {process_id} of {n} {_describe_exit(code)}{stopped}. {where}"
         )
 
 
@@ -271,11 +332,23 @@ def _stop(children: list[subprocess.Popen]) -> None:
 
 
 def _child_main() -> None:
-    """A child's whole life: load the job, join the cluster, run ``fn``, save its result."""
+    """A child's whole life: load the job, join the cluster, run ``fn``, save its result.
+
+    An exception on the way is written whole to ``error-<process id>.txt`` for the parent's
+    message, then raised as usual (its traceback goes to stderr too).
+    """
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     folder, process_id = Path(sys.argv[1]), int(sys.argv[2])
+    try:
+        _child_work(folder, process_id)
+    except Exception:
+        (folder / f"error-{process_id}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _child_work(folder: Path, process_id: int) -> None:
     job: _Job = pickle.loads((folder / "job.pickle").read_bytes())
     sys.path[:] = job.sys_path + [p for p in sys.path if p not in job.sys_path]
     if job.main is not None:
@@ -288,10 +361,19 @@ def _child_main() -> None:
         initialization_timeout=job.initialization_timeout,
         heartbeat_timeout=job.heartbeat_timeout,
         exit_on_uncaught_exception=True,  # a failed fn ends its process at once
+        warn_after_waiting=job.warn_after_waiting,
     )
     result = _to_host(fn(*args, **kwargs), process_id)
+    try:
+        data = pickle.dumps(result)
+    except Exception as error:
+        raise TypeError(
+            f"process {process_id} could not send back what fn returned, a "
+            f"{type(result).__name__} ({error}); return picklable values (arrays, numbers, "
+            "strings, lists and dicts of them)"
+        ) from None
     partial = folder / f"result-{process_id}.partial"
-    partial.write_bytes(pickle.dumps(result))
+    partial.write_bytes(data)
     partial.rename(folder / f"result-{process_id}.pickle")
 
 
