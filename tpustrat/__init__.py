@@ -19,6 +19,7 @@ from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
 from tpustrat._preemption import PreemptionCheckpointHandler
 from tpustrat._prefetch import DistributedIterator
+from tpustrat._profiler import StepProfiler
 from tpustrat._run import RunOptions
 from tpustrat._sharded_update import (
     ReplicaShard,
@@ -54,6 +55,7 @@ __all__ = [
     "ReplicaShard",
     "RunOptions",
     "ShardedUpdate",
+    "StepProfiler",
     "StepsResult",
     "SummaryWriter",
     "TPUStrategy",
