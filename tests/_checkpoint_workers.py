@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -237,6 +238,56 @@ def restore_in_cluster(directory, num_logical_cores):
     with ts.CheckpointManager(directory, strategy) as manager:
         restored = manager.restore(target)
     return host_values(strategy, restored)
+
+
+def two_managers(directory):
+    """Opens a second manager on a directory that one already uses; prints what happened.
+
+    Run with ``python -c`` (see ``run_function``): the test checks that the process exits.
+    """
+    strategy = ts.TPUStrategy()
+    state = {"w": replicated(strategy, np.ones(4, np.float32))}
+    first = ts.CheckpointManager(directory, strategy)
+    first.save(1, state)
+    try:
+        second = ts.CheckpointManager(directory, strategy)
+    except ValueError as error:
+        print(f"refused: {error}", flush=True)
+    else:
+        second.save(2, state)
+        second.wait_until_finished()
+        print("opened a second manager", flush=True)
+    first.save(3, state)
+    first.wait_until_finished()  # the process then exits without closing it
+
+
+def interrupt_saves(directory, seconds):
+    """Saves steps 1, 2, ... (a 16 MB state of the step number) until SIGINT, sent from a
+    thread ``seconds`` after step 1 is saved, interrupts the loop wherever it is, as Ctrl-C
+    would."""
+    strategy = ts.TPUStrategy()
+    manager = ts.CheckpointManager(directory, strategy)
+    for step in range(1, 1000):
+        manager.save(step, {"w": replicated(strategy, np.full(4_000_000, step, np.float32))})
+        print(f"saving {step}", flush=True)
+        manager.wait_until_finished()
+        if step == 1:
+            threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+
+def run_function(call, timeout=60):
+    """Runs ``call`` (Python source calling a function of this module) in a new process."""
+    tests = str(Path(__file__).resolve().parent)
+    env = environment()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], tests])
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    return subprocess.run(
+        [sys.executable, "-c", f"import _checkpoint_workers as w; w.{call}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -6,20 +6,25 @@ each has a timeout.
 
 import contextlib
 import gc
+import random
 import resource
 import shutil
 import signal
+import threading
 import time
 
 import _checkpoint_workers as workers
 import grain
 import jax
+import ml_dtypes
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
+from tpustrat import _checkpoint
 from tpustrat.testing import run_in_local_processes
 
 
@@ -335,3 +340,310 @@ def test_save_on_two_processes_restore_on_one(tmp_path):
     with ts.CheckpointManager(tmp_path, strategy) as manager:
         restored = manager.restore(workers.abstract_mesh_state(strategy))
     assert_restored(workers.host_values(strategy, restored), expected_values(8))
+
+
+def test_save_on_two_processes_writes_a_digest_file_per_process(tmp_path):
+    run_in_local_processes(
+        workers.save_in_cluster, 2, devices_per_process=4, args=(str(tmp_path),), timeout=120
+    )
+    files = sorted(p.name for p in (tmp_path / "3" / "digests").glob("process_*"))
+    assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+# Digests: generated arrays cut into generated blocks, checked against the whole array's digest.
+
+
+def _random_array(rng, dtype):
+    shape = tuple(int(d) for d in rng.integers(1, 6, size=rng.integers(0, 4)))
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if np.issubdtype(dtype, np.complexfloating):
+        return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(dtype)
+    return (rng.normal(size=shape) * 100).astype(dtype)
+
+
+def _random_blocks(rng, array):
+    """``array`` cut into a grid of blocks, each with its start in the whole array."""
+    cuts = [
+        sorted({0, length, *rng.integers(0, length + 1, size=2).tolist()}) for length in array.shape
+    ]
+    blocks = []
+    for corner in np.ndindex(*[len(c) - 1 for c in cuts]):
+        index = tuple(slice(c[i], c[i + 1]) for c, i in zip(cuts, corner))
+        blocks.append(_checkpoint._Block(tuple(s.start for s in index), array[index]))
+    return blocks
+
+
+def _digest(array):
+    return _checkpoint._partial_digest(array.shape, [_checkpoint._Block((0,) * array.ndim, array)])
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [np.float32, np.int8, np.bool_, np.complex128, np.uint64, ml_dtypes.bfloat16],
+    ids=lambda d: np.dtype(d).name,
+)
+def test_digest_is_the_same_for_any_blocks_and_changes_with_any_element(dtype):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        array = _random_array(rng, dtype)
+        whole = _digest(array)
+        assert _checkpoint._partial_digest(array.shape, _random_blocks(rng, array)) == whole
+        damaged = array.copy().reshape(-1)
+        raw = damaged.view(np.uint8).reshape(damaged.size, -1)
+        raw[int(rng.integers(damaged.size)), int(rng.integers(raw.shape[1]))] ^= 1 << int(
+            rng.integers(8)
+        )
+        assert _digest(damaged.reshape(array.shape)) != whole
+        moved = np.roll(array.reshape(-1), 1).reshape(array.shape)  # same values, other places
+        if moved.tobytes() != array.tobytes():
+            assert _digest(moved) != whole
+
+
+def _data_file(step_folder):
+    """The largest file of the step: where the values of its biggest array are."""
+    return max((p for p in step_folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_flipped_byte_in_the_data_is_a_checkpoint_error_naming_the_step_and_leaf(tmp_path):
+    strategy = ts.TPUStrategy()
+    values = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
+    state = {
+        "w": workers.replicated(strategy, values),
+        "b": workers.replicated(strategy, values[0]),
+    }
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        manager.save(1, state)
+        manager.save(2, state)
+    data = _data_file(tmp_path / "2")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one element: TensorStore reads it back as it is
+    data.write_bytes(bytes(raw))
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        with pytest.raises(ts.CheckpointError, match=r"step 2 .* leaf 'w' .* differs"):
+            manager.restore(state)
+        np.testing.assert_array_equal(manager.restore(state, step=1)["w"], values)
+
+
+def test_digests_are_hashed_in_the_save_thread_from_host_copies(tmp_path, monkeypatch):
+    threads = []
+    hashed = _checkpoint._partial_digest
+
+    def record_thread(shape, blocks):
+        threads.append(threading.current_thread())
+        return hashed(shape, blocks)
+
+    monkeypatch.setattr(_checkpoint, "_partial_digest", record_thread)
+    strategy = ts.TPUStrategy()
+    step = jax.jit(lambda w: w + 1, donate_argnums=0)
+    w = workers.replicated(strategy, np.arange(8, dtype=np.float32))
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        manager.save(1, {"w": w})
+        step(w)  # donated as soon as save returns: the digest reads the host copy
+        manager.wait_until_finished()
+        assert threads and threading.main_thread() not in threads
+        restored = manager.restore({"w": jax.ShapeDtypeStruct((8,), np.float32)})
+    np.testing.assert_array_equal(restored["w"], np.arange(8, dtype=np.float32))
+
+
+# Damage: every file of a saved step truncated, flipped or deleted (seeded).
+
+
+def _damage(path, how, rng):
+    data = path.read_bytes()
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(data[: int(rng.integers(len(data)))] if data else b"")
+    else:
+        raw = bytearray(data or b"\0")
+        raw[int(rng.integers(len(raw)))] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(raw))
+
+
+# A failed read leaves tensorstore callbacks for the event loop orbax has closed; Python reports
+# them as unraisable RuntimeErrors from tensorstore's thread.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_files_restore_the_saved_values_or_raise_checkpoint_error(tmp_path):
+    seed = random.randrange(1 << 30)
+    rng = np.random.default_rng(seed)
+    strategy = ts.TPUStrategy()
+    state = workers.mesh_state(strategy)
+    w = rng.normal(size=(16, 16)).astype(np.float32)
+    state["params"]["w"] = workers.replicated(strategy, w)
+    data = workers.make_data()
+    iterator = iter(strategy.experimental_distribute_dataset(data))
+    for _ in range(2):
+        next(iterator)
+    source = tmp_path / "source"
+    with ts.CheckpointManager(source, strategy) as manager:
+        manager.save(1, state)
+        manager.save(2, state, iterator=iterator)
+    want = {**expected_values(8), "w": w}
+    files = sorted(p.relative_to(source / "2") for p in (source / "2").rglob("*") if p.is_file())
+    assert len(files) >= 10, files
+    outcomes = set()
+    for number, name in enumerate(files):
+        for how in ("truncate", "flip", "delete"):
+            directory = tmp_path / f"{number}-{how}"
+            shutil.copytree(source, directory)
+            _damage(directory / "2" / name, how, rng)
+            case = f"{name} {how} (seed {seed})"
+            resumed = iter(strategy.experimental_distribute_dataset(data))
+            with ts.CheckpointManager(directory, strategy) as manager:
+                try:
+                    restored = manager.restore(state, step=2, iterator=resumed)
+                except ts.CheckpointError as error:
+                    assert "checkpoint step 2 " in str(error), case
+                    assert str(directory / "2") in str(error), case
+                    outcomes.add("error")
+                else:
+                    assert_restored(workers.host_values(strategy, restored), want)
+                    assert workers.batch_index(strategy, next(resumed)) == 2, case
+                    outcomes.add("values")
+                older = manager.restore(state, step=1)  # the earlier step is untouched
+                assert_restored(workers.host_values(strategy, older), want)
+            shutil.rmtree(directory)
+    assert outcomes == {"error", "values"}
+
+
+def test_missing_metadata_is_not_needed_and_broken_json_names_its_file(tmp_path):
+    strategy = ts.TPUStrategy()
+    state = {"w": workers.replicated(strategy, np.arange(3, dtype=np.float32)), "n": np.int32(4)}
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        manager.save(4, state)
+        manager.wait_until_finished()
+        (tmp_path / "4" / "state" / "_METADATA").unlink()  # the target says what to read
+        restored = manager.restore(state)
+        np.testing.assert_array_equal(restored["w"], [0, 1, 2])
+        assert restored["n"] == 4
+        leaves = tmp_path / "4" / "leaves" / "leaves.json"
+        leaves.write_text(leaves.read_text()[:-5])
+        with pytest.raises(
+            ts.CheckpointError,
+            match=r"step 4 of .*: .*4/leaves/leaves\.json is missing or damaged \(JSONDecodeError",
+        ):
+            manager.restore(state)
+
+
+# A ts.shard_update optimizer state restored onto another number of replicas.
+
+
+def _whole(shard):
+    """The whole leaf of a ReplicaShard, from its stacked blocks (padding dropped)."""
+    stacked = np.asarray(shard.blocks.stacked)
+    joined = np.concatenate(list(stacked), axis=shard.axis)
+    return np.take(joined, np.arange(shard.shape[shard.axis]), axis=shard.axis)
+
+
+def _adam_state(strategy, params):
+    """A sharded Adam state after one step with replica-dependent gradients."""
+    tx = ts.shard_update(optax.adam(0.1))
+    params = strategy.replicate(params)
+    opt_state = strategy.run(tx.init, args=(params,))
+
+    def step(params, opt_state, x):
+        grads = jax.grad(lambda p: sum(jax.numpy.sum((v * x) ** 2) for v in p.values()))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.float32(ctx.replica_id_in_sync_group + 1)
+    )
+    return strategy.run(step, args=(params, opt_state, x))[1]
+
+
+@pytest.mark.parametrize("replicas", [4, 2])
+def test_sharded_optimizer_state_restores_onto_fewer_replicas(tmp_path, replicas):
+    params = {"w": np.arange(16, dtype=np.float32), "v": np.ones((3, 5), np.float32)}
+    eight = ts.TPUStrategy()
+    saved = _adam_state(eight, params)
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(1, {"opt": saved})
+    fewer = ts.TPUStrategy(num_logical_cores=8 // replicas)
+    target = jax.eval_shape(lambda: _adam_state(fewer, params))
+    with ts.CheckpointManager(tmp_path, fewer) as manager:
+        restored = manager.restore({"opt": target})["opt"]
+    for name in ("mu", "nu"):
+        for leaf in params:
+            got, want = getattr(restored[0], name)[leaf], getattr(saved[0], name)[leaf]
+            assert got.blocks.stacked.shape[0] == replicas
+            assert got.blocks.stacked.sharding.spec == P("replica")
+            assert np.abs(_whole(want)).sum() > 0
+            np.testing.assert_array_equal(_whole(got), _whole(want))
+    assert int(restored[0].count) == 1
+
+
+def test_sharded_state_cut_along_another_axis_is_a_clear_error(tmp_path):
+    params = {"k": np.ones((12, 8), np.float32)}  # 8 replicas cut axis 1, 4 replicas axis 0
+    eight = ts.TPUStrategy()
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(1, _adam_state(eight, params))
+    four = ts.TPUStrategy(num_logical_cores=2)
+    target = jax.eval_shape(lambda: _adam_state(four, params))
+    with (
+        ts.CheckpointManager(tmp_path, four) as manager,
+        pytest.raises(ValueError, match=r"'0.mu.k.blocks' is a ReplicaShard saved over 8 "),
+    ):
+        manager.restore(target)
+
+
+# Step order, one manager per directory, argument checks, Ctrl-C.
+
+
+def test_steps_only_increase_in_one_process_and_after_a_restart(tmp_path):
+    strategy = ts.TPUStrategy()
+    state = {"w": np.float32(5)}
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        assert manager.save(5, state)
+        with pytest.raises(ValueError, match=r"cannot save step 3 .* latest step is 5"):
+            manager.save(3, {"w": np.float32(3)})
+        assert not manager.should_save(3)
+        assert not manager.save(5, state)  # saved already
+        assert manager.latest_step() == 5
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        assert manager.latest_step() == 5
+        with pytest.raises(ValueError, match="latest step is 5"):
+            manager.save(3, {"w": np.float32(3)})
+        assert float(manager.restore(state)["w"]) == 5.0
+
+
+def test_second_manager_on_a_directory_is_refused_and_the_process_exits(tmp_path):
+    done = workers.run_function(f"two_managers({str(tmp_path)!r})", timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused:" in done.stdout and "is in use by another open" in done.stdout
+    strategy = ts.TPUStrategy()
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        assert manager.all_steps() == [1, 3]
+        with pytest.raises(ValueError, match=r"in use by another open ts\.CheckpointManager"):
+            ts.CheckpointManager(tmp_path / "sub" / "..", strategy)
+    with ts.CheckpointManager(tmp_path, strategy) as manager:  # closed: the directory is free
+        assert manager.latest_step() == 3
+
+
+def test_bad_arguments_name_the_argument_and_value(tmp_path):
+    strategy = ts.TPUStrategy()
+    with pytest.raises(TypeError, match=r"directory must be a str or pathlib.Path, got NoneType"):
+        ts.CheckpointManager(None, strategy)
+    w = workers.replicated(strategy, np.ones(3, np.float32))
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        manager.save(1, {"w": w})
+        with pytest.raises(TypeError, match=r"step must be an int, got float 1\.0"):
+            manager.restore({"w": w}, step=1.0)
+        with pytest.raises(TypeError, match=r"step must be an int, got the bool True"):
+            manager.restore({"w": w}, step=True)
+        jax.jit(lambda x: x + 1, donate_argnums=0)(w)
+        with pytest.raises(ValueError, match=r"state leaf 'w' is a deleted array \(donated"):
+            manager.save(2, {"w": w})
+
+
+def test_ctrl_c_during_saves_leaves_the_latest_step_whole(tmp_path):
+    done = workers.run_function(f"interrupt_saves({str(tmp_path)!r}, 0.5)", timeout=90)
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr, done.stderr[-3000:]
+    assert "saving 1" in done.stdout  # step 1 was committed before the interrupt
+    strategy = ts.TPUStrategy()
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        latest = manager.latest_step()
+        assert latest is not None
+        restored = manager.restore({"w": jax.ShapeDtypeStruct((4_000_000,), np.float32)})
+    np.testing.assert_array_equal(restored["w"], np.full(4_000_000, latest, np.float32))

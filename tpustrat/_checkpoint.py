@@ -7,31 +7,45 @@ training loop goes on while the checkpoint is written. What is saved:
 
 - every leaf of the state pytree (params, optimizer state, step counters, ``ts.PerReplica``
   leaves, typed random keys made by ``jax.random.key``), each under its pytree path;
-- the position of a ``ts.DistributedIterator``, one small JSON file per process.
+- the position of a ``ts.DistributedIterator``, one small JSON file per process;
+- a digest of every leaf's values (see ``_block_digest``), hashed in orbax's save thread from
+  host copies, and checksums of the JSON records: a restore that reads anything other than
+  what was saved raises ``CheckpointError``.
 
 A restore takes a target: the state as the new strategy would build it, or its abstract form
 (``jax.ShapeDtypeStruct`` leaves, from ``jax.eval_shape``). Every array lands with the target's
 sharding on the new strategy's mesh, so restoring onto another mesh shape, fewer devices or
 another number of processes reads only the shards each process holds. A ``PerReplica`` leaf
-restores onto a strategy with the same number of replicas.
+restores onto a strategy with the same number of replicas; a ``ts.ReplicaShard`` (the state of
+``ts.shard_update``) onto any number, moved by ``ts.reshard_update_state``.
+
+Steps only increase: ``save`` refuses a step below the latest, so the latest step is the last
+one saved in this process and after a restart. One manager per directory per process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
+import re
+import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tpustrat import _mesh
+from tpustrat import _mesh, _watchdog
 from tpustrat._checks import check_int
 from tpustrat._prefetch import DistributedIterator
+from tpustrat._sharded_update import ReplicaShard, reshard_update_state
 from tpustrat._strategy import TPUStrategy
 from tpustrat._values import PerReplica, is_per_replica
 
@@ -40,6 +54,8 @@ PyTree = Any
 _STATE = "state"
 _LEAVES = "leaves"
 _INPUT = "input"
+_DIGESTS = "digests"
+_LEAVES_FILE = "leaves.json"
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +69,31 @@ class _Leaf:
     name: str
     kind: str  # "array" (a jax.Array), "per_replica" (a PerReplica's stacked array), "host"
     key_impl: str | None  # the PRNG implementation of a typed key, stored as its key data
+    shape: tuple[int, ...]  # of the array stored (a key's key data, a PerReplica's stack)
+    dtype: str
+    # A ts.ReplicaShard's whole shape and cut axis, when the leaf is its blocks.
+    shard: tuple[tuple[int, ...], int] | None = None
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> _Leaf:
+        shard = record["shard"]
+        return cls(
+            name=record["name"],
+            kind=record["kind"],
+            key_impl=record["key_impl"],
+            shape=tuple(record["shape"]),
+            dtype=record["dtype"],
+            shard=None if shard is None else (tuple(shard[0]), shard[1]),
+        )
+
+
+class _Named(NamedTuple):
+    """A leaf as saved: its dotted name, kind, value (a PerReplica's stack) and ReplicaShard."""
+
+    name: str
+    kind: str
+    value: Any
+    shard: tuple[tuple[int, ...], int] | None
 
 
 def _orbax():
@@ -64,6 +105,186 @@ def _orbax():
             "installed; pip install 'tpustrat[checkpoint]' (or orbax-checkpoint)"
         ) from None
     return ocp
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests. orbax and TensorStore keep no checksum of the data, so a damaged file can restore as
+# wrong values. Each leaf's digest is a sum, modulo 2**64, of a mixed hash of every element's
+# bytes and its position in the whole (logical) array: any partition of the array into blocks
+# gives the same sum. Each process adds up the blocks it saves (the shards it holds with
+# replica_id 0; process 0 for host leaves) and writes its partial sums; a restore adds up the
+# shards it reads, on whatever mesh, and the processes' sums are added across the job.
+
+_MIX = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_DIGEST_CHUNK = 1 << 20  # elements hashed at a time, to bound the temporaries
+
+
+class _Block(NamedTuple):
+    """A block of a leaf on the host: where it starts in the whole array, and its values."""
+
+    start: tuple[int, ...]
+    values: np.ndarray
+
+
+def _words(values: np.ndarray) -> np.ndarray:
+    """Each element's bytes as unsigned 64-bit words, one row per element."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        return flat.view(f"u{size}").astype(np.uint64)[:, None]
+    raw = flat.view(np.uint8).reshape(flat.size, size)
+    padded = np.zeros((flat.size, -(-size // 8) * 8), np.uint8)
+    padded[:, :size] = raw
+    return padded.view(np.uint64)
+
+
+def _block_digest(shape: tuple[int, ...], block: _Block) -> int:
+    """This block's part of the digest of a leaf of ``shape``."""
+    values = block.values
+    if values.size == 0:
+        return 0
+    values = values.reshape((1,) * (len(shape) == 0) + values.shape)
+    starts, dims = (block.start or (0,)), (shape or (1,))
+    strides = [int(np.prod(dims[d + 1 :], dtype=np.int64)) for d in range(len(dims))]
+    rows = max(1, _DIGEST_CHUNK // max(1, int(np.prod(values.shape[1:], dtype=np.int64))))
+    total = 0
+    for first in range(0, values.shape[0], rows):
+        chunk = values[first : first + rows]
+        index = np.zeros((), np.uint64)
+        for d, length in enumerate(chunk.shape):
+            start = starts[d] + (first if d == 0 else 0)
+            offsets = np.arange(start, start + length, dtype=np.uint64) * np.uint64(strides[d])
+            index = np.add.outer(index, offsets)
+        words = _words(chunk)
+        width = words.shape[1]
+        position = index.reshape(-1, 1) * np.uint64(width) + np.arange(width, dtype=np.uint64)
+        mixed = words ^ (position * _MIX[0])
+        mixed ^= mixed >> np.uint64(30)
+        mixed *= _MIX[1]
+        mixed ^= mixed >> np.uint64(27)
+        mixed *= _MIX[2]
+        mixed ^= mixed >> np.uint64(31)
+        total += int(mixed.sum(dtype=np.uint64))
+    return total % (1 << 64)
+
+
+def _partial_digest(shape: tuple[int, ...], blocks: list[_Block]) -> int:
+    return sum(_block_digest(shape, block) for block in blocks) % (1 << 64)
+
+
+def _saved_blocks(value: Any) -> list[_Block]:
+    """Host copies of the blocks of a leaf this process saves (``value`` may be donated later)."""
+    if isinstance(value, jax.Array):
+        return [
+            _Block(_starts(shard.index), np.array(shard.data))
+            for shard in value.addressable_shards
+            if shard.replica_id == 0
+        ]
+    return [_Block((0,) * np.ndim(value), np.array(value))] if jax.process_index() == 0 else []
+
+
+def _read_blocks(value: Any) -> list[_Block]:
+    """The blocks of a restored leaf this process adds to the digest (no copies)."""
+    if isinstance(value, jax.Array):
+        return [
+            _Block(_starts(shard.index), np.asarray(shard.data))
+            for shard in value.addressable_shards
+            if shard.replica_id == 0
+        ]
+    return [_Block((0,) * np.ndim(value), np.asarray(value))] if jax.process_index() == 0 else []
+
+
+def _starts(index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(0 if s.start is None else s.start for s in index)
+
+
+def _job_sums(partials: list[int]) -> list[int]:
+    """Every process's partial digests added up (a collective in a job of several processes)."""
+    if jax.process_count() == 1:
+        return partials
+    halves = np.array([[p >> 32, p & 0xFFFFFFFF] for p in partials], np.uint32).reshape(-1, 2)
+    gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.uint64)
+    return [
+        sum((int(hi) << 32) | int(lo) for hi, lo in gathered[:, i]) % (1 << 64)
+        for i in range(len(partials))
+    ]
+
+
+def _sealed(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with the SHA-256 of its JSON, so that damage to the file is detected."""
+    return {**record, "sha256": _sha256(record)}
+
+
+def _sha256(record: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _unsealed(record: Any) -> dict[str, Any]:
+    """The record a sealed file holds; a ValueError if it was changed since it was written."""
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise ValueError("it holds no checksummed record")
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    if _sha256(body) != record["sha256"]:
+        raise ValueError("its contents do not match the checksum written with them")
+    return body
+
+
+def _digest_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+@functools.cache
+def _digest_handler_types() -> tuple[type, type]:
+    """orbax's handler and arguments for the digests (built once orbax is imported)."""
+    ocp = _orbax()
+
+    @dataclasses.dataclass
+    class DigestSave(ocp.args.CheckpointArgs):
+        """The leaves' host blocks: ``{name: (whole shape, blocks)}``."""
+
+        leaves: dict[str, tuple[tuple[int, ...], list[_Block]]]
+
+    class DigestHandler(ocp.handlers.AsyncCheckpointHandler):
+        """Writes this process's partial digests; orbax runs ``async_save``'s future in its
+        save thread, so the hashing overlaps the training loop."""
+
+        async def async_save(self, directory: Any, args: DigestSave) -> list[Any]:
+            async def write() -> None:
+                self.save(directory, args)
+
+            return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="digests")]
+
+        def save(self, directory: Any, args: DigestSave) -> None:
+            sums = {
+                name: format(_partial_digest(shape, blocks), "016x")
+                for name, (shape, blocks) in args.leaves.items()
+            }
+            path = Path(directory) / _digest_file(jax.process_index(), jax.process_count())
+            path.write_text(json.dumps(_sealed({"digests": sums})))
+
+        def restore(self, directory: Any, args: Any = None) -> dict[str, int]:
+            """The digests of the job's ``processes`` (``args``), added up; a FileNotFoundError
+            or ValueError naming the file that is missing or damaged."""
+            total: dict[str, int] = {}
+            for index in range(args):
+                path = Path(directory) / _digest_file(index, args)
+                try:
+                    sums = _unsealed(json.loads(path.read_text()))["digests"]
+                except ValueError as error:  # broken JSON or UTF-8, or a changed record
+                    raise ValueError(f"{path} is damaged: {error}") from error
+                for name, value in sums.items():
+                    total[name] = (total.get(name, 0) + int(value, 16)) % (1 << 64)
+            return total
+
+    return DigestHandler, DigestSave
+
+
+# Directories a CheckpointManager of this process has open: a second manager on one directory
+# would delete and overwrite the first's steps, and orbax's threads then wait for ever.
+_OPEN_DIRECTORIES: weakref.WeakValueDictionary[Path, CheckpointManager] = (
+    weakref.WeakValueDictionary()
+)
+_OPEN_LOCK = threading.Lock()
 
 
 class CheckpointManager:
@@ -84,6 +305,8 @@ class CheckpointManager:
       asynchronous: False makes ``save`` wait until the checkpoint is committed.
 
     Raises:
+      TypeError: ``directory`` is not a str or path.
+      ValueError: another open manager of this process uses ``directory``.
       CheckpointError: if ``directory`` cannot be created or written.
 
     Example:
@@ -117,6 +340,11 @@ class CheckpointManager:
         if max_to_keep is not None:
             check_int("max_to_keep", max_to_keep, minimum=1)
         check_int("save_interval_steps", save_interval_steps, minimum=1)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                f"directory must be a str or pathlib.Path, got {type(directory).__name__} "
+                f"{directory!r}; pass the folder the step directories go in"
+            )
         self._directory = Path(directory).absolute()
         self._strategy = strategy
         self._save_interval_steps = save_interval_steps
@@ -124,34 +352,47 @@ class CheckpointManager:
         handlers = ocp.handlers
         registry = handlers.DefaultCheckpointHandlerRegistry()
         state = handlers.StandardCheckpointHandler()
-        leaves = handlers.JsonCheckpointHandler(filename="leaves.json")
+        leaves = handlers.JsonCheckpointHandler(filename=_LEAVES_FILE)
         # One file per process: a per-process input pipeline has its own position.
         position = handlers.JsonCheckpointHandler(
             filename=_input_file(jax.process_index(), jax.process_count()),
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
         )
+        digest_handler, digest_save = _digest_handler_types()
+        self._digests = digest_handler()
         for name, handler, save, restore in (
             (_STATE, state, ocp.args.StandardSave, ocp.args.StandardRestore),
             (_LEAVES, leaves, ocp.args.JsonSave, ocp.args.JsonRestore),
             (_INPUT, position, ocp.args.JsonSave, ocp.args.JsonRestore),
+            (_DIGESTS, self._digests, digest_save, None),
         ):
             registry.add(name, save, handler)
-            registry.add(name, restore, handler)
+            if restore is not None:
+                registry.add(name, restore, handler)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True,
         )
-        try:
-            self._manager = ocp.CheckpointManager(
-                self._directory, options=options, handler_registry=registry
-            )
-        except OSError as error:
-            raise CheckpointError(
-                f"cannot use {self._directory} as a checkpoint directory ({error}); pass a "
-                "directory this process can create and write"
-            ) from error
+        with _OPEN_LOCK:
+            other = _OPEN_DIRECTORIES.get(self._directory.resolve())
+            if other is not None:
+                raise ValueError(
+                    f"{self._directory} is in use by another open ts.CheckpointManager of this "
+                    f"process ({other!r}); two managers on one directory would overwrite each "
+                    "other's steps: use that manager, or close() it before opening another"
+                )
+            try:
+                self._manager = ocp.CheckpointManager(
+                    self._directory, options=options, handler_registry=registry
+                )
+            except OSError as error:
+                raise CheckpointError(
+                    f"cannot use {self._directory} as a checkpoint directory ({error}); pass a "
+                    "directory this process can create and write"
+                ) from error
+            _OPEN_DIRECTORIES[self._directory.resolve()] = self
 
     @property
     def directory(self) -> Path:
@@ -159,16 +400,23 @@ class CheckpointManager:
         return self._directory
 
     def latest_step(self) -> int | None:
-        """The newest step saved (its write may still be running), or None if there is none."""
-        return self._manager.latest_step()
+        """The highest step saved (its write may still be running), or None if there is none.
+
+        Steps are saved in increasing order (``save`` refuses a step below the latest), so
+        the highest step is also the last one saved, in this process or after a restart.
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """Every saved step, oldest first (the last one's write may still be running)."""
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` would write (``step`` is on the save interval)."""
-        return step % self._save_interval_steps == 0 and step not in self._manager.all_steps()
+        """Whether ``save(step, ...)`` would write: ``step`` is on the save interval and above
+        the latest step saved."""
+        latest = self.latest_step()
+        return step % self._save_interval_steps == 0 and (latest is None or step > latest)
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process of a multi-process job has agreed to stop at ``step``.
@@ -203,10 +451,13 @@ class CheckpointManager:
           force: save even if ``step`` is not on the save interval.
 
         Returns:
-          Whether a save was started (False off the interval, or if ``step`` is saved already).
+          Whether a save was started (False off the interval, or if ``step`` is the latest
+          step saved already).
 
         Raises:
           TypeError: a leaf of ``state`` cannot be saved (the message names it).
+          ValueError: ``step`` is below the latest step saved (steps only increase); a leaf of
+            ``state`` was deleted (donated to a jitted step).
           CheckpointError: the directory cannot be written (full, removed, no permission); the
             message says which step. ``state`` is untouched and can be saved again.
         """
@@ -215,9 +466,14 @@ class CheckpointManager:
         position = None
         if iterator is not None:
             position = _check_iterator(iterator).get_state()
-        if step in self._manager.all_steps() or not (
-            force or step % self._save_interval_steps == 0
-        ):
+        latest = self.latest_step()
+        if latest is not None and step < latest:
+            raise ValueError(
+                f"cannot save step {step} in {self._directory}: its latest step is {latest} and "
+                "steps only increase (the latest step is the one a restart resumes from); save "
+                f"a step above {latest}, or use another directory for another run"
+            )
+        if step == latest or not (force or step % self._save_interval_steps == 0):
             return False
         if not (self._directory.is_dir() and os.access(self._directory, os.W_OK | os.X_OK)):
             # Checked first: orbax, failing to make the step directory, leaves threads waiting.
@@ -226,20 +482,29 @@ class CheckpointManager:
                 f"saving step {step}",
             )
         ocp = self._ocp
+        _, digest_save = _digest_handler_types()
         items = {
             _STATE: ocp.args.StandardSave(arrays),
             _LEAVES: ocp.args.JsonSave(
-                {
-                    "leaves": [dataclasses.asdict(leaf) for leaf in leaves],
-                    "input_processes": None if position is None else jax.process_count(),
-                }
+                _sealed(
+                    {
+                        "leaves": [dataclasses.asdict(leaf) for leaf in leaves],
+                        "input_processes": None if position is None else jax.process_count(),
+                        "processes": jax.process_count(),
+                    }
+                )
+            ),
+            # Host copies now (a leaf may be donated once save returns); hashed in orbax's thread.
+            _DIGESTS: digest_save(
+                {name: (np.shape(value), _saved_blocks(value)) for name, value in arrays.items()}
             ),
         }
         if position is not None:
-            items[_INPUT] = ocp.args.JsonSave(position)
+            items[_INPUT] = ocp.args.JsonSave(_sealed({"position": position}))
         try:
             # The interval is decided above; orbax's own policy would also save the first step.
-            return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            with _watchdog.calling("checkpoint save"):
+                return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:
             raise self._write_error(error, f"saving step {step}") from error
 
@@ -250,7 +515,8 @@ class CheckpointManager:
           CheckpointError: if writing it failed; the training state in memory is untouched.
         """
         try:
-            self._manager.wait_until_finished()
+            with _watchdog.waiting("checkpoint save"):
+                self._manager.wait_until_finished()
         except Exception as error:
             raise self._write_error(error, "finishing the last save") from error
 
@@ -279,9 +545,13 @@ class CheckpointManager:
           The restored state, with ``target``'s structure.
 
         Raises:
+          TypeError: ``step`` is not an int.
           ValueError: no checkpoint exists; the saved tree differs from ``target`` (the
             message lists the leaves that differ); a PerReplica leaf was saved over another
             number of replicas than this strategy has.
+          CheckpointError: a file of the step is missing or damaged, or a leaf's values differ
+            from its saved digest; the message names the step and the file or leaf. Other
+            steps stay restorable by number.
         """
         if step is None:
             step = self.latest_step()
@@ -290,31 +560,84 @@ class CheckpointManager:
                     f"no checkpoint to restore in {self._directory}; save one first, or start "
                     "from the initial state when latest_step() is None"
                 )
-        elif step not in self._manager.all_steps():
-            raise ValueError(
-                f"no checkpoint of step {step} in {self._directory}; it has steps "
-                f"{self.all_steps()}"
-            )
-        ocp = self._ocp
-        saved = self._manager.restore(
-            step, args=ocp.args.Composite(**{_LEAVES: ocp.args.JsonRestore()})
-        )
-        saved_leaves = {leaf["name"]: _Leaf(**leaf) for leaf in saved[_LEAVES]["leaves"]}
-        metadata = self._manager.item_metadata(step)[_STATE]
-        saved_arrays = dict(getattr(metadata, "tree", metadata))
-        plan = _RestorePlan(target, self._strategy, step)
-        plan.check(saved_leaves, saved_arrays)
+        else:
+            step = check_int("step", step, minimum=0)
+            if step not in self._manager.all_steps():
+                raise ValueError(
+                    f"no checkpoint of step {step} in {self._directory}; it has steps "
+                    f"{self.all_steps()}"
+                )
         if iterator is not None:
             _check_iterator(iterator)
-            iterator.set_state(self._position(step, saved[_LEAVES]["input_processes"]))
+        self.wait_until_finished()  # the step may be the save still being written
+        folder = self._directory / str(step)
+        record = self._read_sealed(step, folder / _LEAVES / _LEAVES_FILE)
+        try:
+            saved_leaves = {leaf["name"]: _Leaf.from_json(leaf) for leaf in record["leaves"]}
+            input_processes, processes = record["input_processes"], record["processes"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise self._read_error(step, folder / _LEAVES / _LEAVES_FILE, error) from error
+        plan = _RestorePlan(target, self._strategy, step)
+        plan.check(saved_leaves)
+        position = None
+        if iterator is not None:
+            position = self._position(step, input_processes)
+        try:
+            digests = self._digests.restore(folder / _DIGESTS, processes)
+        except (OSError, ValueError) as error:
+            raise self._read_error(step, folder / _DIGESTS, error) from error
+        ocp = self._ocp
         items = {_STATE: ocp.args.StandardRestore(plan.abstract)}
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except OSError as error:
-            raise CheckpointError(
-                f"reading checkpoint step {step} from {self._directory} failed ({error})"
-            ) from error
-        return plan.rebuild(restored[_STATE])
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
+        except Exception as error:  # orbax and TensorStore raise many types for damaged files
+            raise self._read_error(step, _failed_file(error, folder / _STATE), error) from error
+        self._verify(step, folder, saved_leaves, restored, digests)
+        state = plan.rebuild(restored)
+        if iterator is not None and position is not None:
+            iterator.set_state(position)
+        return state
+
+    def _verify(
+        self,
+        step: int,
+        folder: Path,
+        saved: Mapping[str, _Leaf],
+        restored: Mapping[str, Any],
+        digests: Mapping[str, int],
+    ) -> None:
+        """Raises a CheckpointError naming the first leaf whose values differ from the saved."""
+        names = list(restored)
+        partials = [
+            _partial_digest(saved[name].shape, _read_blocks(restored[name])) for name in names
+        ]
+        for name, got in zip(names, _job_sums(partials)):
+            if name not in digests:
+                raise self._read_error(
+                    step, folder / _DIGESTS, ValueError(f"it holds no digest of leaf {name!r}")
+                )
+            if got != digests[name]:
+                raise CheckpointError(
+                    f"checkpoint step {step} of {self._directory} is damaged: leaf {name!r} read "
+                    f"from {folder / _STATE} differs from the value saved (digest {got:016x}, "
+                    f"saved {digests[name]:016x}); restore another step by number "
+                    f"(steps {self.all_steps()}), or start from the initial state"
+                )
+
+    def _read_sealed(self, step: int, path: Path) -> dict[str, Any]:
+        try:
+            return _unsealed(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise self._read_error(step, path, error) from error
+
+    def _read_error(self, step: int, path: Path, error: Exception) -> CheckpointError:
+        cause = str(error).split(" [", 1)[0].strip().splitlines()
+        cause = cause[0][:300] if cause else ""
+        return CheckpointError(
+            f"cannot read checkpoint step {step} of {self._directory}: {path} is missing or "
+            f"damaged ({type(error).__name__}: {cause}); restore another step by number "
+            f"(steps {self.all_steps()}), or start from the initial state"
+        )
 
     def _position(self, step: int, input_processes: int | None) -> dict[str, Any]:
         """This process's saved input position; any process's if they all saved the same."""
@@ -325,11 +648,17 @@ class CheckpointManager:
             )
         count, index = jax.process_count(), jax.process_index()
         folder = self._directory / str(step) / _INPUT
+
+        def read(i: int, n: int) -> dict[str, Any]:
+            path = folder / _input_file(i, n)
+            record = self._read_sealed(step, path)
+            if not isinstance(record.get("position"), dict):
+                raise self._read_error(step, path, ValueError("it holds no input position"))
+            return record["position"]
+
         if input_processes == count:
-            return _read_json(folder / _input_file(index, count))
-        positions = [
-            _read_json(folder / _input_file(i, input_processes)) for i in range(input_processes)
-        ]
+            return read(index, count)
+        positions = [read(i, input_processes) for i in range(input_processes)]
         if any(p != positions[0] for p in positions):
             raise ValueError(
                 f"checkpoint step {step} holds {input_processes} different input positions, "
@@ -346,11 +675,14 @@ class CheckpointManager:
         )
 
     def close(self) -> None:
-        """Waits for the last save and releases orbax's threads."""
+        """Waits for the last save and releases orbax's threads and the directory."""
         try:
             self.wait_until_finished()
         finally:
             self._manager.close()
+            with _OPEN_LOCK:
+                if _OPEN_DIRECTORIES.get(self._directory.resolve()) is self:
+                    del _OPEN_DIRECTORIES[self._directory.resolve()]
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -374,13 +706,14 @@ def _input_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except OSError as error:
-        raise CheckpointError(
-            f"cannot read the input position {path} ({error}); the checkpoint is incomplete"
-        ) from error
+def _failed_file(error: Exception, folder: Path) -> Path:
+    """The file a TensorStore error names, the state's missing metadata, or else ``folder``."""
+    named = re.search(r'local file "([^"]+)"', str(error))
+    if named:
+        return Path(named.group(1))
+    if not (folder / "_METADATA").exists():
+        return folder / "_METADATA"
+    return folder
 
 
 def _is_key(x: Any) -> bool:
@@ -404,35 +737,49 @@ def _key_impl(key: Any) -> str:
     return names[0]
 
 
-def _named_leaves(state: PyTree) -> list[tuple[str, str, Any]]:
-    """(name, kind, value) for every leaf; a PerReplica's leaf is its stacked array.
+def _is_saved_node(x: Any) -> bool:
+    """A PerReplica, or a ReplicaShard over one: saved as one stacked array."""
+    return is_per_replica(x) or (isinstance(x, ReplicaShard) and isinstance(x.blocks, PerReplica))
 
-    Names are the pytree paths joined by dots (``params.Dense_0.kernel``).
+
+def _named_leaves(state: PyTree) -> list[_Named]:
+    """Every leaf as saved; a PerReplica's leaf is its stacked array.
+
+    Names are the pytree paths joined by dots (``params.Dense_0.kernel``); a ReplicaShard's
+    blocks are named ``<path>.blocks``.
     """
     named, seen = [], {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_replica)[0]:
-        if isinstance(leaf, PerReplica):
-            entries = [(path, "per_replica", leaf.stacked)]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_saved_node)[0]:
+        shard = None
+        if isinstance(leaf, ReplicaShard):
+            path, shard = (*path, jax.tree_util.GetAttrKey("blocks")), (leaf.shape, leaf.axis)
+            kind, value = "per_replica", leaf.blocks.stacked
+        elif isinstance(leaf, PerReplica):
+            kind, value = "per_replica", leaf.stacked
         else:
             is_array = isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
-            entries = [(path, "array" if is_array else "host", leaf)]
-        for full_path, kind, value in entries:
-            name = jax.tree_util.keystr(full_path, simple=True, separator=".") or "(root)"
-            if name in seen:
-                raise ValueError(
-                    f"state leaves {seen[name]} and {jax.tree_util.keystr(full_path)} would both "
-                    f"be saved as {name!r}; rename a key so that the dotted paths differ"
-                )
-            seen[name] = jax.tree_util.keystr(full_path)
-            named.append((name, kind, value))
+            kind, value = ("array" if is_array else "host"), leaf
+        name = jax.tree_util.keystr(path, simple=True, separator=".") or "(root)"
+        if name in seen:
+            raise ValueError(
+                f"state leaves {seen[name]} and {jax.tree_util.keystr(path)} would both "
+                f"be saved as {name!r}; rename a key so that the dotted paths differ"
+            )
+        seen[name] = jax.tree_util.keystr(path)
+        named.append(_Named(name, kind, value, shard))
     return named
 
 
 def _saved_arrays(state: PyTree) -> tuple[list[_Leaf], dict[str, Any]]:
     """The leaf records and the flat ``{name: array}`` dict that orbax writes."""
     leaves, arrays = [], {}
-    for name, kind, value in _named_leaves(state):
+    for name, kind, value, shard in _named_leaves(state):
         key_impl = None
+        if isinstance(value, jax.Array) and value.is_deleted():
+            raise ValueError(
+                f"state leaf {name!r} is a deleted array (donated to a jitted step, or "
+                "deleted); save the state the step returned, not the one passed in"
+            )
         if _is_key(value):
             key_impl = _key_impl(value)
             value = jax.random.key_data(value)
@@ -447,7 +794,7 @@ def _saved_arrays(state: PyTree) -> tuple[list[_Leaf], dict[str, Any]]:
             value = _host_array(value)
         elif kind == "per_replica" and not isinstance(value, jax.Array):
             value = np.asarray(value)
-        leaves.append(_Leaf(name, kind, key_impl))
+        leaves.append(_Leaf(name, kind, key_impl, np.shape(value), str(value.dtype), shard))
         arrays[name] = value
     return leaves, arrays
 
@@ -458,37 +805,44 @@ class _RestorePlan:
     def __init__(self, target: PyTree, strategy: TPUStrategy, step: int):
         self._strategy = strategy
         self._step = step
-        self._treedef = jax.tree.structure(target, is_leaf=is_per_replica)
-        self._target_leaves = jax.tree.leaves(target, is_leaf=is_per_replica)
+        self._treedef = jax.tree.structure(target, is_leaf=_is_saved_node)
+        self._target_leaves = jax.tree.leaves(target, is_leaf=_is_saved_node)
         self._named = _named_leaves(target)
-        self.abstract = {name: self._abstract(name, kind, x) for name, kind, x in self._named}
+        self.abstract = {leaf.name: self._abstract(leaf) for leaf in self._named}
+        # ReplicaShards saved over another number of replicas: their saved (shape, axis).
+        self._reshard: dict[str, tuple[tuple[int, ...], int]] = {}
 
-    def _abstract(self, name: str, kind: str, leaf: Any) -> Any:
+    def _abstract(self, leaf: _Named) -> Any:
+        name, kind, value = leaf.name, leaf.kind, leaf.value
         mesh = _placement_mesh(self._strategy)
         if kind == "host":
-            return _host_array(leaf)
+            return _host_array(value)
         if kind == "per_replica":
             n = self._strategy.num_replicas_in_sync
-            if np.shape(leaf)[0] != n:
+            if np.shape(value)[0] != n:
                 raise ValueError(
-                    f"target leaf {name!r} is a PerReplica over {np.shape(leaf)[0]} replicas but "
-                    f"the strategy has {n}; build the target with this strategy"
+                    f"target leaf {name!r} is a PerReplica over {np.shape(value)[0]} replicas "
+                    f"but the strategy has {n}; build the target with this strategy"
                 )
             sharding = _mesh.per_replica_sharding(mesh)
         else:
-            sharding = _target_sharding(name, getattr(leaf, "sharding", None), self._strategy)
-        shape, dtype = np.shape(leaf), leaf.dtype
-        if _is_key(leaf):
+            sharding = _target_sharding(name, getattr(value, "sharding", None), self._strategy)
+        shape, dtype = np.shape(value), value.dtype
+        if _is_key(value):
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
             spec = PartitionSpec(*sharding.spec, *[None] * (len(data.shape) - len(shape)))
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding.update(spec=spec))
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    def check(self, saved: Mapping[str, _Leaf], arrays: Mapping[str, Any]) -> None:
-        """Raises a ValueError naming every leaf that differs between checkpoint and target."""
-        wanted = {name: kind for name, kind, _ in self._named}
-        missing = sorted(set(wanted) - set(saved))
-        extra = sorted(set(saved) - set(wanted))
+    def check(self, saved: Mapping[str, _Leaf]) -> None:
+        """Raises a ValueError naming every leaf that differs between checkpoint and target.
+
+        A ReplicaShard saved over another number of replicas is read whole (replicated) and
+        cut for this strategy's replicas by ``rebuild``.
+        """
+        wanted = {leaf.name for leaf in self._named}
+        missing = sorted(wanted - set(saved))
+        extra = sorted(set(saved) - wanted)
         if missing or extra:
             differences = []
             if missing:
@@ -500,26 +854,47 @@ class _RestorePlan:
                 f"{'; '.join(differences)}); restore into a target with the saved structure"
             )
         problems = []
-        for name, kind, leaf in self._named:
-            record, stored = saved[name], arrays[name]
-            want = self.abstract[name]
-            if record.kind == kind == "per_replica" and stored.shape[0] != want.shape[0]:
-                raise ValueError(
-                    f"state leaf {name!r} is a PerReplica saved over {stored.shape[0]} "
-                    f"replicas but this strategy has {want.shape[0]}; restore it onto a "
-                    f"strategy with {stored.shape[0]} replicas (or drop the leaf and rebuild "
-                    "it per replica)"
+        for name, kind, value, shard in self._named:
+            record, want = saved[name], self.abstract[name]
+            stored = (record.shape, np.dtype(record.dtype))
+            if record.kind == kind == "per_replica" and record.shape[0] != want.shape[0]:
+                if record.shard is None or shard is None:
+                    raise ValueError(
+                        f"state leaf {name!r} is a PerReplica saved over {record.shape[0]} "
+                        f"replicas but this strategy has {want.shape[0]}; restore it onto a "
+                        f"strategy with {record.shape[0]} replicas (or drop the leaf and "
+                        "rebuild it per replica)"
+                    )
+                if record.shard[0] != shard[0]:
+                    problems.append(
+                        f"{name} (a ReplicaShard of a whole {list(record.shard[0])}, target "
+                        f"{list(shard[0])})"
+                    )
+                    continue
+                if record.shard[1] != shard[1]:
+                    raise ValueError(
+                        f"state leaf {name!r} is a ReplicaShard saved over {record.shape[0]} "
+                        f"replicas cut along axis {record.shard[1]}, and the target, over "
+                        f"{want.shape[0]} replicas, cuts it along axis {shard[1]}; "
+                        "ts.reshard_update_state keeps the saved axis: restore onto a strategy "
+                        f"with {record.shape[0]} replicas"
+                    )
+                # Read the saved blocks whole on every device; rebuild re-cuts them.
+                self._reshard[name] = record.shard
+                want = jax.ShapeDtypeStruct(
+                    record.shape,
+                    want.dtype,
+                    sharding=_mesh.replicated_sharding(_placement_mesh(self._strategy)),
                 )
-            impl = _key_impl(leaf) if _is_key(leaf) else None
+                self.abstract[name] = want
+            impl = _key_impl(value) if _is_key(value) else None
             if record.key_impl != impl:
                 problems.append(
                     f"{name} (random key implementation saved {record.key_impl}, target {impl})"
                 )
-            elif tuple(stored.shape) != tuple(want.shape) or np.dtype(stored.dtype) != np.dtype(
-                want.dtype
-            ):
+            elif stored != (tuple(want.shape), np.dtype(want.dtype)):
                 problems.append(
-                    f"{name} (saved {np.dtype(stored.dtype)}{list(stored.shape)}, target "
+                    f"{name} (saved {stored[1]}{list(stored[0])}, target "
                     f"{np.dtype(want.dtype)}{list(want.shape)})"
                 )
         if problems:
@@ -529,17 +904,25 @@ class _RestorePlan:
             )
 
     def rebuild(self, restored: Mapping[str, Any]) -> PyTree:
-        """The target's structure with the restored arrays."""
-        names = iter(name for name, _, _ in self._named)
+        """The target's structure with the restored arrays; ReplicaShards saved over another
+        number of replicas are moved onto this strategy's by ``ts.reshard_update_state``."""
         leaves = []
-        for leaf in self._target_leaves:
-            if isinstance(leaf, PerReplica):
-                inner = jax.tree.structure(leaf)  # unflattening keeps abstract targets working
+        for leaf, named in zip(self._target_leaves, self._named):
+            value = restored[named.name]
+            if isinstance(leaf, ReplicaShard):
+                blocks = PerReplica.from_stacked(value)
+                if named.name not in self._reshard:
+                    leaves.append(ReplicaShard(blocks, leaf.shape, leaf.axis))
+                    continue
+                shape, axis = self._reshard[named.name]
                 leaves.append(
-                    inner.unflatten([restored[next(names)] for _ in range(inner.num_leaves)])
+                    reshard_update_state(ReplicaShard(blocks, shape, axis), self._strategy)
                 )
+            elif isinstance(leaf, PerReplica):
+                inner = jax.tree.structure(leaf)  # unflattening keeps abstract targets working
+                leaves.append(inner.unflatten([value]))
             else:
-                leaves.append(_like(leaf, restored[next(names)]))
+                leaves.append(_like(leaf, value))
         return self._treedef.unflatten(leaves)
 
 
