@@ -5,6 +5,7 @@ Each launch costs a few seconds, so one launch per mesh shape runs the whole wor
 and is stopped, pass or fail.
 """
 
+import contextlib
 import doctest
 import os
 import signal
@@ -174,31 +175,52 @@ def test_timeout_stops_every_process(tmp_path):
 
 def test_a_call_made_by_one_process_is_named_in_every_process_log(tmp_path):
     """Process 0 reduces once more than process 1, which ends its program: each logs where it
-    waits and its call counts after warn_after_waiting, and the launcher stops both."""
-    start = time.monotonic()
-    with pytest.raises(ts.ClusterError, match=r"timed out after 15 s with processes \[0, 1\]"):
-        run_in_local_processes(
-            workers.reduce_in_process_0_only,
-            2,
-            devices_per_process=4,
-            args=(str(tmp_path),),
-            timeout=15,
-            warn_after_waiting=2,
-        )
-    assert time.monotonic() - start < 30
+    waits and its call counts after warn_after_waiting; then the test stops both."""
+    failure = []
+
+    def launch():
+        with pytest.raises(ts.ClusterError) as error:
+            run_in_local_processes(
+                workers.reduce_in_process_0_only,
+                2,
+                devices_per_process=4,
+                args=(str(tmp_path),),
+                timeout=120,
+                warn_after_waiting=2,
+            )
+        failure.append(str(error.value))
+
+    launcher = threading.Thread(target=launch)
+    launcher.start()
+    logs = [tmp_path / f"log-{process_id}.txt" for process_id in range(2)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+        log.exists() and "tpustrat:" in log.read_text() for log in logs
+    ):
+        time.sleep(0.2)
+    for pid in [int(p.read_text()) for p in tmp_path.glob("pid-*")]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.join()
+    assert "was killed by signal SIGKILL" in failure[0]
     _assert_stopped(tmp_path)
     counts = "; its calls so far: run 1, reduce {}, gather 0, checkpoint save 0. Every process"
-    log_0 = (tmp_path / "log-0.txt").read_text()
-    log_1 = (tmp_path / "log-1.txt").read_text()
-    assert log_0.startswith(
-        "tpustrat: process 0 of 2 has waited 2 s or more in reduce (its reduce call 2)"
-        + counts.format(2)
+    assert (
+        logs[0]
+        .read_text()
+        .startswith(
+            "tpustrat: process 0 of 2 has waited 2 s or more in reduce (its reduce call 2)"
+            + counts.format(2)
+        )
     )
-    assert log_1.startswith(
-        "tpustrat: process 1 of 2 has waited 2 s or more in the job's shutdown: its program "
-        "ended, and JAX waits for the other processes" + counts.format(1)
+    assert (
+        logs[1]
+        .read_text()
+        .startswith(
+            "tpustrat: process 1 of 2 has waited 2 s or more in the job's shutdown: its program "
+            "ended, and JAX waits for the other processes" + counts.format(1)
+        )
     )
-    assert log_0.count("tpustrat:") == log_1.count("tpustrat:") == 1
 
 
 def _environment():
@@ -288,24 +310,25 @@ def _finish(processes, timeout):
 
 
 _JOIN = """
-    import os, sys
+    import os, sys, time
     import tpustrat as ts
 
     address, num_processes, process_id = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+    start = time.monotonic()
     try:
         ts.initialize_cluster(address, num_processes, process_id, initialization_timeout=4)
     except ts.ClusterError as error:
         print(error, flush=True)
+    print(f"after {time.monotonic() - start:.1f} s", flush=True)
 """
 
 
 def test_process_told_of_more_processes_than_process_0_is_named_in_both():
     address = f"127.0.0.1:{_free_port()}"
-    start = time.monotonic()
-    done = _finish([_start_python(_JOIN, address, 2, 0), _start_python(_JOIN, address, 3, 1)], 60)
-    assert time.monotonic() - start < 30
+    done = _finish([_start_python(_JOIN, address, 2, 0), _start_python(_JOIN, address, 3, 1)], 90)
     (_, served, _), (_, told_more, _) = done
+    assert all(_seconds_taken(stdout) < 15 for _, stdout, _ in done)  # not gloo's 30 s
     assert (
         f"process 1 was started with num_processes=3, but process 0 (started with "
         f"num_processes=2) and the coordinator at {address} run a job of 2 processes: the "
@@ -320,9 +343,7 @@ def test_process_told_of_more_processes_than_process_0_is_named_in_both():
 
 def test_process_0_told_of_more_processes_is_named_in_both():
     address = f"127.0.0.1:{_free_port()}"
-    start = time.monotonic()
-    done = _finish([_start_python(_JOIN, address, 3, 0), _start_python(_JOIN, address, 2, 1)], 60)
-    assert time.monotonic() - start < 30
+    done = _finish([_start_python(_JOIN, address, 3, 0), _start_python(_JOIN, address, 2, 1)], 90)
     for (code, _, stderr), who, this_one in zip(done, ["0 of 3 serves", "1 of 2 reached"], [3, 2]):
         assert code == 1
         assert (
@@ -335,16 +356,18 @@ def test_process_0_told_of_more_processes_is_named_in_both():
 def test_another_program_on_the_coordinator_port_is_named():
     """A listener that accepts and says nothing, and one that answers something else."""
     code = """
-        import os, sys
+        import os, sys, time
         import tpustrat as ts
 
         address = sys.argv[1]
         os.environ["JAX_COORDINATOR_BIND_ADDRESS"] = address
+        start = time.monotonic()
         for process_id in (0, 1):
             try:
                 ts.initialize_cluster(address, 2, process_id, initialization_timeout=60)
             except ts.ClusterError as error:
                 print(error, flush=True)
+        print(f"after {time.monotonic() - start:.1f} s", flush=True)
     """
     with socket.socket() as silent, socket.socket() as talker:
         for listener in (silent, talker):
@@ -353,11 +376,9 @@ def test_another_program_on_the_coordinator_port_is_named():
         talk = threading.Thread(target=_greet, args=(talker, b"SSH-2.0-OpenSSH_9.6\r\n"))
         talk.start()
         addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in (silent, talker)]
-        start = time.monotonic()
-        done = _finish([_start_python(code, address) for address in addresses], timeout=60)
-        elapsed = time.monotonic() - start
+        done = _finish([_start_python(code, address) for address in addresses], timeout=90)
         talk.join()
-    assert elapsed < 30
+    assert all(_seconds_taken(stdout) < 15 for _, stdout, _ in done)  # not the 60 s timeout
     for (_, stdout, _), address in zip(done, addresses):
         port = address.rsplit(":", 1)[1]
         assert f"process 0 of 2 serves the coordinator at {address}, but port {port}" in stdout
@@ -369,6 +390,11 @@ def test_another_program_on_the_coordinator_port_is_named():
     )
     assert expected.format(addresses[0], "said nothing for 5 s") in silent_out
     assert expected.format(addresses[1], "answered b'SSH-2.0-O'") in talker_out
+
+
+def _seconds_taken(stdout):
+    """The seconds a snippet says its start-up attempts took (its last line, 'after N s')."""
+    return float(stdout.splitlines()[-1].split()[1])
 
 
 def _greet(listener, greeting):
