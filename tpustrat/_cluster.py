@@ -208,10 +208,10 @@ def _check_request(
     num_processes: int | None,
     process_id: int | None,
     local_device_ids: Sequence[int] | None,
-    initialization_timeout: int | None = None,
-    heartbeat_timeout: int | None = None,
-    exit_on_uncaught_exception: bool | None = None,
-    warn_after_waiting: float | None = None,
+    initialization_timeout: int | None,
+    heartbeat_timeout: int | None,
+    exit_on_uncaught_exception: bool | None,
+    warn_after_waiting: float | None,
 ) -> _Request:
     if coordinator_address is not None:
         _split_address(coordinator_address)
@@ -355,6 +355,10 @@ def _join(request: _Request, initialization_timeout: int, heartbeat_timeout: int
 
 
 _NUM_PROCESSES_KEY = "tpustrat/num_processes/"
+_DIFFERENT_COUNTS = (
+    "the processes were started with different num_processes. Start every process with the "
+    "same num_processes (and process ids 0 to num_processes - 1)"
+)
 
 
 def _key_value_store() -> Any:
@@ -382,9 +386,7 @@ def _check_same_num_processes(request: _Request, info: ClusterInfo) -> None:
     if request.num_processes != n:
         raise ClusterError(
             f"{who} joined the coordinator at {address}, which runs a job of {n} processes "
-            f"(process 0's num_processes): the processes were started with different "
-            f"num_processes. Start every process with the same num_processes (and process ids "
-            f"0 to num_processes - 1)"
+            f"(process 0's num_processes): {_DIFFERENT_COUNTS}"
         )
     store, deadline = _key_value_store(), time.monotonic() + _PUBLISH_SECONDS
     published = {}
@@ -396,9 +398,7 @@ def _check_same_num_processes(request: _Request, info: ClusterInfo) -> None:
         if value != str(n):
             raise ClusterError(
                 f"process {other} was started with num_processes={value}, but {who} and the "
-                f"coordinator at {address} run a job of {n} processes: the processes were "
-                f"started with different num_processes. Start every process with the same "
-                f"num_processes (and process ids 0 to num_processes - 1)"
+                f"coordinator at {address} run a job of {n} processes: {_DIFFERENT_COUNTS}"
             )
 
 

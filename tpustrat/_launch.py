@@ -175,27 +175,29 @@ def _check_env(env: Any) -> dict[str, str]:
 
 def _pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     """The pickled call; a TypeError naming ``fn``, or the argument, that cannot be sent."""
-    name = getattr(fn, "__qualname__", repr(fn))
     try:
-        pickle.dumps(fn)
-    except Exception as error:
-        raise TypeError(
-            f"run_in_local_processes could not send fn {name!r} to the processes ({error}); "
-            "pass a function defined at the top level of a module (not a lambda or a nested "
-            "function), which each process imports by name"
-        ) from None
-    named = [(f"args[{i}]", a) for i, a in enumerate(args)]
-    named += [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
-    for where, value in named:
+        return pickle.dumps((fn, args, kwargs))
+    except Exception:
+        pass  # find which part cannot be sent, to name it
+    parts = [("fn", fn), *((f"args[{i}]", a) for i, a in enumerate(args))]
+    parts += [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    for where, value in parts:
         try:
             pickle.dumps(value)
         except Exception as error:
+            if where == "fn":
+                raise TypeError(
+                    f"run_in_local_processes could not send fn "
+                    f"{getattr(fn, '__qualname__', fn)!r} to the processes ({error}); pass a "
+                    "function defined at the top level of a module (not a lambda or a nested "
+                    "function), which each process imports by name"
+                ) from None
             raise TypeError(
                 f"run_in_local_processes could not send {where}, a {type(value).__name__}, to "
                 f"the processes ({error}); pass picklable arguments (arrays, numbers, strings, "
                 "top-level functions) and build the rest inside fn"
             ) from None
-    return pickle.dumps((fn, args, kwargs))
+    return pickle.dumps((fn, args, kwargs))  # raises what made the whole fail
 
 
 def _main_module(fn: Callable[..., Any]) -> tuple[str, str] | None:

@@ -9,8 +9,8 @@ WARNING, which call this process waits in and how many calls of each kind it has
 stuck process says it, so comparing the processes' logs shows the one that went its own way.
 
 Marking a wait updates three attributes (no lock, clock or allocation), so ``run`` can mark
-its dispatch window's waits. A process that waits in two threads at once is reported for the
-latest wait.
+its dispatch window's waits. The marks of all threads are one stream: a wait opened by another
+thread while one lasts restarts the clock.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ KINDS = ("run", "reduce", "gather", "checkpoint save", "shutdown")
 calls: dict[str, int] = dict.fromkeys(KINDS, 0)
 """How many calls of each kind this process has made; the blocking points count them."""
 
-_POLL_SECONDS = 1.0  # the watchdog looks at most this often
+_POLL_SECONDS = 1.0  # the watchdog looks this often, or four times per limit if that is sooner
 
 
 class _Marks:
