@@ -1,40 +1,97 @@
-"""What the benchmark scripts share: alternated rounds, medians and ratios, the record, the machine.
+"""How the benchmarks measure: devices, alternated rounds, summaries, in-flight loops, tables.
 
-Not a benchmark itself. The scripts import it after they have set ``XLA_FLAGS`` (8 simulated
-devices on a CPU-only host), since that must happen before jax is imported.
+Not a benchmark itself. A script calls ``prepare()`` before it imports jax, since XLA reads the
+simulated device count from ``XLA_FLAGS`` once, when jax starts; so this module imports jax
+only inside the functions that dispatch. Where the records go is ``_results``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
+import collections
 import gc
-import importlib.metadata
 import json
 import os
-import pathlib
-import platform
+import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any, TypeVar
 
-import jax
+State = TypeVar("State")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_NUMBER = re.compile(r"^([-+]?[\d.,]+|-|n/a)")
 
 
-def machine() -> str:
-    """The accelerator, or the CPU model and core count, for the record."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return f"{jax.device_count()} x {device.device_kind}"
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
+def prepare(devices: int = 8, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Sets up a benchmark's process; call it before importing jax.
+
+    A CPU-only host simulates ``devices`` devices, unless ``XLA_FLAGS`` already sets a count;
+    accelerators are not affected, and ``JAX_PLATFORMS`` stays as the user set it. Keras, where
+    a script compares with it, runs on JAX unless ``KERAS_BACKEND`` says otherwise.
+
+    Args:
+        devices: how many CPU devices to simulate.
+        environ: the environment to change.
+
+    Example:
+        >>> environ = {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}
+        >>> prepare(8, environ)
+        >>> environ["XLA_FLAGS"]
+        '--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=8'
+        >>> prepare(4, environ)  # a count already set is kept
+        >>> environ["XLA_FLAGS"].count("device_count")
+        1
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if DEVICE_COUNT_FLAG not in flags:
+        environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={devices}".strip()
+    environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def device_environment(devices: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """A copy of ``environ`` for a child process with ``devices`` simulated CPU devices.
+
+    Any device count in ``XLA_FLAGS`` is replaced, the other flags kept; ``JAX_PLATFORMS``
+    defaults to ``cpu``, so that the child simulates its devices on an accelerator host too.
+
+    Example:
+        >>> env = device_environment(64, {"XLA_FLAGS": f"{DEVICE_COUNT_FLAG}=8 --xla_dump_to=x"})
+        >>> env["XLA_FLAGS"], env["JAX_PLATFORMS"]
+        ('--xla_dump_to=x --xla_force_host_platform_device_count=64', 'cpu')
+    """
+    env = dict(environ)
+    kept = [flag for flag in env.get("XLA_FLAGS", "").split() if DEVICE_COUNT_FLAG not in flag]
+    env["XLA_FLAGS"] = " ".join([*kept, f"{DEVICE_COUNT_FLAG}={devices}"])
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_with_devices(devices: int, argv: Sequence[str], timeout: float) -> Any:
+    """Runs ``python *argv`` with ``devices`` simulated CPU devices; returns its last line's JSON.
+
+    Raises:
+        RuntimeError: the child failed; the message ends with its standard error.
+
+    Example:
+        >>> run_with_devices(4, ["-c", "import os; print(os.environ['XLA_FLAGS'][-1])"], 60)
+        4
+    """
+    done = subprocess.run(
+        [sys.executable, *argv],
+        env=device_environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode:
+        raise RuntimeError(
+            f"the {devices}-device child `python {' '.join(argv)}` exited with "
+            f"{done.returncode}; its standard error ends:\n{done.stderr[-3000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -44,6 +101,12 @@ def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str
     Rotating the order (a b c, b c a, c a b, ...) spreads the machine's noise over all the
     variants alike. A garbage collection runs before each round, outside the timing, so that
     no variant pays for the garbage another one left.
+
+    Example:
+        >>> order = []
+        >>> samples = alternate({n: lambda n=n: order.append(n) or len(order) for n in "abc"}, 2)
+        >>> "".join(order), samples
+        ('abcbca', {'a': [1, 6], 'b': [2, 4], 'c': [3, 5]})
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
@@ -61,7 +124,13 @@ def summarize(samples: dict[str, list[float]], baseline: str, per_second: bool) 
     With ``per_second`` the samples are rates (higher is better) and a ratio above 1 means
     faster than the baseline; otherwise they are times, and the ratio is time over the
     baseline's time (above 1 means slower). The paired ratio is the median over rounds of each
-    round's ratio, which cancels load that drifts between rounds.
+    round's ratio, which cancels load that drifts between rounds; the spread is
+    (max - min) / median.
+
+    Example:
+        >>> rows = summarize({"a": [2.0, 4.0], "b": [1.0, 4.0]}, "b", per_second=True)
+        >>> [(r["variant"], r["median"], r["ratio"], r["paired_ratio"]) for r in rows]
+        [('a', 3.0, 1.2, 1.5), ('b', 2.5, 1.0, 1.0)]
     """
     base = samples[baseline]
     rows = []
@@ -80,56 +149,123 @@ def summarize(samples: dict[str, list[float]], baseline: str, per_second: bool) 
     return rows
 
 
-def record(name: str, workload: str, **fields) -> dict:
-    """The JSON record's common fields: command, machine, versions, date, load."""
-    versions = {"jax": jax.__version__}
-    for package in ("flax", "optax", "keras"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return {
-        "benchmark": name,
-        "command": " ".join(["python", *sys.argv]),
-        "machine": machine(),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-        "versions": versions,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average": os.getloadavg()[0],
-        "workload": workload,
-        **fields,
-    }
+def in_flight(
+    step: Callable[[State], State],
+    state: State,
+    steps: int,
+    window: int,
+    ready: Callable[[State], Any] | None = None,
+) -> State:
+    """``state = step(state)``, ``steps`` times, with at most ``window`` steps in flight.
+
+    The loop of a hand-written JAX program: each call returns before the devices finish, so
+    after each call it waits for the call ``window`` places back to be done. Without a bound,
+    XLA:CPU with simulated devices aborts on a collective rendezvous within a few hundred
+    steps. At the end it waits for every call still in flight and for the whole state.
+
+    Args:
+        step: one dispatch, from one state to the next.
+        state: the first state.
+        steps: how many times to call ``step``.
+        window: how many calls may be in flight.
+        ready: from a state, an array that is ready when its call is done (a loss, say: one
+            that nothing donates); by default the state's first leaf.
+
+    Returns:
+        The last state, ready.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> in_flight(lambda x: x + 1, jnp.zeros(()), steps=5, window=2)
+        Array(5., dtype=float32)
+    """
+    import jax
+
+    ready = ready or (lambda out: jax.tree.leaves(out)[0])
+    pending = collections.deque()
+    for _ in range(steps):
+        state = step(state)
+        pending.append(ready(state))
+        if len(pending) > window:
+            pending.popleft().block_until_ready()
+    for output in pending:
+        output.block_until_ready()
+    return jax.block_until_ready(state)
 
 
-def write(name: str, data: dict, out: pathlib.Path) -> pathlib.Path:
-    """Writes ``<out>/<name>.json`` (``out`` from ``_results.folder``); returns its path."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, padded to read in a terminal; columns of numbers align right.
+
+    Cells are printed with ``str``: format numbers before. A column is numeric when each of
+    its cells starts with a number (or is ``-`` or ``n/a``).
+
+    Example:
+        >>> print(table(["variant", "steps/s"], [["(a) run", "133.4"], ["(b)", "97.0"]]))
+        | variant | steps/s |
+        | :--- | ---: |
+        | (a) run |   133.4 |
+        | (b)     |    97.0 |
+    """
+    cells = [[str(cell) for cell in row] for row in rows]
+    columns = list(zip(header, *cells, strict=True))
+    widths = [max(map(len, column)) for column in columns]
+    numeric = [all(_NUMBER.match(cell) for cell in column[1:]) for column in columns]
+
+    def line(row: Sequence[str]) -> str:
+        padded = (
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(row, widths, numeric)
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join("---:" if right else ":---" for right in numeric) + " |"
+    return "\n".join([line(header), rule, *map(line, cells)])
 
 
-def pyplot():
-    """matplotlib's pyplot without a display."""
-    import matplotlib
+def summary_table(
+    rows: Sequence[dict], median: str, columns: Mapping[str, Callable[[dict], object]] = {}
+) -> str:
+    """``summarize``'s rows as a table: variant, median, ratio, paired ratio, spread, ``columns``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        rows: from ``summarize``.
+        median: the median's column name, e.g. ``"steps/s"``.
+        columns: more columns: name -> the cell for a row.
 
-    return plt
-
-
-def save_figure(fig, path) -> None:
-    """Lays ``fig`` out, writes it to ``path`` as a PNG, and frees it."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    Example:
+        >>> rows = summarize({"(a)": [2.0, 4.0], "(b)": [1.0, 4.0]}, "(b)", per_second=True)
+        >>> print(summary_table(rows, "steps/s", {"best": lambda row: max(row["rounds"])}))
+        | variant | steps/s | ratio | paired ratio | spread | best |
+        | :--- | ---: | ---: | ---: | ---: | ---: |
+        | (a)     |     3.0 | 1.200 |        1.500 |   0.67 |  4.0 |
+        | (b)     |     2.5 | 1.000 |        1.000 |   1.20 |  4.0 |
+    """
+    header = ["variant", median, "ratio", "paired ratio", "spread", *columns]
+    cells = [
+        [
+            row["variant"],
+            f"{row['median']:,.1f}",
+            f"{row['ratio']:.3f}",
+            f"{row['paired_ratio']:.3f}",
+            f"{row['spread']:.2f}",
+            *(cell(row) for cell in columns.values()),
+        ]
+        for row in rows
+    ]
+    return table(header, cells)
 
 
 def keras_unavailable() -> str | None:
-    """Why the Keras variant cannot run here, or None when it can."""
+    """Why the Keras variant cannot run here, or None when it can.
+
+    Example:
+        >>> keras_unavailable() is None or "keras" in keras_unavailable().lower()
+        True
+    """
     try:
         import keras
-    except ImportError:
-        return "keras is not installed (pip install -e '.[bench]')"
+    except ImportError as error:
+        return f"keras cannot be imported ({error}); pip install -e '.[bench]'"
     if keras.backend.backend() != "jax":
         return f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to 'jax'"
     return None

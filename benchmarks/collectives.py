@@ -15,31 +15,23 @@ Usage: python benchmarks/collectives.py  (about 10 s)
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
 import argparse
-import datetime
-import json
 import math
-import pathlib
 import re
-import sys
 from typing import Any
 
+import _harness
 import _results
-import jax
-import numpy as np
-import step_overhead as workload
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import step_overhead as workload  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 DTYPE_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}  # and [suf]N: N / 8 bytes
@@ -158,17 +150,14 @@ def reference_programs(params, x, y) -> list[tuple[str, str, str, str, int]]:
     ]
 
 
-def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], title: str):
+    """Per program, the collectives' result bytes per device against the reference bytes."""
     labels = [f"{r['program']} {r['mesh']}\n{r['collective']} x{r['ops']}" for r in rows][::-1]
     measured = [r["result_bytes"] for r in rows][::-1]
     reference = [r["reference_bytes"] for r in rows][::-1]
     positions = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 2))
+    fig = _results.figure(figsize=(9, 0.75 * len(rows) + 2))
+    ax = fig.subplots()
     ax.barh(positions + 0.2, measured, height=0.4, label="collective result bytes per device")
     ax.barh(positions - 0.2, reference, height=0.4, label="reference bytes", color="#c0c0c0")
     for y, r in zip(positions, rows[::-1]):
@@ -188,9 +177,7 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
     ax.set_xlabel("bytes per device per step (log scale)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -223,31 +210,29 @@ def main() -> None:
         f"{jax.device_count()} x {jax.devices()[0].platform}, jax {jax.__version__}"
     )
     print(title)
-    header = (
-        f"{'program':<36} {'mesh':<4} {'collective':<11} {'ops':>3} {'group':>5} "
-        f"{'operand B':>10} {'result B':>10} {'reference':<16} {'ref B':>10} {'result/ref':>10}"
-    )
-    print(header)
-    for r in rows:
-        print(
-            f"{r['program']:<36} {r['mesh']:<4} {r['collective']:<11} {r['ops']:>3} "
-            f"{r['group_size'] or '-':>5} {r['operand_bytes']:>10,} {r['result_bytes']:>10,} "
-            f"{r['reference']:<16} {r['reference_bytes']:>10,} {r['result_over_reference']:>10.3f}"
+    header = ["program", "mesh", "collective", "ops", "group", "operand bytes", "result bytes"]
+    header += ["reference", "reference bytes", "result / reference"]
+    print(
+        _harness.table(
+            header,
+            [
+                [
+                    r["program"],
+                    r["mesh"],
+                    r["collective"],
+                    r["ops"],
+                    r["group_size"] or "-",
+                    f"{r['operand_bytes']:,}",
+                    f"{r['result_bytes']:,}",
+                    r["reference"],
+                    f"{r['reference_bytes']:,}",
+                    f"{r['result_over_reference']:.3f}",
+                ]
+                for r in rows
+            ],
         )
-    out = _results.folder(args)
-    record = {
-        "benchmark": "collectives",
-        "command": " ".join(["python", *sys.argv]),
-        "jax": jax.__version__,
-        "platform": jax.devices()[0].platform,
-        "devices": jax.device_count(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "workload": title,
-        "rows": rows,
-    }
-    (out / "collectives.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(rows, title, out / "collectives.png")
-    print(f"wrote {out / 'collectives.json'} and {out / 'collectives.png'}")
+    )
+    _results.write(_results.record("collectives", title, rows=rows), args, plot(rows, title))
 
 
 if __name__ == "__main__":

@@ -28,16 +28,7 @@ Usage: python benchmarks/defaults.py [--steps 200] [--rounds 9]  (about 1.5 minu
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
 import argparse
-import collections
 import functools
 import gc
 import itertools
@@ -47,11 +38,14 @@ from collections.abc import Callable
 
 import _harness
 import _results
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from step_overhead import (
+
+_harness.prepare()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from step_overhead import (  # noqa: E402
     GLOBAL_BATCH,
     SIZES,
     global_batch,
@@ -63,7 +57,7 @@ from step_overhead import (
     tpustrat_step,
 )
 
-import tpustrat as ts
+import tpustrat as ts  # noqa: E402
 
 PLAIN, PLAIN_NO_GC = "(A) tpustrat plain run", "(A') (A), gc paused in rounds"
 PLAIN_4 = "(A4) (A), max_steps_in_flight=4"
@@ -139,15 +133,14 @@ def _in_flight_loop(program, mesh, params, x, y, steps_per_call: int) -> Callabl
     holder = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
 
     def run(steps):
-        p, pending = holder["params"], collections.deque()
         start = time.perf_counter()
-        for _ in range(steps // steps_per_call):
-            p, loss = program(p, x, y)
-            pending.append(loss)
-            if len(pending) > IN_FLIGHT:
-                pending.popleft().block_until_ready()
-        jax.block_until_ready(p)
-        holder["params"] = p
+        holder["params"], _ = _harness.in_flight(
+            lambda state: program(state[0], x, y),
+            (holder["params"], None),
+            steps // steps_per_call,
+            IN_FLIGHT,
+            ready=lambda state: state[1],
+        )
         return steps / (time.perf_counter() - start)
 
     return run
@@ -210,10 +203,11 @@ def make_ceiling(params, x, y) -> Callable[[int], float]:
     return _in_flight_loop(program, mesh, params, x, y, STEPS_PER_RUN)
 
 
-def plot(rows: list[dict], title: str, path) -> None:
-    plt = _harness.pyplot()
+def plot(rows: list[dict], title: str):
+    """Median steps/s per loop, whiskers from the slowest to the fastest round."""
     rows = rows[::-1]
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.4))
+    fig = _results.figure(figsize=(10, 0.6 * len(rows) + 1.4))
+    ax = fig.subplots()
     medians = [row["median"] for row in rows]
     low = [m - min(row["rounds"]) for m, row in zip(medians, rows)]
     high = [max(row["rounds"]) - m for m, row in zip(medians, rows)]
@@ -232,7 +226,7 @@ def plot(rows: list[dict], title: str, path) -> None:
         )
     ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
     ax.set_title(title, fontsize=9)
-    _harness.save_figure(fig, path)
+    return fig
 
 
 def main() -> None:
@@ -277,21 +271,15 @@ def main() -> None:
         f"{jax.device_count()} x {jax.devices()[0].platform}, {args.rounds} rounds of "
         f"{args.steps} steps"
     )
-    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
-    print(
-        f"{'loop':<32} {'steps/s':>8} {'/ (B)':>6} {'paired':>6} {'/ (D)':>6} {'spread':>6} "
-        f"{'gc/round':>8} {'gc ms':>6}"
-    )
-    for row in rows:
-        print(
-            f"{row['variant']:<32} {row['median']:>8.1f} {row['ratio']:>6.3f} "
-            f"{row['paired_ratio']:>6.3f} {row['ratio_to_naive']:>6.2f} {row['spread']:>6.2f} "
-            f"{row['gc_collections_per_round']:>8.0f} {row['gc_ms_per_round']:>6.1f}"
-        )
-    data = _harness.record("defaults", title, rows=rows)
-    path = _harness.write("defaults", data, _results.folder(args))
-    plot(rows, f"{title}\n{data['machine']}", path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    data = _results.record("defaults", title, rows=rows)
+    print(f"\n{title}\n{data['machine']}, jax {jax.__version__}")
+    columns = {
+        "/ (D)": lambda row: f"{row['ratio_to_naive']:.2f}",
+        "gc/round": lambda row: f"{row['gc_collections_per_round']:.0f}",
+        "gc ms": lambda row: f"{row['gc_ms_per_round']:.1f}",
+    }
+    print(_harness.summary_table(rows, "steps/s", columns))
+    _results.write(data, args, plot(rows, f"{title}\n{data['machine']}"))
 
 
 if __name__ == "__main__":

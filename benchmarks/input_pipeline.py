@@ -1,13 +1,13 @@
 """Does prefetch hide the input pipeline? Step time with and without a background thread.
 
 A loader sleeps X ms per global batch (standing in for reading and decoding); the step runs a
-matmul loop calibrated to about Y ms on the 8 CPU devices. The loop reads the loss after every
-step, as a loop that logs it does, so without prefetch each step costs about X + Y; with
-``experimental_per_replica_buffer_size=2`` the next batches load while the step runs and a step
-costs about max(X, Y). Runs with and without prefetch, and of the step alone, alternate, so drift
-in the machine's load touches all three; each number is the median over repeats of the
-steady-state time per step (the first step of each epoch, which also fills the buffer, is left
-out).
+matmul loop calibrated to about Y ms on the devices (8 simulated ones on a CPU-only host). The
+loop reads the loss after every step, as a loop that logs it does, so without prefetch each step
+costs about X + Y; with ``experimental_per_replica_buffer_size=2`` the next batches load while
+the step runs and a step costs about max(X, Y). Runs with and without prefetch, and of the step
+alone, alternate (their order rotating), so drift in the machine's load touches all three; each
+number is the median over repeats of the steady-state time per step (the first step of each
+epoch, which also fills the buffer, is left out).
 
 Prints a table and writes ``input_pipeline.json`` and ``input_pipeline.png`` into
 ``results/local/`` (``--record``: into the tracked ``results/``).
@@ -15,27 +15,23 @@ Prints a table and writes ``input_pipeline.json`` and ``input_pipeline.png`` int
 Usage: python benchmarks/input_pipeline.py [--batches 20] [--repeats 3]  (about 20 s on 2 cores)
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import pathlib
+import functools
 import statistics
-import sys
 import time
 
+import _harness
 import _results
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 GLOBAL_BATCH = 256
 FEATURES = 128
@@ -118,10 +114,6 @@ def main():
         f"{strategy.num_replicas_in_sync} replicas, global batch {GLOBAL_BATCH}x{FEATURES}, "
         f"{args.batches} batches per epoch, {args.repeats} epochs each"
     )
-    print(title)
-    print("ms per step. X: loader sleep per batch; Y: the step alone (target, then measured")
-    print("in the same alternation with a loader that never sleeps)")
-    print(f"{'X':>4} {'Y':>4} {'Y meas':>7} {'prefetch':>9} {'sync':>7} {'max(X,Y)':>9} {'X+Y':>6}")
     rows = []
     for loader_ms, target_ms in CONFIGS_MS:
         iterations = np.int32(calibrate(strategy, weights, target_ms))
@@ -130,52 +122,57 @@ def main():
             "prefetch": (SleepyLoader(loader_ms, args.batches), 2),
             "sync": (SleepyLoader(loader_ms, args.batches), 0),
         }
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, (loader, buffer_size) in runs.items():  # alternate the three
-                times[name].append(
-                    epoch_step_ms(strategy, weights, loader, iterations, buffer_size)
+        times = _harness.alternate(
+            {
+                name: functools.partial(
+                    epoch_step_ms, strategy, weights, loader, iterations, buffer_size
                 )
-        measured, prefetch, sync = (statistics.median(times[name]) for name in runs)
-        print(
-            f"{loader_ms:>4} {target_ms:>4} {measured:>7.1f} {prefetch:>9.1f} {sync:>7.1f} "
-            f"{max(loader_ms, measured):>9.1f} {loader_ms + measured:>6.1f}"
+                for name, (loader, buffer_size) in runs.items()
+            },
+            args.repeats,
         )
+        medians = {
+            row["variant"]: row["median"] for row in _harness.summarize(times, "step", False)
+        }
         rows.append(
             {
                 "loader_ms": loader_ms,
                 "step_target_ms": target_ms,
-                "step_ms": measured,
-                "prefetch_ms": prefetch,
-                "sync_ms": sync,
-                "max_ms": max(loader_ms, measured),
-                "sum_ms": loader_ms + measured,
+                "step_ms": medians["step"],
+                "prefetch_ms": medians["prefetch"],
+                "sync_ms": medians["sync"],
+                "max_ms": max(loader_ms, medians["step"]),
+                "sum_ms": loader_ms + medians["step"],
                 "runs_ms": times,
             }
         )
-    out = _results.folder(args)
-    record = {
-        "benchmark": "input_pipeline",
-        "command": " ".join(["python", *sys.argv]),
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "devices": jax.device_count(),
-        "workload": title,
-        "rows": rows,
-    }
-    (out / "input_pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(rows, title, out / "input_pipeline.png")
-    print(f"wrote {out / 'input_pipeline.json'} and {out / 'input_pipeline.png'}")
+    print(title)
+    print("ms per step. X: loader sleep per batch; Y: the step alone (target, then measured")
+    print("in the same alternation with a loader that never sleeps)")
+    print(
+        _harness.table(
+            ["X", "Y", "Y measured", "prefetch", "sync", "max(X, Y)", "X + Y"],
+            [
+                [
+                    row["loader_ms"],
+                    row["step_target_ms"],
+                    f"{row['step_ms']:.1f}",
+                    f"{row['prefetch_ms']:.1f}",
+                    f"{row['sync_ms']:.1f}",
+                    f"{row['max_ms']:.1f}",
+                    f"{row['sum_ms']:.1f}",
+                ]
+                for row in rows
+            ],
+        )
+    )
+    _results.write(_results.record("input_pipeline", title, rows=rows), args, plot(rows, title))
 
 
-def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
+def plot(rows: list[dict], title: str):
     """ms per step with and without prefetch, against max(X, Y) and X + Y, per config."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = _results.figure(figsize=(7, 3.8))
+    ax = fig.subplots()
     positions = np.arange(len(rows))
     width = 0.35
     for offset, key, label in ((-1, "prefetch_ms", "with prefetch"), (1, "sync_ms", "synchronous")):
@@ -195,9 +192,7 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
     ax.set_ylabel("ms per step (median)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

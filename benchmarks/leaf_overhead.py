@@ -24,16 +24,7 @@ Usage: python benchmarks/leaf_overhead.py [--rounds 9] [--profile]  (about 1 min
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
 import argparse
-import collections
 import cProfile
 import functools
 import io
@@ -46,19 +37,23 @@ from typing import Any
 
 import _harness
 import _results
-import jax
-import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 LEAF_COUNTS = (1, 10, 100, 1000)
 WINDOW = 2  # tpustrat's default max_steps_in_flight, used by both loops
 TPUSTRAT, BASELINE = "(a) tpustrat strategy.run", "(b) jit(shard_map) by hand"
 CHECKED = "(b') (b) + flatten, sharding and deletion checks"
 SHARDING, IS_DELETED = operator.attrgetter("sharding"), operator.methodcaller("is_deleted")
+FIRST_LEAF = operator.itemgetter("w0000")
 NNX_VARIABLES = (10, 100)
 LIVE = "(c) run(step, args=(model,))"
 NNX_JIT = "(d) nnx.jit(step)(model), 1 device"
@@ -119,23 +114,21 @@ def make_shard_map(
     expected = jax.tree_util.tree_flatten(((state["now"],), {}))[1]
     shardings = (sharding,) * leaves
 
+    def checked_call(s):
+        flat, structure = jax.tree_util.tree_flatten(((s,), {}))
+        if (
+            structure != expected
+            or tuple(map(SHARDING, flat)) != shardings
+            or any(map(IS_DELETED, flat))
+        ):
+            raise AssertionError(f"(b') found an input out of place: {structure}")
+        return jitted(s)
+
     def loop(calls: int) -> None:
-        s, pending = state["now"], collections.deque()
-        for _ in range(calls):
-            if checked:
-                flat, structure = jax.tree_util.tree_flatten(((s,), {}))
-                if (
-                    structure != expected
-                    or tuple(map(SHARDING, flat)) != shardings
-                    or any(map(IS_DELETED, flat))
-                ):
-                    raise AssertionError(f"(b') found an input out of place: {structure}")
-            s = jitted(s)
-            pending.append(s["w0000"])  # any output leaf: the program is done when it is ready
-            if len(pending) > WINDOW:
-                pending.popleft().block_until_ready()
-        jax.block_until_ready(s)
-        state["now"] = s
+        # Any output leaf will do: the program is done when it is ready.
+        state["now"] = _harness.in_flight(
+            checked_call if checked else jitted, state["now"], calls, WINDOW, ready=FIRST_LEAF
+        )
 
     return timed(loop, host_cpu)
 
@@ -232,30 +225,29 @@ def profile(calls: int = 50, leaves: int = 1000) -> str:
     return text.getvalue()
 
 
-def plot(rows: list[dict], title: str, path) -> None:
-    plt = _harness.pyplot()
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+def plot(rows: list[dict], title: str):
+    """us per call against leaves, the ratios to (b), and the host CPU (a) and (b') add."""
+    fig = _results.figure(figsize=(15, 4))
+    left, middle, right = fig.subplots(1, 3)
     counts = [row["leaves"] for row in rows]
     for name in (TPUSTRAT, BASELINE, CHECKED):
-        if name in rows[0]:
-            left.plot(counts, [row[name]["median_us"] for row in rows], marker="o", label=name)
+        left.plot(counts, [row[name]["median_us"] for row in rows], marker="o", label=name)
     left.set(xscale="log", yscale="log", xlabel="leaves in the state", ylabel="us per call")
     left.legend()
     middle.plot(counts, [row["ratio"] for row in rows], marker="o", label="(a)/(b), medians")
     middle.plot(counts, [row["paired_ratio"] for row in rows], marker="s", label="(a)/(b), paired")
-    if "checked_paired_ratio" in rows[0]:  # records written before (b') existed lack it
-        middle.plot(
-            counts,
-            [row["checked_paired_ratio"] for row in rows],
-            marker="^",
-            label="(b')/(b), paired: the checks alone",
-        )
+    middle.plot(
+        counts,
+        [row["checked_paired_ratio"] for row in rows],
+        marker="^",
+        label="(b')/(b), paired: the checks alone",
+    )
     middle.axhline(1.10, color="grey", linestyle=":", label="1.10 (goal, 1 leaf)")
     middle.axhline(1.05, color="grey", linestyle="--", label="1.05 (goal, 1,000 leaves)")
     middle.set(xscale="log", xlabel="leaves in the state", ylabel="time / (b) time")
     middle.legend()
     positions = np.arange(len(counts))
-    variants = [name for name in (TPUSTRAT, CHECKED) if name in rows[0]]
+    variants = (TPUSTRAT, CHECKED)
     width = 0.8 / len(variants)
     for k, name in enumerate(variants):
         extra = [row[name]["host_cpu_us"] - row[BASELINE]["host_cpu_us"] for row in rows]
@@ -271,7 +263,7 @@ def plot(rows: list[dict], title: str, path) -> None:
     right.set(xlabel="leaves in the state", ylabel="host CPU us per call, more than (b)")
     right.legend()
     fig.suptitle(title, fontsize=9)
-    _harness.save_figure(fig, path)
+    return fig
 
 
 def main() -> None:
@@ -320,40 +312,55 @@ def main() -> None:
         f"state of N float32[4] leaves, step w + 1, {jax.device_count()} x "
         f"{jax.devices()[0].platform}, {WINDOW} steps in flight, {args.rounds} rounds"
     )
-    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
-    print(f"  {CHECKED}")
-    checked_ratio, checked_cpu = "(b')/(b)", "(b') host CPU us"
-    print(
-        f"{'leaves':>7} {'(a) us/call':>12} {'(b) us/call':>12} {'(a)/(b)':>8} {'paired':>8} "
-        f"{checked_ratio:>9} {'paired':>8} {'(a) host CPU us':>16} {'(b) host CPU us':>16} "
-        f"{checked_cpu:>17}"
-    )
-    for row in rows:
-        print(
-            f"{row['leaves']:>7} {row[TPUSTRAT]['median_us']:>12.0f} "
-            f"{row[BASELINE]['median_us']:>12.0f} {row['ratio']:>8.3f} {row['paired_ratio']:>8.3f} "
-            f"{row['checked_ratio']:>9.3f} {row['checked_paired_ratio']:>8.3f} "
-            f"{row[TPUSTRAT]['host_cpu_us']:>16.1f} {row[BASELINE]['host_cpu_us']:>16.1f} "
-            f"{row[CHECKED]['host_cpu_us']:>17.1f}"
-        )
     nnx_table = nnx_rows(args.rounds)
+    data = _results.record("leaf_overhead", title, rows=rows, nnx=nnx_table)
+    print(f"\n{title}\n{data['machine']}, jax {jax.__version__}")
+    print(f"  {CHECKED}")
+    header = ["leaves", "(a) us/call", "(b) us/call", "(a)/(b)", "paired", "(b')/(b)", "paired"]
+    header += ["(a) host CPU us", "(b) host CPU us", "(b') host CPU us"]
+    print(
+        _harness.table(
+            header,
+            [
+                [
+                    f"{row['leaves']:,}",
+                    f"{row[TPUSTRAT]['median_us']:,.0f}",
+                    f"{row[BASELINE]['median_us']:,.0f}",
+                    f"{row['ratio']:.3f}",
+                    f"{row['paired_ratio']:.3f}",
+                    f"{row['checked_ratio']:.3f}",
+                    f"{row['checked_paired_ratio']:.3f}",
+                    f"{row[TPUSTRAT]['host_cpu_us']:,.1f}",
+                    f"{row[BASELINE]['host_cpu_us']:,.1f}",
+                    f"{row[CHECKED]['host_cpu_us']:,.1f}",
+                ]
+                for row in rows
+            ],
+        )
+    )
     print(f"\nFlax NNX objects, a step that adds 1 to every kernel ({args.rounds} rounds):")
+    header = ["variables"]
     for name in (LIVE, NNX_JIT, FUNCTIONAL):
         print(f"  {name}")
-    print(f"{'variables':>9} {'':>3} {'us/call':>8} {'host CPU us':>12}")
-    for row in nnx_table:
-        for name in (LIVE, NNX_JIT, FUNCTIONAL):
-            print(
-                f"{row['variables']:>9} {name[:3]:>3} {row[name]['median_us']:>8.0f} "
-                f"{row[name]['host_cpu_us']:>12.0f}"
-            )
-    data = _harness.record("leaf_overhead", title, rows=rows, nnx=nnx_table)
+        header += [f"{name[:3]} us/call", f"{name[:3]} host CPU us"]
+    print(
+        _harness.table(
+            header,
+            [
+                [row["variables"]]
+                + [
+                    f"{row[name][key]:,.0f}"
+                    for name in (LIVE, NNX_JIT, FUNCTIONAL)
+                    for key in ("median_us", "host_cpu_us")
+                ]
+                for row in nnx_table
+            ],
+        )
+    )
     if args.profile:
         data["profile_1000_leaves"] = profile()
         print(data["profile_1000_leaves"])
-    path = _harness.write("leaf_overhead", data, _results.folder(args))
-    plot(rows, f"{title}\n{data['machine']}", path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    _results.write(data, args, plot(rows, f"{title}\n{data['machine']}"))
 
 
 if __name__ == "__main__":

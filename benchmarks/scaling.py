@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pathlib
 import re
-import subprocess
 import sys
 import time
 
+import _harness
 import _results
+
+_harness.prepare()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 HOST_APIS = ("values_from_function", "local_results", "values", "reduce", "gather", "dataset")
 GRADIENT_FLOATS = 131_072  # a 512 KiB gradient
@@ -38,12 +45,6 @@ GRADIENT_FLOATS = 131_072  # a 512 KiB gradient
 
 def measure(num_devices: int) -> dict:
     """Runs in the child process, with ``num_devices`` simulated devices."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import tpustrat as ts
 
     def best_ms(fn, repeats=3):
         jax.block_until_ready(fn())
@@ -99,8 +100,6 @@ def measure(num_devices: int) -> dict:
 
 
 def _compiled(strategy, step, *args) -> str:
-    import jax
-
     return jax.jit(lambda *a: strategy.run(step, args=a)).lower(*args).compile().as_text()
 
 
@@ -135,8 +134,6 @@ def _cross_slice_bytes(strategy, step, *args) -> int:
 
 def _first_group(groups: str, num_devices: int) -> list[int]:
     """The devices of the first replica group, from any of XLA's spellings of them."""
-    import numpy as np
-
     if groups.startswith("{{"):
         return [int(d) for d in groups[2:].split("}")[0].split(",")]
     iota = re.match(r"\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", groups)
@@ -157,79 +154,60 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    records = []
+    rows = []
     for n in args.devices:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        env.setdefault("JAX_PLATFORMS", "cpu")
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(n)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=True,
-        )
-        records.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(_harness.run_with_devices(n, [__file__, "--child", str(n)], timeout=900))
         print(f"measured {n} devices", file=sys.stderr)
-    _print_table(records)
-    out = _results.folder(args)
-    (out / "scaling.json").write_text(json.dumps(records, indent=2) + "\n")
-    _plot(records, out)
-
-
-def _print_table(records: list[dict]) -> None:
-    print(
-        "| devices | construct ms | device_put ms | "
-        + " | ".join(f"{a} ms (x put)" for a in HOST_APIS)
-        + " | first step s | all-reduce B/device | cross-slice B flat | hierarchical |"
+    print(table(rows))
+    workload = (
+        f"host APIs on a per-replica value of 1,024 float32s, a {GRADIENT_FLOATS * 4:,}-byte "
+        f"gradient all-reduce; simulated CPU devices {args.devices}, each count in its own process"
     )
-    print("| ---: " * (9 + len(HOST_APIS)) + "|")
-    for r in records:
+    data = _results.record("scaling", workload, devices=args.devices, rows=rows)
+    _results.write(data, args, plot(rows))
+
+
+def table(rows: list[dict]) -> str:
+    header = ["devices", "construct ms", "device_put ms"]
+    header += [f"{api} ms (x put)" for api in HOST_APIS]
+    header += ["first step s", "all-reduce B/device", "cross-slice B, flat", "hierarchical"]
+    cells = []
+    for r in rows:
         put = r["device_put_ms"]
-        cells = [f"{r[f'{a}_ms']:.2f} ({r[f'{a}_ms'] / put:.1f}x)" for a in HOST_APIS]
-        print(
-            f"| {r['devices']} | {r['construct_ms']:.0f} | {put:.2f} | "
-            + " | ".join(cells)
-            + f" | {r['first_step_s']:.2f} | {r['all_reduce_bytes']:,} | "
-            f"{r['cross_slice_bytes_flat']:,} | {r['cross_slice_bytes_hierarchical']:,} |"
+        cells.append(
+            [r["devices"], f"{r['construct_ms']:.0f}", f"{put:.2f}"]
+            + [f"{r[f'{a}_ms']:.2f} ({r[f'{a}_ms'] / put:.1f}x)" for a in HOST_APIS]
+            + [
+                f"{r['first_step_s']:.2f}",
+                f"{r['all_reduce_bytes']:,}",
+                f"{r['cross_slice_bytes_flat']:,}",
+                f"{r['cross_slice_bytes_hierarchical']:,}",
+            ]
         )
+    return _harness.table(header, cells)
 
 
-def _plot(records: list[dict], out: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    devices = [r["devices"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(rows: list[dict]):
+    """Host API times against devices (left), and the bytes that cross slices (right)."""
+    devices = [r["devices"] for r in rows]
+    fig = _results.figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
     for api in ("device_put", *HOST_APIS):
-        left.plot(devices, [r[f"{api}_ms"] for r in records], marker="o", label=api)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="simulated devices",
-        ylabel="ms per call",
-        title="host APIs against a plain device_put",
-    )
-    left.legend(fontsize=8)
-    right.plot(devices, [r["cross_slice_bytes_flat"] for r in records], marker="o", label="flat")
+        left.plot(devices, [r[f"{api}_ms"] for r in rows], marker="o", label=api)
+    right.plot(devices, [r["cross_slice_bytes_flat"] for r in rows], marker="o", label="flat")
     right.plot(
         devices,
-        [r["cross_slice_bytes_hierarchical"] for r in records],
+        [r["cross_slice_bytes_hierarchical"] for r in rows],
         marker="o",
         label="hierarchical (num_slices=2)",
     )
-    right.set(
-        xscale="log",
-        yscale="log",
-        xlabel="simulated devices",
-        ylabel="bytes per device crossing slices",
-        title="a 512 KiB gradient all-reduce",
-    )
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
+    for ax, ylabel, title in (
+        (left, "ms per call", "host APIs against a plain device_put"),
+        (right, "bytes per device crossing slices", "a 512 KiB gradient all-reduce"),
+    ):
+        ax.set(xscale="log", yscale="log", xlabel="simulated devices", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    return fig
 
 
 if __name__ == "__main__":

@@ -25,42 +25,32 @@ Usage: python benchmarks/step_overhead.py [--steps 200] [--rounds 9]  (about 2 m
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import argparse
-import collections
-import datetime
-import importlib.metadata
+import functools
 import itertools
-import json
-import pathlib
+import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import _harness
 import _results
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 SIZES = (64, 512, 512, 10)
 GLOBAL_BATCH = 256
 LEARNING_RATE = 0.01
 WINDOW = 2  # steps in flight, the same for every variant
-BASELINE = "(b) jit(shard_map) by hand"
+TPUSTRAT, BASELINE = "(a) tpustrat strategy.run", "(b) jit(shard_map) by hand"
 KERAS = "(d) Keras 3 DataParallel fit"
 
 
@@ -179,23 +169,17 @@ def make_auto(params, x, y) -> Callable[[int], float]:
 
 
 def _windowed(step, mesh, params, x, y, feed_back=True) -> Callable[[int], float]:
+    """A hand-written loop of ``step(params, x, y)``, ``WINDOW`` steps in flight."""
     x = jax.device_put(x, NamedSharding(mesh, P("replica")))
     y = jax.device_put(y, NamedSharding(mesh, P("replica")))
     state = {"params": jax.device_put(params, NamedSharding(mesh, P()))}
 
     def run(steps):
         start = time.perf_counter()
-        p = out = state["params"]
-        pending = collections.deque()
-        for _ in range(steps):
-            out = step(p, x, y)
-            if feed_back:
-                p = out
-            pending.append(jax.tree.leaves(out)[0])
-            if len(pending) > WINDOW:
-                pending.popleft().block_until_ready()
-        jax.block_until_ready(out)
-        state["params"] = p
+        p = state["params"]
+        out = _harness.in_flight(lambda out: step(out if feed_back else p, x, y), p, steps, WINDOW)
+        if feed_back:
+            state["params"] = out
         return time.perf_counter() - start
 
     return run
@@ -232,23 +216,24 @@ def make_keras(params, x, y) -> Callable[[int], float]:
     return run
 
 
-def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
-    plt = _harness.pyplot()
+def plot(rows: list[dict], title: str):
+    """Median steps/s per variant, whiskers from the slowest to the fastest round."""
+    fig = _results.figure(figsize=(9, 0.75 * len(rows) + 1.4))
+    ax = fig.subplots()
     rows = rows[::-1]  # the first variant on top
-    medians = [row["median_steps_per_s"] for row in rows]
+    medians = [row["median"] for row in rows]
     low = [m - min(row["rounds"]) for m, row in zip(medians, rows)]
     high = [max(row["rounds"]) - m for m, row in zip(medians, rows)]
     # The numbers go in the axis labels, not on the bars, where the whiskers would cross them.
     labels = [
-        f"{row['variant']}\n{row['median_steps_per_s']:.0f} steps/s, {row['ratio_to_b']:.3f} x (b)"
-        f" (paired {row['paired_ratio_to_b']:.3f})"
+        f"{row['variant']}\n{row['median']:.0f} steps/s, {row['ratio']:.3f} x (b)"
+        f" (paired {row['paired_ratio']:.3f})"
         for row in rows
     ]
-    fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 1.4))
     ax.barh(labels, medians, xerr=[low, high], color="#4c72b0", capsize=4)
     ax.set_xlabel("steps/s (median; whiskers: min and max over rounds)")
     ax.set_title(title, fontsize=9)
-    _harness.save_figure(fig, path)
+    return fig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -260,19 +245,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def alternate(
+def steps_per_second(
     variants: dict[str, Callable[[int], float]], rounds: int, steps: int
 ) -> dict[str, list[float]]:
-    """Steps/s of each variant in each round; the order rotates from round to round."""
+    """Steps/s of each variant in each alternated round, after a warm-up of 10 steps."""
     for run in variants.values():
         run(10)  # compile and warm up
-    rates = {name: [] for name in variants}
-    names = list(variants)
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            rates[name].append(steps / variants[name](steps))
-    return rates
+    seconds = _harness.alternate(
+        {name: functools.partial(run, steps) for name, run in variants.items()}, rounds
+    )
+    return {name: [steps / s for s in values] for name, values in seconds.items()}
 
 
 def main() -> None:
@@ -280,7 +262,7 @@ def main() -> None:
     params = jax.tree.map(np.asarray, init_params(jax.random.key(0)))
     x, y = global_batch()
     factories = {
-        "(a) tpustrat strategy.run": make_tpustrat,
+        TPUSTRAT: make_tpustrat,
         BASELINE: make_shard_map,
         "(c) jit + NamedSharding": make_auto,
         KERAS: make_keras,
@@ -289,16 +271,14 @@ def main() -> None:
     if skipped:
         print(f"skipping (d): {skipped}")
         del factories[KERAS]
-    load_before = os.getloadavg()
-    rates = alternate(
+    load_before = os.getloadavg()[0]
+    rates = steps_per_second(
         {name: make(params, x, y) for name, make in factories.items()}, args.rounds, args.steps
     )
     # The same two loops around a step that computes nothing: what dispatch alone costs.
-    no_op_rates = alternate(
+    no_op_rates = steps_per_second(
         {
-            "(a) tpustrat strategy.run": make_tpustrat(
-                params, x, y, step=no_op_step, feed_back=False
-            ),
+            TPUSTRAT: make_tpustrat(params, x, y, step=no_op_step, feed_back=False),
             BASELINE: make_shard_map(
                 params,
                 x,
@@ -310,64 +290,44 @@ def main() -> None:
         args.rounds,
         args.no_op_calls,
     )
+    rows = _harness.summarize(rates, BASELINE, per_second=True)
     baseline = statistics.median(rates[BASELINE])
-    rows = [
-        {
-            "variant": name,
-            "median_steps_per_s": statistics.median(r),
-            "ratio_to_b": statistics.median(r) / baseline,
-            "paired_ratio_to_b": statistics.median(
-                [rate / base for rate, base in zip(r, rates[BASELINE])]
-            ),
-            "rounds": r,
-        }
-        for name, r in rates.items()
-    ]
     dispatch = {
         name: {"median_us_per_call": 1e6 / statistics.median(r), "rounds_calls_per_s": r}
         for name, r in no_op_rates.items()
     }
-    extra_us = (
-        dispatch["(a) tpustrat strategy.run"]["median_us_per_call"]
-        - dispatch[BASELINE]["median_us_per_call"]
-    )
+    extra_us = dispatch[TPUSTRAT]["median_us_per_call"] - dispatch[BASELINE]["median_us_per_call"]
     title = (
         f"MLP {'-'.join(map(str, SIZES))}, global batch {GLOBAL_BATCH}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, {args.rounds} rounds of "
         f"{args.steps} steps, window {WINDOW}"
     )
-    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
-    print(f"{'variant':<30} {'steps/s':>9} {'ratio to (b)':>13} {'paired ratio':>13}")
-    for row in rows:
-        print(
-            f"{row['variant']:<30} {row['median_steps_per_s']:>9.1f} {row['ratio_to_b']:>13.3f} "
-            f"{row['paired_ratio_to_b']:>13.3f}"
-        )
+    data = _results.record(
+        "step_overhead",
+        title,
+        load_average_before=load_before,
+        keras_skipped=skipped,
+        rows=rows,
+        dispatch_only=dispatch,
+        tpustrat_extra_us_per_call=extra_us,
+    )
+    print(f"\n{title}\n{data['machine']}, jax {jax.__version__}")
+    rounds = {
+        "min - max steps/s": lambda row: f"{min(row['rounds']):.0f} - {max(row['rounds']):.0f}"
+    }
+    print(_harness.summary_table(rows, "median steps/s", rounds))
     print(f"\ndispatch alone (a step that computes nothing, {args.no_op_calls} calls per round)")
-    for name, entry in dispatch.items():
-        print(f"{name:<30} {entry['median_us_per_call']:>9.0f} us/call")
+    print(
+        _harness.table(
+            ["variant", "us per call"],
+            [[name, f"{entry['median_us_per_call']:.0f}"] for name, entry in dispatch.items()],
+        )
+    )
     print(
         f"tpustrat's extra {extra_us:.0f} us/call is {extra_us * baseline / 1e4:.1f}% of a "
         f"(b) train step ({1e6 / baseline:.0f} us)"
     )
-    out = _results.folder(args)
-    record = {
-        "benchmark": "step_overhead",
-        "command": " ".join(["python", *sys.argv]),
-        "machine": _harness.machine(),
-        "jax": jax.__version__,
-        "keras": None if skipped else importlib.metadata.version("keras"),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-        "devices": jax.device_count(),
-        "workload": title,
-        "rows": rows,
-        "dispatch_only": dispatch,
-        "tpustrat_extra_us_per_call": extra_us,
-    }
-    (out / "step_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(rows, f"{title}\n{record['machine']}, jax {jax.__version__}", out / "step_overhead.png")
-    print(f"wrote {out / 'step_overhead.json'} and {out / 'step_overhead.png'}")
+    _results.write(data, args, plot(rows, f"{title}\n{data['machine']}, jax {jax.__version__}"))
 
 
 if __name__ == "__main__":

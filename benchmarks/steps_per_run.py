@@ -4,7 +4,8 @@ Two tiny workloads on 8 replicas, global batch 64, where per-step dispatch matte
   train  a linear model (16 -> 4) trained with SGD: one all-reduce of the gradient per step;
   local  the same model's loss and gradient with no collective (say, gradient accumulation).
 N = 1 is one ``strategy.run`` per step; N = 8 and 32 run N steps in one program (a lax.scan).
-Rounds alternate between the variants; the table shows median steps/s and the ratio to N = 1.
+Rounds alternate the variants, their order rotating; the table shows median steps/s, the ratio
+to N = 1 and the median over rounds of each round's ratio.
 Writes ``steps_per_run.json`` and ``steps_per_run.png`` into ``results/local/`` (``--record``: into
 the tracked ``results/``).
 
@@ -14,27 +15,14 @@ Usage: python benchmarks/steps_per_run.py [--steps 256] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import itertools
-import json
-import os
-import pathlib
-import platform
-import statistics
-import sys
 import time
 
+import _harness
 import _results
 
-PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-PARSER.add_argument("--steps", type=int, default=256, help="timed steps per round (multiple of 32)")
-PARSER.add_argument("--rounds", type=int, default=5)
-_results.add_arguments(PARSER)
-ARGS = PARSER.parse_args()
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
+_harness.prepare()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,6 +53,11 @@ WORKLOADS = {"train (1 all-reduce per step)": train_step, "local (no collective)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=256, help="timed steps per round (x 32)")
+    parser.add_argument("--rounds", type=int, default=5)
+    _results.add_arguments(parser)
+    args = parser.parse_args()
     strategy = ts.TPUStrategy()
     rng = np.random.default_rng(0)
     data = [
@@ -81,6 +74,7 @@ def main() -> None:
 
         def run(total_steps):
             w, source = state["w"], itertools.cycle(batches)
+            start = time.perf_counter()
             for _ in range(total_steps // steps_per_run):
                 if steps_per_run == 1:
                     w, _ = strategy.run(step, args=(w, next(source)))
@@ -88,6 +82,7 @@ def main() -> None:
                     w, _, _ = strategy.experimental_run_steps(step, w, source, steps_per_run)
             jax.block_until_ready(w)
             state["w"] = w
+            return total_steps / (time.perf_counter() - start)
 
         return run
 
@@ -96,69 +91,46 @@ def main() -> None:
     }
     for run in variants.values():
         run(64)  # compile and warm up
-    rates = {key: [] for key in variants}
-    for _ in range(ARGS.rounds):
-        for key, run in variants.items():
-            start = time.perf_counter()
-            run(ARGS.steps)
-            rates[key].append(ARGS.steps / (time.perf_counter() - start))
+    rates = _harness.alternate(
+        {label(*key): functools.partial(run, args.steps) for key, run in variants.items()},
+        args.rounds,
+    )
     rows = []
-    for (name, n), r in rates.items():
-        base = statistics.median(rates[(name, 1)])
-        rows.append(
-            {
-                "workload": name,
-                "steps_per_run": n,
-                "median_steps_per_s": statistics.median(r),
-                "ratio_to_1": statistics.median(r) / base,
-                "rounds": r,
-            }
-        )
+    for name in WORKLOADS:
+        ours = {label(name, n): rates[label(name, n)] for n in STEPS_PER_RUN}
+        for n, summary in zip(
+            STEPS_PER_RUN, _harness.summarize(ours, label(name, 1), per_second=True)
+        ):
+            rows.append({"workload": name, "steps_per_run": n, **summary})
     title = (
         f"linear {FEATURES}->{OUTPUTS}, global batch {GLOBAL_BATCH}, {jax.device_count()} x "
-        f"{jax.devices()[0].platform}, {ARGS.rounds} rounds of {ARGS.steps} steps"
+        f"{jax.devices()[0].platform}, {args.rounds} rounds of {args.steps} steps"
     )
     print(f"\n{title}")
-    print(f"{'workload':<30} {'steps_per_run':>13} {'steps/s':>9} {'ratio to N=1':>13}")
-    for row in rows:
-        print(
-            f"{row['workload']:<30} {row['steps_per_run']:>13} "
-            f"{row['median_steps_per_s']:>9.1f} {row['ratio_to_1']:>13.2f}"
-        )
-    out = _results.folder(ARGS)
-    record = {
-        "benchmark": "steps_per_run",
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-    (out / "steps_per_run.json").write_text(json.dumps(record, indent=2))
-    plot(rows, title, out / "steps_per_run.png")
-    print(f"wrote {out / 'steps_per_run.json'} and {out / 'steps_per_run.png'}")
+    print(_harness.summary_table(rows, "steps/s"))
+    _results.write(_results.record("steps_per_run", title, rows=rows), args, plot(rows, title))
 
 
-def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
-    import matplotlib
+def label(workload: str, steps_per_run: int) -> str:
+    return f"{workload}, N = {steps_per_run}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+def plot(rows: list[dict], title: str):
+    """Median steps/s per workload and N, labelled with the ratio to N = 1."""
+    fig = _results.figure(figsize=(7, 3.8))
+    ax = fig.subplots()
     width = 0.8 / len(STEPS_PER_RUN)
     for k, n in enumerate(STEPS_PER_RUN):
-        values = [r["median_steps_per_s"] for r in rows if r["steps_per_run"] == n]
+        values = [r["median"] for r in rows if r["steps_per_run"] == n]
         positions = [i + (k - 1) * width for i in range(len(WORKLOADS))]
         bars = ax.bar(positions, values, width, label=f"N = {n}")
-        ratios = [r["ratio_to_1"] for r in rows if r["steps_per_run"] == n]
+        ratios = [r["ratio"] for r in rows if r["steps_per_run"] == n]
         ax.bar_label(bars, labels=[f"{x:.1f}x" for x in ratios], fontsize=8)
     ax.set_xticks(range(len(WORKLOADS)), list(WORKLOADS))
     ax.set_ylabel("steps / s (median)")
     ax.set_title(title, fontsize=9)
     ax.legend(title="steps per program")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -27,33 +27,26 @@ Usage: python benchmarks/weight_update_sharding.py  (about 15 s on 2 cores)
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
 import argparse
-import datetime
+import functools
 import json
 import math
-import pathlib
-import subprocess
-import sys
 import time
 
+import _harness
 import _results
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from collectives import count_collectives
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from collectives import count_collectives  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 
 def init_params(width: int, layers: int, rng: np.random.Generator | None = None) -> dict:
@@ -176,7 +169,7 @@ def measure_compiled(width: int, layers: int, rows: int) -> dict:
 
 
 def measure_step_rate(width: int, layers: int, rows: int, rounds: int, steps: int) -> dict:
-    """Steady steps/s of both forms on this process's devices, alternating the forms by round."""
+    """Steady steps/s of both forms on this process's devices, in alternated rounds."""
     strategy = ts.TPUStrategy()
     params = strategy.replicate(init_params(width, layers, np.random.default_rng(0)))
     batch = batch_for(strategy, rows, width)
@@ -187,44 +180,35 @@ def measure_step_rate(width: int, layers: int, rows: int, rounds: int, steps: in
         state = (params, strategy.run(tx.init, args=(params,)))
         for _ in range(3):  # compile and warm up
             state = strategy.run(step, args=(*state, batch))
-        jax.block_until_ready(state)
-        forms[form] = [step, state]
-    rates = {form: [] for form in forms}
-    for round_index in range(rounds):
-        order = list(forms) if round_index % 2 == 0 else list(forms)[::-1]
-        for form in order:
-            step, state = forms[form]
-            start = time.perf_counter()
-            for _ in range(steps):
-                state = strategy.run(step, args=(*state, batch))
-            jax.block_until_ready(state)
-            rates[form].append(steps / (time.perf_counter() - start))
-            forms[form][1] = state
-    ratios = [s / r for s, r in zip(rates["sharded"], rates["replicated"])]
+        forms[form] = {"step": step, "state": jax.block_until_ready(state)}
+
+    def steps_per_second(form: str) -> float:
+        step, state = forms[form]["step"], forms[form]["state"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            state = strategy.run(step, args=(*state, batch))
+        forms[form]["state"] = jax.block_until_ready(state)
+        return steps / (time.perf_counter() - start)
+
+    rates = _harness.alternate(
+        {form: functools.partial(steps_per_second, form) for form in forms}, rounds
+    )
+    sharded = _harness.summarize(rates, "replicated", per_second=True)[1]
     return {
         "width": width,
         "layers": layers,
         "rows_per_replica": rows,
         "steps_per_round": steps,
         "steps_per_s": {form: float(np.median(r)) for form, r in rates.items()},
-        "ratio_per_round": ratios,
-        "ratio": float(np.median(ratios)),
+        "ratio_per_round": [s / r for s, r in zip(rates["sharded"], rates["replicated"])],
+        "ratio": sharded["paired_ratio"],
     }
 
 
 def run_child(replicas: int, args: argparse.Namespace) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-        + [f"--xla_force_host_platform_device_count={replicas}"]
-    )
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    command = [sys.executable, __file__, "--child", "--width", str(args.width)]
+    command = [__file__, "--child", "--width", str(args.width)]
     command += ["--layers", str(args.layers), "--batch", str(args.batch)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode:
-        raise RuntimeError(f"the {replicas}-device subprocess failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _harness.run_with_devices(replicas, command, args.timeout)
 
 
 def mb(n: float) -> str:
@@ -232,39 +216,39 @@ def mb(n: float) -> str:
 
 
 def table(memory: list[dict], rate: dict) -> str:
-    lines = [
-        "| replicas | layout | argument MB/device | optimizer state MB/device | "
-        "collective operand MB | ring MB sent/device | args vs replicated |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    header = ["replicas", "layout", "argument MB/device", "optimizer state MB/device"]
+    header += ["collective operand MB", "ring MB sent/device", "args vs replicated"]
+    cells = []
     for row in memory:
         base = row["replicated"]["argument_bytes"]
         for form in ("replicated", "sharded"):
             entry = row[form]
-            lines.append(
-                f"| {row['replicas']} | {form} | {mb(entry['argument_bytes'])} | "
-                f"{mb(entry['state_bytes'])} | {mb(entry['collective_operand_bytes'])} | "
-                f"{mb(entry['ring_bytes_sent'])} | {entry['argument_bytes'] / base:.3f}x |"
+            cells.append(
+                [
+                    row["replicas"],
+                    form,
+                    mb(entry["argument_bytes"]),
+                    mb(entry["state_bytes"]),
+                    mb(entry["collective_operand_bytes"]),
+                    mb(entry["ring_bytes_sent"]),
+                    f"{entry['argument_bytes'] / base:.3f}x",
+                ]
             )
     steps = rate["steps_per_s"]
-    lines.append("")
-    lines.append(
+    return (
+        f"{_harness.table(header, cells)}\n\n"
         f"step rate, {rate['layers']} x {rate['width']} MLP, 8 replicas: replicated "
         f"{steps['replicated']:.1f} steps/s, sharded {steps['sharded']:.1f} steps/s, "
         f"ratio {rate['ratio']:.3f} (median over rounds of "
         f"{', '.join(f'{r:.3f}' for r in rate['ratio_per_round'])})"
     )
-    return "\n".join(lines)
 
 
-def plot(memory: list[dict], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(memory: list[dict], title: str):
+    """Argument and optimizer-state bytes per device against replicas, both layouts."""
     replicas = [row["replicas"] for row in memory]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = _results.figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for form, marker in (("replicated", "o"), ("sharded", "s")):
         for key, style, what in (
             ("argument_bytes", "-", "arguments"),
@@ -281,9 +265,7 @@ def plot(memory: list[dict], title: str, path: pathlib.Path) -> None:
     ax.set_ylabel("MB per device")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -312,24 +294,19 @@ def main() -> None:
         f"\n{eight['parameters'] / 1e6:.1f}M-parameter Adam model on {eight['replicas']} "
         f"replicas: sharded arguments are {ratio:.3f}x the replicated ones"
     )
-    record = {
-        "benchmark": "weight_update_sharding",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "args": {k: v for k, v in vars(args).items() if k != "child"},
-        "memory": memory,
-        "step_rate": rate,
-        "argument_ratio_at_8": ratio,
-    }
-    out = _results.folder(args)
-    (out / "weight_update_sharding.json").write_text(json.dumps(record, indent=2) + "\n")
     title = (
         f"{eight['parameters'] / 1e6:.1f}M-parameter Adam MLP: bytes per device, "
         "replicated vs ts.shard_update"
     )
-    plot(memory, title, out / "weight_update_sharding.png")
-    print(f"wrote {out / 'weight_update_sharding.json'} and .png")
+    data = _results.record(
+        "weight_update_sharding",
+        title,
+        args={k: v for k, v in vars(args).items() if k != "child"},
+        memory=memory,
+        step_rate=rate,
+        argument_ratio_at_8=ratio,
+    )
+    _results.write(data, args, plot(memory, title))
 
 
 if __name__ == "__main__":

@@ -44,17 +44,7 @@ Usage:
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # Before jax is imported: 8 simulated devices on the host CPU. Accelerators are not affected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 import argparse
-import collections
 import dataclasses
 import functools
 import itertools
@@ -66,15 +56,19 @@ from typing import Any
 
 import _harness
 import _results
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import tpustrat as ts
+_harness.prepare()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from step_overhead import per_replica_batch  # noqa: E402
+
+import tpustrat as ts  # noqa: E402
 
 WINDOW = 2  # steps in flight, for every variant
 STEPS_PER_RUN = [4]  # variant (e); --steps-per-run sets it
@@ -291,15 +285,14 @@ def _windowed_loop(step, state, batch) -> Callable[[int], float]:
     holder = {"state": state}
 
     def run(steps):
-        params, opt_state = holder["state"]
-        pending = collections.deque()
         start = time.perf_counter()
-        for _ in range(steps):
-            params, opt_state, loss = step(params, opt_state, *batch)
-            pending.append(loss)
-            if len(pending) > WINDOW:
-                pending.popleft().block_until_ready()
-        jax.block_until_ready((params, opt_state))
+        params, opt_state, _ = _harness.in_flight(
+            lambda out: step(out[0], out[1], *batch),
+            (*holder["state"], None),
+            steps,
+            WINDOW,
+            ready=lambda out: out[2],  # the loss, which nothing donates
+        )
         holder["state"] = (params, opt_state)
         return (time.perf_counter() - start) / steps
 
@@ -376,19 +369,9 @@ def _tpustrat_memory(strategy, step, state, batch, options=None) -> int:
     return _compiled_stats(program.lower(state, batch).compile())[0]
 
 
-def _per_replica_batch(strategy, x, y):
-    n = strategy.num_replicas_in_sync
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: (
-            np.split(x, n)[ctx.replica_id_in_sync_group],
-            np.split(y, n)[ctx.replica_id_in_sync_group],
-        )
-    )
-
-
 def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
     step = _tpustrat_step(update)
-    batch = _per_replica_batch(strategy, x, y)
+    batch = per_replica_batch(strategy, x, y)
     holder = {"state": strategy.replicate((params, opt_state))}
 
     def run(steps):
@@ -407,7 +390,7 @@ def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
 def _run_steps_loop(strategy, unroll, step, state, x, y) -> Variant:
     """``experimental_run_steps`` over a prefetching dataset of host batches, state donated."""
     donate = ts.RunOptions(donate_argnums=(0,))
-    memory = _tpustrat_memory(strategy, step, state, _per_replica_batch(strategy, x, y), donate)
+    memory = _tpustrat_memory(strategy, step, state, per_replica_batch(strategy, x, y), donate)
     holder = {"state": state}
 
     def run(steps):
@@ -604,11 +587,10 @@ def print_table(result: dict) -> None:
     print(f"\n{result['describe']}, global batch {result['global_batch']}")
     flops = result["flops_per_step_per_device"]
     print(f"FLOPs per step per device (compiled (a)): {flops:.3e}" if flops else "FLOPs: n/a")
-    last = "MFU" if result["peak_bf16_flops_per_device"] else "GFLOP/s/dev"
-    print(
-        f"{'variant':<46} {unit + '/s':>11} {'ms/step':>8} {'ratio':>6} {'paired':>6} "
-        f"{'spread':>6} {'1st s':>6} {'MB/dev':>7} {last:>11}"
-    )
+    last = "MFU" if result["peak_bf16_flops_per_device"] else "GFLOP/s/device"
+    header = ["variant", f"{unit}/s", "ms/step", "ratio", "paired", "spread", "first call s"]
+    header += ["MB/device", last]
+    cells = []
     for row in result["rows"]:
         memory = row["memory_mb_per_device"]
         achieved = row["flops_per_device_per_s"]
@@ -618,17 +600,26 @@ def print_table(result: dict) -> None:
             last_value = f"{100 * row['mfu']:.1f}%"
         else:
             last_value = f"{achieved / 1e9:.2f}"
-        print(
-            f"{row['variant']:<46} {row['units_per_s']:>11.1f} {row['step_ms']:>8.1f} "
-            f"{row['ratio']:>6.3f} {row['paired_ratio']:>6.3f} {row['spread']:>6.2f} "
-            f"{row['first_call_s']:>6.1f} {'n/a' if memory is None else f'{memory:.1f}':>7} "
-            f"{last_value:>11}"
+        cells.append(
+            [
+                row["variant"],
+                f"{row['units_per_s']:.1f}",
+                f"{row['step_ms']:.1f}",
+                f"{row['ratio']:.3f}",
+                f"{row['paired_ratio']:.3f}",
+                f"{row['spread']:.2f}",
+                f"{row['first_call_s']:.1f}",
+                "n/a" if memory is None else f"{memory:.1f}",
+                last_value,
+            ]
         )
+    print(_harness.table(header, cells))
 
 
-def plot(results: list[dict], title: str, path) -> None:
-    plt = _harness.pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(8 * len(results), 4.5), squeeze=False)
+def plot(results: list[dict], title: str):
+    """Per workload, throughput per variant, whiskers from the slowest to the fastest round."""
+    fig = _results.figure(figsize=(8 * len(results), 4.5))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, result in zip(axes[0], results):
         rows = result["rows"][::-1]
         names = [row["variant"] for row in rows]
@@ -649,7 +640,7 @@ def plot(results: list[dict], title: str, path) -> None:
         ax.set_xlabel(f"{result['unit']}/s (median; whiskers: min and max over rounds)")
         ax.set_title(textwrap.fill(result["describe"], 60), fontsize=8)
     fig.suptitle(title, fontsize=9)
-    _harness.save_figure(fig, path)
+    return fig
 
 
 def main() -> None:
@@ -680,14 +671,16 @@ def main() -> None:
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.rounds} rounds of "
         f"{args.steps} steps, {WINDOW} in flight, Adam, bf16 compute / f32 params"
     )
-    print(f"\n{title}\n{_harness.machine()}, jax {jax.__version__}")
+    data = _results.record(
+        "workloads_full" if args.full else "workloads",
+        title,
+        keras_skipped=keras_reason,
+        results=results,
+    )
+    print(f"\n{title}\n{data['machine']}, jax {jax.__version__}")
     for result in results:
         print_table(result)
-    name = "workloads_full" if args.full else "workloads"
-    data = _harness.record(name, title, keras_skipped=keras_reason, results=results)
-    path = _harness.write(name, data, _results.folder(args))
-    plot(results, f"{title}\n{data['machine']}", path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    _results.write(data, args, plot(results, f"{title}\n{data['machine']}"))
 
 
 if __name__ == "__main__":
