@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -107,3 +108,119 @@ def test_bad_slice_counts():
         ts.TPUStrategy(num_slices=0)
     mesh = _mesh.build_mesh(jax.devices())
     assert _mesh.count_slices(mesh) == 1
+
+
+# One rule for every reduction across replicas: the value and dtype of jnp.sum / mean / max /
+# min over the stacked components (ts.ReduceOp), whether strategy.reduce combines run's output
+# or ReplicaContext.all_reduce combines inside the step.
+OPS = ("sum", "mean", "max", "min")
+INT32 = np.iinfo(np.int32)
+
+
+def _components(dtype, num_replicas, seed):
+    """Seeded per-replica values of ``dtype``, shape (4,), with the dtype's extremes in them."""
+    rng = np.random.default_rng(seed)
+    if dtype == np.bool_:
+        return rng.random((num_replicas, 4)) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, (num_replicas, 4), dtype=dtype, endpoint=True)
+        data[:, 0] = info.max  # the sum of these overflows the dtype: the mean must not
+        data[0, 1] = info.min
+        return data
+    data = rng.normal(scale=100.0, size=(num_replicas, 4)).astype(dtype)
+    data[:, 0] = 30000.0  # float16 holds it, but not 8 replicas' sum: the mean must not overflow
+    return data
+
+
+def _numpy_reduction(op, data):
+    """The reference, from first principles: exact in float64 or Python ints, then the dtype."""
+    dtype = getattr(jnp, op)(jnp.asarray(data), axis=0).dtype  # the documented rule: jnp's
+    exact = data.astype(np.float64) if data.dtype.kind in "fV" else data.astype(object)
+    value = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[op](exact, axis=0)
+    if op == "sum" and data.dtype.kind in "iub":  # integer sums wrap around, as in numpy
+        bits = np.iinfo(dtype).bits
+        value = np.array([int(v) % 2**bits for v in value], dtype=np.uint64).astype(dtype)
+    with np.errstate(over="ignore"):  # a float16 sum past 65504 is inf, on the devices too
+        return np.asarray(np.asarray(value, np.float64) if op == "mean" else value).astype(dtype)
+
+
+DTYPES = {
+    "int32": np.int32,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "uint32": np.uint32,
+    "bool": np.bool_,
+    "float16": np.float16,
+    "bfloat16": jnp.bfloat16,
+    "float32": np.float32,
+}
+TOLERANCE = {np.float16: 2e-3, jnp.bfloat16: 1e-2, np.float32: 1e-6}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_reduce_and_all_reduce_agree_with_numpy(strategy, dtype):
+    if dtype == jnp.bfloat16 and strategy.num_logical_cores > 1:
+        pytest.skip(
+            "XLA:CPU (jax 0.10.2) aborts compiling any bfloat16 collective in a shard_map manual "
+            "over part of the mesh ('Invalid binary instruction opcode copy'), with or without "
+            "tpustrat: jax.shard_map(lambda v: lax.psum(v, 'r'), axis_names={'r'}) on a 4x2 mesh"
+        )
+    n = strategy.num_replicas_in_sync
+    data = _components(np.dtype(dtype), n, seed=n)
+    values = ts.PerReplica(list(data))
+    inside = strategy.run(
+        lambda x: {op: ts.get_replica_context().all_reduce(op, x) for op in OPS}, args=(values,)
+    )
+    in_jit = jax.jit(lambda v: {op: strategy.reduce(op, v) for op in OPS})(values)
+    for op in OPS:
+        want = _numpy_reduction(op, data)
+        rtol = 0 if op in ("max", "min") else TOLERANCE.get(dtype, 1e-6)
+        # Rounding error scales with the terms, not with a sum that cancels: bound it by them.
+        atol = rtol * np.abs(data.astype(np.float64)).sum(axis=0) / (n if op == "mean" else 1)
+        for name, got in (
+            ("strategy.reduce", strategy.reduce(op, values)),
+            ("all_reduce", inside[op]),
+            ("strategy.reduce in jit", in_jit[op]),
+        ):
+            assert got.dtype == want.dtype, (name, op, got.dtype, want.dtype)
+            got, expected = np.asarray(got, np.float64), np.asarray(want, np.float64)
+            same = got == expected  # inf == inf included
+            error = np.abs(np.where(same, 0.0, got) - np.where(same, 0.0, expected))
+            assert (error <= atol + rtol * np.abs(expected)).all(), (name, op, got, expected)
+
+
+def test_int32_mean_does_not_overflow(strategy):
+    big = strategy.experimental_distribute_values_from_function(lambda ctx: np.int32(2**30))
+    inside = strategy.run(lambda x: ts.get_replica_context().all_reduce("mean", x), args=(big,))
+    assert float(inside) == float(strategy.reduce("mean", big)) == 2.0**30
+    assert inside.dtype == np.float32
+    extreme = ts.PerReplica([np.int32(INT32.max)] * strategy.num_replicas_in_sync)
+    np.testing.assert_allclose(float(strategy.reduce("mean", extreme)), INT32.max, rtol=1e-7)
+
+
+@pytest.mark.parametrize(("cores", "slices"), LAYOUTS)
+def test_hierarchical_and_scattered_means_of_integers(cores, slices):
+    strategy = ts.TPUStrategy(num_logical_cores=cores, num_slices=slices)
+    n = strategy.num_replicas_in_sync
+    data = np.full((n, 2 * n), INT32.max, np.int32)
+    data[:, 1] = np.arange(n)
+
+    def step(x):
+        ctx = ts.get_replica_context()
+        return ctx.all_reduce("mean", x), ctx.all_gather(ctx.reduce_scatter("mean", x, 0), 0)
+
+    mean, scattered = strategy.run(step, args=(ts.PerReplica(list(data)),))
+    want = data.astype(np.float64).mean(axis=0)
+    for got in (mean, scattered):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_half_precision_mean_stays_in_its_dtype_and_does_not_overflow():
+    strategy = ts.TPUStrategy(num_slices=2)
+    x = ts.PerReplica([np.full(3, 60000, np.float16)] * 8)  # the sum, 480000, overflows float16
+    mean = strategy.run(lambda v: ts.get_replica_context().all_reduce("mean", v), args=(x,))
+    assert mean.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(mean), np.full(3, 60000, np.float16))
+    assert np.asarray(strategy.reduce("mean", x)).tolist() == [60000.0] * 3

@@ -102,3 +102,114 @@ def test_replica_context_reports_strategy(strategy):
     seen = []
     strategy.run(lambda: seen.append(ts.get_replica_context().strategy) or 0)
     assert seen[0] is strategy
+
+
+def _cross_replica_calls(strategy):
+    """Each host-side strategy call a step might make, and the fix its error must name."""
+    return {
+        "reduce": (
+            lambda x: strategy.reduce("sum", x),
+            r"ts\.get_replica_context\(\)\.all_reduce\('sum', value\)",
+        ),
+        "gather": (
+            lambda x: strategy.gather(x, axis=0),
+            r"ts\.get_replica_context\(\)\.all_gather\(value, axis\)",
+        ),
+        "experimental_local_results": (
+            lambda x: strategy.experimental_local_results(x)[0],
+            r"already this replica's own",
+        ),
+        "replicate": (lambda x: strategy.replicate(x), r"replicate the state before run"),
+        "experimental_distribute_values_from_function": (
+            lambda x: strategy.experimental_distribute_values_from_function(lambda ctx: x),
+            r"replica_id_in_sync_group",
+        ),
+        "experimental_distribute_dataset": (
+            lambda x: strategy.experimental_distribute_dataset([np.zeros(8)]) and x,
+            r"distribute the dataset before the loop",
+        ),
+        "distribute_datasets_from_function": (
+            lambda x: strategy.distribute_datasets_from_function(lambda ctx: [np.zeros(1)]) and x,
+            r"distribute the dataset before the loop",
+        ),
+    }
+
+
+CROSS_REPLICA_CALLS = list(_cross_replica_calls(None))
+
+
+@pytest.mark.parametrize("call", CROSS_REPLICA_CALLS)
+def test_cross_replica_calls_inside_a_step_are_refused(strategy, call):
+    """Inside the step each value is one replica's: strategy.reduce there would sum one value."""
+    n = strategy.num_replicas_in_sync
+    values = _per_replica(strategy, np.arange(n, dtype=np.float32).reshape(n, 1))
+    fn, fix = _cross_replica_calls(strategy)[call]
+    message = rf"strategy\.{call} was called inside a step .* cross-replica call.*{fix}"
+    with pytest.raises(RuntimeError, match=message):
+        strategy.run(fn, args=(values,))
+    with pytest.raises(RuntimeError, match=message):  # inside the user's jit too
+        jax.jit(lambda v: strategy.run(fn, args=(v,)))(values)
+    assert ts.get_replica_context() is None
+    # The same call from the host, on run's output, gives every replica's value.
+    if call in ("reduce", "gather"):
+        np.testing.assert_array_equal(
+            np.asarray(fn(strategy.run(lambda x: x * 2, args=(values,)))).ravel()[:1],
+            [n * (n - 1)] if call == "reduce" else [0.0],
+        )
+
+
+def test_reduce_inside_a_step_is_refused_even_for_another_strategy():
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
+    total = ts.PerReplica([np.float32(i) for i in range(4)])
+    with pytest.raises(RuntimeError, match=r"strategy\.reduce was called inside a step"):
+        eight.run(lambda: four.reduce("sum", total))
+    assert float(four.reduce("sum", total)) == 6.0
+
+
+def test_compile_stats_inside_a_step_reads_the_host_ledger(strategy):
+    """compile_stats is a host read of counters, right anywhere: allowed inside the step."""
+    seen = []
+    strategy.run(lambda x: x + 1, args=(np.float32(0),))
+    strategy.run(lambda x: (seen.append(strategy.compile_stats()), x)[1], args=(np.float32(0),))
+    assert seen[0].num_compiles == 1  # the step being traced is not compiled yet
+    assert strategy.compile_stats().num_compiles == 2
+
+
+def test_typed_keys_cannot_be_all_reduced(strategy):
+    keys = strategy.experimental_distribute_values_from_function(
+        lambda ctx: jax.random.key(ctx.replica_id_in_sync_group)
+    )
+    for op in ("sum", "mean", "max", "min"):
+        with pytest.raises(TypeError, match=rf"all_reduce cannot {op} typed PRNG keys.*key_data"):
+            strategy.run(lambda k, op=op: ts.get_replica_context().all_reduce(op, k), args=(keys,))
+    with pytest.raises(TypeError, match=r"reduce_scatter cannot sum typed PRNG keys"):
+        strategy.run(
+            lambda k: ts.get_replica_context().reduce_scatter("sum", k[None].repeat(8, 0), 0),
+            args=(keys,),
+        )
+    gathered = strategy.run(lambda k: ts.get_replica_context().all_gather(k[None], 0), args=(keys,))
+    np.testing.assert_array_equal(
+        jax.random.key_data(gathered),
+        jax.random.key_data(jax.vmap(jax.random.key)(np.arange(strategy.num_replicas_in_sync))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("reduce_op", "error", "message"),
+    [
+        ("avg", ValueError, r"unknown reduce op 'avg'; use ts\.ReduceOp\.SUM/MEAN/MAX/MIN or one"),
+        (None, TypeError, r"reduce_op must be a ts\.ReduceOp or a string, got NoneType None; use"),
+        (1, TypeError, r"reduce_op must be a ts\.ReduceOp or a string, got int 1; use"),
+        (
+            ("sum",),
+            TypeError,
+            r"reduce_op must be a ts\.ReduceOp or a string, got tuple \('sum',\)",
+        ),
+    ],
+)
+def test_a_wrong_reduce_op_names_the_value_and_the_choices(reduce_op, error, message):
+    strategy = ts.TPUStrategy()
+    with pytest.raises(error, match=message):
+        strategy.reduce(reduce_op, np.float32(1))
+    with pytest.raises(error, match=message):
+        strategy.run(lambda: ts.get_replica_context().all_reduce(reduce_op, 1.0))

@@ -111,7 +111,17 @@ def _plain(w, x):
         (
             lambda s, x: s.experimental_split_to_logical_devices(x, [0, 4]),
             ValueError,
-            r"must be positive",
+            r"partition_dimensions\[0\] must be an int >= 1, got 0",
+        ),
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, [1, 2.7]),
+            TypeError,
+            r"partition_dimensions\[1\] must be an int, got float 2\.7; pass a whole number",
+        ),
+        (
+            lambda s, x: s.experimental_split_to_logical_devices(x, "14"),
+            TypeError,
+            r"partition_dimensions must be a list of ints, got str '14'; pass one int per",
         ),
         (
             lambda s, x: s.experimental_assign_to_logical_device(x, 4),

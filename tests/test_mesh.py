@@ -146,3 +146,176 @@ def test_state_keeps_its_layout_over_the_cores_and_compiles_once(cores, start):
     per_device = {s.data.shape for s in state["w"].addressable_shards}
     assert per_device == ({(4, 8)} if start == "replicated" else {(4, 8 // cores)})
     assert int(state["n"]) == 4
+
+
+def _assignment():
+    topology = ts.Topology.from_devices(jax.devices())
+    return ts.DeviceAssignment.build(topology, [1, 1, 1, 2], num_replicas=4)
+
+
+WRONG_CONSTRUCTOR_ARGUMENTS = {
+    "devices str": (
+        lambda: {"devices": "cpu"},
+        TypeError,
+        r"devices must be a list of jax\.Device, got str 'cpu'; pass jax\.devices\(\) or part",
+    ),
+    "devices ints": (
+        lambda: {"devices": [0, 1]},
+        TypeError,
+        r"devices\[0\] is int 0, not a jax\.Device; pass devices from jax\.devices\(\)",
+    ),
+    "devices None": (
+        lambda: {"devices": [None]},
+        TypeError,
+        r"devices\[0\] is NoneType None, not a jax\.Device",
+    ),
+    "devices one device": (
+        lambda: {"devices": jax.devices()[0]},
+        TypeError,
+        r"got the single device CpuDevice\(id=0\); pass a list, e\.g\. devices=\[CpuDevice",
+    ),
+    "devices generator": (
+        lambda: {"devices": (d for d in jax.devices())},
+        TypeError,
+        r"devices must be a list of jax\.Device, got generator",
+    ),
+    "devices mixed rows": (
+        lambda: {"devices": [jax.devices()[:2], [jax.devices()[2], "x"]]},
+        TypeError,
+        r"devices\[1, 1\] is str 'x', not a jax\.Device",
+    ),
+    "devices 3-D": (
+        lambda: {"devices": np.array(jax.devices(), dtype=object).reshape(2, 2, 2)},
+        ValueError,
+        r"devices has 3 dimensions \(shape \(2, 2, 2\)\); pass a flat list .* or a 2-D array",
+    ),
+    "devices empty": (lambda: {"devices": []}, ValueError, r"devices is empty; pass jax\.devices"),
+    "devices duplicated": (
+        lambda: {"devices": [jax.devices()[0]] * 2},
+        ValueError,
+        r"devices lists a device more than once; pass each device once",
+    ),
+    "cores 0": (
+        lambda: {"num_logical_cores": 0},
+        ValueError,
+        r"num_logical_cores must be an int >= 1, got 0",
+    ),
+    "cores -1": (
+        lambda: {"num_logical_cores": -1},
+        ValueError,
+        r"num_logical_cores must be an int >= 1, got -1",
+    ),
+    "cores 3": (
+        lambda: {"num_logical_cores": 3},
+        ValueError,
+        r"8 devices cannot be split into replicas of num_logical_cores=3; use a num_logical_cores",
+    ),
+    "cores True": (
+        lambda: {"num_logical_cores": True},
+        TypeError,
+        r"num_logical_cores must be an int, got the bool True; pass a whole number",
+    ),
+    "cores '2'": (
+        lambda: {"num_logical_cores": "2"},
+        TypeError,
+        r"num_logical_cores must be an int, got str '2'; pass a whole number such as 2",
+    ),
+    "cores '2' with assignment": (
+        lambda: {"num_logical_cores": "2", "device_assignment": _assignment()},
+        TypeError,
+        r"num_logical_cores must be an int, got str '2'",
+    ),
+    "cores 2.0": (
+        lambda: {"num_logical_cores": 2.0},
+        TypeError,
+        r"num_logical_cores must be an int, got float 2\.0",
+    ),
+    "cores rows mismatch": (
+        lambda: {"devices": np.array(jax.devices()).reshape(4, 2), "num_logical_cores": 4},
+        ValueError,
+        r"devices has shape \(4, 2\) but num_logical_cores=4; pass num_logical_cores=2",
+    ),
+    "in flight 0": (
+        lambda: {"max_steps_in_flight": 0},
+        ValueError,
+        r"max_steps_in_flight must be an int >= 1, got 0",
+    ),
+    "in flight '2'": (
+        lambda: {"max_steps_in_flight": "2"},
+        TypeError,
+        r"max_steps_in_flight must be an int, got str '2'; pass a whole number such as 2",
+    ),
+    "in flight 1.5": (
+        lambda: {"max_steps_in_flight": 1.5},
+        TypeError,
+        r"max_steps_in_flight must be an int, got float 1\.5",
+    ),
+    "slices 0": (lambda: {"num_slices": 0}, ValueError, r"num_slices must be an int >= 1, got 0"),
+    "slices 3": (
+        lambda: {"num_slices": 3},
+        ValueError,
+        r"num_slices=3 does not divide the 8 replicas; declare a number of slices that divides 8",
+    ),
+    "slices True": (
+        lambda: {"num_slices": True},
+        TypeError,
+        r"num_slices must be an int, got the bool True",
+    ),
+    "slices '2'": (
+        lambda: {"num_slices": "2"},
+        TypeError,
+        r"num_slices must be an int, got str '2'",
+    ),
+    "assignment str": (
+        lambda: {"device_assignment": "v4-8"},
+        TypeError,
+        r"device_assignment must be a ts\.DeviceAssignment, got str 'v4-8'; build one with "
+        r"ts\.DeviceAssignment\.build",
+    ),
+    "assignment topology": (
+        lambda: {"device_assignment": ts.Topology.from_devices(jax.devices())},
+        TypeError,
+        r"device_assignment must be a ts\.DeviceAssignment, got Topology",
+    ),
+    "assignment and devices": (
+        lambda: {"device_assignment": _assignment(), "devices": jax.devices()},
+        ValueError,
+        r"pass either device_assignment or devices/num_logical_cores, not both",
+    ),
+    "spmd str": (
+        lambda: {"spmd": "yes"},
+        TypeError,
+        r"spmd must be a bool, got str 'yes'; pass True or False",
+    ),
+    "spmd None": (
+        lambda: {"spmd": None},
+        TypeError,
+        r"spmd must be a bool, got NoneType None",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_CONSTRUCTOR_ARGUMENTS)
+def test_every_constructor_argument_names_a_wrong_value(case):
+    kwargs, error, message = WRONG_CONSTRUCTOR_ARGUMENTS[case]
+    with pytest.raises(error, match=message):
+        ts.TPUStrategy(**kwargs())
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [
+        lambda: jax.devices(),
+        lambda: tuple(jax.devices()),
+        lambda: np.array(jax.devices()),
+        lambda: np.array(jax.devices(), dtype=object).reshape(4, 2),
+        lambda: [jax.devices()[i : i + 2] for i in range(0, 8, 2)],
+    ],
+    ids=["list", "tuple", "array", "2-D array", "2-D list"],
+)
+def test_devices_as_list_tuple_or_grid(devices):
+    strategy = ts.TPUStrategy(devices=devices())
+    grid = np.array(jax.devices(), dtype=object)
+    assert strategy.num_replicas_in_sync == (4 if np.ndim(devices()) == 2 else 8)
+    assert list(strategy.mesh.devices.flat) == list(grid)
+    assert ts.TPUStrategy(spmd=np.bool_(True)).num_replicas_in_sync == 8

@@ -191,3 +191,160 @@ def test_unbound_axis_name_names_the_replica_axis():
     with pytest.raises(NameError, match=r"replica axis is called 'replica' \(ts.REPLICA_AXIS\)"):
         strategy.run(lambda x: jax.lax.pmean(x, "batch"), args=(_batch(strategy),))
     assert strategy.mesh.axis_names[0] == ts.REPLICA_AXIS
+
+
+COUNT_MISMATCH = r"got a PerReplica with 4 components, but the strategy has 8 replicas; pass"
+
+
+@pytest.mark.parametrize("made_by", ["host", "a 4-replica strategy"])
+def test_a_per_replica_of_another_replica_count_is_refused(made_by):
+    eight = ts.TPUStrategy()
+    if made_by == "host":
+        value = ts.PerReplica([np.full(2, i, np.float32) for i in range(4)])
+    else:
+        four = ts.TPUStrategy(num_logical_cores=2)
+        value = four.experimental_distribute_values_from_function(
+            lambda ctx: np.full(2, ctx.replica_id_in_sync_group, np.float32)
+        )
+        assert float(four.reduce("sum", value)[0]) == 6.0  # right where it was made
+    for call in (
+        lambda: eight.reduce("sum", value),
+        lambda: eight.reduce("mean", {"x": value}, axis=0),
+        lambda: eight.gather(value, axis=0),
+        lambda: eight.experimental_local_results(value),
+    ):
+        with pytest.raises(ValueError, match=COUNT_MISMATCH):
+            call()
+    with pytest.raises(ValueError, match=r"PerReplica with 4 components but the strategy has 8"):
+        eight.run(lambda x: x, args=(value,))
+
+
+def test_typed_keys_are_gathered_and_split_but_never_reduced(strategy):
+    n = strategy.num_replicas_in_sync
+    keys = strategy.experimental_distribute_values_from_function(
+        lambda ctx: jax.random.split(jax.random.key(ctx.replica_id_in_sync_group), 2)
+    )
+    for op in ("sum", "mean", "max", "min"):
+        with pytest.raises(TypeError, match=rf"strategy\.reduce cannot {op} typed PRNG keys"):
+            strategy.reduce(op, keys)
+    with pytest.raises(TypeError, match=r"keys have no arithmetic or order.*strategy\.gather"):
+        strategy.reduce("sum", {"key": keys}, axis=0)
+    with pytest.raises(TypeError, match=r"cannot sum typed PRNG keys"):
+        strategy.reduce("sum", jax.random.key(0))  # a replicated key
+    want = np.stack([jax.random.key_data(jax.random.split(jax.random.key(i), 2)) for i in range(n)])
+    gathered = strategy.gather(keys, axis=0)
+    assert jnp.issubdtype(gathered.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(gathered), want.reshape(2 * n, -1))
+    local = strategy.experimental_local_results(keys)
+    np.testing.assert_array_equal(np.stack([jax.random.key_data(k) for k in local]), want)
+    summed = strategy.reduce("sum", jax.tree.map(jax.random.key_data, keys))  # the bits reduce
+    np.testing.assert_array_equal(np.asarray(summed), want.sum(axis=0, dtype=np.uint32))
+
+
+def _calls(strategy):
+    """Every public method the value model owns, with a wrong argument, the error, the message.
+
+    Each message must name the argument, the value seen, and the fix.
+    """
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.full((2, 3), ctx.replica_id_in_sync_group, np.float32)
+    )
+    leaf = r"pass arrays and numbers, or pytrees of them"
+    axis = r"use an axis in \[-2, 2\)"
+    return [
+        (lambda: strategy.reduce("avg", x), ValueError, r"unknown reduce op 'avg'; use ts.Red"),
+        (lambda: strategy.reduce(None, x), TypeError, r"reduce_op must be .*got NoneType None"),
+        (
+            lambda: strategy.reduce("sum", x, axis=1.5),
+            TypeError,
+            r"reduce axis must be an int, got float 1\.5; pass a whole number such as 2",
+        ),
+        (
+            lambda: strategy.reduce("sum", x, axis="0"),
+            TypeError,
+            r"reduce axis must be an int, got str '0'",
+        ),
+        (
+            lambda: strategy.reduce("sum", x, axis=2),
+            ValueError,
+            rf"reduce axis 2 is out of range for per-replica values of rank 2; {axis}",
+        ),
+        (
+            lambda: strategy.reduce("sum", {"w": x, "name": "w"}),
+            TypeError,
+            rf"strategy\.reduce got value\['name'\] = 'w', of type str.*{leaf}",
+        ),
+        (
+            lambda: strategy.reduce("sum", object()),
+            TypeError,
+            rf"strategy\.reduce got value = <object object.*{leaf}",
+        ),
+        (
+            lambda: strategy.gather(x, axis=None),
+            TypeError,
+            r"gather axis must be an int, got NoneType None; pass a whole number",
+        ),
+        (
+            lambda: strategy.gather(x, axis=1.5),
+            TypeError,
+            r"gather axis must be an int, got float 1\.5",
+        ),
+        (
+            lambda: strategy.gather(x, axis=-3),
+            ValueError,
+            rf"gather axis -3 is out of range for per-replica values of rank 2; {axis}",
+        ),
+        (
+            lambda: strategy.gather({"a": [x, "b"]}, axis=0),
+            TypeError,
+            rf"strategy\.gather got value\['a'\]\[1\] = 'b', of type str.*{leaf}",
+        ),
+        (
+            lambda: strategy.experimental_local_results({"a": None, "b": "x"}),
+            TypeError,
+            rf"strategy\.experimental_local_results got value\['b'\] = 'x'.*{leaf}",
+        ),
+        (
+            lambda: strategy.replicate({"w": np.ones(2), "f": print}),
+            TypeError,
+            rf"strategy\.replicate got tree\['f'\] = <built-in function print>.*{leaf}",
+        ),
+        (
+            lambda: strategy.replicate(np.array(["a"])),
+            TypeError,
+            rf"strategy\.replicate got tree = array\(\['a'\].*{leaf}",
+        ),
+        (
+            lambda: strategy.replicate(x),
+            TypeError,
+            r"replicate got a PerReplica value; reduce it first",
+        ),
+        (
+            lambda: strategy.experimental_distribute_values_from_function(3),
+            TypeError,
+            r"value_fn must be a callable taking a ts\.ValueContext, got int 3; e\.g\. lambda",
+        ),
+        (
+            lambda: strategy.experimental_distribute_values_from_function(lambda ctx: {"a": "s"}),
+            TypeError,
+            rf"got value_fn's value for replica 0\['a'\] = 's', of type str.*{leaf}",
+        ),
+    ]
+
+
+def test_every_public_value_method_names_a_wrong_argument(strategy):
+    calls = _calls(strategy)
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+    assert len(calls) == 17
+
+
+def test_a_key_argument_next_to_arrays_runs_on_every_mesh(strategy):
+    """run matches outputs to the arguments they update without comparing arrays with ==."""
+    key, w = jax.random.key(3), np.ones(2, np.float32)
+    bits, doubled = strategy.run(
+        lambda k, w: (jax.random.key_data(jax.random.split(k)[0]), w * 2), args=(key, w)
+    )
+    np.testing.assert_array_equal(bits, jax.random.key_data(jax.random.split(key)[0]))
+    np.testing.assert_array_equal(doubled, [2.0, 2.0])

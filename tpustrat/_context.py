@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-from collections.abc import Generator
+import functools
+from collections.abc import Callable, Generator
 from typing import Any, Protocol, TypeVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
@@ -55,9 +58,26 @@ _STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
 class ReduceOp(str, enum.Enum):
     """How values from several replicas combine into one. The plain strings work too.
 
+    Every reduction across replicas (``strategy.reduce`` and ``ReplicaContext.all_reduce``
+    alike) gives the value and dtype that ``jnp.sum``, ``jnp.mean``, ``jnp.max`` or
+    ``jnp.min`` give over the stacked components (``axis=0``):
+
+    - SUM of ``bool``, ``int8``/``int16`` and ``uint8``/``uint16`` counts in ``int32`` /
+      ``uint32``; wider types keep their dtype (and wrap around on overflow, as in numpy).
+    - MEAN of integers and bools is a float (the default float dtype, ``float32`` unless
+      ``jax_enable_x64``), computed in that float so that the sum never overflows: 8
+      replicas of ``int32`` ``2**30`` average to ``1073741824.0``. MEAN of ``float16`` and
+      ``bfloat16`` keeps the dtype and never overflows where the mean itself fits.
+    - MAX and MIN keep the dtype.
+
+    Typed PRNG keys (``jax.random.key``) have no arithmetic or order and are refused with a
+    TypeError; gather them, or reduce their bits (``jax.random.key_data``).
+
     Example:
       >>> ts.ReduceOp.parse("mean") is ts.ReduceOp.MEAN
       True
+      >>> ts.ReduceOp.MEAN.result_dtype(np.int32), ts.ReduceOp.SUM.result_dtype(np.int8)
+      (dtype('float32'), dtype('int32'))
     """
 
     SUM = "sum"
@@ -67,14 +87,44 @@ class ReduceOp(str, enum.Enum):
 
     @classmethod
     def parse(cls, op: ReduceOp | str) -> ReduceOp:
-        """Returns the ReduceOp that ``op`` names, or raises a ValueError listing the choices."""
+        """Returns the ReduceOp that ``op`` names; a TypeError or ValueError says the choices."""
+        choices = ", ".join(repr(o.value) for o in cls)
+        if not isinstance(op, str):
+            raise TypeError(
+                f"reduce_op must be a ts.ReduceOp or a string, got {type(op).__name__} {op!r}; "
+                f"use ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}"
+            )
         try:
-            return cls(op.lower() if isinstance(op, str) else op)
-        except (ValueError, AttributeError):
-            choices = ", ".join(repr(o.value) for o in cls)
+            return cls(op.lower())
+        except ValueError:
             raise ValueError(
                 f"unknown reduce op {op!r}; use ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}"
             ) from None
+
+    def result_dtype(self, dtype: Any) -> np.dtype:
+        """The dtype of this reduction over replicas whose values have ``dtype``."""
+        return _result_dtype(self, np.dtype(dtype), jax.config.read("jax_enable_x64"))
+
+    def check_reducible(self, what: str, dtype: Any) -> None:
+        """Raises a TypeError naming ``what`` (the call) if values of ``dtype`` cannot reduce."""
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"{what} cannot {self.value} typed PRNG keys ({dtype}): keys have no arithmetic "
+                "or order. Gather them instead (strategy.gather, ctx.all_gather), read each "
+                "replica's (strategy.experimental_local_results), or reduce their bits, "
+                "jax.random.key_data(keys)"
+            )
+
+
+_REDUCERS = {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max, "min": jnp.min}
+
+
+@functools.lru_cache(maxsize=256)
+def _result_dtype(op: ReduceOp, dtype: np.dtype, x64: bool) -> np.dtype:
+    del x64  # part of the key: the default float and int widths follow it
+    reducer = _REDUCERS[op.value]
+    out = jax.eval_shape(lambda x: reducer(x, axis=0), jax.ShapeDtypeStruct((2,), dtype))
+    return np.dtype(out.dtype)
 
 
 class ReplicaContext:
@@ -126,7 +176,9 @@ class ReplicaContext:
         """Combines ``value`` across replicas; every replica gets the result.
 
         As in tf.distribute, SUM of a value that is the same on every replica is
-        ``num_replicas_in_sync`` times that value.
+        ``num_replicas_in_sync`` times that value. The result has the value and dtype of
+        ``strategy.reduce`` on the same components (``ts.ReduceOp``): the MEAN of integers is a
+        float, computed without overflow.
 
         Args:
           reduce_op: a ReduceOp or one of ``"sum"``, ``"mean"``, ``"max"``, ``"min"``.
@@ -142,22 +194,20 @@ class ReplicaContext:
         """
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
-        num_slices = self._strategy.num_slices
-        if num_slices > 1 and op in (ReduceOp.SUM, ReduceOp.MEAN):
-            n = self.num_replicas_in_sync
+        n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
-            def hierarchical(x):
-                total = hierarchical_sum(jax.numpy.asarray(x), n, num_slices)
-                return total / n if op is ReduceOp.MEAN else total
+        def combine(x):
+            x = jnp.asarray(x)
+            op.check_reducible("all_reduce", x.dtype)
+            if op is ReduceOp.MAX:
+                return lax.pmax(x, REPLICA_AXIS)
+            if op is ReduceOp.MIN:
+                return lax.pmin(x, REPLICA_AXIS)
+            if num_slices > 1:
+                return sum_or_mean(op, x, n, lambda x: hierarchical_sum(x, n, num_slices))
+            return sum_or_mean(op, x, n, lambda x: lax.psum(x, REPLICA_AXIS))
 
-            return jax.tree.map(hierarchical, value)
-        reduce = {
-            ReduceOp.SUM: lax.psum,
-            ReduceOp.MEAN: lax.pmean,
-            ReduceOp.MAX: lax.pmax,
-            ReduceOp.MIN: lax.pmin,
-        }[op]
-        return jax.tree.map(lambda x: reduce(x, REPLICA_AXIS), value)
+        return jax.tree.map(combine, value)
 
     def replica_key(self, key: jax.Array) -> jax.Array:
         """A PRNG key for this replica: ``key`` folded with the replica index.
@@ -192,7 +242,7 @@ class ReplicaContext:
         self._check_active("all_gather")
 
         def gather(x):
-            x = jax.numpy.asarray(x)
+            x = jnp.asarray(x)
             return lax.all_gather(
                 x, REPLICA_AXIS, axis=check_axis("all_gather", axis, x.ndim, _shape(x)), tiled=True
             )
@@ -233,7 +283,8 @@ class ReplicaContext:
         num_replicas = self.num_replicas_in_sync
 
         def scatter(x):
-            x = jax.numpy.asarray(x)
+            x = jnp.asarray(x)
+            op.check_reducible("reduce_scatter", x.dtype)
             dim = check_axis("reduce_scatter", axis, x.ndim, _shape(x))
             if x.shape[dim] % num_replicas:
                 raise ValueError(
@@ -241,8 +292,12 @@ class ReplicaContext:
                     f"{x.shape[dim]}, which is not divisible by {num_replicas} replicas; pad "
                     f"that axis to a multiple of {num_replicas} (e.g. with jnp.pad) first"
                 )
-            total = lax.psum_scatter(x, REPLICA_AXIS, scatter_dimension=dim, tiled=True)
-            return total / num_replicas if op is ReduceOp.MEAN else total
+            return sum_or_mean(
+                op,
+                x,
+                num_replicas,
+                lambda x: lax.psum_scatter(x, REPLICA_AXIS, scatter_dimension=dim, tiled=True),
+            )
 
         return jax.tree.map(scatter, value)
 
@@ -266,6 +321,23 @@ class ReplicaContext:
             self._active = False
 
 
+def sum_or_mean(
+    op: ReduceOp, x: jax.Array, num_replicas: int, sum_over_replicas: Callable[[jax.Array], Any]
+) -> jax.Array:
+    """SUM or MEAN of ``x`` over the replicas, in the dtype ``op.result_dtype`` gives.
+
+    Integers and bools are cast to that dtype before the sum (a float, for MEAN, so that the
+    sum cannot overflow); ``float16`` and ``bfloat16`` are divided before the sum, which stays
+    in their dtype (half the bytes of a ``float32`` sum) and cannot overflow where the mean fits.
+    """
+    dtype = op.result_dtype(x.dtype)
+    divide_first = op is ReduceOp.MEAN and dtype.itemsize < 4
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    total = sum_over_replicas(x / num_replicas if divide_first else x)
+    return total / num_replicas if op is ReduceOp.MEAN and not divide_first else total
+
+
 def _shape(x: jax.Array) -> str:
     return f"a value of shape {x.shape}"
 
@@ -280,6 +352,22 @@ def get_replica_context() -> ReplicaContext | None:
       (PerReplica(int32[8]), None)
     """
     return _REPLICA_CONTEXT.get()
+
+
+def check_cross_replica(call: str, fix: str) -> None:
+    """Raises a RuntimeError when ``call``, a host call on distributed values, runs in a step.
+
+    Inside ``strategy.run`` each value is one replica's own, so a cross-replica call there
+    would see that replica alone (``strategy.reduce`` would sum one value, not all of them).
+    As in tf.distribute, such calls are refused in a replica context; ``fix`` says what to
+    do inside the step instead.
+    """
+    if _REPLICA_CONTEXT.get() is not None:
+        raise RuntimeError(
+            f"strategy.{call} was called inside a step that strategy.run is running; it is a "
+            f"cross-replica call, made on run's results from outside the step. Inside the "
+            f"step, {fix}"
+        )
 
 
 def current_strategy() -> Strategy | None:

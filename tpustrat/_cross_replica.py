@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from tpustrat import _values
 from tpustrat._checks import check_axis
 from tpustrat._context import ReduceOp
+from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
@@ -27,10 +28,17 @@ _REDUCERS = {
 
 
 def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> PyTree:
-    """``strategy.reduce``: across replicas, and along ``axis`` of each replica's value."""
+    """``strategy.reduce``: across replicas, and along ``axis`` of each replica's value.
+
+    The result has the value and dtype of ``jnp.sum`` / ``mean`` / ``max`` / ``min`` over the
+    stacked components (see ``ReduceOp``), as ``ReplicaContext.all_reduce`` gives inside a step.
+    """
+    _values.check_array_leaves("reduce", value)
     reducer = _REDUCERS[op]
 
     def per_replica(x):
+        _check_count("reduce", x, num_replicas)
+        op.check_reducible("strategy.reduce", x.dtype)
         axes = (
             (0,)
             if axis is None
@@ -39,7 +47,7 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
         if _on_devices(x):
             return _readable_everywhere(reducer(x, axis=axes), x)
         rows = _every_replica(x)
-        dtype = jax.eval_shape(lambda v: reducer(v, axis=axes), rows).dtype
+        dtype = op.result_dtype(rows.dtype)
         wide = rows.astype(np.float32) if rows.dtype.kind == "f" and rows.itemsize < 4 else rows
         host = {
             ReduceOp.SUM: np.sum,
@@ -47,12 +55,15 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
             ReduceOp.MAX: np.max,
             ReduceOp.MIN: np.min,
         }[op](wide, axis=axes)
-        return jnp.asarray(np.asarray(host).astype(dtype))
+        with np.errstate(over="ignore"):  # a float16 sum past 65504 is inf, as on the devices
+            return jnp.asarray(np.asarray(host).astype(dtype))
 
     def replicated(x):
         x = jnp.asarray(x)
+        op.check_reducible("strategy.reduce", x.dtype)
         if axis is not None:
             x = reducer(x, axis=check_axis("reduce", axis, x.ndim, _rank(x.ndim)))
+        x = x.astype(op.result_dtype(x.dtype))
         return x * num_replicas if op is ReduceOp.SUM else x
 
     return _values.map_distributed(value, per_replica, replicated)
@@ -60,8 +71,10 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
 
 def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
     """``strategy.gather``: every replica's value concatenated along ``axis``."""
+    _values.check_array_leaves("gather", value)
 
     def per_replica(x):
+        _check_count("gather", x, num_replicas)
         a = check_axis("gather", axis, np.ndim(x) - 1, _rank(np.ndim(x) - 1))
         shape = x.shape[1:]
         if _on_devices(x):
@@ -82,7 +95,12 @@ def gather(value: PyTree, axis: int, num_replicas: int) -> PyTree:
 
 def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
     """One pytree per replica this process addresses, in replica order, each on its devices."""
+    _values.check_array_leaves("experimental_local_results", value)
+    num_replicas = mesh.shape[REPLICA_AXIS]
     leaves, tree = jax.tree.flatten(_values.unwrap_mirrored(value), is_leaf=is_per_replica)
+    for leaf in leaves:
+        if isinstance(leaf, PerReplica):
+            _check_count("experimental_local_results", leaf.stacked, num_replicas)
     components = [
         _values.replica_components(leaf.stacked) if isinstance(leaf, PerReplica) else None
         for leaf in leaves
@@ -95,10 +113,23 @@ def local_results(value: PyTree, mesh: Mesh) -> tuple[PyTree, ...]:
     )
 
 
+def _check_count(call: str, stacked: Any, num_replicas: int) -> None:
+    """Raises a ValueError unless a PerReplica's ``stacked`` array has ``num_replicas`` rows."""
+    count = np.shape(stacked)[0] if np.ndim(stacked) else 0
+    if count != num_replicas:
+        raise ValueError(
+            f"strategy.{call} got a PerReplica with {count} components, but the strategy has "
+            f"{num_replicas} replicas; pass a value with one component per replica, made by this "
+            "strategy (run's output, experimental_distribute_values_from_function or a "
+            "distributed dataset), or use the strategy that made it"
+        )
+
+
 def _on_devices(x: Any) -> bool:
     """Whether to combine ``x`` with a device program rather than on the host.
 
-    Inside the user's ``jax.jit`` (a tracer) there is no host; typed keys have no host form.
+    Inside the user's ``jax.jit`` (a tracer) there is no host; typed keys (which only
+    ``gather`` accepts) have no host form.
     Every other value is combined on the host from the shards this process holds: a program
     over hundreds of devices would cost far more than reading them.
     """

@@ -37,14 +37,21 @@ def split_to_logical_devices(
     _check_in_replica("experimental_split_to_logical_devices", strategy)
     cores = _num_cores(mesh)
     shape = np.shape(tensor)
-    dims = [int(d) for d in partition_dimensions]
+    if not isinstance(partition_dimensions, (list, tuple, np.ndarray)):
+        raise TypeError(
+            f"partition_dimensions must be a list of ints, got "
+            f"{type(partition_dimensions).__name__} {partition_dimensions!r}; pass one int per "
+            "dimension of the tensor, e.g. [1, 2]"
+        )
+    dims = [
+        check_int(f"partition_dimensions[{i}]", d, minimum=1)
+        for i, d in enumerate(partition_dimensions)
+    ]
     if len(dims) != len(shape):
         raise ValueError(
             f"partition_dimensions {dims} has {len(dims)} entries but the tensor has rank "
             f"{len(shape)} (shape {shape}); give one entry per dimension, 1 for no split"
         )
-    if any(d < 1 for d in dims):
-        raise ValueError(f"partition_dimensions {dims} must be positive; use 1 for no split")
     if int(np.prod(dims)) != cores:
         raise ValueError(
             f"partition_dimensions {dims} multiply to {int(np.prod(dims))} but each replica "

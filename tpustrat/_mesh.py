@@ -43,7 +43,7 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
       >>> build_mesh(jax.devices(), num_logical_cores=4).axis_names
       ('replica', 'logical_core.0', 'logical_core.1')
     """
-    array = np.asarray(devices, dtype=object)
+    array = device_array(devices)
     if array.ndim == 2:
         if num_logical_cores not in (1, array.shape[1]):
             raise ValueError(
@@ -59,6 +59,42 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
     names = _logical_core_axes(num_logical_cores)
     grid = array.reshape(array.size // num_logical_cores, *sizes)
     return Mesh(grid, (REPLICA_AXIS, *names), axis_types=(AxisType.Auto,) * (1 + len(names)))
+
+
+def device_array(devices: Any) -> np.ndarray:
+    """``devices`` (a list, tuple or array of ``jax.Device``) as a 1-D or 2-D object array.
+
+    Raises a TypeError for anything but devices and a ValueError for an array of another rank,
+    each naming the value seen, before any device attribute is read.
+
+    Example:
+      >>> device_array(jax.devices()[:2]).shape
+      (2,)
+    """
+    if isinstance(devices, jax.Device):
+        raise TypeError(
+            f"devices must be a list of jax.Device, got the single device {devices!r}; pass a "
+            f"list, e.g. devices=[{devices!r}]"
+        )
+    if not isinstance(devices, (list, tuple, np.ndarray)):
+        raise TypeError(
+            f"devices must be a list of jax.Device, got {type(devices).__name__} "
+            f"{devices!r:.80}; pass jax.devices() or part of it, e.g. jax.devices('cpu')[:4]"
+        )
+    array = np.asarray(devices, dtype=object)
+    if array.ndim not in (1, 2):
+        raise ValueError(
+            f"devices has {array.ndim} dimensions (shape {array.shape}); pass a flat list in "
+            "replica-major order, or a 2-D array of shape (replicas, logical cores)"
+        )
+    for index, device in np.ndenumerate(array):
+        if not isinstance(device, jax.Device):
+            where = ", ".join(map(str, index))
+            raise TypeError(
+                f"devices[{where}] is {type(device).__name__} {device!r:.80}, not a jax.Device; "
+                "pass devices from jax.devices(), e.g. [jax.devices()[i] for i in (0, 1)]"
+            )
+    return array
 
 
 def default_device_grid(devices: Sequence[jax.Device], num_logical_cores: int = 1) -> np.ndarray:

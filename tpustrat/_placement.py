@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
-from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
+from tpustrat._values import Mirrored, PerReplica, is_distributed, put, unwrap_mirrored
 
 PyTree = Any
 
@@ -186,7 +186,7 @@ def prepare(
                     "arrays, numbers and pytrees of them (close over other values in the step "
                     "function instead)"
                 )
-            x = jax.device_put(x, per_replica if is_per_replica else replicated)
+            x = put(x, per_replica if is_per_replica else replicated)  # typed keys too
             moved = True
             if model_parallel and not is_per_replica:
                 block_specs.append((index, replicated))

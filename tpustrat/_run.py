@@ -486,7 +486,7 @@ def _keep_layouts(out_tree, outputs: list, keep: list[bool], args: tuple, layout
                 for leaf, o in zip(leaves, out_indices)
             ):
                 continue
-            arguments.remove(argument)
+            arguments[:] = [a for a in arguments if a is not argument]  # no == on arrays
             for o, i in zip(out_indices, positions):
                 if isinstance(layouts[i], NamedSharding) and keep[o]:
                     outputs[o] = jax.lax.with_sharding_constraint(outputs[o], layouts[i])

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import jax
+import numpy as np
 
 from tpustrat import (
     _accounting,
@@ -75,7 +76,20 @@ class TPUStrategy:
         max_steps_in_flight: int = 2,
         num_slices: int | None = None,
     ):
+        check_int("num_logical_cores", num_logical_cores, minimum=1)
+        check_int("max_steps_in_flight", max_steps_in_flight, minimum=1)
+        if not isinstance(spmd, (bool, np.bool_)):
+            raise TypeError(
+                f"spmd must be a bool, got {type(spmd).__name__} {spmd!r}; pass True or False"
+            )
         if device_assignment is not None:
+            if not isinstance(device_assignment, DeviceAssignment):
+                raise TypeError(
+                    f"device_assignment must be a ts.DeviceAssignment, got "
+                    f"{type(device_assignment).__name__} {device_assignment!r:.80}; build one "
+                    "with ts.DeviceAssignment.build(ts.Topology.from_devices(jax.devices()), "
+                    "computation_shape, num_replicas=...), or pass devices instead"
+                )
             if devices is not None or num_logical_cores not in (
                 1,
                 device_assignment.num_cores_per_replica,
@@ -93,7 +107,7 @@ class TPUStrategy:
         self._public_mesh = _mesh.public_mesh(self._mesh)
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
-        self._spmd = bool(spmd)
+        self._spmd = spmd
         self._runner = _run.Runner(
             self._mesh, lambda row_mask: ReplicaContext(self, row_mask), max_steps_in_flight
         )
@@ -293,7 +307,11 @@ class TPUStrategy:
         ``axis=0`` averages over every example of every replica. As in tf.distribute, a
         replicated value (any plain array, which counts as the same on every replica) reduces
         to itself under MEAN, MAX and MIN, and to ``num_replicas_in_sync`` times itself under
-        SUM.
+        SUM. The result has ``jnp.sum`` / ``mean`` / ``max`` / ``min``'s value and dtype over
+        the components, as ``ReplicaContext.all_reduce`` inside the step (see ``ts.ReduceOp``).
+        This is a cross-replica call, made on ``run``'s results: inside the step it raises a
+        RuntimeError, as do ``gather``, ``experimental_local_results``, ``replicate`` and
+        ``experimental_distribute_values_from_function``.
 
         Args:
           reduce_op: a ReduceOp or one of ``"sum"``, ``"mean"``, ``"max"``, ``"min"``.
@@ -310,6 +328,10 @@ class TPUStrategy:
           (28.0, 3.5)
         """
         op = ReduceOp.parse(reduce_op)
+        _context.check_cross_replica(
+            "reduce",
+            f"combine the replicas with ts.get_replica_context().all_reduce({op.value!r}, value)",
+        )
         result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
         self._runner.window.admit_result(result)
         return result
@@ -331,6 +353,10 @@ class TPUStrategy:
           >>> strategy.gather(x, axis=0).shape
           (8, 2)
         """
+        _context.check_cross_replica(
+            "gather",
+            "concatenate the replicas with ts.get_replica_context().all_gather(value, axis)",
+        )
         result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
         self._runner.window.admit_result(result)
         return result
@@ -352,6 +378,11 @@ class TPUStrategy:
           >>> [float(v) for v in strategy.experimental_local_results(x)]
           [10.0, 20.0]
         """
+        _context.check_cross_replica(
+            "experimental_local_results",
+            "each value is already this replica's own; return it from the step and split run's "
+            "result with experimental_local_results",
+        )
         return _cross_replica.local_results(value, self._mesh)
 
     def experimental_distribute_values_from_function(
@@ -375,8 +406,26 @@ class TPUStrategy:
           >>> v, float(v.values[7][1])
           (PerReplica(float32[8, 2]), 8.0)
         """
+        _context.check_cross_replica(
+            "experimental_distribute_values_from_function",
+            "derive per-replica values from ts.get_replica_context().replica_id_in_sync_group, "
+            "or build them before run and pass them in args",
+        )
+        if not callable(value_fn):
+            raise TypeError(
+                f"value_fn must be a callable taking a ts.ValueContext, got "
+                f"{type(value_fn).__name__} {value_fn!r:.80}; e.g. "
+                "lambda ctx: np.float32(ctx.replica_id_in_sync_group)"
+            )
         n = self.num_replicas_in_sync
-        components = {r: value_fn(ValueContext(r, n)) for r in _values.local_replicas(self._mesh)}
+        components = {}
+        for r in _values.local_replicas(self._mesh):
+            components[r] = value_fn(ValueContext(r, n))
+            _values.check_array_leaves(
+                "experimental_distribute_values_from_function",
+                components[r],
+                f"value_fn's value for replica {r}",
+            )
         return _values.place_per_replica(components, self._mesh)
 
     def replicate(self, tree: PyTree) -> PyTree:
@@ -398,6 +447,10 @@ class TPUStrategy:
           >>> float(strategy.run(lambda p: p["w"].sum(), args=(params,)))
           3.0
         """
+        _context.check_cross_replica(
+            "replicate",
+            "values are already on the replica; replicate the state before run and pass it in args",
+        )
         if any(isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=is_per_replica)):
             raise TypeError(
                 "replicate got a PerReplica value; reduce it first, e.g. "
@@ -412,6 +465,7 @@ class TPUStrategy:
                 tree,
                 is_leaf=_nnx.is_nnx_object,
             )
+        _values.check_array_leaves("replicate", tree, "tree")
         return _values.replicate(tree, self._mesh)
 
     def experimental_distribute_dataset(
@@ -440,6 +494,11 @@ class TPUStrategy:
           ...     print(batch["x"], strategy.run(lambda b: b["x"].sum(), args=(batch,)))
           PerReplica(float32[8, 1, 2]) PerReplica(float32[8])
         """
+        _context.check_cross_replica(
+            "experimental_distribute_dataset",
+            "use the batch run gave the step; distribute the dataset before the loop and pass "
+            "each element to run",
+        )
         return _input.distribute_dataset(self._mesh, dataset, options)
 
     def distribute_datasets_from_function(
@@ -462,6 +521,11 @@ class TPUStrategy:
           >>> len(dist), dist.element_spec.shape
           (1, (2, 3))
         """
+        _context.check_cross_replica(
+            "distribute_datasets_from_function",
+            "use the batch run gave the step; distribute the dataset before the loop and pass "
+            "each element to run",
+        )
         return _input.distribute_datasets_from_function(self._mesh, dataset_fn, options)
 
     def experimental_split_to_logical_devices(

@@ -268,9 +268,43 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     def place(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        return jax.device_put(_host_copy(x) if isinstance(x, np.ndarray) else x, sharding)
+        return put(_host_copy(x) if isinstance(x, np.ndarray) else x, sharding)
 
     return jax.tree.map(place, unwrap_mirrored(tree))
+
+
+def put(x: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``jax.device_put(x, sharding)``, also from one process to a sharding over several.
+
+    In a job of several processes, ``jax.device_put`` cannot move a typed key, or an array on
+    this process's devices, to devices of other processes. Such a value (the same in every
+    process, as ``replicate`` and ``run``'s replicated arguments require) goes through the
+    host instead: each process places its own devices' part.
+    """
+    if (
+        sharding.is_fully_addressable
+        or not isinstance(x, jax.Array)
+        or isinstance(x, jax.core.Tracer)
+        or not x.is_fully_addressable
+    ):
+        return jax.device_put(x, sharding)
+    if is_key(x):
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+
+def check_array_leaves(call: str, tree: PyTree, argument: str = "value") -> None:
+    """Raises a TypeError naming ``call``, ``argument`` and the leaf unless every leaf of
+    ``tree`` is an array, a number or a PerReplica (``Mirrored`` markers are looked into)."""
+    leaves = jax.tree_util.tree_flatten_with_path(unwrap_mirrored(tree), is_leaf=is_per_replica)
+    for path, leaf in leaves[0]:
+        if not isinstance(leaf, PerReplica) and not _is_numeric(leaf):
+            raise TypeError(
+                f"strategy.{call} got {argument}{jax.tree_util.keystr(path)} = {leaf!r:.60}, "
+                f"of type {type(leaf).__name__}, which JAX cannot hold; pass arrays and "
+                "numbers, or pytrees of them (a dict, a list, a flax TrainState)"
+            )
 
 
 def local_replicas(mesh: Mesh) -> list[int]:
@@ -414,6 +448,13 @@ def _addressable_devices(mesh: Mesh) -> list[tuple[int, jax.Device]]:
         for index, device in np.ndenumerate(mesh.devices)
         if device.process_index == pid
     ]
+
+
+def _is_numeric(x: Any) -> bool:
+    """Whether JAX can hold ``x``: a ``jax.Array``, a number, or a numeric or bool numpy value."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.dtype == np.bool_ or jnp.issubdtype(x.dtype, np.number)
+    return isinstance(x, (jax.Array, int, float, complex))
 
 
 def _is_array_leaf(x: Any) -> bool:
