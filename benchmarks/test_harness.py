@@ -204,7 +204,7 @@ def test_every_script_uses_the_harness():
 
 def test_write_puts_the_record_and_the_figure_in_the_chosen_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(_results, "RECORDED", tmp_path / "results")
-    saved = []
+    saved: list[object] = []
 
     class Figure:
         def tight_layout(self):
