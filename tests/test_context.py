@@ -1,5 +1,7 @@
 """ReplicaContext: replica ids and collectives inside run; clear errors outside it."""
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,3 +215,51 @@ def test_a_wrong_reduce_op_names_the_value_and_the_choices(reduce_op, error, mes
         strategy.reduce(reduce_op, np.float32(1))
     with pytest.raises(error, match=message):
         strategy.run(lambda: ts.get_replica_context().all_reduce(reduce_op, 1.0))
+
+
+def test_get_strategy_outside_any_scope_is_one_default_replica_on_the_first_device():
+    default = ts.get_strategy()
+    assert isinstance(default, ts.TPUStrategy)
+    assert default.num_replicas_in_sync == 1
+    assert list(default.mesh.devices.flat) == [jax.local_devices()[0]]
+    assert ts.get_strategy() is default  # made once
+    assert not ts.has_strategy()
+    total = default.run(
+        lambda x: ts.get_replica_context().all_reduce("sum", 2 * x), args=(np.float32(3),)
+    )
+    assert float(total) == 6.0
+
+
+def test_get_strategy_and_has_strategy_inside_scope_and_run(strategy):
+    default = ts.get_strategy()
+    seen = []
+    with strategy.scope():
+        assert ts.get_strategy() is strategy and ts.has_strategy()
+        with default.scope():  # the default's own scope still counts as no strategy
+            assert ts.get_strategy() is default and not ts.has_strategy()
+    strategy.run(lambda: seen.append((ts.get_strategy(), ts.has_strategy())) or 0.0)
+    assert seen == [(strategy, True)]
+    assert ts.get_strategy() is default and not ts.has_strategy()
+
+
+def test_code_written_for_a_strategy_runs_on_the_default_and_in_a_scope(strategy):
+    """tf.distribute's library pattern: take ts.get_strategy(), whichever it is."""
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+
+    def mean_square():
+        current = ts.get_strategy()
+        (batch,) = current.experimental_distribute_dataset([x])
+        per_replica = current.run(lambda b: (b**2).sum(), args=(batch,))
+        return float(current.reduce("sum", per_replica)) / x.size
+
+    expected = float((x**2).mean())
+    assert mean_square() == expected  # the default strategy: one replica
+    with strategy.scope():
+        assert mean_square() == expected
+
+
+def test_another_thread_outside_any_scope_gets_the_same_default(strategy):
+    with strategy.scope(), concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: ts.get_strategy(), range(8)))
+    assert all(result is ts.get_strategy() for result in results)
+    assert ts.get_strategy() is not strategy

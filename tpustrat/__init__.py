@@ -27,7 +27,7 @@ from tpustrat._sharded_update import (
     reshard_update_state,
     shard_update,
 )
-from tpustrat._strategy import TPUStrategy, get_strategy
+from tpustrat._strategy import TPUStrategy, get_strategy, has_strategy
 from tpustrat._summary import SummaryWriter
 from tpustrat._topology import DeviceAssignment, Topology
 from tpustrat._values import Mirrored, PerReplica, ValueContext
@@ -64,6 +64,7 @@ __all__ = [
     "compute_average_loss",
     "get_replica_context",
     "get_strategy",
+    "has_strategy",
     "initialize_cluster",
     "reshard_update_state",
     "shard_update",

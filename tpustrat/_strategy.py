@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -580,13 +581,48 @@ class TPUStrategy:
         )
 
 
-def get_strategy() -> TPUStrategy | None:
-    """The strategy of the innermost ``strategy.scope()`` or ``run``; None outside both.
+_DEFAULT_STRATEGY: list[TPUStrategy] = []  # made on first use, then the same one
+_DEFAULT_STRATEGY_LOCK = threading.Lock()
+
+
+def _default_strategy() -> TPUStrategy:
+    with _DEFAULT_STRATEGY_LOCK:
+        if not _DEFAULT_STRATEGY:
+            _DEFAULT_STRATEGY.append(TPUStrategy(devices=jax.local_devices()[:1]))
+        return _DEFAULT_STRATEGY[0]
+
+
+def get_strategy() -> TPUStrategy:
+    """The strategy of the innermost ``strategy.scope()`` or ``run``; the default outside both.
+
+    As ``tf.distribute.get_strategy()``, it always returns a strategy, so that code written for
+    a strategy also runs without one. The default strategy is one replica on this process's
+    first device (``jax.local_devices()[0]``), made on first use and the same one afterwards;
+    ``ts.has_strategy()`` says whether a non-default strategy is current.
 
     Example:
       >>> strategy = ts.TPUStrategy()
       >>> with strategy.scope():
       ...     ts.get_strategy() is strategy
       True
+      >>> default = ts.get_strategy()
+      >>> default.num_replicas_in_sync, default is ts.get_strategy()
+      (1, True)
     """
-    return cast("TPUStrategy | None", _context.current_strategy())
+    current = cast("TPUStrategy | None", _context.current_strategy())
+    return _default_strategy() if current is None else current
+
+
+def has_strategy() -> bool:
+    """Whether a strategy's ``scope()`` or ``run`` is current (``tf.distribute.has_strategy()``).
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> with strategy.scope():
+      ...     ts.has_strategy()
+      True
+      >>> ts.has_strategy(), ts.get_strategy().num_replicas_in_sync
+      (False, 1)
+    """
+    current = _context.current_strategy()
+    return current is not None and current not in _DEFAULT_STRATEGY
