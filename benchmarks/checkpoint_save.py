@@ -1,4 +1,5 @@
-"""How long a checkpoint save blocks the training loop: asynchronous against synchronous.
+"""How long a checkpoint save blocks the training loop: asynchronous against synchronous,
+with and without the leaves' digests.
 
 A training state of ``--megabytes`` MB of float32 parameters (plus as much Adam-like state),
 replicated over 8 replicas, is saved with ``ts.CheckpointManager``:
@@ -7,8 +8,11 @@ replicated over 8 replicas, is saved with ``ts.CheckpointManager``:
          "committed" is the time until ``wait_until_finished`` returned.
   sync   ``CheckpointManager(asynchronous=False)``: ``save`` returns when the step is
          committed, so the loop is blocked for the whole write.
-Rounds alternate the two; the table shows the median and range over rounds. Writes
-``checkpoint_save.json`` (see ``_results.py`` for where; ``--record`` for ``results/``).
+Each is run with digests (the default: ``save`` also copies each leaf to the host, and the
+save thread hashes the copies) and without (``digests=False``). Rounds alternate the order of
+the four; the table shows the median and range over rounds, and the ratios with/without
+digests. Writes ``checkpoint_save.json`` (see ``_results.py`` for where; ``--record`` for
+``results/``).
 
 Usage: python benchmarks/checkpoint_save.py [--megabytes 64] [--rounds 5] [--record]
 """
@@ -58,10 +62,18 @@ def state_bytes(state: dict) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
-def time_save(strategy, state, step: int, asynchronous: bool) -> tuple[float, float]:
+CONFIGURATIONS = {
+    "async": {"asynchronous": True, "digests": True},
+    "async, no digests": {"asynchronous": True, "digests": False},
+    "sync": {"asynchronous": False, "digests": True},
+    "sync, no digests": {"asynchronous": False, "digests": False},
+}
+
+
+def time_save(strategy, state, step: int, options: dict) -> tuple[float, float]:
     """(seconds ``save`` blocked, seconds until the step was committed)."""
     with tempfile.TemporaryDirectory() as directory:
-        manager = ts.CheckpointManager(directory, strategy, asynchronous=asynchronous)
+        manager = ts.CheckpointManager(directory, strategy, **options)
         jax.block_until_ready(state)
         start = time.perf_counter()
         manager.save(step, state)
@@ -85,26 +97,39 @@ def main() -> None:
     strategy = ts.TPUStrategy()
     state = make_state(strategy, ARGS.megabytes)
     size = state_bytes(state)
-    time_save(strategy, state, 0, True)  # warm-up: orbax's first save sets up its threads
-    runs = {"async": ([], []), "sync": ([], [])}
+    for options in CONFIGURATIONS.values():  # warm-up: orbax's first save sets up its threads
+        time_save(strategy, state, 0, options)
+    runs = {name: ([], []) for name in CONFIGURATIONS}
     for round_index in range(ARGS.rounds):
-        order = ("async", "sync") if round_index % 2 == 0 else ("sync", "async")
+        order = list(CONFIGURATIONS)
+        order = order[round_index % len(order) :] + order[: round_index % len(order)]
         for name in order:
-            blocked, committed = time_save(strategy, state, round_index + 1, name == "async")
+            blocked, committed = time_save(strategy, state, round_index + 1, CONFIGURATIONS[name])
             runs[name][0].append(blocked)
             runs[name][1].append(committed)
     rows = {
         name: {"blocked": summary(blocked), "committed": summary(committed)}
         for name, (blocked, committed) in runs.items()
     }
-    ratio = rows["sync"]["blocked"]["median_s"] / rows["async"]["blocked"]["median_s"]
+
+    def median(name: str, what: str) -> float:
+        return rows[name][what]["median_s"]
+
+    ratio = median("sync", "blocked") / median("async", "blocked")
+    digest_ratios = {
+        f"{mode} {what}": median(mode, what) / median(f"{mode}, no digests", what)
+        for mode in ("async", "sync")
+        for what in ("blocked", "committed")
+    }
     print(f"state: {size / 2**20:.1f} MB on {strategy}; {ARGS.rounds} rounds")
-    print(f"{'save':<8}{'loop blocked (median, range)':>34}{'committed (median)':>22}")
+    print(f"{'save':<19}{'loop blocked (median, range)':>34}{'committed (median)':>22}")
     for name, row in rows.items():
         b, c = row["blocked"], row["committed"]
         blocked = f"{b['median_s'] * 1e3:.0f} ms ({b['min_s'] * 1e3:.0f}-{b['max_s'] * 1e3:.0f})"
-        print(f"{name:<8}{blocked:>34}{c['median_s'] * 1e3:>19.0f} ms")
+        print(f"{name:<19}{blocked:>34}{c['median_s'] * 1e3:>19.0f} ms")
     print(f"a synchronous save blocks the loop {ratio:.1f}x as long as an asynchronous one")
+    for name, value in digest_ratios.items():
+        print(f"with digests / without, {name}: {value:.2f}x")
     record = {
         "benchmark": "checkpoint_save",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -120,6 +145,7 @@ def main() -> None:
         "rounds": ARGS.rounds,
         "results": rows,
         "sync_over_async_blocked": ratio,
+        "digests_over_none": digest_ratios,
     }
     out = _results.folder(ARGS)
     (out / "checkpoint_save.json").write_text(json.dumps(record, indent=2) + "\n")

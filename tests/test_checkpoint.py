@@ -425,6 +425,23 @@ def test_flipped_byte_in_the_data_is_a_checkpoint_error_naming_the_step_and_leaf
         np.testing.assert_array_equal(manager.restore(state, step=1)["w"], values)
 
 
+def test_without_digests_a_step_saves_no_digest_and_restores(tmp_path):
+    strategy = ts.TPUStrategy()
+    state = {"w": workers.replicated(strategy, np.arange(4, dtype=np.float32))}
+    with pytest.raises(TypeError, match="digests must be True or False, got str 'no'"):
+        ts.CheckpointManager(tmp_path, strategy, digests="no")
+    with ts.CheckpointManager(tmp_path, strategy, digests=False) as manager:
+        manager.save(1, state)
+    assert not (tmp_path / "1" / "digests").exists()
+    with ts.CheckpointManager(tmp_path, strategy) as manager:  # a step says if it has digests
+        np.testing.assert_array_equal(manager.restore(state)["w"], [0, 1, 2, 3])
+        manager.save(2, state)
+        manager.wait_until_finished()
+        shutil.rmtree(tmp_path / "2" / "digests")
+        with pytest.raises(ts.CheckpointError, match=r"step 2 of .*2/digests is missing"):
+            manager.restore(state)
+
+
 def test_digests_are_hashed_in_the_save_thread_from_host_copies(tmp_path, monkeypatch):
     threads = []
     hashed = _checkpoint._partial_digest

@@ -115,8 +115,10 @@ def _orbax():
 # replica_id 0; process 0 for host leaves) and writes its partial sums; a restore adds up the
 # shards it reads, on whatever mesh, and the processes' sums are added across the job.
 
-_MIX = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-_DIGEST_CHUNK = 1 << 20  # elements hashed at a time, to bound the temporaries
+_POSITION, _MIX_1, _MIX_2 = (
+    np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+)
+_DIGEST_CHUNK = 1 << 16  # elements hashed at a time: the temporaries stay in the CPU's cache
 
 
 class _Block(NamedTuple):
@@ -139,31 +141,36 @@ def _words(values: np.ndarray) -> np.ndarray:
 
 
 def _block_digest(shape: tuple[int, ...], block: _Block) -> int:
-    """This block's part of the digest of a leaf of ``shape``."""
+    """This block's part of the digest of a leaf of ``shape``.
+
+    Each 64-bit word of an element's bytes is XORed with its position in the whole array
+    (times an odd constant), mixed (multiply, xorshift, twice: a bijection, so any one changed
+    word changes the sum) and summed modulo 2**64.
+    """
     values = block.values
     if values.size == 0:
         return 0
-    values = values.reshape((1,) * (len(shape) == 0) + values.shape)
-    starts, dims = (block.start or (0,)), (shape or (1,))
-    strides = [int(np.prod(dims[d + 1 :], dtype=np.int64)) for d in range(len(dims))]
+    starts, dims = (block.start, shape) if shape else ((0,), (1,))
+    if not shape:
+        values = values.reshape(1)
+    width = -(-values.dtype.itemsize // 8)  # 64-bit words per element
+    strides = [width * int(np.prod(dims[d + 1 :], dtype=np.int64)) for d in range(len(dims))]
+    steps = [np.uint64((stride * int(_POSITION)) % (1 << 64)) for stride in strides]
+    word_offsets = np.arange(width, dtype=np.uint64) * _POSITION
     rows = max(1, _DIGEST_CHUNK // max(1, int(np.prod(values.shape[1:], dtype=np.int64))))
     total = 0
     for first in range(0, values.shape[0], rows):
         chunk = values[first : first + rows]
-        index = np.zeros((), np.uint64)
+        position = np.zeros((), np.uint64)  # each element's position times _POSITION
         for d, length in enumerate(chunk.shape):
             start = starts[d] + (first if d == 0 else 0)
-            offsets = np.arange(start, start + length, dtype=np.uint64) * np.uint64(strides[d])
-            index = np.add.outer(index, offsets)
-        words = _words(chunk)
-        width = words.shape[1]
-        position = index.reshape(-1, 1) * np.uint64(width) + np.arange(width, dtype=np.uint64)
-        mixed = words ^ (position * _MIX[0])
-        mixed ^= mixed >> np.uint64(30)
-        mixed *= _MIX[1]
-        mixed ^= mixed >> np.uint64(27)
-        mixed *= _MIX[2]
-        mixed ^= mixed >> np.uint64(31)
+            offsets = np.arange(start, start + length, dtype=np.uint64) * steps[d]
+            position = np.add.outer(position, offsets)
+        mixed = _words(chunk)
+        mixed ^= position.reshape(-1, 1) + word_offsets if width > 1 else position.reshape(-1, 1)
+        for factor, shift in ((_MIX_1, 32), (_MIX_2, 29)):
+            mixed *= factor
+            mixed ^= mixed >> np.uint64(shift)
         total += int(mixed.sum(dtype=np.uint64))
     return total % (1 << 64)
 
@@ -172,15 +179,26 @@ def _partial_digest(shape: tuple[int, ...], blocks: list[_Block]) -> int:
     return sum(_block_digest(shape, block) for block in blocks) % (1 << 64)
 
 
-def _saved_blocks(value: Any) -> list[_Block]:
-    """Host copies of the blocks of a leaf this process saves (``value`` may be donated later)."""
-    if isinstance(value, jax.Array):
-        return [
-            _Block(_starts(shard.index), np.array(shard.data))
-            for shard in value.addressable_shards
-            if shard.replica_id == 0
-        ]
-    return [_Block((0,) * np.ndim(value), np.array(value))] if jax.process_index() == 0 else []
+def _saved_blocks(arrays: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], list[_Block]]]:
+    """Host copies of the blocks of each leaf this process saves, as orbax makes its own: every
+    device-to-host copy is started before any is waited for. (The leaves may be donated once
+    ``save`` returns; on CPU the copies are views that keep the buffers alive.)"""
+    shards = {
+        name: [s for s in value.addressable_shards if s.replica_id == 0]
+        for name, value in arrays.items()
+        if isinstance(value, jax.Array)
+    }
+    for shard in (s for owned in shards.values() for s in owned):
+        shard.data.copy_to_host_async()
+    blocks = {}
+    for name, value in arrays.items():
+        if name in shards:
+            owned = [_Block(_starts(s.index), np.asarray(s.data)) for s in shards[name]]
+        else:
+            mine = jax.process_index() == 0
+            owned = [_Block((0,) * np.ndim(value), np.array(value))] if mine else []
+        blocks[name] = (np.shape(value), owned)
+    return blocks
 
 
 def _read_blocks(value: Any) -> list[_Block]:
@@ -303,6 +321,8 @@ class CheckpointManager:
       save_interval_steps: ``save`` writes only steps that are multiples of this (unless
         ``force=True``).
       asynchronous: False makes ``save`` wait until the checkpoint is committed.
+      digests: False saves without the leaves' digests (no host copy to hash), so a restore
+        of those steps cannot tell damaged values from saved ones.
 
     Raises:
       TypeError: ``directory`` is not a str or path.
@@ -330,6 +350,7 @@ class CheckpointManager:
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
         asynchronous: bool = True,
+        digests: bool = True,
     ):
         ocp = _orbax()
         if not isinstance(strategy, TPUStrategy):
@@ -348,6 +369,11 @@ class CheckpointManager:
         self._directory = Path(directory).absolute()
         self._strategy = strategy
         self._save_interval_steps = save_interval_steps
+        if not isinstance(digests, bool):
+            raise TypeError(
+                f"digests must be True or False, got {type(digests).__name__} {digests!r}"
+            )
+        self._with_digests = digests
         self._ocp = ocp
         handlers = ocp.handlers
         registry = handlers.DefaultCheckpointHandlerRegistry()
@@ -491,14 +517,14 @@ class CheckpointManager:
                         "leaves": [dataclasses.asdict(leaf) for leaf in leaves],
                         "input_processes": None if position is None else jax.process_count(),
                         "processes": jax.process_count(),
+                        "digests": self._with_digests,
                     }
                 )
             ),
-            # Host copies now (a leaf may be donated once save returns); hashed in orbax's thread.
-            _DIGESTS: digest_save(
-                {name: (np.shape(value), _saved_blocks(value)) for name, value in arrays.items()}
-            ),
         }
+        if self._with_digests:
+            # Host copies now (a leaf may be donated once save returns); hashed in orbax's thread.
+            items[_DIGESTS] = digest_save(_saved_blocks(arrays))
         if position is not None:
             items[_INPUT] = ocp.args.JsonSave(_sealed({"position": position}))
         try:
@@ -575,6 +601,7 @@ class CheckpointManager:
         try:
             saved_leaves = {leaf["name"]: _Leaf.from_json(leaf) for leaf in record["leaves"]}
             input_processes, processes = record["input_processes"], record["processes"]
+            with_digests = record["digests"]
         except (KeyError, TypeError, ValueError) as error:
             raise self._read_error(step, folder / _LEAVES / _LEAVES_FILE, error) from error
         plan = _RestorePlan(target, self._strategy, step)
@@ -582,17 +609,20 @@ class CheckpointManager:
         position = None
         if iterator is not None:
             position = self._position(step, input_processes)
-        try:
-            digests = self._digests.restore(folder / _DIGESTS, processes)
-        except (OSError, ValueError) as error:
-            raise self._read_error(step, folder / _DIGESTS, error) from error
+        digests = None
+        if with_digests:
+            try:
+                digests = self._digests.restore(folder / _DIGESTS, processes)
+            except (OSError, ValueError) as error:
+                raise self._read_error(step, folder / _DIGESTS, error) from error
         ocp = self._ocp
         items = {_STATE: ocp.args.StandardRestore(plan.abstract)}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
         except Exception as error:  # orbax and TensorStore raise many types for damaged files
             raise self._read_error(step, _failed_file(error, folder / _STATE), error) from error
-        self._verify(step, folder, saved_leaves, restored, digests)
+        if digests is not None:
+            self._verify(step, folder, saved_leaves, restored, digests)
         state = plan.rebuild(restored)
         if iterator is not None and position is not None:
             iterator.set_state(position)
