@@ -160,12 +160,6 @@ TOLERANCE = {np.float16: 2e-3, jnp.bfloat16: 1e-2, np.float32: 1e-6}
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_reduce_and_all_reduce_agree_with_numpy(strategy, dtype):
-    if dtype == jnp.bfloat16 and strategy.num_logical_cores > 1:
-        pytest.skip(
-            "XLA:CPU (jax 0.10.2) aborts compiling any bfloat16 collective in a shard_map manual "
-            "over part of the mesh ('Invalid binary instruction opcode copy'), with or without "
-            "tpustrat: jax.shard_map(lambda v: lax.psum(v, 'r'), axis_names={'r'}) on a 4x2 mesh"
-        )
     n = strategy.num_replicas_in_sync
     data = _components(np.dtype(dtype), n, seed=n)
     values = ts.PerReplica(list(data))
@@ -224,3 +218,23 @@ def test_half_precision_mean_stays_in_its_dtype_and_does_not_overflow():
     assert mean.dtype == np.float16
     np.testing.assert_array_equal(np.asarray(mean), np.full(3, 60000, np.float16))
     assert np.asarray(strategy.reduce("mean", x)).tolist() == [60000.0] * 3
+
+
+@pytest.mark.parametrize("cores", [2, 4, 8])
+def test_bfloat16_reductions_compile_when_replicas_span_several_devices(cores):
+    """XLA:CPU aborts compiling these in bfloat16 (see _context._compilable_on_cpu)."""
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    n = strategy.num_replicas_in_sync
+    data = np.arange(n * 2 * n, dtype=np.float32).reshape(n, 2 * n)
+    x = ts.PerReplica(list(data.astype(jnp.bfloat16)))
+
+    def step(x):
+        ctx = ts.get_replica_context()
+        scattered = ctx.all_gather(ctx.reduce_scatter("sum", x, 0), 0)
+        return ctx.all_reduce("max", x), ctx.all_reduce("mean", x), scattered
+
+    for got, want in zip(
+        strategy.run(step, args=(x,)), (data.max(0), data.mean(0), data.sum(0)), strict=True
+    ):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2)

@@ -116,13 +116,19 @@ class ReduceOp(str, enum.Enum):
             )
 
 
-_REDUCERS = {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max, "min": jnp.min}
+JNP_REDUCTIONS: dict[ReduceOp, Callable[..., jax.Array]] = {
+    ReduceOp.SUM: jnp.sum,
+    ReduceOp.MEAN: jnp.mean,
+    ReduceOp.MAX: jnp.max,
+    ReduceOp.MIN: jnp.min,
+}
+"""The jnp reduction whose value and dtype each ReduceOp gives over the replicas."""
 
 
 @functools.lru_cache(maxsize=256)
 def _result_dtype(op: ReduceOp, dtype: np.dtype, x64: bool) -> np.dtype:
     del x64  # part of the key: the default float and int widths follow it
-    reducer = _REDUCERS[op.value]
+    reducer = JNP_REDUCTIONS[op]
     out = jax.eval_shape(lambda x: reducer(x, axis=0), jax.ShapeDtypeStruct((2,), dtype))
     return np.dtype(out.dtype)
 
@@ -197,8 +203,6 @@ class ReplicaContext:
         n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
         def combine(x):
-            x = jnp.asarray(x)
-            op.check_reducible("all_reduce", x.dtype)
             if op is ReduceOp.MAX:
                 return lax.pmax(x, REPLICA_AXIS)
             if op is ReduceOp.MIN:
@@ -207,7 +211,12 @@ class ReplicaContext:
                 return sum_or_mean(op, x, n, lambda x: hierarchical_sum(x, n, num_slices))
             return sum_or_mean(op, x, n, lambda x: lax.psum(x, REPLICA_AXIS))
 
-        return jax.tree.map(combine, value)
+        def checked(x):
+            x = jnp.asarray(x)
+            op.check_reducible("all_reduce", x.dtype)
+            return _compilable_on_cpu(self._strategy, x, combine)
+
+        return jax.tree.map(checked, value)
 
     def replica_key(self, key: jax.Array) -> jax.Array:
         """A PRNG key for this replica: ``key`` folded with the replica index.
@@ -292,11 +301,15 @@ class ReplicaContext:
                     f"{x.shape[dim]}, which is not divisible by {num_replicas} replicas; pad "
                     f"that axis to a multiple of {num_replicas} (e.g. with jnp.pad) first"
                 )
-            return sum_or_mean(
-                op,
+            return _compilable_on_cpu(
+                self._strategy,
                 x,
-                num_replicas,
-                lambda x: lax.psum_scatter(x, REPLICA_AXIS, scatter_dimension=dim, tiled=True),
+                lambda x: sum_or_mean(
+                    op,
+                    x,
+                    num_replicas,
+                    lambda x: lax.psum_scatter(x, REPLICA_AXIS, scatter_dimension=dim, tiled=True),
+                ),
             )
 
         return jax.tree.map(scatter, value)
@@ -336,6 +349,26 @@ def sum_or_mean(
         x = x.astype(dtype)
     total = sum_over_replicas(x / num_replicas if divide_first else x)
     return total / num_replicas if op is ReduceOp.MEAN and not divide_first else total
+
+
+def _compilable_on_cpu(
+    strategy: Strategy, x: jax.Array, reduce: Callable[[jax.Array], jax.Array]
+) -> jax.Array:
+    """``reduce(x)``, a reduction across replicas, in float32 where XLA:CPU cannot compile it.
+
+    XLA:CPU (jax 0.10) aborts the process compiling a ``bfloat16`` reduction (``psum``,
+    ``pmax``, ``psum_scatter``) over the replica axis when each replica spans several devices
+    ("Invalid binary instruction opcode copy"); there ``x`` is reduced in ``float32`` and the
+    result rounded back to ``bfloat16``. Other platforms and dtypes reduce as they are.
+    """
+    devices = strategy.mesh.devices
+    if (
+        x.dtype != jnp.bfloat16
+        or devices.size == strategy.num_replicas_in_sync
+        or devices.flat[0].platform != "cpu"
+    ):
+        return reduce(x)
+    return reduce(x.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 def _shape(x: jax.Array) -> str:

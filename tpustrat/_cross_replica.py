@@ -13,18 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from tpustrat import _values
 from tpustrat._checks import check_axis
-from tpustrat._context import ReduceOp
+from tpustrat._context import JNP_REDUCTIONS, ReduceOp
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
-
-_REDUCERS = {
-    ReduceOp.SUM: jnp.sum,
-    ReduceOp.MEAN: jnp.mean,
-    ReduceOp.MAX: jnp.max,
-    ReduceOp.MIN: jnp.min,
-}
 
 
 def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> PyTree:
@@ -34,7 +27,7 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
     stacked components (see ``ReduceOp``), as ``ReplicaContext.all_reduce`` gives inside a step.
     """
     _values.check_array_leaves("reduce", value)
-    reducer = _REDUCERS[op]
+    reducer = JNP_REDUCTIONS[op]
 
     def per_replica(x):
         _check_count("reduce", x, num_replicas)
@@ -63,7 +56,8 @@ def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> 
         op.check_reducible("strategy.reduce", x.dtype)
         if axis is not None:
             x = reducer(x, axis=check_axis("reduce", axis, x.ndim, _rank(x.ndim)))
-        x = x.astype(op.result_dtype(x.dtype))
+        if op.result_dtype(x.dtype) != x.dtype:  # e.g. a mean of ints: a float
+            x = x.astype(op.result_dtype(x.dtype))
         return x * num_replicas if op is ReduceOp.SUM else x
 
     return _values.map_distributed(value, per_replica, replicated)
