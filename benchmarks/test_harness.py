@@ -18,8 +18,8 @@ SCRIPTS = sorted(
     for path in pathlib.Path(__file__).parent.glob("*.py")
     if not path.name.startswith(("_", "test_"))
 )
-# checkpoint_save.py is being changed by its owner in the same release; it keeps _results's
-# add_arguments and folder, which stay, and joins the rest of the harness with that change.
+# checkpoint_save.py is under change by its owner and not yet on the harness: it sets its own
+# XLA_FLAGS and writes its own JSON, into _results.folder. Remove it from here once it is.
 NOT_PORTED = {"checkpoint_save.py"}
 
 
