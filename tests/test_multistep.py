@@ -170,3 +170,35 @@ def test_a_step_that_changes_the_state_dtype_is_refused():
         TypeError, match=r"returned a state leaf of float32\[\] for one of int32\[\]"
     ):
         strategy.experimental_run_steps(step, np.int32(0), batches, 2)
+
+
+def test_a_dataset_or_list_instead_of_an_iterator_is_refused():
+    strategy = ts.TPUStrategy()
+    batches = _batches(strategy, 3)
+    dataset = strategy.experimental_distribute_dataset([np.zeros((8, 3), np.float32)] * 3)
+    for source in (batches, dataset):
+        with pytest.raises(TypeError, match=r"takes an iterator, got a .*pass iter\(dataset\)"):
+            strategy.experimental_run_steps(_train_step, _initial_state(strategy), source, 2)
+    result = strategy.experimental_run_steps(
+        lambda total, x: (total + x.sum(), x.sum()), np.float32(0), iter(dataset), 2
+    )
+    assert result.num_steps == 2
+
+
+def test_batches_of_another_shape_name_the_leaf_and_both_shapes():
+    strategy = ts.TPUStrategy()
+    (x, y), (short_x, _) = _batches(strategy, 1)[0], _batches(strategy, 1, rows=3)[0]
+    with pytest.raises(
+        ValueError,
+        match=r"batch\[0\] is a PerReplica of float32\[4, 3\] in batch 0 but a PerReplica of "
+        r"float32\[3, 3\] in batch 1; .*pad the last partial batch",
+    ):
+        strategy.experimental_run_steps(
+            _train_step, _initial_state(strategy), iter([(x, y), (short_x, y)]), 2
+        )
+    with pytest.raises(ValueError, match=r"batch 1 has structure .* but batch 0 has"):
+        strategy.experimental_run_steps(
+            _train_step, _initial_state(strategy), iter([(x, y), (x, y, y)]), 2
+        )
+    with pytest.raises(TypeError, match="needs a callable step fn"):
+        strategy.experimental_run_steps(None, np.float32(0), iter([(x, y)]), 1)

@@ -292,3 +292,71 @@ def test_linen_dropout_with_replica_key_differs_per_replica():
     assert len({row.tobytes() for row in first}) == 8
     np.testing.assert_array_equal(first, again)
     assert jnp.issubdtype(jax.random.key(3).dtype, jax.dtypes.prng_key)
+
+
+def _steps_step(state, batch):
+    """An experimental_run_steps step over (model, optimizer, metrics): updates them in place."""
+    model, optimizer, metrics = state
+    return state, train_step(model, optimizer, metrics, batch)
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["kept", "donated"])
+def test_run_steps_updates_nnx_objects_in_place_as_run_does(donate):
+    image, label = _data()
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    options = ts.RunOptions(donate_argnums=(0,) if donate else ())
+    dataset = [{"image": image[t], "label": label[t]} for t in range(4)]
+    reference = strategy.replicate(_objects())
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        last_loss = strategy.run(train_step, args=(*reference, batch), options=options)
+    objects = strategy.replicate(_objects())
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    result = strategy.experimental_run_steps(_steps_step, objects, batches, 4, options=options)
+    assert result.num_steps == 4
+    assert all(got is want for got, want in zip(result.state, objects)), "the caller's objects"
+    model, optimizer, metrics = objects
+    assert int(optimizer.step[...]) == 4
+    np.testing.assert_allclose(float(result.outputs), float(last_loss), rtol=2e-5)
+    got, want = nnx.state(model, nnx.Param), nnx.state(reference[0], nnx.Param)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    for name, value in metrics.compute().items():
+        np.testing.assert_allclose(
+            float(value), float(reference[2].compute()[name]), rtol=2e-5, err_msg=name
+        )
+
+
+def test_run_steps_keeps_array_leaves_next_to_nnx_objects():
+    strategy = ts.TPUStrategy()
+    model = strategy.replicate(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
+    kernel = np.asarray(model.kernel[...])
+
+    def step(state, x):
+        model, count = state
+        model.kernel[...] = model.kernel[...] + ts.get_replica_context().all_reduce("sum", x)
+        return (model, count + 1), count
+
+    batches = iter([ts.PerReplica([np.float32(1)] * 8)] * 3)
+    result = strategy.experimental_run_steps(step, (model, np.int32(0)), batches, 3)
+    assert result.state[0] is model and int(result.state[1]) == 3 and int(result.outputs) == 2
+    np.testing.assert_allclose(np.asarray(model.kernel[...]), kernel + 24.0)
+
+
+def test_every_argument_kind_of_nnx_means_the_same_plain_and_inside_nnx_jit():
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    n = strategy.num_replicas_in_sync
+
+    def step(model, x):
+        ctx = ts.get_replica_context()
+        model.kernel[...] = model.kernel[...] + ctx.all_reduce("sum", x.sum())
+        return model(x)
+
+    x = ts.PerReplica([np.full((1, 2), i, np.float32) for i in range(n)])
+    plain = strategy.replicate(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
+    jitted = strategy.replicate(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
+    out_plain = strategy.run(step, args=(plain, x))
+    out_jitted = nnx.jit(lambda m, x: strategy.run(step, args=(m, x)))(jitted, x)
+    np.testing.assert_allclose(np.asarray(jitted.kernel[...]), np.asarray(plain.kernel[...]))
+    np.testing.assert_allclose(np.asarray(out_jitted.stacked), np.asarray(out_plain.stacked))
+    kernel = np.asarray(nnx.Linear(2, 1, rngs=nnx.Rngs(0)).kernel[...])
+    np.testing.assert_allclose(np.asarray(plain.kernel[...]), kernel + n * (n - 1))

@@ -1,11 +1,20 @@
 """TPUStrategy: construction, run semantics, reduce, gather, compile reuse, bounded dispatch."""
 
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import textwrap
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
 
@@ -474,3 +483,293 @@ def test_window_passes_over_outputs_a_later_step_donated():
             lambda s: {"w": s["w"] + 1}, args=(state,), options=donate if k % 2 else None
         )
     np.testing.assert_allclose(np.asarray(state["w"]), np.full(3, 6.0))
+
+
+# --- What an argument means: the same in plain run and inside jax.jit --------------------------
+
+
+def _split_over_replicas(strategy, x):
+    return jax.device_put(x, NamedSharding(strategy.mesh, P(ts.REPLICA_AXIS)))
+
+
+def _argument_kinds(strategy):
+    """One argument of each kind run takes, keyed by name."""
+    n, cores = strategy.num_replicas_in_sync, strategy.num_logical_cores
+    blocks = _split_over_replicas(strategy, np.arange(3.0 * n, dtype=np.float32))
+    tiled = jax.device_put(
+        np.arange(8.0 * cores, dtype=np.float32).reshape(8, cores),
+        NamedSharding(strategy.mesh, P(None, "logical_core")),
+    )
+    return {
+        "replicated": strategy.replicate(np.arange(4.0, dtype=np.float32)),
+        "per_replica": _replica_ids(strategy),
+        "blocks": ts.PerReplica.from_blocks(blocks, n),
+        "number": 2.5,
+        "key": strategy.replicate(jax.random.key(7)),
+        "tiled": tiled,
+    }
+
+
+def _uses_every_kind(replicated, per_replica, blocks, number, key, tiled):
+    ctx = ts.get_replica_context()
+    replica = ctx.replica_id_in_sync_group
+    return {
+        "replicated": replicated * (replica + 1),
+        "per_replica": per_replica * 10,
+        "blocks": ctx.all_gather(blocks * (replica + 1), axis=0),
+        "number": number * replica,
+        "key": jax.random.uniform(key, (3,)),
+        "tiled": tiled * (replica + 1),
+    }
+
+
+def test_every_argument_kind_means_the_same_plain_and_inside_jit(strategy):
+    kinds = _argument_kinds(strategy)
+    plain = strategy.run(_uses_every_kind, kwargs=kinds)
+    jitted = jax.jit(lambda kw: strategy.run(_uses_every_kind, kwargs=kw))(kinds)
+    n = strategy.num_replicas_in_sync
+    replica = np.arange(n, dtype=np.float32)
+    expected = {
+        "replicated": (replica[:, None] + 1) * np.arange(4.0),
+        "per_replica": 10 * replica,
+        "blocks": np.repeat(replica + 1, 3) * np.arange(3.0 * n),
+        "number": 2.5 * replica,
+        "key": np.asarray(jax.random.uniform(jax.random.key(7), (3,))),
+        "tiled": (replica[:, None, None] + 1)
+        * np.arange(8.0 * strategy.num_logical_cores).reshape(8, -1),
+    }
+    for name, want in expected.items():
+        for out in (plain[name], jitted[name]):
+            got = out.stacked if isinstance(out, ts.PerReplica) else out
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, err_msg=name)
+
+
+def _tf_gradient(w, x, y, global_batch):
+    """tf.distribute's recipe: the loss summed over the replica's rows over the global batch."""
+    grad = jax.grad(lambda w: ((x @ w - y) ** 2).sum() / global_batch)(w)
+    return ts.get_replica_context().all_reduce("sum", grad)
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_a_gradient_over_batch_blocks_is_the_same_plain_and_inside_jit(cores):
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    n = strategy.num_replicas_in_sync
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4 * n, 3)).astype(np.float32), rng.normal(size=4 * n).astype(np.float32)
+    w = strategy.replicate(np.ones(3, np.float32))
+    reference = jax.grad(lambda w: ((x @ w - y) ** 2).mean())(np.ones(3, np.float32))
+    xs, ys = _split_over_replicas(strategy, x), _split_over_replicas(strategy, y)
+
+    def with_blocks(w, x, y):
+        view = ts.PerReplica.from_blocks
+        return strategy.run(_tf_gradient, args=(w, view(x, n), view(y, n), 4 * n))
+
+    np.testing.assert_allclose(np.asarray(with_blocks(w, xs, ys)), reference, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(with_blocks)(w, xs, ys)), reference, rtol=1e-5)
+    # A plain array is the whole batch everywhere, inside jax.jit as in tf.distribute ...
+    whole = jax.jit(lambda w, x, y: strategy.run(_tf_gradient, args=(w, x, y, 4 * n)))(w, xs, ys)
+    np.testing.assert_allclose(np.asarray(whole), n * reference, rtol=1e-5)
+    # ... so plain run refuses it laid out over the replicas, rather than give each its block.
+    with pytest.raises(
+        ValueError,
+        match=rf"args\[1\] is a plain array laid out over the replica axis .*"
+        rf"ts.PerReplica.from_blocks\(x, {n}\) .*strategy.replicate\(x\) or a host array",
+    ):
+        strategy.run(_tf_gradient, args=(w, xs, ys, 4 * n))
+    whole = strategy.run(_tf_gradient, args=(w, strategy.replicate(x), y, 4 * n))
+    np.testing.assert_allclose(np.asarray(whole), n * reference, rtol=1e-5)
+
+
+def test_blocks_view_checks_its_arguments():
+    strategy = ts.TPUStrategy()
+    with pytest.raises(ValueError, match=r"dimension 0 of shape \(12,\) does not divide into 8"):
+        ts.PerReplica.from_blocks(np.zeros(12, np.float32), 8)
+    with pytest.raises(TypeError, match="takes one array, got a dict"):
+        ts.PerReplica.from_blocks({"x": np.zeros(8)}, 8)
+    view = ts.PerReplica.from_blocks(np.arange(16.0).reshape(2, 8), 8, axis=1)
+    assert view.shape == (2, 1)
+    np.testing.assert_array_equal(np.asarray(view.stacked)[3], [[3.0], [11.0]])
+    out = strategy.run(lambda b: b.sum(), args=(view,))
+    np.testing.assert_array_equal(np.asarray(out.stacked), np.arange(8.0) * 2 + 8)
+
+
+# --- Donating one array twice -------------------------------------------------------------------
+
+
+def _in_subprocess(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter with this tpustrat and 8 CPU devices."""
+    package_root = pathlib.Path(ts.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(package_root), JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=package_root,  # not the working directory, which may hold another tpustrat
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_an_array_donated_twice_or_also_read_gives_correct_values():
+    done = _in_subprocess(
+        """
+        import json
+        import numpy as np
+        import tpustrat as ts
+
+        strategy = ts.TPUStrategy()
+        donate = ts.RunOptions(donate_argnums=(0,))
+        w = strategy.replicate(np.ones(3, np.float32))
+        tied = strategy.replicate({"a": w, "b": w})
+        assert tied["a"] is tied["b"]
+        step = lambda s: {"a": s["a"] + 1, "b": s["b"] * 3}
+        tied = strategy.run(step, args=(tied,), options=donate)
+        tied = strategy.run(step, args=(tied,), options=donate)  # the outputs are two arrays
+        x = strategy.replicate(np.arange(3, dtype=np.float32))
+        read = strategy.run(lambda a, b: a * 2 + b, args=(x, x), options=donate)
+        y = strategy.replicate(np.full(3, 5, np.float32))
+        keyword = strategy.run(lambda a, k: a + k, args=(y,), kwargs={"k": y}, options=donate)
+        z = strategy.replicate(np.ones(3, np.float32))
+        both = strategy.run(
+            lambda a, b: (a + 1, b + 2), args=(z, z), options=ts.RunOptions(donate_argnums=(0, 1))
+        )
+        print(json.dumps({
+            "tied": [np.asarray(tied["a"]).tolist(), np.asarray(tied["b"]).tolist()],
+            "read": np.asarray(read).tolist(),
+            "keyword": np.asarray(keyword).tolist(),
+            "both": [np.asarray(v).tolist() for v in both],
+            "deleted": [w.is_deleted(), x.is_deleted(), y.is_deleted(), z.is_deleted()],
+        }))
+        """
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = json.loads(done.stdout.splitlines()[-1])
+    assert values == {
+        "tied": [[3.0] * 3, [9.0] * 3],
+        "read": [0.0, 3.0, 6.0],
+        "keyword": [10.0] * 3,
+        "both": [[2.0] * 3, [3.0] * 3],
+        "deleted": [True] * 4,
+    }
+
+
+# --- Ctrl-C in a donated loop -------------------------------------------------------------------
+
+_INTERRUPTED_LOOP = """
+    import os, random, signal, threading
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    import tpustrat as ts
+
+    strategy = ts.TPUStrategy()
+    donate = ts.RunOptions(donate_argnums=(0,))
+    rng = random.Random(SEED)
+
+    def step(state):
+        count, work = state
+        return count + 1, jnp.tanh(work @ work)
+
+    class Counter(nnx.Module):
+        def __init__(self):
+            self.count = nnx.Variable(jnp.int32(0))
+            self.work = nnx.Variable(jnp.eye(256, dtype=jnp.float32))
+
+    def nnx_step(model):
+        model.count[...] += 1
+        model.work[...] = jnp.tanh(model.work[...] @ model.work[...])
+
+    timers = []
+
+    def interrupt_soon():  # inside the try: the SIGINT may come before start() returns
+        timers.append(threading.Timer(rng.uniform(0.0, 0.1), os.kill, (os.getpid(), signal.SIGINT)))
+        timers[-1].start()
+
+    state = strategy.replicate((np.int32(0), np.eye(256, dtype=np.float32)))
+    model = strategy.replicate(Counter())
+    state = strategy.run(step, args=(state,), options=donate)  # compiled before any interrupt
+    strategy.run(nnx_step, args=(model,), options=donate)
+    done = nnx_done = 1
+    for trial in range(TRIALS):
+        try:
+            interrupt_soon()
+            while True:
+                state, done = strategy.run(step, args=(state,), options=donate), done + 1
+        except KeyboardInterrupt:
+            pass
+        timers[-1].join()
+        assert not any(leaf.is_deleted() for leaf in state), ("deleted", trial)
+        assert int(state[0]) == done, ("count", trial, int(state[0]), done)
+        try:
+            interrupt_soon()
+            while True:
+                _, nnx_done = strategy.run(nnx_step, args=(model,), options=donate), nnx_done + 1
+        except KeyboardInterrupt:
+            pass
+        timers[-1].join()
+        count = model.count[...]
+        assert not count.is_deleted() and not model.work[...].is_deleted(), ("nnx", trial)
+        assert int(count) == nnx_done, ("nnx count", trial, int(count), nnx_done)
+    print("ok", done, nnx_done)
+"""
+
+
+def test_ctrl_c_in_a_donated_loop_leaves_a_valid_state():
+    """SIGINT at random times: the state the loop holds is never a deleted, donated one."""
+    seed = random.randrange(1 << 30)
+    code = _INTERRUPTED_LOOP.replace("SEED", str(seed)).replace("TRIALS", "12")
+    done = _in_subprocess(code, timeout=240)
+    assert done.returncode == 0, (seed, done.stdout[-500:], done.stderr[-3000:])
+    assert done.stdout.startswith("ok"), (seed, done.stdout)
+
+
+# --- Host int64 values --------------------------------------------------------------------------
+
+
+def test_host_int64_beyond_int32_is_refused_and_in_range_passes():
+    strategy = ts.TPUStrategy()
+    big = np.array([5, 2**40], np.int64)
+    with pytest.raises(
+        ValueError,
+        match=r"args\[0\]\['ids'\] \(int64\) holds 1099511627776, outside the int32 range .*"
+        r"jax_enable_x64",
+    ):
+        strategy.run(lambda b: b["ids"], args=({"ids": big},))
+    with pytest.raises(ValueError, match=r"kwargs\['n'\] \(int64\) holds -3000000000"):
+        strategy.run(lambda n: n, kwargs={"n": np.int64(-3_000_000_000)})
+    with pytest.raises(ValueError, match=r"args\[0\] \(uint64\) holds 4294967296, outside"):
+        strategy.run(lambda b: b, args=(ts.PerReplica([np.uint64(2**32)] * 8),))
+    fits = np.array([-(2**31), 2**31 - 1], np.int64)
+    out = strategy.run(lambda b: b, args=(fits,))
+    np.testing.assert_array_equal(np.asarray(out), fits)
+
+
+# --- Errors that name the fix -------------------------------------------------------------------
+
+
+def test_misused_run_calls_say_what_to_pass():
+    strategy = ts.TPUStrategy()
+    x = np.float32(1)
+    with pytest.raises(TypeError, match=r"kwargs must be a dict of keyword arguments.*got str 'a'"):
+        strategy.run(lambda: 1, kwargs="a")
+    with pytest.raises(TypeError, match=r"kwargs must be a dict of keyword arguments.*got dict"):
+        strategy.run(lambda **kw: 1, kwargs={1: x})
+    with pytest.raises(TypeError, match=r"args must be a tuple, got a dict.*kwargs=\{\.\.\.\}"):
+        strategy.run(lambda x: x, args={"x": x})
+    with pytest.raises(TypeError, match=r"needs a callable step, got a str 'step'"):
+        strategy.run("step", args=(x,))
+    with pytest.raises(RuntimeError, match=r"inside a step that strategy.run is running.*directly"):
+        strategy.run(lambda v: strategy.run(lambda u: u + 1, args=(v,)), args=(x,))
+    np.testing.assert_allclose(np.asarray(strategy.run(lambda v: v + 1, args=(x,))), 2.0)
+
+
+def test_a_per_replica_of_another_replica_count_names_both_counts():
+    four = ts.TPUStrategy(num_logical_cores=2)
+    eight = ts.TPUStrategy()
+    value = four.experimental_distribute_values_from_function(lambda ctx: np.float32(1))
+    for call in (
+        lambda: eight.run(lambda v: v, args=(value,)),
+        lambda: jax.jit(lambda v: eight.run(lambda u: u, args=(v,)))(value),
+        lambda: eight.experimental_run_steps(lambda s, b: (s, b), np.float32(0), iter([value]), 1),
+    ):
+        with pytest.raises(ValueError, match="PerReplica with 4 components but the strategy has 8"):
+            call()

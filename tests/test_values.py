@@ -166,7 +166,7 @@ def test_mirrored_is_still_accepted_as_input():
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4])  # 8, 4 and 2 replicas
-def test_an_array_split_over_replicas_arrives_as_its_block(cores, compile_count):
+def test_an_array_split_over_replicas_viewed_as_blocks_arrives_as_its_block(cores, compile_count):
     strategy = ts.TPUStrategy(num_logical_cores=cores)
     n = strategy.num_replicas_in_sync
     x = jax.device_put(
@@ -178,11 +178,11 @@ def test_an_array_split_over_replicas_arrives_as_its_block(cores, compile_count)
         shapes.append(block.shape)
         return ts.get_replica_context().all_gather(block * 2, axis=0)
 
-    out = strategy.run(step, args=(x,))
+    out = strategy.run(step, args=(ts.PerReplica.from_blocks(x, n),))
     assert shapes == [(4,)], "each replica sees its block, not the whole array"
     np.testing.assert_array_equal(np.asarray(out), 2 * np.arange(4.0 * n))
     before = compile_count()
-    strategy.run(step, args=(x,))
+    strategy.run(step, args=(ts.PerReplica.from_blocks(x, n),))
     assert compile_count() == before
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
-from tpustrat._values import Mirrored, PerReplica, is_distributed, put, unwrap_mirrored
+from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
 
 PyTree = Any
 
@@ -81,7 +81,7 @@ class PlacedLayouts:
 
     def match(
         self, leaves: list[Any], structure: Any
-    ) -> tuple[PartitionSpec | None, ...] | bool | None:
+    ) -> tuple[NamedSharding | None, ...] | bool | None:
         """The block specs remembered for this call's layout, or False when it is not known."""
         entry = self._layouts.get(structure)
         if entry is None or not self._array_types.issuperset(map(type, leaves)):
@@ -95,7 +95,7 @@ class PlacedLayouts:
         self,
         leaves: list[Any],
         structure: Any,
-        block_specs: tuple[PartitionSpec | None, ...] | None,
+        block_specs: tuple[NamedSharding | None, ...] | None,
     ) -> None:
         """Records that ``leaves`` (concrete arrays, in place) needed nothing from ``prepare``."""
         types = set(map(type, leaves))
@@ -133,21 +133,25 @@ def prepare(
     replicated: NamedSharding,
     donated: DonationRecord,
     layouts: PlacedLayouts | None = None,
-) -> tuple[PyTree, tuple[PartitionSpec | None, ...] | None, bool]:
+) -> tuple[PyTree, tuple[NamedSharding | None, ...] | None, bool]:
     """Checks ``run``'s ``(args, kwargs)`` and places them on the mesh.
 
-    PerReplica leaves go to ``per_replica``. Every other leaf goes to ``replicated``, except
-    an array already laid out over the replica axis of the strategy's mesh, which stays as it
-    is (each replica then receives its block). ``Mirrored`` markers are unwrapped. Leaves
-    already in place are not copied; the tree is rebuilt only when something moved. When
-    nothing moved, the layout is added to ``layouts`` for ``PlacedLayouts.match``.
+    PerReplica leaves go to ``per_replica``; every other leaf is given whole to every replica
+    and goes to ``replicated``, unless it is already on the strategy's mesh tiled over the
+    logical cores, where it stays. A plain array split over the replica axis is refused: a
+    plain array means the whole array, which ``jax.jit`` would give every replica, since the
+    layout is not visible there (``PerReplica.from_blocks`` gives each replica its block).
+    Host int64 leaves that do not fit the 32-bit integers of a job without x64 are refused.
+    ``Mirrored`` markers are unwrapped. Leaves already in place are not copied; the tree is
+    rebuilt only when something moved. When nothing moved, the layout is added to
+    ``layouts`` for ``PlacedLayouts.match``.
 
     Returns:
-      The placed inputs; for each of their leaves (PerReplica counting as one) the in_spec of
-      an array split over the replica axis, or, on a mesh with several logical cores, the
-      layout of a replicated leaf (a NamedSharding, which outputs of the same place in the
-      state keep: see ``_run.Step``), or None; None instead of that tuple when every entry
-      would be None; and whether any leaf is traced (``run`` inside the user's ``jax.jit``).
+      The placed inputs; for each of their leaves (PerReplica counting as one), on a mesh
+      with several logical cores, the layout of a whole-array leaf (a NamedSharding, which
+      outputs of the same place in the state keep: see ``_run.Step``), or None; None instead
+      of that tuple when every entry would be None; and whether any leaf is traced (``run``
+      inside the user's ``jax.jit``).
     """
     nodes, tree = jax.tree.flatten(inputs, is_leaf=is_distributed)
     moved = any(isinstance(node, Mirrored) for node in nodes)
@@ -186,19 +190,20 @@ def prepare(
                     "arrays, numbers and pytrees of them (close over other values in the step "
                     "function instead)"
                 )
-            x = put(x, per_replica if is_per_replica else replicated)  # typed keys too
+            if isinstance(x, (np.ndarray, np.generic)) and x.dtype in _WIDE_INTEGERS:
+                _check_fits_32_bits(inputs, index, x)
+            x = jax.device_put(x, per_replica if is_per_replica else replicated)
             moved = True
             if model_parallel and not is_per_replica:
                 block_specs.append((index, replicated))
         elif not is_per_replica and isinstance(x, jax.Array) and x.sharding != replicated:
-            spec = replica_block_spec(x, replicated.mesh)
-            if spec is None and model_parallel and isinstance(x.sharding, NamedSharding):
+            if split_over_replicas(x, replicated.mesh):
+                raise ValueError(_split_message(inputs, index, x, num_replicas))
+            if model_parallel and isinstance(x.sharding, NamedSharding):
                 layout = on_mesh(x.sharding, replicated.mesh)
                 if layout is not x.sharding:  # the same buffers, named on the strategy's mesh
                     x, moved = jax.device_put(x, layout), True
                 block_specs.append((index, layout))
-            else:
-                block_specs.append((index, spec))
         elif model_parallel and not is_per_replica:
             block_specs.append((index, replicated))
         placed_nodes.append(PerReplica.from_stacked(x) if is_per_replica else x)
@@ -215,36 +220,59 @@ def prepare(
     return tree.unflatten(placed_nodes), specs, traced
 
 
-def replica_block_spec(
-    x: Any, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
-) -> PartitionSpec | None:
-    """The ``shard_map`` in_spec of a plain array laid out over ``mesh``'s replica axis.
+def split_over_replicas(x: Any, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> bool:
+    """Whether ``x`` is laid out over ``mesh``'s replica axis (of more than one replica).
 
-    None for anything else (a host value, a replicated array): those go whole to every
-    replica. The spec keeps only the replica axis; tiling over logical cores stays with XLA.
+    ``run`` refuses such a plain array, whose blocks differ between replicas: see ``prepare``.
     """
     sharding = getattr(x, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or not _same_devices(sharding.mesh, mesh):
-        return None
-    if mesh.shape[REPLICA_AXIS] == 1:
-        return None  # one replica: its block is the whole array
-    spec = tuple(sharding.spec)
-    if REPLICA_AXIS not in spec_axes(PartitionSpec(*spec)):
-        return None
-    entries = []
-    for entry in spec:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        entries.append(REPLICA_AXIS if REPLICA_AXIS in names else None)
-    return PartitionSpec(*entries)
+    return (
+        isinstance(sharding, NamedSharding)
+        and mesh.shape[REPLICA_AXIS] > 1
+        and _same_devices(sharding.mesh, mesh)
+        and REPLICA_AXIS in spec_axes(sharding.spec)
+    )
+
+
+def _split_message(inputs: PyTree, index: int, x: jax.Array, num_replicas: int) -> str:
+    name = _where(inputs, index)
+    spec = getattr(x.sharding, "spec", None)  # a NamedSharding's: split_over_replicas said so
+    return (
+        f"{name} is a plain array laid out over the replica axis ({spec}); run gives "
+        "a plain array whole to every replica, as it must inside jax.jit, where the layout is "
+        "not visible. To give each replica its block, pass ts.PerReplica.from_blocks(x, "
+        f"{num_replicas}) (no data moves); to give every replica the whole array, pass "
+        "strategy.replicate(x) or a host array"
+    )
+
+
+_WIDE_INTEGERS = frozenset({np.dtype(np.int64), np.dtype(np.uint64)})
+
+
+def _check_fits_32_bits(inputs: PyTree, index: int, x: np.ndarray | np.generic) -> None:
+    """Refuses a host int64 or uint64 leaf that JAX without x64 would wrap to 32 bits."""
+    if x.size == 0 or jax.config.read("jax_enable_x64"):
+        return
+    narrow = np.iinfo(np.int32 if x.dtype.kind == "i" else np.uint32)
+    low, high = x.min(), x.max()
+    if low < narrow.min or high > narrow.max:
+        seen = int(high if high > narrow.max else low)
+        raise ValueError(
+            f"{_where(inputs, index)} ({x.dtype}) holds {seen}, outside the "
+            f"{narrow.dtype} range [{narrow.min}, {narrow.max}] that JAX uses while 64-bit "
+            f"types are off, so its value would wrap; cast it to a type that holds it (e.g. "
+            "float32 or an offset into int32), or enable them with "
+            "jax.config.update('jax_enable_x64', True)"
+        )
 
 
 def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
     """Whether ``x`` can go into the program as it is.
 
     Besides the canonical layouts, an array on the strategy's own mesh may be tiled over the
-    logical cores (a model-parallel parameter that ``run`` returned, say), and a plain array
-    may be laid out over the replica axis: the program takes either as it is, rather than
-    gathering it first.
+    logical cores (a model-parallel parameter that ``run`` returned, say): the program takes
+    it as it is, rather than gathering it first. (A plain array split over the replica axis
+    counts as placed too, for ``prepare`` to refuse.)
     """
     if not isinstance(x, jax.Array):
         return False
@@ -254,29 +282,11 @@ def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
     if isinstance(current, NamedSharding) and _same_devices(current.mesh, sharding.mesh):
         spec = tuple(current.spec)
         if not per_replica:
-            return _valid_replica_layout(spec)
+            return True
         if spec[:1] not in ((REPLICA_AXIS,), ((REPLICA_AXIS,),)):
             return False
         return REPLICA_AXIS not in spec_axes(PartitionSpec(*spec[1:]))
     return current.is_equivalent_to(sharding, x.ndim)
-
-
-def _valid_replica_layout(spec: tuple) -> bool:
-    """Whether a plain array's spec is one ``run`` takes as is (see ``replica_block_spec``).
-
-    A dimension may be split over the replica axis alone; mixing it with logical-core axes
-    in one dimension is refused, since no replica's block would then be whole on its cores.
-    """
-    for entry in spec:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        if REPLICA_AXIS in names and len(names) > 1:
-            raise ValueError(
-                f"an argument is laid out as PartitionSpec{spec}, splitting one dimension over "
-                f"{names}; run gives each replica its block of an array split over "
-                f"'{REPLICA_AXIS}' alone: reshard it, e.g. with jax.device_put(x, "
-                f"NamedSharding(strategy.mesh, PartitionSpec('{REPLICA_AXIS}')))"
-            )
-    return True
 
 
 def _same_devices(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
+import signal
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -106,7 +108,7 @@ class Step:
         one_core = mesh.devices.size == mesh.shape[_mesh.REPLICA_AXIS]
         self._manual_axes = set(mesh.axis_names) if one_core else {_mesh.REPLICA_AXIS}
         # The jitted function takes (valid_rows, block_specs, kwargs, *args): donated positions
-        # shift by three, and the specs of replica-split plain arrays are static.
+        # shift by three, and the layouts of whole-array inputs are static.
         self._jitted = jax.jit(
             self._trace,
             static_argnums=(1,),
@@ -116,18 +118,19 @@ class Step:
     def __call__(
         self,
         valid_rows: np.int32 | None,
-        block_specs: tuple[P | None, ...] | None,
+        block_specs: tuple[NamedSharding | None, ...] | None,
         args: tuple,
         kwargs: dict,
     ) -> tuple[PyTree, jax.Array]:
         """Runs the program; returns its outputs and a completion marker.
 
         ``valid_rows`` is the number of real rows of a bucketed call, or None; ``block_specs``
-        gives the in_spec of each input leaf split over the replica axis (None elsewhere), or
-        is None when there is none. The marker is an array that is ready when the step is
-        done: one of its outputs, or, when the step donates (its outputs may be donated in
-        turn) or returns no array, a scalar the program writes for the purpose. An extra
-        output is not free: it is one more buffer on every device, every call.
+        gives the layout over the logical cores of each whole-array input leaf on a mesh with
+        several cores (None elsewhere, see ``_placement.prepare``), or is None. The marker is
+        an array that is ready when the step is done: one of its outputs, or, when the step
+        donates (its outputs may be donated in turn) or returns no array, a scalar the program
+        writes for the purpose. An extra output is not free: it is one more buffer on every
+        device, every call.
         """
         if self._donate_argnums:  # _diagnose_donation says it better, once
             with warnings.catch_warnings():
@@ -151,10 +154,7 @@ class Step:
                     f"strategy has {replicas} replicas; build it with one component per replica"
                 )
         layouts = block_specs or [None] * len(arrays)
-        in_specs = [
-            P(_mesh.REPLICA_AXIS) if pr else spec if isinstance(spec, P) else P()
-            for spec, pr in zip(layouts, per_replica_flags)
-        ]
+        in_specs = [P(_mesh.REPLICA_AXIS) if pr else P() for pr in per_replica_flags]
         if valid_rows is not None:
             arrays, per_replica_flags = [valid_rows, *arrays], [False, *per_replica_flags]
             in_specs = [P(), *in_specs]
@@ -266,8 +266,15 @@ class Runner:
 
     def run(self, fn: Callable[..., PyTree], args: tuple, kwargs: dict, options: RunOptions):
         """``strategy.run`` on checked arguments."""
+        if _INTERRUPTS.pending:
+            _INTERRUPTS.raise_pending()
         inputs = (args, kwargs)
         leaves, structure = _flatten(inputs)
+        if options.donate_argnums and len(set(map(id, leaves))) != len(leaves):
+            unshared = _unshare_donated(args, kwargs, options.donate_argnums)
+            if unshared is not None:
+                inputs = unshared
+                leaves, structure = _flatten(inputs)
         donated = self._donated.may_hold(leaves)
         hot = self._hot
         if hot is not None and not donated and hot.repeats(fn, options, structure, leaves):
@@ -308,8 +315,20 @@ class Runner:
         """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
 
         On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
-        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why.
+        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why. The
+        dispatch window waits before the step is dispatched, and a step that donates is
+        dispatched and returned under ``_INTERRUPTS``: a Ctrl-C finds the caller holding either
+        the inputs, untouched, or this call's outputs.
         """
+        self.window.make_room()
+        if not options.donate_argnums:
+            return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
+        with _INTERRUPTS:
+            return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
+
+    def _dispatch(
+        self, step: Step, key: int, options, valid_rows, block_specs, inputs, fast: bool
+    ) -> PyTree:
         traces, compiles = step.traces, _accounting.backend_compiles()
         try:
             outputs, marker = step(valid_rows, block_specs, *inputs)
@@ -333,7 +352,7 @@ class Runner:
             self.ledger.compiled(key, step.name, retraced, bucketing)
         else:
             self.ledger.hit()
-        self.window.admit(marker)
+        self.window.record(marker)
         return outputs
 
     def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
@@ -351,10 +370,12 @@ class Runner:
                 )
         lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
         donate = (0,) if options.donate_argnums else ()
-        out, new_state = self.run(
-            lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
-        )
-        _nnx.write_back(objects, state, new_state)
+        self.window.make_room()
+        with _INTERRUPTS:  # the objects take the whole new state, or keep the old
+            out, new_state = self.run(
+                lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
+            )
+            _nnx.write_back(objects, state, new_state)
         return out
 
     def _new_step(
@@ -409,21 +430,34 @@ class DispatchWindow:
     XLA:CPU can abort on a rendezvous timeout when many collective programs are queued at once,
     and on any backend an unbounded queue hides the real step time. Each dispatched program
     leaves one array here that is ready when the program is done (``Step``'s marker); when
-    more than ``size`` are pending, the window waits for the oldest. A marker deleted since
-    (an output a later step, or the user, donated) is passed over: the step that consumed it
-    cannot finish before it.
+    more than ``size`` are pending, the window waits for the oldest. ``run`` makes room
+    before it dispatches a step (``make_room``), so that a Ctrl-C during the wait finds the
+    step's inputs untouched; ``reduce`` and ``gather`` wait after theirs (``admit``). A
+    marker deleted since (an output a later step, or the user, donated) is passed over: the
+    step that consumed it cannot finish before it.
     """
 
     def __init__(self, size: int):
         self.size = check_int("max_steps_in_flight", size, minimum=1)
         self._pending: collections.deque[jax.Array] = collections.deque()
 
+    def make_room(self) -> None:
+        """Waits while ``size`` programs pend, so that one more may be dispatched."""
+        self._wait_while_more_than(self.size - 1)
+
+    def record(self, marker: jax.Array) -> None:
+        """Records a program dispatched after ``make_room`` by a concrete array it computes."""
+        self._pending.append(marker)
+
     def admit(self, marker: jax.Array) -> None:
         """Records a dispatched program by a concrete array it computes (its marker), waiting
         while more than ``size`` pend."""
+        self._pending.append(marker)
+        self._wait_while_more_than(self.size)
+
+    def _wait_while_more_than(self, count: int) -> None:
         pending = self._pending
-        pending.append(marker)
-        while len(pending) > self.size:
+        while len(pending) > count:
             oldest = pending.popleft()
             if not oldest.is_deleted():  # a reduce result the user donated since: its step waits
                 oldest.block_until_ready()
@@ -435,6 +469,84 @@ class DispatchWindow:
         leaves = jax.tree.leaves(result)
         if leaves and not isinstance(leaves[0], jax.core.Tracer):
             self.admit(leaves[0])
+
+
+class _InterruptHold:
+    """Holds Ctrl-C back while a step that consumes its inputs is dispatched and returned.
+
+    A step that donates deletes its donated inputs once it is dispatched; a KeyboardInterrupt
+    raised between that and ``run``'s return would leave the caller with neither the inputs
+    nor the outputs (and NNX objects half written back). Inside the hold SIGINT is only
+    recorded, and the next ``run`` call raises the KeyboardInterrupt before it dispatches
+    anything, so the caller holds the state the interrupted call returned. Off the main
+    thread, or under a SIGINT handler of the user's own, nothing is held back. Nested holds
+    (an NNX step's state) are one hold.
+    """
+
+    def __init__(self):
+        self.pending = False
+        self._depth = 0
+        self._holding = False
+
+    def raise_pending(self) -> None:
+        """Raises the KeyboardInterrupt held back by an earlier call."""
+        self.pending = False
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        # A KeyboardInterrupt raised in here (nothing is dispatched yet) leaves no hold behind.
+        if self._depth == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            with contextlib.suppress(ValueError):  # not the main thread, which SIGINT reaches
+                signal.signal(signal.SIGINT, self._record)
+                self._holding = True
+        self._depth += 1
+
+    def __exit__(self, *exception) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._holding:
+            self._holding = False
+            # signal.signal runs the handler of a SIGINT already received (ours) before it
+            # puts the default back.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _record(self, signum, frame) -> None:
+        del signum, frame
+        self.pending = True
+
+
+_INTERRUPTS = _InterruptHold()
+
+
+def _unshare_donated(args: tuple, kwargs: dict, donate_argnums: tuple[int, ...]):
+    """``(args, kwargs)`` with a copy for every repeat of a donated array, or None if none.
+
+    XLA cannot donate one buffer twice (tied weights: ``{"a": w, "b": w}``), nor read a
+    buffer the same call donates (``args=(x, x)`` with ``args[0]`` donated): the first
+    occurrence in a donated argument is donated, every other occurrence is a copy.
+    """
+    donated: set[int] = set()
+    parts = list(args)
+
+    def copy_repeats(tree: PyTree, is_donated: bool) -> tuple[PyTree, bool]:
+        leaves, structure = jax.tree.flatten(tree, is_leaf=_nnx.is_nnx_object)
+        copied = False
+        for k, leaf in enumerate(leaves):
+            if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+                continue
+            if id(leaf) in donated:
+                leaves[k] = jax.device_put(leaf, leaf.sharding, may_alias=False)
+                copied = True
+            elif is_donated:
+                donated.add(id(leaf))
+        return (structure.unflatten(leaves) if copied else tree), copied
+
+    changed = False
+    positions = sorted(set(donate_argnums))
+    for i in positions + [i for i in range(len(parts)) if i not in positions]:
+        parts[i], copied = copy_repeats(parts[i], i in positions)
+        changed |= copied
+    kwargs, copied = copy_repeats(kwargs, False)
+    return (tuple(parts), kwargs) if changed or copied else None
 
 
 def _an_output_array(outputs: PyTree) -> jax.Array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import jax
@@ -176,10 +176,13 @@ class TPUStrategy:
 
         Args:
           fn: the step; it sees replica-local values and may use ``ts.get_replica_context()``.
-          args: a tuple; PerReplica leaves give replica i its i-th component, an array split
-            over the replica axis gives each replica its block, and every other leaf (arrays,
-            numbers) is given whole to every replica. Flax NNX objects (``nnx.Module``,
-            ``nnx.Optimizer``, ``nnx.Metric``) are updated in place, as under ``nnx.jit``.
+          args: a tuple; PerReplica leaves give replica i its i-th component, and every other
+            leaf (arrays, numbers, typed keys) is given whole to every replica, the same
+            whether ``run`` is called plainly or inside ``jax.jit``. To give each replica its
+            block of an array laid out over the replica axis, pass
+            ``ts.PerReplica.from_blocks(x, strategy.num_replicas_in_sync)``; such an array
+            passed plainly is refused. Flax NNX objects (``nnx.Module``, ``nnx.Optimizer``,
+            ``nnx.Metric``) are updated in place, as under ``nnx.jit``.
           kwargs: keyword arguments, treated like ``args``.
           options: a ``ts.RunOptions``.
 
@@ -197,12 +200,28 @@ class TPUStrategy:
           >>> out["local"], float(out["total"])
           (PerReplica(float32[4]), 12.0)
         """
+        if _context.get_replica_context() is not None:
+            raise RuntimeError(
+                "strategy.run was called inside a step that strategy.run is running; the step "
+                "already runs on every replica, with this replica's values: call the inner "
+                "step function directly"
+            )
         if not callable(fn):
-            raise TypeError(f"strategy.run needs a callable step, got {type(fn).__name__}")
+            raise TypeError(
+                f"strategy.run needs a callable step, got a {type(fn).__name__} {fn!r:.60}; "
+                "pass the function, e.g. strategy.run(step, args=(state, batch))"
+            )
         if not isinstance(args, (tuple, list)):
             raise TypeError(
-                f"strategy.run args must be a tuple, got {type(args).__name__}; for a single "
-                "argument write args=(x,)"
+                f"strategy.run args must be a tuple, got a {type(args).__name__}; for a single "
+                "argument write args=(x,), and pass keyword arguments as kwargs={...}"
+            )
+        if kwargs is not None and not (
+            isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)
+        ):
+            raise TypeError(
+                f"strategy.run kwargs must be a dict of keyword arguments by name, got "
+                f"{type(kwargs).__name__} {kwargs!r:.60}; e.g. kwargs={{'training': True}}"
             )
         if options is None:
             options = _run.DEFAULT_OPTIONS
@@ -239,8 +258,11 @@ class TPUStrategy:
 
         Args:
           fn: ``fn(state, batch) -> (state, outputs)``, a step as passed to ``run``.
-          state: the training state, e.g. replicated parameters and optimizer state.
-          iterator: yields batches (PerReplica pytrees) of one structure and shape.
+          state: the training state, e.g. replicated parameters and optimizer state; Flax NNX
+            objects in it are updated in place, as by ``run``.
+          iterator: an iterator (``iter(dataset)``, not the dataset itself, which would give
+            its first batches again on every call) of batches (PerReplica pytrees) of one
+            structure and shape.
           steps_per_run: how many batches to consume.
           stack_outputs: return every step's outputs stacked (True) or the last step's (False).
           unroll: steps per iteration of the scan, as ``lax.scan``'s ``unroll``: ``True``
@@ -275,17 +297,32 @@ class TPUStrategy:
           >>> float(total), steps
           (40.0, [3, 2])
         """
+        if not callable(fn):
+            raise TypeError(
+                f"experimental_run_steps needs a callable step fn(state, batch) -> (state, "
+                f"outputs), got a {type(fn).__name__} {fn!r:.60}"
+            )
         check_int("steps_per_run", steps_per_run, minimum=1)
         if not isinstance(unroll, bool):
             unroll = check_int("unroll", unroll, minimum=1)
+        if not isinstance(iterator, Iterator):
+            raise TypeError(
+                f"experimental_run_steps takes an iterator, got a {type(iterator).__name__}, "
+                "which would give its first batches again on every call (so a loop until "
+                "StopIteration would never end); pass iter(dataset) once and the same iterator "
+                "to every call"
+            )
         batches = list(itertools.islice(iterator, steps_per_run))
         if not batches:
             raise StopIteration
+        _multistep.check_batches(batches)
         # True == 1 to Python: the key tells a fully unrolled program from a loop of one step.
         key = (stack_outputs, unroll, isinstance(unroll, bool), len(batches))
         multistep = self._multisteps.get(fn, key)
-        state, outputs = self.run(multistep, args=(state, *batches), options=options)
-        return _multistep.StepsResult(state, outputs, len(batches))
+        new_state, outputs = self.run(multistep, args=(state, *batches), options=options)
+        if _multistep.has_nnx_objects(state):
+            new_state = _multistep.restore_objects(state, new_state)
+        return _multistep.StepsResult(new_state, outputs, len(batches))
 
     def compile_stats(self) -> _accounting.CompileStats:
         """How many programs plain ``run`` calls compiled, the cache hits, and why it recompiled.

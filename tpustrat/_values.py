@@ -79,6 +79,53 @@ class PerReplica:
         object.__setattr__(value, "stacked", stacked)
         return value
 
+    @classmethod
+    def from_blocks(cls, array: Any, num_replicas: int, axis: int = 0) -> PerReplica:
+        """Views ``array`` as ``num_replicas`` blocks along ``axis``: component i is block i.
+
+        This is how to give each replica its block of a global array in ``strategy.run``, the
+        same plain and inside ``jax.jit`` (a plain array goes whole to every replica). For an
+        array laid out over the replica axis (``NamedSharding(strategy.mesh, P("replica"))``)
+        every device already holds its replica's block: no data moves between devices, and
+        inside ``jax.jit`` the view compiles to nothing.
+
+        Args:
+          array: a ``jax.Array`` (or host array) whose ``axis`` divides into ``num_replicas``.
+          num_replicas: ``strategy.num_replicas_in_sync``.
+          axis: the dimension cut into blocks.
+
+        Example:
+          >>> strategy = ts.TPUStrategy()
+          >>> x = jax.device_put(np.arange(16.0, dtype=np.float32), jax.sharding.NamedSharding(
+          ...     strategy.mesh, jax.sharding.PartitionSpec("replica")))
+          >>> blocks = PerReplica.from_blocks(x, strategy.num_replicas_in_sync)
+          >>> blocks, blocks.values[1].tolist()
+          (PerReplica(float32[8, 2]), [2.0, 3.0])
+        """
+        if not _is_array_leaf(array) or isinstance(array, (int, float, bool, complex)):
+            raise TypeError(
+                f"PerReplica.from_blocks takes one array, got a {type(array).__name__}; for a "
+                "pytree, view each leaf: jax.tree.map(lambda x: ts.PerReplica.from_blocks(x, n), "
+                "tree)"
+            )
+        shape = np.shape(array)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(
+                f"PerReplica.from_blocks: axis {axis} is out of range for an array of shape "
+                f"{shape}; pass the axis that is split over the replicas"
+            )
+        axis %= len(shape)
+        if num_replicas < 1 or shape[axis] % num_replicas:
+            raise ValueError(
+                f"PerReplica.from_blocks: dimension {axis} of shape {shape} does not divide into "
+                f"{num_replicas} replicas; pass strategy.num_replicas_in_sync and an array whose "
+                "global batch is a multiple of it"
+            )
+        split = (*shape[:axis], num_replicas, shape[axis] // num_replicas, *shape[axis + 1 :])
+        if isinstance(array, (np.ndarray, np.generic)):
+            return cls.from_stacked(np.moveaxis(np.reshape(array, split), axis, 0))
+        return cls.from_stacked(jnp.moveaxis(jnp.reshape(array, split), axis, 0))
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"PerReplica is immutable; build a new one instead of setting {name}")
 
