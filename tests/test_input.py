@@ -1,6 +1,13 @@
 """Distributed input: rows to replicas, masks for partial batches, prefetch threads, errors."""
 
+import dataclasses
 import gc
+import itertools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import weakref
@@ -322,7 +329,7 @@ def test_close_and_with_block_stop_the_thread(eight):
     (thread,) = _prefetch_threads() - before
     iterator.close()
     assert not thread.is_alive()
-    with pytest.raises(StopIteration):
+    with pytest.raises(ValueError, match=r"was closed .* start a new pass with iter\(dist\)"):
         next(iterator)
     with iter(dist) as iterator:
         next(iterator)
@@ -443,7 +450,7 @@ def _x(size, **others):
         ([_x(16), _x(16, y=np.zeros(16))], "batch 1 has structure .* but batch 0 had"),
         (
             [_x(16), {"x": np.zeros((16, 2), np.int32)}],
-            r"\{'x': int32\[B, 2\]\} but batch 0 had \{'x': float32\[B, 2\]\}",
+            r"batch 1 leaf \['x'\] is int32\[B, 2\] but in batch 0 it is float32\[B, 2\]",
         ),
         ([_x(0)], "batch 0 is empty"),
         ([{}], "batch 0 has no arrays"),
@@ -499,3 +506,339 @@ def test_a_process_keeps_only_its_replicas_rows(eight):
 def test_mask_and_drop_remainder_together_are_refused():
     with pytest.raises(ValueError, match="either padded and masked or dropped; choose one"):
         InputOptions(experimental_mask=True, drop_remainder=True)
+
+
+# --- Per-replica batches stay whole on their replica --------------------------------------------
+
+
+def _per_replica_dataset(num_elements, rows, last_rows):
+    """Per-replica batches of ``rows`` rows (the last of ``last_rows``); ids count the rows."""
+    sizes = [rows] * (num_elements - 1) + [last_rows]
+    return _batches(sizes, features=2)
+
+
+def _expected_steps(elements, num_replicas, rows):
+    """Each step's ids and mask from first principles: element e goes whole to replica e % R of
+    step e // R; a short element repeats its first row, a missing one the step's first row."""
+    steps = []
+    for start in range(0, len(elements), num_replicas):
+        group = elements[start : start + num_replicas]
+        ids = np.empty((num_replicas, rows), np.int32)
+        mask = np.zeros((num_replicas, rows), bool)
+        for replica in range(num_replicas):
+            element = group[replica] if replica < len(group) else group[0]
+            real = len(element["id"]) if replica < len(group) else 0
+            ids[replica] = element["id"][0]
+            ids[replica, :real] = element["id"][:real]
+            mask[replica, :real] = True
+        steps.append((ids, mask))
+    return steps
+
+
+def _partial_step_cases(num_replicas, rows):
+    """(full steps, elements in the last step, rows of the last element) for every partial last
+    step: short by 1..R-1 elements, its last element full or short, after 0 or 1 full steps."""
+    return [
+        (full, present, last_rows)
+        for full in (0, 1)
+        for present in range(1, num_replicas + 1)
+        for last_rows in (rows, rows - 1, 1)
+        if present < num_replicas or last_rows < rows
+    ]
+
+
+@pytest.mark.parametrize("global_batch_size", [None, "set"])
+def test_partial_steps_of_per_replica_batches(strategy, global_batch_size):
+    n, rows = strategy.num_replicas_in_sync, 4
+    size = rows * n if global_batch_size else None
+    for full, present, last_rows in _partial_step_cases(n, rows):
+        case = (full, present, last_rows)
+        elements = _per_replica_dataset(full * n + present, rows, last_rows)
+        # Without global_batch_size, the first per-replica batch sets the rows of all.
+        static_rows = rows if size or len(elements) > 1 else last_rows
+        if len(elements) % n == 0 and last_rows == static_rows:
+            continue  # a whole step, not a partial one
+        expected = _expected_steps(elements, n, static_rows)
+        masked = strategy.distribute_datasets_from_function(
+            lambda ctx, e=elements: e, InputOptions(experimental_mask=True, global_batch_size=size)
+        )
+        steps = [(_per_replica(b["id"]), _per_replica(m)) for b, m in masked]
+        assert len(steps) == len(expected) == len(masked), case
+        for (ids, mask), (want_ids, want_mask) in zip(steps, expected):
+            np.testing.assert_array_equal(mask, want_mask, err_msg=str(case))
+            np.testing.assert_array_equal(ids, want_ids, err_msg=str(case))
+        dropping = strategy.distribute_datasets_from_function(
+            lambda ctx, e=elements: e, InputOptions(drop_remainder=True, global_batch_size=size)
+        )
+        kept = [_per_replica(b["id"]) for b in dropping]
+        assert len(kept) == full == len(dropping), case
+        for ids, (want_ids, _) in zip(kept, expected):
+            np.testing.assert_array_equal(ids, want_ids, err_msg=str(case))
+        refusing = iter(
+            strategy.distribute_datasets_from_function(
+                lambda ctx, e=elements: e, InputOptions(global_batch_size=size)
+            )
+        )
+        for want_ids, _ in expected[:full]:
+            np.testing.assert_array_equal(_per_replica(next(refusing)["id"]), want_ids)
+        if present < n:
+            short = f"has only {present} of them for the {n} replicas"
+        elif n > 1:
+            short = f"per-replica batch {len(elements) - 1} has {last_rows} of {rows} rows"
+        else:  # one replica: each per-replica batch is a step
+            short = f"batch {full} has {last_rows} rows, fewer than the static step"
+        with pytest.raises(ValueError, match=f"{short}.*experimental_mask=True") as error:
+            next(refusing)
+        assert "drop_remainder=True" in str(error.value), case
+
+
+def test_a_short_first_step_keeps_each_per_replica_batch_whole(eight):
+    """Two per-replica batches of 64 rows for 8 replicas: replicas 0 and 1 get 64 rows each."""
+    elements = _per_replica_dataset(2, 64, 64)
+    ((batch, mask),) = eight.distribute_datasets_from_function(lambda ctx: elements, MASKED)
+    ids = _per_replica(batch["id"])
+    assert ids.shape == (8, 64)
+    np.testing.assert_array_equal(ids[:2], np.arange(128).reshape(2, 64))
+    np.testing.assert_array_equal(_per_replica(mask), np.arange(8)[:, None] < [2] * 64)
+    with pytest.raises(ValueError, match="per-replica batches 0 to 1 has only 2 of them for the 8"):
+        list(eight.distribute_datasets_from_function(lambda ctx: elements))
+    dropping = eight.distribute_datasets_from_function(
+        lambda ctx: elements, InputOptions(drop_remainder=True)
+    )
+    assert len(dropping) == 0 == len(list(dropping))
+
+
+def test_per_replica_batches_of_another_shape_or_dtype_are_refused(eight):
+    def elements(last):
+        return [{"x": np.zeros((2, 3), np.float32)}] * 7 + [last]
+
+    cases = [
+        (
+            {"x": np.zeros((2, 4), np.float32)},
+            r"float32\[B, 4\] but in per-replica batch 0 it is "
+            r"float32\[B, 3\]",
+        ),
+        (
+            {"x": np.zeros((2, 3), np.float64)},
+            r"float64\[B, 3\] but in per-replica batch 0 it is "
+            r"float32\[B, 3\]",
+        ),
+    ]
+    for last, shapes in cases:
+        dist = eight.distribute_datasets_from_function(lambda ctx, last=last: elements(last))
+        with pytest.raises(ValueError, match=rf"per-replica batch 7 leaf \['x'\] is {shapes}"):
+            list(dist)
+
+
+def test_a_batch_that_changes_shape_is_refused_before_run_steps_stacks_it(eight):
+    batches = [_x(16), _x(16), {"x": np.zeros((16, 3), np.float32)}]
+    iterator = iter(eight.experimental_distribute_dataset(batches))
+    with pytest.raises(
+        ValueError,
+        match=r"batch 2 leaf \['x'\] is float32\[B, 3\] but in batch 0 it is "
+        r"float32\[B, 2\]",
+    ):
+        eight.experimental_run_steps(
+            lambda state, batch: (state, batch["x"].sum()), np.float32(0), iterator, 3
+        )
+
+
+# --- Interpreter exit with prefetch threads still running ---------------------------------------
+
+_EXIT_WITH_STALLED_SOURCES = """
+    import atexit, threading, time
+    import jax
+    import numpy as np
+    import tpustrat as ts
+    import tpustrat._prefetch
+
+    tpustrat._prefetch._JOIN_TIMEOUT_S = 0.2  # how long close() waits for a stalled source
+    wake, placing = threading.Event(), threading.Event()
+    device_put = jax.device_put
+
+    def watched_device_put(*args, **kwargs):
+        if wake.is_set():
+            placing.set()
+        return device_put(*args, **kwargs)
+
+    jax.device_put = watched_device_put
+
+    def resume_at_exit():  # registered last, so it runs first of the exit hooks
+        wake.set()
+        placing.wait(10)  # a prefetch thread is now inside device_put
+
+    atexit.register(resume_at_exit)
+
+    def source(stall):
+        yield {"x": np.zeros((16, 2), np.float32)}
+        stall()
+        while True:
+            yield {"x": np.zeros((16, 2), np.float32)}
+
+    strategy = ts.TPUStrategy()
+    waking = iter(strategy.experimental_distribute_dataset(source(wake.wait)))
+    closed = iter(strategy.experimental_distribute_dataset(source(lambda: time.sleep(3600))))
+    kept = iter(strategy.experimental_distribute_dataset(source(lambda: time.sleep(3600))))
+    for iterator in (waking, closed, kept):
+        next(iterator)
+    closed.close()
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.slow  # three fresh Pythons, each importing JAX: ~20 s on 2 cores
+def test_interpreter_exits_cleanly_with_stalled_and_waking_sources():
+    """A source that wakes as the program exits, one stalled past close() and one stalled and
+    still referenced: the exit code is 0, with no abort from a thread inside JAX."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(pathlib.Path(ts.__file__).resolve().parent.parent),
+        "PYTHONWARNINGS": "ignore",  # close() warns about the stalled source
+    }
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_EXIT_WITH_STALLED_SOURCES)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        try:
+            stdout, stderr = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            stdout, stderr = run.communicate()
+        assert "terminate called" not in stderr, stderr[-2000:]
+        assert (run.returncode, stdout) == (0, "done\n"), stderr[-2000:]
+
+
+# --- Values JAX's dtypes cannot hold ------------------------------------------------------------
+
+_LOST = [  # (dtype, a value JAX's default dtype cannot hold, the range the message shows)
+    (np.int64, 2**40, r"\[0, 1099511627776\]"),
+    (np.int64, -(2**31) - 1, r"\[-2147483649, 0\]"),
+    (np.uint64, 2**32, r"\[0, 4294967296\]"),
+    (np.float64, 1e39, r"\[0.0, 1e\+39\]"),
+    (np.float64, -(2.0**128 - 2.0**103), r"\[-3.40282\d*e\+38, 0.0\]"),  # rounds to -inf
+    (np.complex128, 1e39j, r"values with real and imaginary parts in \[0.0, 1e\+39\]"),
+]
+_KEPT = [  # (dtype, values JAX's default dtype holds, the dtype the replicas get)
+    (np.int64, [-(2**31), 2**31 - 1], np.int32),
+    (np.uint64, [0, 2**32 - 1], np.uint32),
+    (np.float64, [-3.4028235e38, 2.0**128 - 2.0**104, np.inf, -np.inf], np.float32),
+    (np.float64, [np.nan, 1.5], np.float32),
+    (np.complex128, [3e38 + 1j, -3e38j], np.complex64),
+]
+
+
+@pytest.mark.parametrize("fetch_to_device", [True, False])
+@pytest.mark.parametrize(("dtype", "value", "shown"), _LOST)
+def test_values_beyond_the_32_bit_dtype_are_refused(eight, dtype, value, shown, fetch_to_device):
+    batch = {"x": np.zeros(16, np.float32), "ids": np.zeros(16, dtype)}
+    batch["ids"][5] = value
+    options = InputOptions(experimental_fetch_to_device=fetch_to_device)
+    dist = eight.experimental_distribute_dataset([_x(16), batch], options)
+    with pytest.raises(
+        ValueError, match=rf"batch 1 leaf \['ids'\] has {np.dtype(dtype)} .*{shown}"
+    ) as error:
+        list(dist)
+    assert "jax.config.update('jax_enable_x64', True)" in str(error.value)
+    assert ("cast the leaf" if np.dtype(dtype).kind in "iu" else "scale the leaf") in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize(("dtype", "values", "device_dtype"), _KEPT)
+def test_values_the_32_bit_dtype_holds_pass_unchanged(eight, dtype, values, device_dtype):
+    column = np.resize(np.asarray(values, dtype), 16)
+    (batch,) = eight.experimental_distribute_dataset([{"ids": column}])
+    placed = _per_replica(batch["ids"])
+    assert placed.dtype == device_dtype
+    np.testing.assert_array_equal(placed.ravel(), column.astype(device_dtype))
+
+
+def test_values_beyond_int32_are_refused_per_replica_batch(eight):
+    elements = [{"ids": np.full(2, i, np.int64)} for i in range(7)]
+    elements.append({"ids": np.array([7, 2**40], np.int64)})
+    dist = eight.distribute_datasets_from_function(lambda ctx: elements)
+    with pytest.raises(ValueError, match=r"per-replica batch 7 leaf \['ids'\] has int64 values"):
+        list(dist)
+
+
+def test_x64_keeps_64_bit_values(eight):
+    column = np.full(16, 2**40, np.int64)
+    options = InputOptions(experimental_per_replica_buffer_size=0)  # read in this thread
+    with jax.enable_x64(True):
+        (batch,) = eight.experimental_distribute_dataset([{"ids": column}], options)
+        placed = _per_replica(batch["ids"])
+    assert placed.dtype == np.int64
+    np.testing.assert_array_equal(placed.ravel(), column)
+
+
+# --- Options are checked field by field ---------------------------------------------------------
+
+_NOT_BOOLS = ["no", "", 1, 0, None, 1.0, np.int64(1), [True]]
+_NOT_INTS = [("2", TypeError), (2.0, TypeError), (True, TypeError), (None, TypeError)]
+
+
+def _options_cases():
+    """Every field of InputOptions and InputContext with each wrong value for its type."""
+    cases = []
+    for record in (InputOptions, InputContext):
+        for field in dataclasses.fields(record):
+            if field.type == "bool":
+                cases += [(record, field.name, v, TypeError, "must be a bool") for v in _NOT_BOOLS]
+            elif field.type in ("int", "int | None"):
+                wrong = [(v, e) for v, e in _NOT_INTS if v is not None or field.type == "int"]
+                cases += [(record, field.name, v, e, "must be an int") for v, e in wrong]
+                cases.append((record, field.name, -1, ValueError, "must be an int >= "))
+            else:
+                raise AssertionError(f"{record.__name__}.{field.name} has no cases: add them")
+    return cases
+
+
+@pytest.mark.parametrize(("record", "name", "value", "error", "match"), _options_cases())
+def test_options_refuse_wrong_types_and_values(record, name, value, error, match):
+    with pytest.raises(error, match=rf"{name} {match}.*got") as raised:
+        record(**{name: value})
+    if error is TypeError and value is not None:
+        assert repr(value) in str(raised.value)
+
+
+def test_options_take_numpy_scalars_and_store_python_ones():
+    options = InputOptions(
+        experimental_mask=np.bool_(True),
+        experimental_fetch_to_device=np.False_,
+        experimental_per_replica_buffer_size=np.int64(3),
+        global_batch_size=np.int32(16),
+    )
+    assert options == InputOptions(
+        experimental_mask=True,
+        experimental_fetch_to_device=False,
+        experimental_per_replica_buffer_size=3,
+        global_batch_size=16,
+    )
+    assert type(options.experimental_mask) is bool
+    assert type(options.global_batch_size) is int
+
+
+# --- Misuse of the input API --------------------------------------------------------------------
+
+
+def test_none_leaves_are_empty_subtrees_as_in_jax(eight):
+    (batch,) = eight.experimental_distribute_dataset([{"x": np.zeros((16, 2)), "aux": None}])
+    assert batch["aux"] is None
+    assert batch["x"].stacked.shape == (8, 2, 2)
+
+
+def test_a_list_of_rows_is_refused_with_the_fix(eight):
+    with pytest.raises(ValueError, match=r"leaf \['x'\]\[0\]\[0\] is a scalar .* np.asarray"):
+        list(eight.experimental_distribute_dataset([{"x": [[1, 2], [3]] * 8}]))
+
+
+def test_len_of_an_endless_dataset_says_what_to_do(eight):
+    with pytest.raises(TypeError, match=r"has no len.* count the steps of one epoch yourself"):
+        len(eight.experimental_distribute_dataset(itertools.repeat(_x(16))))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
+import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -16,6 +18,51 @@ from tpustrat._dataset_options import InputOptions
 from tpustrat._values import PerReplica
 
 PyTree = Any
+
+# How long the interpreter's exit waits for batches being checked or placed to finish.
+_EXIT_WAIT_S = 10.0
+
+
+class _ExitGate:
+    """Admits JAX work on batches (flattening, checking, placing) until the interpreter exits.
+
+    A prefetch thread is a daemon, and one reading a stalled dataset can wake at any moment. A
+    daemon thread that is inside JAX's C++ code when Python finalizes (placing a batch, or
+    freeing a device array, whose destructor lets go of the GIL) is killed there, which aborts
+    the process ("terminate called after throwing"). So at exit (an ``atexit`` hook, which runs
+    before JAX's own) the gate closes: it waits for the work already inside, and any later
+    ``with EXIT_GATE`` raises a RuntimeError instead of touching JAX. Outside the gate a thread
+    keeps no device array it has handed on, so it never frees the last reference to one.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._condition:
+            if self._closed:
+                raise RuntimeError(
+                    "the interpreter is exiting, so tpustrat's distributed input places no "
+                    "more batches; finish reading the dataset before the program ends"
+                )
+            self._inside += 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        with self._condition:
+            self._inside -= 1
+            self._condition.notify_all()
+
+    def close(self, timeout_s: float) -> None:
+        """Lets nothing more in and waits up to ``timeout_s`` for the work inside to finish."""
+        with self._condition:
+            self._closed = True
+            self._condition.wait_for(lambda: self._inside == 0, timeout=timeout_s)
+
+
+EXIT_GATE = _ExitGate()
+atexit.register(EXIT_GATE.close, _EXIT_WAIT_S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +95,38 @@ class Layout:
         return rows.reshape(len(self.positions), slice_size, *array.shape[1:])
 
 
+class HostBatch(NamedTuple):
+    """One host batch, checked: its leaves as numpy arrays, and where each came from.
+
+    A typed PRNG key leaf (``jax.random.key``) travels as its key data; its entry in
+    ``key_impls`` is the key implementation to wrap it back with (None for other leaves).
+    """
+
+    arrays: list[np.ndarray]
+    key_impls: list[Any]
+    structure: Any
+    paths: list[str]
+    rows: int
+
+    @property
+    def signature(self) -> list[tuple[tuple[int, ...], np.dtype, Any]]:
+        """Each leaf's shape after the batch axis, dtype and key implementation."""
+        return [(a.shape[1:], a.dtype, impl) for a, impl in zip(self.arrays, self.key_impls)]
+
+
+class HostStep(NamedTuple):
+    """The per-replica batches of one step, joined into one host batch of equal slices.
+
+    Each per-replica batch fills one slice (padded with copies of its first row when it is
+    short); a slice without a per-replica batch holds copies of the step's first row. ``real``
+    marks the rows that came from the dataset; ``short`` says what is missing, None when nothing.
+    """
+
+    batch: HostBatch
+    real: np.ndarray
+    short: str | None
+
+
 class Batcher:
     """Checks each host batch against the first and places it on the replicas; one per epoch."""
 
@@ -55,23 +134,25 @@ class Batcher:
         self._layout = layout
         self._options = options
         self._static_size = layout.static_size
-        self._first = None  # the first batch's structure and (shape[1:], dtype) of each leaf
+        self._first: tuple[HostBatch, int] | None = None  # the first batch and its index
         self._index = first_index  # the host batch's index in the dataset, for messages
 
-    def __call__(self, element: PyTree) -> PyTree | None:
-        """The distributed element for one host batch, or None if the batch is dropped."""
+    def __call__(self, element: PyTree | HostStep) -> PyTree | None:
+        """The distributed element for one host batch (or step), or None if it is dropped."""
         index, self._index = self._index, self._index + 1
-        arrays, key_impls, structure, size = host_arrays(element, index)
-        signature = [(a.shape[1:], a.dtype, impl) for a, impl in zip(arrays, key_impls)]
+        with EXIT_GATE:
+            return self._distribute(element, index)
+
+    def _distribute(self, element: PyTree | HostStep, index: int) -> PyTree | None:
+        if isinstance(element, HostStep):
+            batch, real, short, noun = element.batch, element.real, element.short, "step"
+        else:
+            batch, real, short, noun = host_arrays(element, index), None, None, "batch"
         if self._first is None:
-            self._first = (structure, signature, index)
-        elif (structure, signature) != self._first[:2]:
-            raise ValueError(
-                f"batch {index} has structure {_describe(structure, signature)} but batch "
-                f"{self._first[2]} had {_describe(*self._first[:2])}; every batch needs the same "
-                "structure, dtypes and shapes (only a partial batch may have fewer rows)"
-            )
-        static_size = self._static_size
+            self._first = (batch, index)
+        else:
+            check_same_layout(batch, index, *self._first, noun)
+        size, static_size = batch.rows, self._static_size
         if static_size is None:  # the first batch sets the static size unless the options do
             static_size = self._static_size = size
             self._check_static_size(index, static_size)
@@ -81,27 +162,30 @@ class Batcher:
                 f"{static_size}; pass InputOptions(global_batch_size=...) set to the largest "
                 "global batch, with experimental_mask=True to pad the smaller ones"
             )
-        if size < static_size:
+        if size < static_size or short is not None:
             if self._options.drop_remainder:
                 return None
             if not self._options.experimental_mask:
-                raise ValueError(
+                what = short or (
                     f"batch {index} has {size} rows, fewer than the static "
-                    f"{self._layout.batch_name} of {static_size}: a partial batch. Pass "
-                    "InputOptions(experimental_mask=True) to pad it and get (batch, mask) "
-                    "elements, or InputOptions(drop_remainder=True) to drop it"
+                    f"{self._layout.batch_name} of {static_size}"
                 )
-            arrays = [_pad(a, static_size) for a in arrays]
+                raise ValueError(
+                    f"{what}: a partial {noun}. Pass InputOptions(experimental_mask=True) to pad "
+                    "it and get (batch, mask) elements, or InputOptions(drop_remainder=True) to "
+                    "drop it"
+                )
+        arrays = [_pad(a, static_size) for a in batch.arrays]
         masked = self._options.experimental_mask
         if masked:
-            arrays = [*arrays, np.arange(static_size) < size]
+            arrays.append(np.arange(static_size) < size if real is None else real)
         placed = [
             PerReplica.from_stacked(x if impl is None else jax.random.wrap_key_data(x, impl=impl))
-            for x, impl in zip(self._place(arrays, static_size), [*key_impls, None])
+            for x, impl in zip(self._place(arrays, static_size), [*batch.key_impls, None])
         ]
         if masked:
-            return structure.unflatten(placed[:-1]), placed[-1]
-        return structure.unflatten(placed)
+            return batch.structure.unflatten(placed[:-1]), placed[-1]
+        return batch.structure.unflatten(placed)
 
     def _check_static_size(self, index: int, static_size: int) -> None:
         layout = self._layout
@@ -131,6 +215,92 @@ class Batcher:
         ]
 
 
+def check_same_layout(
+    batch: HostBatch, index: int, first: HostBatch, first_index: int, noun: str
+) -> None:
+    """A ValueError unless ``batch`` has the structure, dtypes and shapes of ``first``.
+
+    The message names the first leaf that differs, with both of its shapes.
+    """
+    if batch.structure != first.structure:
+        raise ValueError(
+            f"{noun} {index} has structure {_describe(batch.structure, batch.signature)} but "
+            f"{noun} {first_index} had {_describe(first.structure, first.signature)}; every "
+            f"{noun} needs the same structure, dtypes and shapes (only a partial batch may have "
+            "fewer rows)"
+        )
+    for path, now, then in zip(batch.paths, batch.signature, first.signature):
+        if now != then:
+            raise ValueError(
+                f"{noun} {index} leaf {path} is {_leaf_text(*now)} but in {noun} {first_index} "
+                f"it is {_leaf_text(*then)} (B: the rows); every {noun} needs the same "
+                "structure, dtypes and shapes (only a partial batch may have fewer rows): pad "
+                "or cast the leaf to one shape and dtype"
+            )
+
+
+def steps_of_per_replica_batches(
+    source: Iterator[PyTree], group: int, per_replica_rows: int | None
+) -> Iterator[HostStep]:
+    """Joins each ``group`` consecutive per-replica batches into one step, one slice each.
+
+    A per-replica batch belongs whole to its replica: a short step (the last, with fewer than
+    ``group`` per-replica batches, or whose last per-replica batch has fewer rows) is padded
+    slice by slice, so its rows still land on their own replicas. Only the last per-replica
+    batch may have fewer rows than ``per_replica_rows`` (default the first batch's).
+    """
+    step: list[HostBatch] = []
+    first: HostBatch | None = None
+    rows, partial = 0, None
+    for index, element in enumerate(source):
+        with EXIT_GATE:
+            batch = host_arrays(element, index, noun="per-replica batch")
+        if first is None:
+            first, rows = batch, per_replica_rows or batch.rows
+        else:
+            check_same_layout(batch, index, first, 0, "per-replica batch")
+        if partial is not None or batch.rows > rows:
+            at, size = partial or (index, batch.rows)
+            raise ValueError(
+                f"per-replica batch {at} has {size} rows but a per-replica batch has "
+                f"{rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
+                "the last batch may have fewer (batch the dataset with that size)"
+            )
+        if batch.rows < rows:
+            partial = (index, batch.rows)
+        step.append(batch)
+        if len(step) == group:
+            yield _join(step, group, rows, index + 1 - group)
+            step = []
+    if step:
+        yield _join(step, group, rows, index + 1 - len(step))
+
+
+def _join(step: list[HostBatch], group: int, rows: int, first_index: int) -> HostStep:
+    """The step of per-replica batches ``step`` (numbered from ``first_index``), one slice each
+    of ``rows`` rows, ``group`` slices."""
+    first = step[0]
+    arrays = []
+    for leaves in zip(*(batch.arrays for batch in step)):
+        padded = [_pad(leaf, rows) for leaf in leaves]
+        filler = np.repeat(padded[0][:1], rows * (group - len(step)), axis=0)
+        arrays.append(np.concatenate([*padded, filler]))
+    real = np.zeros((group, rows), bool)
+    for slot, batch in enumerate(step):
+        real[slot, : batch.rows] = True
+    last = first_index + len(step) - 1
+    shorts = []
+    if len(step) < group:
+        shorts.append(
+            f"the step of per-replica batches {first_index} to {last} has only {len(step)} of "
+            f"them for the {group} replicas of this process"
+        )
+    if step[-1].rows < rows:
+        shorts.append(f"per-replica batch {last} has {step[-1].rows} of {rows} rows")
+    joined = HostBatch(arrays, first.key_impls, first.structure, first.paths, group * rows)
+    return HostStep(joined, real.reshape(-1), "; ".join(shorts) or None)
+
+
 def positioned_elements(
     source: Iterator[PyTree], batcher: Batcher, position: dict[str, Any], state_of: Any
 ) -> Iterator[tuple[PyTree, dict[str, Any]]]:
@@ -145,8 +315,10 @@ def positioned_elements(
     stateful = callable(getattr(state_of, "get_state", None))
     for element in source:
         reads += 1
-        distributed = batcher(element)
-        if distributed is None:
+        # Yielded from a list it is popped from, so that this frame keeps no reference to the
+        # device arrays: a prefetch thread must not free them as the interpreter exits.
+        distributed = [batcher(element)]
+        if distributed[0] is None:
             continue
         batches += 1
         after = {"batches": batches, "reads": reads}
@@ -156,7 +328,7 @@ def positioned_elements(
                 after["source_bytes"] = base64.b64encode(state).decode("ascii")
             else:
                 after["source"] = state
-        yield distributed, after
+        yield distributed.pop(), after
 
 
 def set_source_state(source: Iterator[PyTree], position: dict[str, Any]) -> None:
@@ -194,22 +366,21 @@ def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
     return iter(dataset)
 
 
-def host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], list[Any], Any, int]:
-    """The leaves of one host batch as numpy arrays, its structure and its number of rows.
+def host_arrays(element: PyTree, index: int, noun: str = "batch") -> HostBatch:
+    """The leaves of one host batch as numpy arrays, checked, with its structure and rows.
 
-    A typed PRNG key leaf (``jax.random.key``) travels as its key data; its entry in the
-    second list is the key implementation to wrap it back with (None for other leaves).
+    ``noun`` and ``index`` name the batch in error messages (``"batch 3 leaf ['x'] ..."``).
     """
     paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
     if not paths_leaves:
-        raise ValueError(f"batch {index} has no arrays; each element must be a pytree of arrays")
-    arrays, key_impls, sizes = [], [], {}
+        raise ValueError(f"{noun} {index} has no arrays; each element must be a pytree of arrays")
+    arrays, key_impls, paths = [], [], []
     for path, leaf in paths_leaves:
-        where = f"batch {index} leaf {jax.tree_util.keystr(path) or '(the whole batch)'}"
+        name = jax.tree_util.keystr(path) or "(the whole batch)"
+        where = f"{noun} {index} leaf {name}"
         impl = None
         if isinstance(leaf, jax.Array) and jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             impl, leaf = jax.random.key_impl(leaf), jax.random.key_data(leaf)
-        key_impls.append(impl)
         try:
             array = np.asarray(leaf)
         except ValueError as error:
@@ -222,35 +393,89 @@ def host_arrays(element: PyTree, index: int) -> tuple[list[np.ndarray], list[Any
                 "devices: map strings to integer ids, and pad ragged rows to one length"
             )
         if array.ndim == 0:
+            in_list = path and isinstance(path[-1], jax.tree_util.SequenceKey)
             raise ValueError(
                 f"{where} is a scalar ({array.dtype}) with no batch axis; give it a leading "
                 "batch axis (one value per example) or close over it in the step function"
+                + (
+                    " (a Python list or tuple is a pytree of its items, not an array: make "
+                    "each leaf a numpy array with np.asarray, padding ragged rows to one length)"
+                    if in_list
+                    else ""
+                )
             )
+        _check_fits_jax_dtype(array, where)
         arrays.append(array)
-        sizes[jax.tree_util.keystr(path)] = array.shape[0]
-    if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{path} {size}" for path, size in sizes.items())
+        key_impls.append(impl)
+        paths.append(name)
+    sizes = [a.shape[0] for a in arrays]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"{path} {size}" for path, size in zip(paths, sizes))
         raise ValueError(
-            f"batch {index} has leaves with different leading sizes ({listed}); the first axis "
+            f"{noun} {index} has leaves with different leading sizes ({listed}); the first axis "
             "of every leaf must be the batch axis, with the same number of rows"
         )
-    return arrays, key_impls, structure, arrays[0].shape[0]
+    return HostBatch(arrays, key_impls, structure, paths, sizes[0])
+
+
+def _check_fits_jax_dtype(array: np.ndarray, where: str) -> None:
+    """A ValueError if JAX's dtype for ``array`` (int32 for int64 with jax_enable_x64 off) cannot
+    hold its values: JAX would wrap integers and turn large floats into inf without a word.
+
+    Rounding a float64 to float32 loses precision, as JAX users expect; only values beyond
+    float32's range, which become inf, are refused. Costs one min and one max over a leaf that
+    JAX narrows, nothing for the others.
+    """
+    dtype, target = array.dtype, np.dtype(jax.dtypes.canonicalize_dtype(array.dtype))
+    if target == dtype or array.size == 0 or dtype.kind not in "iufc":
+        return
+    values, parts = array, ""
+    if dtype.kind == "c":  # its real and imaginary parts, as floats
+        values, parts = np.stack([array.real, array.imag]), " with real and imaginary parts"
+        target = np.empty(0, target).real.dtype
+    lo, hi = values.min(), values.max()
+    if dtype.kind in "iu":
+        info = np.iinfo(target)
+        if info.min <= lo and hi <= info.max:
+            return
+        lost = f"{target} holds [{info.min}, {info.max}], so they would wrap"
+        fix = f"cast the leaf to a dtype that holds them (float32, or ids offset into {target})"
+    else:
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # inf and nan stay what they are
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            lo, hi = values.min(), values.max()
+        finfo = np.finfo(target)
+        rounds_to_inf = float(finfo.max) + 2.0 ** (finfo.maxexp - finfo.nmant - 2)  # + ulp / 2
+        if -rounds_to_inf < lo and hi < rounds_to_inf:
+            return
+        lost = f"{target}'s largest is {float(finfo.max):.7g}, so they would become inf"
+        fix = f"scale the leaf into {target}'s range"
+    raise ValueError(
+        f"{where} has {dtype} values{parts} in [{lo}, {hi}], but with jax_enable_x64 off JAX "
+        f"converts it to {np.dtype(jax.dtypes.canonicalize_dtype(dtype))} and {lost}; {fix}, "
+        "or turn x64 on: jax.config.update('jax_enable_x64', True)"
+    )
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
     """``array`` with rows appended up to ``size``: copies of its first row, or zeros if empty."""
     missing = size - array.shape[0]
+    if missing == 0:
+        return array
     if array.shape[0] == 0:
         return np.zeros((size, *array.shape[1:]), array.dtype)
     return np.concatenate([array, np.repeat(array[:1], missing, axis=0)])
 
 
 def _describe(structure: Any, signature: list[tuple[tuple[int, ...], np.dtype, Any]]) -> str:
-    leaves = [
-        _Text(f"{'key data ' if impl else ''}{dtype}[{', '.join(['B', *map(str, shape)])}]")
-        for shape, dtype, impl in signature
-    ]
+    leaves = [_Text(_leaf_text(*leaf)) for leaf in signature]
     return str(structure.unflatten(leaves))
+
+
+def _leaf_text(shape: tuple[int, ...], dtype: np.dtype, impl: Any) -> str:
+    return f"{'key data ' if impl else ''}{dtype}[{', '.join(['B', *map(str, shape)])}]"
 
 
 class _Text(str):

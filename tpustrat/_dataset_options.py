@@ -7,6 +7,9 @@ these records, so they live a floor below either.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import numpy as np
 
 from tpustrat._checks import check_int
 
@@ -101,15 +104,39 @@ class InputOptions:
     shard_by_process: bool = False
 
     def __post_init__(self):
-        check_int(
+        # Each field is stored in one form (a Python bool or int), whatever numpy scalar it got.
+        for name in _BOOL_FIELDS:
+            object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
+        size = check_int(
             "experimental_per_replica_buffer_size",
             self.experimental_per_replica_buffer_size,
             minimum=0,
         )
+        object.__setattr__(self, "experimental_per_replica_buffer_size", size)
         if self.global_batch_size is not None:
-            check_int("global_batch_size", self.global_batch_size, minimum=1)
+            size = check_int("global_batch_size", self.global_batch_size, minimum=1)
+            object.__setattr__(self, "global_batch_size", size)
         if self.experimental_mask and self.drop_remainder:
             raise ValueError(
                 "InputOptions got experimental_mask=True and drop_remainder=True: a partial "
                 "batch is either padded and masked or dropped; choose one"
             )
+
+
+_BOOL_FIELDS = (
+    "experimental_fetch_to_device",
+    "experimental_mask",
+    "drop_remainder",
+    "shard_by_process",
+)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool; a TypeError unless a Python or numpy bool (a string such as "no"
+    is truthy, so it would silently turn the option on)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"InputOptions {name} must be a bool, got {type(value).__name__} {value!r}; pass "
+        f"True or False"
+    )

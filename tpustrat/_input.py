@@ -39,15 +39,21 @@ Several processes: each process reads the whole global batch but places only the
 replicas whose devices it addresses (``jax.make_array_from_process_local_data``). With
 ``distribute_datasets_from_function``, as in tf.distribute, each process's dataset yields
 per-replica batches of ``ctx.get_per_replica_batch_size(global_batch_size)`` rows, and each of
-the process's replicas takes one of them per step, in replica order. Every process must yield
-the same number of batches.
+the process's replicas takes one of them per step, in replica order. A per-replica batch lands
+whole on its replica: a last step with fewer per-replica batches than replicas (or whose last
+one has fewer rows) is a partial step, padded slice by slice and masked, dropped, or refused as
+a partial batch is. Every process must yield the same number of batches.
+
+Each batch keeps the first one's structure, dtypes and shapes (a change is a ValueError naming
+the leaf and both shapes), and a leaf whose values JAX's dtype would not hold (an int64 above
+2**31 with ``jax_enable_x64`` off) is a ValueError naming the leaf and its range.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import Any, cast
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,11 +63,11 @@ from tpustrat import _mesh
 from tpustrat._batching import (
     Batcher,
     Layout,
-    host_arrays,
     host_iterator,
     positioned_elements,
     set_source_state,
     skip_reads,
+    steps_of_per_replica_batches,
 )
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
@@ -132,7 +138,11 @@ class DistributedDataset:
             index, count = self._process_share  # this process's elements of the full steps
             elements = elements[index : len(elements) // count * count : count]
         if not isinstance(elements, Sized):
-            raise TypeError(f"the dataset ({type(elements).__name__}) has no len()")
+            raise TypeError(
+                f"the dataset ({type(elements).__name__}) has no len(), so the steps per epoch "
+                "are unknown (an endless dataset has none); count the steps of one epoch "
+                "yourself, or pass a dataset with a length (a list of batches, a sized loader)"
+            )
         group = self._elements_per_step
         if not self._options.drop_remainder:
             return -(-len(elements) // group)
@@ -143,11 +153,13 @@ class DistributedDataset:
                 "reading it; pass a list of batches, or count the steps of one epoch yourself"
             )
         sizes = [_rows(element) for element in elements]
-        steps = [sum(sizes[i : i + group]) for i in range(0, len(sizes), group)]
-        if not steps:
+        if not sizes:
             return 0
-        static_size = self._layout.static_size or steps[0]
-        return sum(size == static_size for size in steps)
+        # A full step has ``group`` elements, each of the static rows per element.
+        static_size = self._layout.static_size
+        rows = static_size // group if static_size else sizes[0]
+        steps = [sizes[i : i + group] for i in range(0, len(sizes), group)]
+        return sum(step == [rows] * group for step in steps)
 
     @property
     def element_spec(self) -> PyTree:
@@ -211,7 +223,7 @@ class _DatasetInput:
             per_replica = self._layout.static_size and (
                 self._layout.static_size // self._elements_per_step
             )
-            source = _steps_of_per_replica_batches(source, self._elements_per_step, per_replica)
+            source = steps_of_per_replica_batches(source, self._elements_per_step, per_replica)
         if not has_state:
             skip_reads(source, position["reads"])
         batcher = Batcher(self._layout, self._options, first_index=position["reads"])
@@ -349,57 +361,6 @@ def _static_size(options: InputOptions, num_replicas: int, num_slices: int) -> i
         return None
     context = InputContext(num_replicas_in_sync=num_replicas)
     return context.get_per_replica_batch_size(options.global_batch_size) * num_slices
-
-
-def _steps_of_per_replica_batches(
-    source: Iterator[PyTree], group: int, per_replica_rows: int | None
-) -> Iterator[PyTree]:
-    """Joins each ``group`` consecutive per-replica batches into one batch of ``group`` slices.
-
-    Only the last per-replica batch may be partial: joined with the others of its step and
-    padded or dropped at the end, it still lands on its own replica.
-    """
-    step: list[list[np.ndarray]] = []
-    structure, partial, key_impls, expected_rows = None, None, [], 0
-    for index, element in enumerate(source):
-        arrays, key_impls, tree, rows = host_arrays(element, index)
-        if structure is None:
-            structure, expected_rows = tree, per_replica_rows or rows
-        if tree != structure:
-            raise ValueError(
-                f"per-replica batch {index} has structure {tree} but batch 0 had {structure}; "
-                "every batch needs the same structure"
-            )
-        if partial is not None or rows > expected_rows:
-            at, size = partial or (index, rows)
-            raise ValueError(
-                f"per-replica batch {at} has {size} rows but a per-replica batch has "
-                f"{expected_rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
-                "the last batch may have fewer (batch the dataset with that size)"
-            )
-        if rows < expected_rows:
-            partial = (index, rows)
-        step.append(arrays)
-        if len(step) == group:
-            yield _join(step, key_impls, structure)
-            step = []
-    if step:
-        yield _join(step, key_impls, structure)
-
-
-def _join(step: list[list[np.ndarray]], key_impls: list[Any], structure: Any) -> PyTree:
-    """One batch of the per-replica batches ``step``, leaf by leaf, in replica order.
-
-    Typed PRNG key leaves, which travel as key data, become keys again.
-    """
-    joined = [np.concatenate(leaves) for leaves in zip(*step)]
-    return structure.unflatten(
-        [
-            # wrap_key_data takes any uint32 array-like, though JAX annotates it jax.Array.
-            x if impl is None else jax.random.wrap_key_data(cast(jax.Array, x), impl=impl)
-            for x, impl in zip(joined, key_impls)
-        ]
-    )
 
 
 def _rows(element: PyTree) -> int:

@@ -59,11 +59,12 @@ class DistributedIterator:
     checking the batch, copying it to the devices) overlaps with the step. The thread keeps up to
     ``buffer_size`` elements ready or in preparation. An exception raised while producing an
     element is raised again, the same object with its traceback, by the ``next`` call that would
-    have returned that element. After the end of the data, an error or ``close()``, ``next``
-    raises StopIteration. The thread holds no reference to the iterator, so dropping the iterator
-    stops the thread; ``close()`` or leaving a ``with`` block stops it at once. The thread starts
-    at the first ``next`` (or ``element_spec``), so ``set_state`` can first move the iterator to
-    a checkpointed input position.
+    have returned that element. After the end of the data or an error, ``next`` raises
+    StopIteration; after ``close()`` (or a ``with`` block), a ValueError. The thread holds no
+    reference to the iterator, so dropping the iterator stops the thread; ``close()`` or leaving
+    a ``with`` block stops it at once. The thread starts at the first ``next`` (or
+    ``element_spec``), so ``set_state`` can first move the iterator to a checkpointed input
+    position.
 
     Args:
       elements: the distributed elements to read ahead (only the thread advances it), or a
@@ -90,6 +91,7 @@ class DistributedIterator:
         self._started = False
         self._channel: _Channel | None = None
         self._finished = False
+        self._closed = False
         self._peeked: Any = _NOTHING
         self._element_spec = None
 
@@ -105,6 +107,9 @@ class DistributedIterator:
         self._elements = iter(())  # only the thread advances it
         self._channel = channel
         self._finalizer = weakref.finalize(self, channel.shut_down)
+        # At exit nothing waits for the thread (a stalled dataset would hold the exit up): it is
+        # a daemon, and tpustrat._batching's exit gate keeps it out of JAX from then on.
+        self._finalizer.atexit = False
         channel.thread.start()
 
     def __iter__(self) -> DistributedIterator:
@@ -118,6 +123,11 @@ class DistributedIterator:
 
     def _read(self) -> Any:
         """The next item from the source or the thread: an element, or (element, position)."""
+        if self._closed:
+            raise ValueError(
+                "this DistributedIterator was closed (by close() or the end of its with block); "
+                "start a new pass with iter(dist)"
+            )
         if self._finished:
             raise StopIteration
         if not self._started:
@@ -126,14 +136,14 @@ class DistributedIterator:
             try:
                 return next(self._elements)
             except BaseException:
-                self.close()
+                self._finish()
                 raise
         item = self._channel.get()
         if item is _END:
-            self.close()
+            self._finish()
             raise StopIteration
         if isinstance(item, _Failure):
-            self.close()
+            self._finish()
             error = item.error
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(
@@ -230,10 +240,15 @@ class DistributedIterator:
         return self._element_spec
 
     def close(self) -> None:
-        """Stops the thread and drops the read-ahead elements; ``next`` then raises StopIteration.
+        """Stops the thread and drops the read-ahead elements; ``next`` then raises a ValueError.
 
         Waits for the thread to finish reading the element it is on, if any.
         """
+        self._finish()
+        self._closed = True
+
+    def _finish(self) -> None:
+        """Stops the thread and drops the read-ahead elements; ``next`` raises StopIteration."""
         self._finished = True
         self._elements = iter(())
         self._peeked = _NOTHING
@@ -297,6 +312,9 @@ def _produce(source: Iterator[Any], channel: _Channel) -> None:
                 channel.queue.put(_END)
                 return
             channel.queue.put(element)
+            # Only the consumer may free the element's device arrays: this daemon thread could
+            # be doing it as the interpreter finalizes, which aborts the process.
+            del element
     except BaseException as error:  # every failure, even SystemExit, must reach the consumer
         channel.queue.put(_Failure(error))
 
