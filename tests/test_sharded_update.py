@@ -304,43 +304,142 @@ def _custom(update):
     return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
+def _one_device(tx, params, grads_per_step):
+    """Plain optax on one device: the parameters and each step's updates for the global grads."""
+    state, out = tx.init(params), []
+    for grads in grads_per_step:
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(updates)
+    return params, out
+
+
+def _sharded(strategy, tx, params, local_grads_per_step):
+    """``ts.shard_update(tx)`` in ``strategy.run``; each step's gradients differ per replica."""
+    sharded = ts.shard_update(tx)
+    placed = strategy.replicate(params)
+    state = strategy.run(sharded.init, args=(placed,))
+
+    def step(params, state, grads):
+        updates, state = sharded.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    out = []
+    for local in local_grads_per_step:
+        grads = _per_replica(strategy, local)
+        placed, state, updates = strategy.run(step, args=(placed, state, grads))
+        placed = _plain(placed)
+        out.append(_plain(updates))
+    return placed, out
+
+
+ODD_PARAMS = {  # a leaf cut without padding, a padded one, one cut on its second axis, a scalar
+    "a": np.linspace(-1.0, 2.0, 32, dtype=np.float32).reshape(2, 16),
+    "b": np.linspace(0.5, -0.5, 7, dtype=np.float32),
+    "c": np.linspace(-2.0, 1.0, 15, dtype=np.float32).reshape(3, 5),
+    "s": np.float32(0.5),
+}
+
+
+def _local_grads(num_replicas, steps, seed=3):
+    """Per-replica gradients for each step, and their means (the one-device gradients)."""
+    rng = np.random.default_rng(seed)
+    local, mean = [], []
+    for _ in range(steps):
+        per = [
+            jax.tree.map(lambda p: rng.normal(size=np.shape(p)).astype(np.float32), ODD_PARAMS)
+            for _ in range(num_replicas)
+        ]
+        local.append(per)
+        mean.append(jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *per))
+    return local, mean
+
+
+def _assert_trees_close(got, want, rtol=1e-6, atol=1e-6):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+
+def _each_leaf(fn):
+    return _custom(lambda g, s, p=None: (jax.tree.map(fn, g), s))
+
+
+PER_LEAF_STATISTICS = {
+    "centralize": optax.centralize,
+    "std": lambda: _each_leaf(lambda x: x / (jnp.std(x) + 1.0)),
+    "var": lambda: _each_leaf(lambda x: x - jnp.var(x)),
+    "mean_keepdims": lambda: _each_leaf(lambda x: x - jnp.mean(x, keepdims=True)),
+    "mean_first_axis": lambda: _each_leaf(
+        lambda x: x - jnp.mean(x, axis=0 if x.ndim else None, keepdims=True)
+    ),
+    "mean_last_axis": lambda: _each_leaf(
+        lambda x: x - jnp.mean(x, axis=-1 if x.ndim else None, keepdims=True)
+    ),
+    "inverse_size": lambda: _each_leaf(lambda x: x * (1 / x.size)),
+    "mask_from_size": lambda: _each_leaf(lambda x: x * 3.0 if x.size > 8 else x),
+    "mask_from_shape": lambda: _each_leaf(
+        lambda x: x * (jnp.arange(x.shape[-1]) < 3) if x.ndim else x
+    ),
+    "positions": lambda: _each_leaf(lambda x: x * jnp.arange(x.size).reshape(x.shape)),
+    "noise": lambda: optax.add_noise(0.1, 0.5, 0),
+}
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
+@pytest.mark.parametrize("name", sorted(PER_LEAF_STATISTICS))
+def test_per_leaf_statistics_are_the_whole_leafs(shape, name):
+    """Counts, shapes and positions a transformation reads are the whole leaf's, not a block's."""
+    strategy = _strategy(shape)
+    tx = optax.chain(PER_LEAF_STATISTICS[name](), optax.sgd(0.1))
+    local, mean = _local_grads(strategy.num_replicas_in_sync, steps=2)
+    got_params, got = _sharded(strategy, tx, ODD_PARAMS, local)
+    want_params, want = _one_device(tx, ODD_PARAMS, mean)
+    _assert_trees_close(got, want)
+    _assert_trees_close(got_params, want_params)
+
+
+def test_centralize_subtracts_the_whole_leafs_mean():
+    """optax.centralize on a (2, 16) leaf: the update is the gradient minus its row's mean."""
+    strategy = ts.TPUStrategy()
+    grads = {"w": np.arange(32, dtype=np.float32).reshape(2, 16)}
+    _, (updates,) = _sharded(strategy, optax.centralize(), grads, [[grads] * 8])
+    want = grads["w"] - grads["w"].mean(axis=1, keepdims=True)  # each row: -7.5 ... 7.5
+    np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-6)
+    assert float(updates["w"][0, 0]) == -7.5
+
+
 @pytest.mark.parametrize(
-    ("update", "message"),
+    ("update", "primitive"),
     [
         (lambda g, s, p=None: (jax.tree.map(jnp.cumsum, g), s), "'cumsum'"),
-        (
-            lambda g, s, p=None: (jax.tree.map(lambda x: x / jnp.mean(jnp.abs(x)), g), s),
-            "a mean over the axis ts.shard_update cuts",
-        ),
         (lambda g, s, p=None: (jax.tree.map(lambda x: x[::-1], g), s), "'rev'"),
+        (lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.argmax(x), g), s), "'argmax'"),
+        (lambda g, s, p=None: (jax.tree.map(lambda x: jnp.outer(x, x)[0], g), s), "'mul'"),
         (
-            lambda g, s, p=None: (jax.tree.map(lambda x: x * jnp.arange(x.size), g), s),
-            "values computed from element positions",
+            lambda g, s, p=None: (jax.tree.map(lambda x: jnp.einsum("i,j->ij", x, x)[0], g), s),
+            "'dot_general'",
         ),
+        (lambda g, s, p=None: (jax.tree.map(jnp.sort, g), s), "'sort'"),
     ],
-    ids=["cumsum", "mean", "reverse", "arange"],
+    ids=["cumsum", "reverse", "argmax", "outer", "einsum", "sort"],
 )
-def test_fails_closed_on_updates_that_mix_blocks(update, message):
+def test_fails_closed_on_updates_that_mix_blocks(update, primitive):
+    """A refusal names the primitive, where the transformation made it, the leaf and the fix."""
     strategy = ts.TPUStrategy()
     tx = ts.shard_update(_custom(update))
     params = strategy.replicate({"w": np.ones(16, np.float32)})
     state = strategy.run(tx.init, args=(params,))
     x = _per_replica(strategy, np.ones((8, 16), np.float32))
+    message = (
+        rf"cannot run this transformation block by block: its {primitive} in <lambda>\S* "
+        r"\(tests/test_sharded_update\.py:\d+\) on updates\['w'\] .* Use plain optax"
+    )
     with pytest.raises(ValueError, match=message):
         strategy.run(
             lambda p, s, x: tx.update(jax.grad(lambda p: jnp.sum(p["w"] * x))(p), s, p),
             args=(params, state, x),
         )
-
-
-def test_noise_is_refused():
-    """optax.add_noise draws from the same key on every replica: each block would repeat it."""
-    strategy = ts.TPUStrategy()
-    tx = ts.shard_update(optax.chain(optax.add_noise(0.1, 0.5, key=0), optax.sgd(0.1)))
-    params = strategy.replicate({"w": np.ones(16, np.float32)})
-    state = strategy.run(tx.init, args=(params,))
-    with pytest.raises(ValueError, match="values computed from element positions"):
-        strategy.run(lambda p, s: tx.update(p, s, p), args=(params, state))
 
 
 def test_full_reductions_are_exact_with_padding():
@@ -384,7 +483,7 @@ def test_state_that_would_stop_being_whole_is_refused():
     strategy = ts.TPUStrategy()
     tx = ts.shard_update(
         optax.GradientTransformation(
-            lambda p: jnp.zeros(2, np.float32), lambda g, s, p=None: (g, s + g["w"])
+            lambda p: jnp.zeros((), np.float32), lambda g, s, p=None: (g, s + g["w"])
         )
     )
     params = strategy.replicate({"w": np.ones(16, np.float32)})

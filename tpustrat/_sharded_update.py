@@ -12,17 +12,20 @@ than flattening, keeps every leaf's rank, so masks and transformations that read
 weight decay on biases, say) decide as they would on the whole leaf. Scalars and leaves whose
 every axis has length 1 stay whole on every replica.
 
-Exactness. The wrapped transformation's ``init`` and ``update`` are traced to a jaxpr and
-replayed block-wise by a small interpreter that knows which values are blocks of a leaf and
-along which axis. Elementwise primitives run on the blocks as they are; a reduction over the
-cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a finite check), or a
-contraction of two blocks over it, masks the padding and is completed across replicas with
-psum, pmax or pmin, so ``clip_by_global_norm`` sees the global norm. Anything else that would
-mix elements along the cut axis (a matmul with a whole matrix, a cumulative sum, a reshape
-across the cut, a mean whose count would be the block's), or combine blocks with values made
-from element positions (``jnp.arange``, random noise), raises a ValueError naming the
-primitive: the analysis fails closed rather than train on a wrong update. It reads jaxprs
-through the public ``jax.extend.core`` only.
+Exactness. The wrapped transformation's ``init`` and ``update`` are traced to a jaxpr on the
+WHOLE leaves' shapes, so every count, shape and constant they read (``x.size``, the divisor of
+``jnp.mean`` or ``jnp.std``, a mask built from ``x.shape``, ``jnp.arange``, random noise) is
+the whole leaf's, as plain optax sees it. A small interpreter then replays the jaxpr, knowing
+which values are blocks of a leaf and along which axis. An equation of whole values runs as
+traced. Elementwise primitives run on the blocks, a whole operand cut to the same block; a
+reduction over the cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a
+mean, a variance, a finite check), or a contraction over it, masks the padding and is completed
+across replicas with psum, pmax or pmin, so ``clip_by_global_norm`` sees the global norm and
+``optax.centralize`` the whole leaf's mean. Any other equation that takes a block (a cumulative
+sum, a sort, a reshape across the cut axis, a primitive it does not know) raises a ValueError
+naming the primitive, the code of the transformation that made it and the leaf, and saying to
+use plain optax for it: the analysis fails closed rather than train on a wrong update. It reads
+jaxprs through the public ``jax.extend.core`` only.
 """
 
 from __future__ import annotations
@@ -147,26 +150,37 @@ def shard_update(tx: Any) -> ShardedUpdate:
 
     def init(params: PyTree) -> PyTree:
         ctx = _replica_context("init")
-        splits = _splits(params, ctx.num_replicas_in_sync)
+        num_replicas = ctx.num_replicas_in_sync
+        splits = _splits(params, num_replicas, "params")
         blocks = _map_blocks(_own_block, params, splits, ctx)
-        local = _interpret(tx.init, (blocks,), splits, ctx)[0]
-        whole = jax.eval_shape(tx.init, params)
-        state = jax.tree.map(lambda b, w: _wrap_leaf(b, w, ctx.num_replicas_in_sync), local, whole)
-        return _mark_per_replica(state, ctx)
+        local, out_splits, shapes = _interpret(tx.init, (blocks,), splits, ctx)
+        param_shapes = {np.shape(x) for x in jax.tree.leaves(params)}
+        leaves, treedef = jax.tree.flatten(local)
+        state = []
+        for leaf, split, shape in zip(leaves, out_splits, shapes):
+            if split is None and shape in param_shapes:  # state that mirrors a parameter
+                split = _layout(shape, num_replicas)
+                leaf = leaf if split is None else _own_block(leaf, split, ctx)
+            state.append(leaf if split is None else ReplicaShard(leaf, shape, split.axis))
+        return _mark_per_replica(treedef.unflatten(state), ctx)
 
     def update(
         updates: PyTree, state: PyTree, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, PyTree]:
         ctx = _replica_context("update")
-        splits = _splits(updates, ctx.num_replicas_in_sync)
+        splits = _splits(updates, ctx.num_replicas_in_sync, "updates")
         grads = _map_blocks(_reduce_block, updates, splits, ctx)
         param_blocks = None if params is None else _map_blocks(_own_block, params, splits, ctx)
         shards, state_tree = jax.tree.flatten(state, is_leaf=_is_shard)
+        state_paths = _paths(state, is_leaf=_is_shard)
         state_local = state_tree.unflatten([_unwrap(x) for x in shards])
-        state_splits = [_Split(x.axis, x.shape[x.axis]) if _is_shard(x) else None for x in shards]
-        param_splits = [] if params is None else splits
+        state_splits = [
+            _Split(x.axis, x.shape[x.axis], "state" + path) if _is_shard(x) else None
+            for x, path in zip(shards, state_paths)
+        ]
+        param_splits = [] if params is None else _splits(params, ctx.num_replicas_in_sync, "params")
         extra_splits = [None] * len(jax.tree.leaves(extra_args))
-        (new_updates, new_local), out_splits = _interpret(
+        (new_updates, new_local), out_splits, _ = _interpret(
             lambda *a, **k: tx.update(*a, **k),
             (grads, state_local, param_blocks),
             [*splits, *state_splits, *param_splits, *extra_splits],
@@ -174,22 +188,33 @@ def shard_update(tx: Any) -> ShardedUpdate:
             extra_args,
         )
         num_updates = len(jax.tree.leaves(new_updates))
-        for split, old, path in zip(
-            out_splits[num_updates:], shards, _paths(state, is_leaf=_is_shard)
-        ):
-            if isinstance(split, _Split) and not _is_shard(old):
-                raise ValueError(
-                    f"optimizer state{path} is whole on every replica but its update depends "
-                    "on blocks of the gradients; ts.shard_update cannot keep it exact"
-                )
-        new_updates = _map_blocks(_gather_block, new_updates, splits, ctx)
-        new_state = jax.tree.map(
-            lambda old, new: ReplicaShard(new, old.shape, old.axis) if _is_shard(old) else new,
-            state,
-            new_local,
-            is_leaf=_is_shard,
+        update_leaves, update_tree = jax.tree.flatten(new_updates)
+        new_updates = update_tree.unflatten(
+            [_whole_update(x, s, ctx) for x, s in zip(update_leaves, out_splits[:num_updates])]
         )
-        return new_updates, _mark_per_replica(new_state, ctx)
+        new_leaves = []
+        for new, split, old, path in zip(
+            jax.tree.leaves(new_local), out_splits[num_updates:], shards, state_paths
+        ):
+            if not _is_shard(old):
+                if split is not None:
+                    raise ValueError(
+                        f"optimizer state{path} is whole on every replica but its update "
+                        "depends on blocks of the gradients; ts.shard_update cannot keep it "
+                        "exact. Use plain optax for this transformation"
+                    )
+                new_leaves.append(new)
+                continue
+            if split is None:  # a whole value (a reset to zeros, say): keep this replica's block
+                new = _own_block(new, _Split(old.axis, old.shape[old.axis]), ctx)
+            elif split.axis != old.axis:
+                raise ValueError(
+                    f"optimizer state{path} is cut along axis {old.axis} but its update is a "
+                    f"block cut along axis {split.axis}; ts.shard_update cannot keep it exact. "
+                    "Use plain optax for this transformation"
+                )
+            new_leaves.append(ReplicaShard(new, old.shape, old.axis))
+        return new_updates, _mark_per_replica(state_tree.unflatten(new_leaves), ctx)
 
     return ShardedUpdate(init, update)
 
@@ -242,10 +267,14 @@ def reshard_update_state(state: PyTree, strategy: Strategy) -> PyTree:
 
 
 class _Split(NamedTuple):
-    """A value is this replica's block of a whole value cut along ``axis`` of length ``size``."""
+    """A value is this replica's block of a whole value cut along ``axis`` of length ``size``.
+
+    ``leaf`` names the leaf the block comes from (``updates['w']``), for error messages.
+    """
 
     axis: int
     size: int
+    leaf: str = ""
 
 
 def _layout(shape: tuple[int, ...], num_replicas: int) -> _Split | None:
@@ -258,9 +287,13 @@ def _layout(shape: tuple[int, ...], num_replicas: int) -> _Split | None:
     return _Split(axis, shape[axis])
 
 
-def _splits(tree: PyTree, num_replicas: int) -> list[_Split | None]:
-    """The layout of each leaf of ``tree``, in flattening order."""
-    return [_layout(np.shape(x), num_replicas) for x in jax.tree.leaves(tree)]
+def _splits(tree: PyTree, num_replicas: int, name: str) -> list[_Split | None]:
+    """The layout of each leaf of ``tree``, in flattening order; ``name`` names the tree."""
+    splits = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        split = _layout(np.shape(x), num_replicas)
+        splits.append(split and split._replace(leaf=name + jax.tree_util.keystr(path)))
+    return splits
 
 
 def _map_blocks(
@@ -316,22 +349,17 @@ def _gather_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> ja
     return lax.slice_in_dim(ctx.all_gather(x, split.axis), 0, split.size, axis=split.axis)
 
 
-def _wrap_leaf(local: jax.Array, whole: jax.ShapeDtypeStruct, num_replicas: int) -> Any:
-    """A state leaf from ``init`` as a ReplicaShard when it is a block of the whole leaf."""
-    if np.shape(local) == whole.shape:
-        return local
-    differ = [a for a, (b, w) in enumerate(zip(np.shape(local), whole.shape)) if b != w]
-    if (
-        len(np.shape(local)) != len(whole.shape)
-        or len(differ) != 1
-        or np.shape(local)[differ[0]] != _block_length(whole.shape[differ[0]], num_replicas)
-    ):
-        raise ValueError(
-            f"an optimizer state leaf has shape {np.shape(local)} when the transformation is "
-            f"initialised with parameter blocks but {whole.shape} with whole parameters; "
-            "ts.shard_update can only split state that mirrors the parameters' shapes"
-        )
-    return ReplicaShard(local, whole.shape, differ[0])
+def _whole_update(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
+    """An update leaf, whole and provably the same on every replica.
+
+    A block is all-gathered. A whole leaf that has a layout is cut and all-gathered too: it
+    is the same on every replica already, but ``run`` proves that only through collectives
+    it knows, and the gather moves the bytes the all-reduce of plain data parallelism would.
+    """
+    if split is None:
+        split = _layout(np.shape(x), ctx.num_replicas_in_sync)
+        x = _own_block(x, split, ctx)
+    return _gather_block(x, split, ctx)
 
 
 def _mark_per_replica(state: PyTree, ctx: ReplicaContext) -> PyTree:
@@ -391,17 +419,18 @@ def _replica_context(what: str) -> ReplicaContext:
     return ctx
 
 
-# ---------------------------------------------------------------------------------------------
 # The block-wise interpreter.
 
 _ELEMENTWISE = frozenset(
-    {"abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
-     "ceil", "clamp", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma",
-     "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag",
+    {"abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh",
+     "bessel_i0e", "bessel_i1e", "cbrt", "ceil", "clamp", "clz", "complex", "conj",
+     "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "eq", "erf",
+     "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "igamma", "igammac", "imag",
      "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min",
-     "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real", "reduce_precision", "rem",
-     "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "sub",
-     "tan", "tanh", "xor"}
+     "mul", "ne", "neg", "nextafter", "not", "or", "polygamma", "population_count", "pow", "real",
+     "reduce_precision", "rem", "round", "rsqrt", "select_n", "shift_left",
+     "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square",
+     "sub", "tan", "tanh", "xor", "zeta"}
 )  # fmt: skip
 # reduction -> (the value padding must hold, the collective that completes it)
 _REDUCTIONS = {
@@ -411,19 +440,8 @@ _REDUCTIONS = {
     "reduce_or": (False, "max"),
     "reduce_and": (True, "min"),
 }
-# Primitives whose result depends on each element's position: on a block, they differ from the
-# same positions of the whole leaf.
-_POSITION_SOURCES = frozenset({"iota", "random_bits", "threefry2x32", "rng_bit_generator"})
-
-
-class _Positional:
-    """Marks a whole value computed from element positions (``jnp.arange``, random numbers)."""
-
-    def __repr__(self) -> str:
-        return "_POSITIONAL"
-
-
-_POSITIONAL = _Positional()
+# Annotations of where a value is laid out; inside ``run`` every value is the replica's own.
+_LAYOUT_ONLY = frozenset({"reshard", "sharding_constraint"})
 _INLINED = frozenset(
     {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
      "custom_vjp_call", "custom_vjp_call_jaxpr"}
@@ -436,10 +454,16 @@ def _interpret(
     splits: list[_Split | None],
     ctx: ReplicaContext,
     kwargs: dict | None = None,
-) -> tuple[PyTree, list[_Split | None]]:
+) -> tuple[PyTree, list[_Split | None], list[tuple[int, ...]]]:
     """Runs ``fn(*args, **kwargs)`` on blocks; ``splits`` says which flat leaves are blocks.
 
-    Returns the outputs and, for each output leaf, its ``_Split`` (None when it is whole).
+    ``fn`` is traced on the WHOLE leaves' shapes, so every count, shape and constant it reads
+    (``x.size``, ``jnp.mean``, a mask built from ``x.shape``) is the whole leaf's; the jaxpr is
+    then replayed on the blocks by ``_eval``, which refuses any equation it cannot prove exact.
+
+    Returns:
+      The outputs, each output leaf's ``_Split`` (None when it is whole), and each output
+      leaf's whole shape.
     """
     kwargs = kwargs or {}
     leaves, tree = jax.tree.flatten((args, kwargs))
@@ -450,15 +474,29 @@ def _interpret(
         a, k = tree.unflatten(xs)
         return fn(*a, **k)
 
-    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*leaves)
+    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(
+        *[_whole_aval(x, split) for x, split in zip(leaves, splits)]
+    )
     outs, out_splits = _eval(closed.jaxpr, closed.consts, leaves, splits, ctx)
-    return jax.tree.unflatten(jax.tree.structure(shapes), outs), out_splits
+    whole_shapes = [tuple(s.shape) for s in jax.tree.leaves(shapes)]
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs), out_splits, whole_shapes
 
 
-def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext):
+def _whole_aval(x: Any, split: _Split | None) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of the whole leaf of which ``x`` is the block ``split`` says."""
+    aval = jax.typeof(x)
+    shape = list(aval.shape)
+    if split is not None:
+        shape[split.axis] = split.size
+    return jax.ShapeDtypeStruct(tuple(shape), aval.dtype, weak_type=aval.weak_type)
+
+
+def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext, caller: str = ""):
+    """Replays ``jaxpr`` (traced on whole shapes) on ``args``, blocks where ``splits`` say.
+
+    ``caller`` says where the call whose body ``jaxpr`` is was made, for error messages.
+    """
     values, where = {}, {}
-    # Outputs of a reduction over a cut axis: the element count the block contributed.
-    block_counts: dict[Any, int] = {}
 
     def read(atom):
         if isinstance(atom, Literal):
@@ -471,78 +509,51 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext):
         values[var], where[var] = value, split
     for eqn in jaxpr.eqns:
         ins, in_splits = zip(*map(read, eqn.invars)) if eqn.invars else ((), ())
-        if eqn.primitive.name == "div" and block_counts.get(_var(eqn.invars[0])):
-            divisor = eqn.invars[1]
-            if isinstance(divisor, Literal) and np.all(divisor.val == block_counts[eqn.invars[0]]):
-                raise ValueError(
-                    "the transformation takes a mean over the axis ts.shard_update cuts "
-                    "(a sum divided by the block's element count); a mean over blocks would be "
-                    "wrong, so this transformation cannot be sharded"
-                )
-        outs, out_splits = _equation(eqn, list(ins), list(in_splits), ctx)
-        total = eqn.primitive.name == "reduce_sum" and isinstance(in_splits[0], _Split)
-        if total and out_splits[0] is None:
-            shape = np.shape(ins[0])
-            block_counts[eqn.outvars[0]] = int(np.prod([shape[a] for a in eqn.params["axes"]]))
+        if any(isinstance(s, _Split) for s in in_splits):
+            outs, out_splits = _equation(eqn, list(ins), list(in_splits), ctx, caller)
+        else:  # whole values only: the equation runs as traced, on the whole shapes
+            outs, out_splits = _bind(eqn, list(ins)), [None] * len(eqn.outvars)
         for var, value, split in zip(eqn.outvars, outs, out_splits):
             values[var], where[var] = value, split
     results = [read(v) for v in jaxpr.outvars]
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def _var(atom) -> Any:
-    """A jaxpr variable as a dict key; None for a literal (literals are not hashable)."""
-    return None if isinstance(atom, Literal) else atom
-
-
-def _bind(eqn, ins):
-    params = eqn.primitive.get_bind_params(eqn.params)
+def _bind(eqn, ins, **overrides):
+    params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
     # jax < 0.8 returns (subfuns, params); later versions fold the subfuns into the params.
     subfuns, params = params if isinstance(params, tuple) else ((), params)
     out = eqn.primitive.bind(*subfuns, *ins, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _equation(eqn, ins, splits, ctx: ReplicaContext):
+def _whole_shape(atom) -> tuple[int, ...]:
+    return tuple(atom.aval.shape)
+
+
+def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
+    """One equation with at least one block among its inputs."""
     name = eqn.primitive.name
+    where = _source(eqn) or caller
     n_out = len(eqn.outvars)
-    cut = [s for s in splits if isinstance(s, _Split)]
-    positional = any(s is _POSITIONAL for s in splits)
-    if not cut:
-        positional = positional or _reads_positions(eqn)
-        return _bind(eqn, ins), [_POSITIONAL if positional else None] * n_out
-    if positional:
-        raise _unsupported(
-            name,
-            "combines blocks with values computed from element positions (jnp.arange, random "
-            "numbers), which a block does not share with the whole leaf",
-        )
     if name in _ELEMENTWISE:
-        if len({s.axis for s in cut}) > 1:
-            raise _unsupported(name, "combines blocks cut along different axes")
-        return _bind(eqn, ins), [cut[0]] * n_out
+        axes = {s.axis for s in splits if isinstance(s, _Split)}
+        if len(axes) > 1:
+            raise _unsupported(eqn, where, splits, "combines blocks cut along different axes")
+        split = next(s for s in splits if isinstance(s, _Split))
+        ins = [
+            x
+            if s is not None
+            else _cut_whole(eqn, where, splits, x, _whole_shape(atom), split, ctx)
+            for x, s, atom in zip(ins, splits, eqn.invars)
+        ]
+        return _bind(eqn, ins), [split] * n_out
     if name in _REDUCTIONS:
         return _reduce(eqn, ins[0], splits[0], ctx)
     if name == "dot_general":
-        return _contract(eqn, ins, splits, ctx)
-    (split,) = splits if len(splits) == 1 else (None,)
-    if name == "broadcast_in_dim" and split is not None:
-        axis = eqn.params["broadcast_dimensions"][split.axis]
-        if eqn.params["shape"][axis] != np.shape(ins[0])[split.axis]:
-            raise _unsupported(name, "broadcasts along the cut axis")
-        return _bind(eqn, ins), [_Split(axis, split.size)]
-    if name == "transpose" and split is not None:
-        return _bind(eqn, ins), [_Split(eqn.params["permutation"].index(split.axis), split.size)]
-    if name == "squeeze" and split is not None and split.axis not in eqn.params["dimensions"]:
-        axis = split.axis - sum(d < split.axis for d in eqn.params["dimensions"])
-        return _bind(eqn, ins), [_Split(axis, split.size)]
-    if name == "reshape" and split is not None:
-        shape, new = np.shape(ins[0]), tuple(eqn.params["new_sizes"])
-        if new[: split.axis + 1] == shape[: split.axis + 1]:
-            return _bind(eqn, ins), [split]
-        raise _unsupported(name, f"reshapes {shape} to {new} across the cut axis {split.axis}")
+        return _contract(eqn, ins, splits, ctx, where)
     if name == "cond":
-        return _cond(eqn, ins, splits, ctx)
+        return _cond(eqn, ins, splits, ctx, where)
     if name in _INLINED:
         inner = [v for v in eqn.params.values() if isinstance(v, (Jaxpr, ClosedJaxpr))]
         if len(inner) == 1:
@@ -550,14 +561,54 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext):
             consts = body.consts if isinstance(body, ClosedJaxpr) else ()
             body = body.jaxpr if isinstance(body, ClosedJaxpr) else body
             if len(body.invars) == len(ins):
-                return _eval(body, consts, ins, splits, ctx)
-    raise _unsupported(name, "is not known to work block by block")
+                return _eval(body, consts, ins, splits, ctx, where)
+    split = splits[0] if len(splits) == 1 else None
+    if split is None:
+        raise _unsupported(eqn, where, splits, "is not known to work block by block")
+    x, shape = ins[0], _whole_shape(eqn.invars[0])
+    length = np.shape(x)[split.axis]
+    if name in _LAYOUT_ONLY:  # says where the value lives, not what it is
+        return [x], [split]
+    if name == "broadcast_in_dim":
+        axis = eqn.params["broadcast_dimensions"][split.axis]
+        new_shape = list(eqn.params["shape"])
+        new_shape[axis] = length
+        return _bind(eqn, [x], shape=tuple(new_shape)), [split._replace(axis=axis)]
+    if name == "transpose":
+        return _bind(eqn, [x]), [split._replace(axis=eqn.params["permutation"].index(split.axis))]
+    if name == "squeeze":
+        axis = split.axis - sum(d < split.axis for d in eqn.params["dimensions"])
+        return _bind(eqn, [x]), [split._replace(axis=axis)]
+    if name == "reshape" and eqn.params.get("dimensions") is None:
+        new = list(eqn.params["new_sizes"])
+        before = int(np.prod(shape[: split.axis]))
+        for axis in range(len(new)):
+            if int(np.prod(new[:axis])) == before and new[axis] == split.size:
+                new[axis] = length
+                return _bind(eqn, [x], new_sizes=tuple(new)), [split._replace(axis=axis)]
+        raise _unsupported(
+            eqn, where, splits, f"reshapes {shape} to {tuple(new)} across the cut axis {split.axis}"
+        )
+    raise _unsupported(eqn, where, splits, "is not known to work block by block")
+
+
+def _cut_whole(eqn, where, splits, x, shape: tuple[int, ...], split: _Split, ctx: ReplicaContext):
+    """A whole operand of an elementwise equation, cut to match a block along ``split``."""
+    if len(shape) == 0 or shape[split.axis] == 1:
+        return x  # it broadcasts along the cut axis as it is
+    if shape[split.axis] != split.size:
+        raise _unsupported(
+            eqn, where, splits, f"combines a block with a whole value of shape {shape}"
+        )
+    return _own_block(x, split, ctx)
 
 
 def _reduce(eqn, x, split: _Split, ctx: ReplicaContext):
+    """A reduction: along other axes on the block; over the cut axis, completed by a collective."""
     axes = tuple(eqn.params["axes"])
     if split.axis not in axes:
-        return _bind(eqn, [x]), [_Split(split.axis - sum(a < split.axis for a in axes), split.size)]
+        axis = split.axis - sum(a < split.axis for a in axes)
+        return _bind(eqn, [x]), [split._replace(axis=axis)]
     fill, combine = _REDUCTIONS[eqn.primitive.name]
     if jnp.issubdtype(x.dtype, jnp.integer) and not np.isfinite(fill):
         fill = jnp.iinfo(x.dtype).min if fill < 0 else jnp.iinfo(x.dtype).max
@@ -570,70 +621,101 @@ def _reduce(eqn, x, split: _Split, ctx: ReplicaContext):
     return [value.astype(jnp.bool_) if as_int else value], [None]
 
 
-def _contract(eqn, ins, splits, ctx: ReplicaContext):
-    """A dot_general that contracts both operands over their cut axes (``jnp.vdot``, say)."""
-    (lhs_contracting, rhs_contracting), _ = eqn.params["dimension_numbers"]
-    lhs, rhs = splits
-    if (
-        lhs is None
-        or rhs is None
-        or lhs.axis not in lhs_contracting
-        or rhs.axis != rhs_contracting[list(lhs_contracting).index(lhs.axis)]
-    ):
-        raise _unsupported("dot_general", "does not contract both operands over the cut axis")
-    x, y = ins
-    (local,) = _bind(eqn, [_fill_padding(x, lhs, ctx, 0), y])
-    return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
+def _contract(eqn, ins, splits, ctx: ReplicaContext, where: str):
+    """A dot_general over blocks: exact when the cut axis is contracted (completed by a psum)
+    or is a free axis of one operand while the other is whole."""
+    (contracting, batch) = eqn.params["dimension_numbers"]
+    shapes = [_whole_shape(atom) for atom in eqn.invars]
+    for side in (0, 1):
+        split, other = splits[side], splits[1 - side]
+        if not isinstance(split, _Split) or split.axis not in contracting[side]:
+            continue
+        paired = contracting[1 - side][list(contracting[side]).index(split.axis)]
+        if other is None:  # cut the whole operand the same way
+            other = _Split(paired, shapes[1 - side][paired], split.leaf)
+            ins = list(ins)
+            ins[1 - side] = _own_block(ins[1 - side], other, ctx)
+        if other.axis != paired:
+            break
+        ins = [_fill_padding(x, s, ctx, 0) for x, s in zip(ins, (split, other)[:: 1 - 2 * side])]
+        (local,) = _bind(eqn, ins)
+        return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
+    if sum(isinstance(s, _Split) for s in splits) == 1:
+        side = 0 if isinstance(splits[0], _Split) else 1
+        split = splits[side]
+        if split.axis not in batch[side]:  # a free axis: each block gives its rows of the result
+            free = [[d for d in range(len(shapes[k])) if d not in (*contracting[k], *batch[k])]
+                    for k in (0, 1)]  # fmt: skip
+            axis = len(batch[0]) + (len(free[0]) if side else 0) + free[side].index(split.axis)
+            return _bind(eqn, ins), [split._replace(axis=axis)]
+    raise _unsupported(eqn, where, splits, "mixes elements along the cut axis in a product")
 
 
-def _cond(eqn, ins, splits, ctx: ReplicaContext):
+def _cond(eqn, ins, splits, ctx: ReplicaContext, where: str):
+    """A ``lax.cond``/``switch`` on a whole index, each branch replayed on the blocks."""
     if splits[0] is not None:
-        raise _unsupported("cond", "branches on a value computed from blocks")
-    branch_splits: list[list[_Split | None]] = []
+        raise _unsupported(eqn, where, splits, "branches on a value computed from blocks")
+    branches = eqn.params["branches"]
+    found: list[list[_Split | None]] = []
+    for closed in branches:  # which outputs are blocks, in each branch
+        jax.eval_shape(
+            lambda *ops, c=closed: (
+                found.append(_eval(c.jaxpr, c.consts, ops, splits[1:], ctx, where)[1]) or ()
+            ),
+            *ins[1:],
+        )
+    merged: list[_Split | None] = []
+    for column in zip(*found):
+        cut = [s for s in column if isinstance(s, _Split)]
+        if len({s.axis for s in cut}) > 1:
+            raise _unsupported(eqn, where, splits, "returns blocks cut along different axes")
+        merged.append(cut[0] if cut else None)
 
     def branch(closed):
         def run(*operands):
-            outs, out_splits = _eval(closed.jaxpr, closed.consts, operands, splits[1:], ctx)
-            branch_splits.append(out_splits)
-            return outs
+            outs, out_splits = _eval(closed.jaxpr, closed.consts, operands, splits[1:], ctx, where)
+            return [
+                _own_block(x, want, ctx) if want is not None and have is None else x
+                for x, have, want in zip(outs, out_splits, merged)
+            ]
 
         return run
 
-    outs = lax.switch(ins[0], [branch(b) for b in eqn.params["branches"]], *ins[1:])
-    merged = []
-    for column in zip(*branch_splits):
-        cut = {s for s in column if isinstance(s, _Split)}
-        if len({s.axis for s in cut}) > 1 or (cut and _POSITIONAL in column):
-            raise _unsupported("cond", "returns blocks and whole values of different kinds")
-        merged.append(next(iter(cut), _POSITIONAL if _POSITIONAL in column else None))
+    outs = lax.switch(ins[0], [branch(b) for b in branches], *ins[1:])
     return list(outs), merged
-
-
-def _reads_positions(eqn) -> bool:
-    """Whether ``eqn``, or any jaxpr inside it, uses a primitive of ``_POSITION_SOURCES``."""
-    if eqn.primitive.name in _POSITION_SOURCES:
-        return True
-    for value in eqn.params.values():
-        for inner in value if isinstance(value, tuple) else (value,):
-            if isinstance(inner, (Jaxpr, ClosedJaxpr)):
-                body = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
-                if any(_reads_positions(e) for e in body.eqns):
-                    return True
-    return False
 
 
 def _fill_padding(x: jax.Array, split: _Split, ctx: ReplicaContext, fill: Any) -> jax.Array:
     """``x`` with the padding past the whole leaf's end set to ``fill``."""
     length = np.shape(x)[split.axis]
+    if length * ctx.num_replicas_in_sync == split.size:
+        return x
     position = ctx.replica_id_in_sync_group * length + lax.broadcasted_iota(
         jnp.int32, np.shape(x), split.axis
     )
     return jnp.where(position < split.size, x, jnp.asarray(fill, x.dtype))
 
 
-def _unsupported(primitive: str, why: str) -> ValueError:
+def _source(eqn) -> str:
+    """Where the transformation's code made ``eqn``: its innermost frame outside JAX."""
+    try:
+        frames = eqn.source_info.traceback.frames
+    except AttributeError:
+        return ""
+    for frame in frames:
+        path = frame.file_name.replace("\\", "/")
+        if "/jax/" not in path and "/tpustrat/" not in path and "/jaxlib/" not in path:
+            short = "/".join(path.split("/")[-2:])
+            return f" in {frame.function_name} ({short}:{frame.line_num})"
+    return ""
+
+
+def _unsupported(eqn, where: str, splits, why: str) -> ValueError:
+    leaves = [s.leaf for s in splits if isinstance(s, _Split) and s.leaf]
+    leaf = f" on {leaves[0]}" if leaves else ""
     return ValueError(
-        f"ts.shard_update cannot split this transformation over replicas: its {primitive!r} "
-        f"{why}, which would change the result. Use the transformation without "
-        "ts.shard_update, or express the step with elementwise operations and full reductions"
+        f"ts.shard_update cannot run this transformation block by block: its "
+        f"{eqn.primitive.name!r}{where}{leaf} {why}, so its result over blocks is not "
+        "proven equal to the whole leaf's. Use plain optax for this transformation (all-reduce "
+        "the gradients and call it without ts.shard_update)"
     )
