@@ -289,10 +289,14 @@ def test_checkpoint_from_8_replicas_restores_onto_4(tmp_path):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
 
 
-def test_outside_run_is_an_error():
+def test_outside_run_init_is_the_plain_state_and_update_is_an_error():
     tx = ts.shard_update(optax.adam(0.01))
-    with pytest.raises(RuntimeError, match=r"init was called outside strategy\.run"):
-        tx.init(_params())
+    state = tx.init(_params())  # what nnx.Optimizer does
+    want = optax.adam(0.01).init(_params())
+    assert jax.tree.structure(state) == jax.tree.structure(want)
+    assert state[0].mu["w1"].shape == (6, 16)
+    with pytest.raises(RuntimeError, match=r"update was called outside strategy\.run"):
+        tx.update(_params(), state)
 
 
 def test_refuses_what_is_not_a_transformation():
@@ -478,18 +482,22 @@ def test_contractions_over_the_cut_axis_are_exact():
         np.testing.assert_allclose(np.asarray(out[key]), want, rtol=1e-6)
 
 
-def test_state_that_would_stop_being_whole_is_refused():
-    """A whole state leaf that an update fills from gradient blocks cannot stay exact."""
+def test_whole_state_updated_from_blocks_stays_whole():
+    """A whole state leaf that an update fills from gradient blocks is all-gathered, exactly."""
     strategy = ts.TPUStrategy()
     tx = ts.shard_update(
         optax.GradientTransformation(
-            lambda p: jnp.zeros((), np.float32), lambda g, s, p=None: (g, s + g["w"])
+            lambda p: jnp.zeros((), np.float32), lambda g, s, p=None: (g, s + 2 * g["w"])
         )
     )
-    params = strategy.replicate({"w": np.ones(16, np.float32)})
+    params = strategy.replicate({"w": np.ones(7, np.float32)})
     state = strategy.run(tx.init, args=(params,))
-    with pytest.raises(ValueError, match="optimizer state is whole on every replica"):
-        strategy.run(lambda p, s: tx.update(p, s), args=(params, state))
+    grads = np.arange(8 * 7, dtype=np.float32).reshape(8, 7)
+    _, state = strategy.run(
+        lambda g, s: tx.update({"w": g}, s), args=(_per_replica(strategy, grads), state)
+    )
+    assert not isinstance(state, ts.PerReplica)
+    np.testing.assert_allclose(np.asarray(_plain(state)), 2 * grads.mean(0), rtol=1e-6)
 
 
 def test_compiled_step_reduce_scatters_and_all_gathers():
@@ -510,3 +518,54 @@ def test_compiled_step_reduce_scatters_and_all_gathers():
     assert "reduce-scatter(" in hlo
     assert "all-gather(" in hlo
     assert "all-reduce(" not in hlo
+
+
+# Flax NNX ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
+def test_nnx_optimizer_with_shard_update_trains_like_plain_adam(shape):
+    """nnx.Optimizer(model, ts.shard_update(adam)) in strategy.run equals nnx.Optimizer(adam)."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.linear1 = nnx.Linear(6, 16, rngs=rngs)
+            self.linear2 = nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear2(jnp.tanh(self.linear1(x)))
+
+    def loss(model, x, y):
+        return jnp.mean((model(x) - y) ** 2)
+
+    strategy = _strategy(shape)
+    n = strategy.num_replicas_in_sync
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, ts.shard_update(optax.adam(0.01)), wrt=nnx.Param)
+    reference = MLP(nnx.Rngs(0))
+    plain = nnx.Optimizer(reference, optax.adam(0.01), wrt=nnx.Param)
+
+    def step(model, optimizer, x, y):  # each replica's own gradients: update reduce-scatters
+        optimizer.update(model, nnx.grad(loss)(model, x, y))
+
+    @nnx.jit
+    def reference_step(model, optimizer, x, y):
+        optimizer.update(model, nnx.grad(loss)(model, x, y))
+
+    x, y = _batches(4)
+    for xb, yb in zip(x, y):
+        local = (_per_replica(strategy, np.split(a, n)) for a in (xb, yb))
+        strategy.run(step, args=(model, optimizer, *local))
+        reference_step(reference, plain, xb, yb)
+    mu = optimizer.opt_state[0].mu["linear1"]["kernel"].get_value()
+    assert mu.shape == (6, 16) and mu.sharding.is_fully_replicated  # whole, as nnx holds it
+    np.testing.assert_allclose(
+        np.asarray(mu),
+        np.asarray(plain.opt_state[0].mu["linear1"]["kernel"].get_value()),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert int(optimizer.step.get_value()) == 4

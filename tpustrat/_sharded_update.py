@@ -117,6 +117,13 @@ def shard_update(tx: Any) -> ShardedUpdate:
     ``ts.PerReplica`` blocks; pass it back to ``run`` as it is, checkpoint it like any pytree of
     arrays, and move it to another replica count with ``ts.reshard_update_state``.
 
+    ``init`` called outside ``run`` (as ``nnx.Optimizer(model, ts.shard_update(tx),
+    wrt=nnx.Param)`` calls it) gives the plain optax state, whole. ``update`` in ``run`` keeps
+    a whole state leaf whole: it updates its block like any other and all-gathers the result,
+    so the update is still sharded and exact, but such a leaf is not split in memory. For the
+    1/R state memory, make the state inside ``run`` (``strategy.run(tx.init, args=(params,))``)
+    and keep it as a pytree, with ``nnx.split``/``nnx.merge`` for an NNX model.
+
     Args:
       tx: any object with optax's ``init(params)`` and ``update(updates, state, params)``,
         e.g. ``optax.adamw(1e-3)`` or a chain with ``optax.clip_by_global_norm``.
@@ -149,7 +156,9 @@ def shard_update(tx: Any) -> ShardedUpdate:
         )
 
     def init(params: PyTree) -> PyTree:
-        ctx = _replica_context("init")
+        ctx = get_replica_context()
+        if ctx is None:  # as nnx.Optimizer calls it: the plain state, whole
+            return tx.init(params)
         num_replicas = ctx.num_replicas_in_sync
         splits = _splits(params, num_replicas, "params")
         blocks = _map_blocks(_own_block, params, splits, ctx)
@@ -196,14 +205,8 @@ def shard_update(tx: Any) -> ShardedUpdate:
         for new, split, old, path in zip(
             jax.tree.leaves(new_local), out_splits[num_updates:], shards, state_paths
         ):
-            if not _is_shard(old):
-                if split is not None:
-                    raise ValueError(
-                        f"optimizer state{path} is whole on every replica but its update "
-                        "depends on blocks of the gradients; ts.shard_update cannot keep it "
-                        "exact. Use plain optax for this transformation"
-                    )
-                new_leaves.append(new)
+            if not _is_shard(old):  # whole on every replica: it stays whole
+                new_leaves.append(new if split is None else _gather_block(new, split, ctx))
                 continue
             if split is None:  # a whole value (a reset to zeros, say): keep this replica's block
                 new = _own_block(new, _Split(old.axis, old.shape[old.axis]), ctx)
