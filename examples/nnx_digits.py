@@ -2,14 +2,17 @@
 
 The model is split into a graph definition and a state (``nnx.split``); the training step is a
 pure function of that state, run on every replica by ``strategy.run``. Each replica gets its
-slice of the global batch from ``strategy.experimental_distribute_dataset``, sums its examples'
-losses divided by the global batch size, and all-reduces the gradients with SUM, the
-tf.distribute recipe. Evaluation masks the padded rows of the last partial batch, so every test
-example counts exactly once.
+slice of the global batch from ``strategy.experimental_distribute_dataset``, takes its share
+of the mean loss (``ts.compute_average_loss``: its examples' losses over the global batch size)
+and all-reduces the gradients with SUM, the tf.distribute recipe. The training loss and accuracy
+go to TensorBoard through ``ts.SummaryWriter``, and ``--profile`` traces a few steps with
+``ts.StepProfiler`` into the same folder. Evaluation masks the padded rows of the last partial
+batch, so every test example counts exactly once.
 
 On a CPU-only machine the script simulates 8 devices; on a TPU VM it uses the TPU cores.
 
 Usage: python examples/nnx_digits.py [--epochs 30] [--batch-size 128] [--logical-cores 1]
+         [--logdir DIR] [--profile]
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import argparse
+import contextlib
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -38,7 +43,8 @@ from tqdm import tqdm
 
 import tpustrat as ts
 
-LOG_EVERY = 20  # steps between progress-bar updates of the loss and examples/s
+LOG_EVERY = 20  # steps between summaries and progress-bar updates of the loss and examples/s
+PROFILED_STEPS = (10, 12)  # the steps --profile traces: after compilation, a few of them
 
 
 class MLP(nnx.Module):
@@ -79,6 +85,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=256, help="width of the hidden layers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--logdir",
+        default=os.path.join(tempfile.gettempdir(), "nnx_digits", time.strftime("%Y%m%d-%H%M%S")),
+        help="folder for TensorBoard summaries (and the --profile trace); default a new folder "
+        "under the system temp dir",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help=f"trace steps {PROFILED_STEPS} into --logdir"
+    )
     return parser.parse_args(argv)
 
 
@@ -101,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> Result:
         def loss_fn(params):
             logits = nnx.merge(graphdef, params)(images)
             per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return per_example.sum() / global_batch_size
+            return ts.compute_average_loss(per_example), logits
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        loss, grads = ts.get_replica_context().all_reduce("sum", (loss, grads))
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+        loss, correct, grads = ts.get_replica_context().all_reduce("sum", (loss, correct, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state), (loss, correct / global_batch_size)
 
     def eval_step(params: nnx.State, batch: tuple[jax.Array, jax.Array], mask: jax.Array) -> Any:
         images, labels = batch
@@ -117,15 +134,19 @@ def main(argv: Sequence[str] | None = None) -> Result:
     train_data = digits.train_batches(
         data.train_images, data.train_labels, global_batch_size, seed=args.seed
     )
+    profiler = ts.StepProfiler(args.logdir, *PROFILED_STEPS) if args.profile else None
     losses = []
     start = time.perf_counter()
     logged_step, logged_at = 0, start
     with (
         iter(strategy.experimental_distribute_dataset(train_data)) as batches,
+        ts.SummaryWriter(args.logdir, every_n_steps=LOG_EVERY) as writer,
         tqdm(total=steps, unit="step") as bar,
     ):
         for step in range(1, steps + 1):
-            state, loss = strategy.run(train_step, args=(state, next(batches)))
+            with profiler.step(step) if profiler else contextlib.nullcontext():
+                state, (loss, accuracy) = strategy.run(train_step, args=(state, next(batches)))
+            writer.scalars(step, {"train/loss": loss, "train/accuracy": accuracy})
             losses.append(loss)
             bar.update()
             if step % LOG_EVERY == 0 or step == steps:
@@ -145,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> Result:
         batch_correct, batch_examples = strategy.run(eval_step, args=(state.params, batch, mask))
         correct += int(batch_correct)
         examples += int(batch_examples)
-    accuracy = correct / examples
+    test_accuracy = correct / examples
     print(f"trained {steps} steps in {train_seconds:.1f} s, compilation included")
-    print(f"test accuracy: {accuracy:.4f} ({correct}/{examples} examples)")
-    return Result(accuracy, correct, examples, [float(x) for x in losses], train_seconds)
+    print(f"summaries{' and profile' if profiler else ''}: tensorboard --logdir {args.logdir}")
+    print(f"test accuracy: {test_accuracy:.4f} ({correct}/{examples} examples)")
+    return Result(test_accuracy, correct, examples, [float(x) for x in losses], train_seconds)
 
 
 if __name__ == "__main__":
