@@ -6,12 +6,17 @@ the host. One launch runs the whole workload of ``_values_workers``; the referen
 workload in this process, on 8 devices.
 """
 
+import importlib
+import pathlib
+
 import _values_workers as workers
 import jax
 import numpy as np
 import pytest
 
 from tpustrat.testing import run_in_local_processes
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +43,24 @@ def test_keys_and_local_arrays_place_as_in_one_process(results, cores):
         assert sorted(got) == sorted(want)
         for name, value in want.items():
             np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.slow  # a reference and 2 processes, each training and evaluating: 45-75 s on 2 cores
+def test_preemptible_example_trains_in_two_processes(monkeypatch, tmp_path):
+    """It replicates its dropout key, a typed key, onto devices of both processes."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = importlib.import_module("preemptible_digits")
+    flags = ["--steps", "4", "--save-every", "2", "--batch-size", "64"]
+    want = example.main(["--checkpoint-dir", str(tmp_path / "one"), *flags])
+    processes = run_in_local_processes(
+        example.main,
+        2,
+        devices_per_process=4,
+        args=(["--checkpoint-dir", str(tmp_path / "two"), *flags],),
+        timeout=180,
+    )
+    for got in processes:
+        assert (got.first_step, got.last_step) == (0, 4)
+        assert got.test_accuracy == want.test_accuracy
+        for g, w in zip(got.params, want.params, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
