@@ -36,6 +36,9 @@ def _keys_and_arrays(strategy):
     )
     keys = ts.PerReplica([jax.random.key(i) for i in range(n)])  # typed keys built on the host
     key_bits = strategy.run(lambda k: jax.random.key_data(k)[None], args=(keys,))
+    split_keys = strategy.experimental_distribute_values_from_function(
+        lambda ctx: jax.random.split(jax.random.key(ctx.replica_id_in_sync_group), 2)
+    )
     return {
         "key": np.asarray(jax.random.key_data(key)),
         "state_key": np.asarray(jax.random.key_data(state["key"])),
@@ -44,6 +47,7 @@ def _keys_and_arrays(strategy):
         "split": np.asarray(split[0]),
         "doubled": np.asarray(split[1]),
         "key_bits": np.asarray(strategy.gather(key_bits, axis=0)),
+        "gathered_keys": np.asarray(jax.random.key_data(strategy.gather(split_keys, axis=0))),
     }
 
 

@@ -38,6 +38,8 @@ def test_keys_and_local_arrays_place_as_in_one_process(results, cores):
     assert want["draws"].shape == (2 * n,) and len(set(want["draws"].tolist())) == 2 * n
     bits = np.stack([jax.random.key_data(jax.random.key(i)) for i in range(n)])
     np.testing.assert_array_equal(want["key_bits"], bits)
+    split = [jax.random.key_data(jax.random.split(jax.random.key(i), 2)) for i in range(n)]
+    np.testing.assert_array_equal(want["gathered_keys"], np.concatenate(split))
     for process in processes:
         got = process[cores]
         assert sorted(got) == sorted(want)

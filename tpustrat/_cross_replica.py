@@ -157,7 +157,11 @@ def _readable_everywhere(result: jax.Array, source: Any) -> jax.Array:
             f"reduced or gathered, got a {type(sharding).__name__}; place it with "
             "jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))"
         )
-    return jax.device_put(result, NamedSharding(sharding.mesh, P()))
+    replicated = NamedSharding(sharding.mesh, P())
+    if _values.is_key(result):  # device_put moves no typed key between processes: move its bits
+        bits = jax.device_put(jax.random.key_data(result), replicated)
+        return jax.random.wrap_key_data(bits, impl=jax.random.key_impl(result))
+    return jax.device_put(result, replicated)
 
 
 def _rank(ndim: int) -> str:
