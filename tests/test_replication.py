@@ -1,6 +1,7 @@
 """The proof that an output is the same on every replica, on programs with control flow."""
 
 import importlib
+import itertools
 import pkgutil
 import sys
 import warnings
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 from jax._src.lax import parallel  # the asynchronous collectives have no public name
+from jax.experimental import io_callback
 from jax.extend.core import Primitive
 from jax.sharding import PartitionSpec as P
 
@@ -257,6 +259,45 @@ def test_async_collectives():
         )
 
     assert _varying(step, True) == [False, False, True]
+
+
+def test_computation_applied_by_an_allowed_primitive_is_checked():
+    """lax.reduce and lax.reduce_window apply the step's own computation, which must vary when
+    it reads the replica index or calls the host, though the reduction itself preserves."""
+    index = lambda: lax.axis_index(REPLICA_AXIS).astype(jnp.float32)
+    host = lambda: jax.pure_callback(lambda: np.float32(1), jax.ShapeDtypeStruct((), jnp.float32))
+
+    def reductions(w):
+        zero = np.float32(0)
+        return (
+            lax.reduce(w, zero, lambda a, b: a + b + index(), (0,)),
+            lax.reduce(w, zero, lambda a, b: a * b + host(), (0,)),
+            lax.reduce_window(w, zero, lambda a, b: a + b * index(), (2,), (1,), "VALID"),
+            lax.reduce(w, zero, lambda a, b: a * b + a, (0,)),  # reduce_p, a pure computation
+            lax.reduce_window(w, zero, lambda a, b: a * b - a, (2,), (1,), "VALID"),
+        )
+
+    flags = _varying(reductions, False, args=[np.ones(4, np.float32)])
+    assert flags == [True, True, True, False, False]
+
+
+def test_hierarchical_all_reduce_of_a_value_that_differs_between_logical_cores_varies():
+    """Found by tests/test_replication_generated.py. A host callback makes every mesh axis
+    manual, and a number the host gives each device differs between a replica's logical cores;
+    an all-reduce over replicas, slice by slice, leaves it different between them."""
+    strategy = ts.TPUStrategy(num_logical_cores=2, num_slices=2)
+    calls = itertools.count()
+
+    def step(w):
+        host = io_callback(lambda: np.float32(next(calls)), jax.ShapeDtypeStruct((), jnp.float32))
+        ctx = ts.get_replica_context()
+        return {"host_sum": ctx.all_reduce("sum", host), "sum": ctx.all_reduce("sum", w)}
+
+    out = strategy.run(step, args=(np.float32(1.0),))
+    assert _kinds(out) == {"host_sum": "PerReplica", "sum": "Mirrored"}
+    assert [float(s.data) for s in out["sum"].addressable_shards] == [4.0] * 8
+    # The two logical cores of each replica hold different sums.
+    assert len({float(s.data[0]) for s in out["host_sum"].stacked.addressable_shards}) == 2
 
 
 def test_unknown_primitive_varies_even_on_replicated_inputs():

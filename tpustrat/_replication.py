@@ -6,7 +6,8 @@ per-replica input, unless a collective that combines every replica (psum, pmean,
 all_gather over ``"replica"``) produced it. The rules are keyed on JAX's primitive objects and
 fail closed: a primitive passes replication through only if it is on the allow-list below (a
 deterministic function of its inputs: elementwise math, reshapes, dots, reductions over local
-axes, slicing, sorting, linear algebra, counter-based random bits); control flow and calls are
+axes, slicing, sorting, linear algebra, counter-based random bits) and any computation it
+applies (``lax.reduce``'s, say) is made of such primitives too; control flow and calls are
 followed exactly (a ``cond`` on a varying predicate varies, loop carries reach a fixed point);
 everything else (``axis_index``, ``rng_uniform``, host callbacks, ``ppermute``, ``all_to_all``,
 ``psum_scatter``, unknown or new primitives) varies. A replicated result is never wrong, only
@@ -230,11 +231,28 @@ def primitive_names(jaxpr: Jaxpr | ClosedJaxpr) -> frozenset[str]:
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(inner, (Jaxpr, ClosedJaxpr)):
-                    names |= primitive_names(inner)
+        for inner in _inner_jaxprs(eqn.params):
+            names |= primitive_names(inner)
     return frozenset(names)
+
+
+def _inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
+    """The jaxprs among an equation's parameters (branches, bodies, reduction computations)."""
+    return [
+        inner
+        for value in params.values()
+        for inner in (value if isinstance(value, (tuple, list)) else (value,))
+        if isinstance(inner, (Jaxpr, ClosedJaxpr))
+    ]
+
+
+def _only_preserving(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
+    """Whether every primitive of ``jaxpr``, inner jaxprs included, is in PRESERVING."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    return all(
+        eqn.primitive in PRESERVING and all(map(_only_preserving, _inner_jaxprs(eqn.params)))
+        for eqn in jaxpr.eqns
+    )
 
 
 def is_classified(primitive: Primitive) -> bool:
@@ -285,13 +303,17 @@ def _equation(eqn, inputs: list[bool], combined_axes: frozenset[str]) -> list[bo
     primitive = eqn.primitive
     n_out = len(eqn.outvars)
     if primitive in PRESERVING:
+        if not all(map(_only_preserving, _inner_jaxprs(eqn.params))):
+            return [True] * n_out  # it applies a computation (lax.reduce's) that may vary
         return [any(inputs)] * n_out
     if primitive in COMBINING:
         if eqn.params.get("axis_index_groups") is not None:
             return [True] * n_out  # combines groups of replicas, not every replica
         return [any(inputs) and not combined_axes <= _named_axes(eqn.params)] * n_out
     if primitive is public.jit_p and eqn.params.get("name") == HIERARCHICAL_ALL_REDUCE:
-        return [False] * n_out  # tpustrat's own all-reduce over every replica, by slices
+        # tpustrat's own all-reduce over every replica, by slices: it combines the replica axis
+        # alone, so a value that differs between the logical cores (manual too) stays so
+        return [any(inputs) and not combined_axes <= {REPLICA_AXIS}] * n_out
     if primitive is public.cond_p:
         if inputs[0]:
             return [True] * n_out  # replicas may take different branches
