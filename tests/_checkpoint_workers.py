@@ -240,6 +240,22 @@ def restore_in_cluster(directory, num_logical_cores):
     return host_values(strategy, restored)
 
 
+def restore_wb_in_cluster(directory):
+    """Restores a ``{"w": (64, 64), "b": (64,)}`` float32 state; returns it or the error."""
+    strategy = ts.TPUStrategy()
+    sharding = NamedSharding(strategy.mesh, P())
+    target = {
+        "w": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=sharding),
+        "b": jax.ShapeDtypeStruct((64,), np.float32, sharding=sharding),
+    }
+    with ts.CheckpointManager(directory, strategy) as manager:
+        try:
+            restored = manager.restore(target)
+        except ts.CheckpointError as error:
+            return str(error)
+    return {name: np.asarray(value) for name, value in restored.items()}
+
+
 def two_managers(directory):
     """Opens a second manager on a directory that one already uses; prints what happened.
 
