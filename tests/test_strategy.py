@@ -773,3 +773,5 @@ def test_a_per_replica_of_another_replica_count_names_both_counts():
     ):
         with pytest.raises(ValueError, match="PerReplica with 4 components but the strategy has 8"):
             call()
+    with pytest.raises(ValueError, match="PerReplica with 4 components, but the strategy has 8"):
+        eight.experimental_local_results(value)  # where a KeyError: 4 came from

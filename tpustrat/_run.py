@@ -478,9 +478,10 @@ class _InterruptHold:
     raised between that and ``run``'s return would leave the caller with neither the inputs
     nor the outputs (and NNX objects half written back). Inside the hold SIGINT is only
     recorded, and the next ``run`` call raises the KeyboardInterrupt before it dispatches
-    anything, so the caller holds the state the interrupted call returned. Off the main
-    thread, or under a SIGINT handler of the user's own, nothing is held back. Nested holds
-    (an NNX step's state) are one hold.
+    anything, so the caller holds the state the interrupted call returned (a program that
+    calls ``run`` no more does not see that interrupt). Off the main thread, or under a
+    SIGINT handler of the user's own, nothing is held back. Nested holds (an NNX step's
+    state) are one hold.
     """
 
     def __init__(self):
@@ -540,8 +541,8 @@ def _unshare_donated(args: tuple, kwargs: dict, donate_argnums: tuple[int, ...])
                 donated.add(id(leaf))
         return (structure.unflatten(leaves) if copied else tree), copied
 
-    changed = False
     positions = sorted(set(donate_argnums))
+    changed = False
     for i in positions + [i for i in range(len(parts)) if i not in positions]:
         parts[i], copied = copy_repeats(parts[i], i in positions)
         changed |= copied
