@@ -342,8 +342,9 @@ def test_run_steps_keeps_array_leaves_next_to_nnx_objects():
     np.testing.assert_allclose(np.asarray(model.kernel[...]), kernel + 24.0)
 
 
-def test_every_argument_kind_of_nnx_means_the_same_plain_and_inside_nnx_jit():
-    strategy = ts.TPUStrategy(num_logical_cores=2)
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_an_nnx_argument_means_the_same_plain_and_inside_nnx_jit(shape):
+    strategy = ts.TPUStrategy(num_logical_cores=shape[1])
     n = strategy.num_replicas_in_sync
 
     def step(model, x):
