@@ -238,3 +238,28 @@ def test_bfloat16_reductions_compile_when_replicas_span_several_devices(cores):
     ):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "min"])
+def test_complex_constants_reduce_like_numpy(strategy, op):
+    """XLA:CPU aborts on a psum of a complex constant; the collectives must not reach it."""
+    n = strategy.num_replicas_in_sync
+    values = ts.PerReplica([np.float32(i) for i in range(n)])
+    constant = np.array([1 + 2j, 0 + 5j], np.complex64)
+
+    def step(x):
+        ctx = ts.get_replica_context()
+        varying = (x + 1j * (x - 1)).astype(jnp.complex64)
+        return (
+            ctx.all_reduce(op, constant),
+            ctx.all_reduce(op, varying),
+            ctx.all_gather(constant[None], axis=0),
+        )
+
+    reduced_constant, reduced_varying, gathered = strategy.run(step, args=(values,))
+    components = np.arange(n, dtype=np.float32)
+    components = (components + 1j * (components - 1)).astype(np.complex64)
+    reducer = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[op]
+    np.testing.assert_allclose(reduced_constant, reducer(np.stack([constant] * n), axis=0))
+    np.testing.assert_allclose(reduced_varying, reducer(components))
+    np.testing.assert_array_equal(gathered, np.stack([constant] * n))

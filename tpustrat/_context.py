@@ -203,6 +203,10 @@ class ReplicaContext:
         n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
         def combine(x):
+            if op in (ReduceOp.MAX, ReduceOp.MIN) and jnp.iscomplexobj(x):
+                # XLA has no max of complex numbers; numpy's order (real part, then imaginary
+                # part) is jnp.max's, over every replica's value.
+                return JNP_REDUCTIONS[op](lax.all_gather(x, REPLICA_AXIS), axis=0)
             if op is ReduceOp.MAX:
                 return lax.pmax(x, REPLICA_AXIS)
             if op is ReduceOp.MIN:
@@ -214,7 +218,8 @@ class ReplicaContext:
         def checked(x):
             x = jnp.asarray(x)
             op.check_reducible("all_reduce", x.dtype)
-            return _compilable_on_cpu(self._strategy, x, combine)
+            linear = op in (ReduceOp.SUM, ReduceOp.MEAN)
+            return _compilable_on_cpu(self._strategy, x, combine, linear=linear)
 
         return jax.tree.map(checked, value)
 
@@ -352,23 +357,34 @@ def sum_or_mean(
 
 
 def _compilable_on_cpu(
-    strategy: Strategy, x: jax.Array, reduce: Callable[[jax.Array], jax.Array]
+    strategy: Strategy,
+    x: jax.Array,
+    reduce: Callable[[jax.Array], jax.Array],
+    *,
+    linear: bool = True,
 ) -> jax.Array:
-    """``reduce(x)``, a reduction across replicas, in float32 where XLA:CPU cannot compile it.
+    """``reduce(x)``, a reduction across replicas, in a form XLA:CPU compiles and runs.
 
-    XLA:CPU (jax 0.10) aborts the process compiling a ``bfloat16`` reduction (``psum``,
-    ``pmax``, ``psum_scatter``) over the replica axis when each replica spans several devices
-    ("Invalid binary instruction opcode copy"); there ``x`` is reduced in ``float32`` and the
-    result rounded back to ``bfloat16``. Other platforms and dtypes reduce as they are.
+    Two XLA:CPU failures (jax 0.10) are worked around, on CPU only:
+
+    - it aborts the process compiling a ``bfloat16`` reduction (``psum``, ``pmax``,
+      ``psum_scatter``) over the replica axis when each replica spans several devices
+      ("Invalid binary instruction opcode copy"): ``x`` is reduced in ``float32`` and the result
+      rounded back to ``bfloat16``;
+    - it aborts the process running a ``psum`` of a complex constant ("Check failed: buffer !=
+      nullptr"): when ``reduce`` is ``linear`` (SUM or MEAN), the real and imaginary parts are
+      reduced apart, which is the same sum.
+
+    Other platforms and dtypes reduce as they are.
     """
     devices = strategy.mesh.devices
-    if (
-        x.dtype != jnp.bfloat16
-        or devices.size == strategy.num_replicas_in_sync
-        or devices.flat[0].platform != "cpu"
-    ):
+    if devices.flat[0].platform != "cpu":
         return reduce(x)
-    return reduce(x.astype(jnp.float32)).astype(jnp.bfloat16)
+    if linear and jnp.iscomplexobj(x):
+        return lax.complex(reduce(jnp.real(x)), reduce(jnp.imag(x)))
+    if x.dtype == jnp.bfloat16 and devices.size != strategy.num_replicas_in_sync:
+        return reduce(x.astype(jnp.float32)).astype(jnp.bfloat16)
+    return reduce(x)
 
 
 def _shape(x: jax.Array) -> str:
