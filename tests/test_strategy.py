@@ -633,8 +633,21 @@ def test_an_array_donated_twice_or_also_read_gives_correct_values():
         both = strategy.run(
             lambda a, b: (a + 1, b + 2), args=(z, z), options=ts.RunOptions(donate_argnums=(0, 1))
         )
+        from flax import nnx
+
+        class Tied(nnx.Module):
+            def __init__(self, w):
+                self.a, self.b = nnx.Param(w), nnx.Param(w)
+
+        def nnx_step(model):
+            model.a[...] = model.a[...] + 1
+            model.b[...] = model.b[...] * 3
+
+        model = Tied(strategy.replicate(np.ones(3, np.float32)))
+        strategy.run(nnx_step, args=(model,), options=donate)
         print(json.dumps({
             "tied": [np.asarray(tied["a"]).tolist(), np.asarray(tied["b"]).tolist()],
+            "nnx": [np.asarray(model.a[...]).tolist(), np.asarray(model.b[...]).tolist()],
             "read": np.asarray(read).tolist(),
             "keyword": np.asarray(keyword).tolist(),
             "both": [np.asarray(v).tolist() for v in both],
@@ -646,6 +659,7 @@ def test_an_array_donated_twice_or_also_read_gives_correct_values():
     values = json.loads(done.stdout.splitlines()[-1])
     assert values == {
         "tied": [[3.0] * 3, [9.0] * 3],
+        "nnx": [[2.0] * 3, [3.0] * 3],
         "read": [0.0, 3.0, 6.0],
         "keyword": [10.0] * 3,
         "both": [[2.0] * 3, [3.0] * 3],
