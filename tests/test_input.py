@@ -646,7 +646,7 @@ def test_a_batch_that_changes_shape_is_refused_before_run_steps_stacks_it(eight)
 # --- Interpreter exit with prefetch threads still running ---------------------------------------
 
 _EXIT_WITH_STALLED_SOURCES = """
-    import atexit, threading, time
+    import atexit, sys, threading, time
     import jax
     import numpy as np
     import tpustrat as ts
@@ -669,14 +669,21 @@ _EXIT_WITH_STALLED_SOURCES = """
 
     atexit.register(resume_at_exit)
 
-    def source(stall):
-        yield {"x": np.zeros((16, 2), np.float32)}
+    def source(stall, first=1):  # first elements, then it stalls
+        for _ in range(first):
+            yield {"x": np.zeros((16, 2), np.float32)}
         stall()
         while True:
             yield {"x": np.zeros((16, 2), np.float32)}
 
     strategy = ts.TPUStrategy()
-    waking = iter(strategy.experimental_distribute_dataset(source(wake.wait)))
+    if sys.argv[1] == "global batches":
+        waking = iter(strategy.experimental_distribute_dataset(source(wake.wait)))
+    else:  # per-replica batches, one per replica and step
+        n = strategy.num_replicas_in_sync
+        waking = iter(
+            strategy.distribute_datasets_from_function(lambda ctx: source(wake.wait, n))
+        )
     closed = iter(strategy.experimental_distribute_dataset(source(lambda: time.sleep(3600))))
     kept = iter(strategy.experimental_distribute_dataset(source(lambda: time.sleep(3600))))
     for iterator in (waking, closed, kept):
@@ -688,8 +695,9 @@ _EXIT_WITH_STALLED_SOURCES = """
 
 @pytest.mark.slow  # three fresh Pythons, each importing JAX: ~20 s on 2 cores
 def test_interpreter_exits_cleanly_with_stalled_and_waking_sources():
-    """A source that wakes as the program exits, one stalled past close() and one stalled and
-    still referenced: the exit code is 0, with no abort from a thread inside JAX."""
+    """A source that wakes as the program exits (of global or of per-replica batches), one
+    stalled past close() and one stalled and still referenced: the exit code is 0, with no
+    abort from a thread inside JAX."""
     environment = {
         **os.environ,
         "PYTHONPATH": str(pathlib.Path(ts.__file__).resolve().parent.parent),
@@ -697,13 +705,13 @@ def test_interpreter_exits_cleanly_with_stalled_and_waking_sources():
     }
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(_EXIT_WITH_STALLED_SOURCES)],
+            [sys.executable, "-c", textwrap.dedent(_EXIT_WITH_STALLED_SOURCES), batches],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=environment,
         )
-        for _ in range(3)
+        for batches in ("global batches", "per-replica batches", "global batches")
     ]
     for run in runs:
         try:

@@ -28,11 +28,12 @@ class _ExitGate:
 
     A prefetch thread is a daemon, and one reading a stalled dataset can wake at any moment. A
     daemon thread that is inside JAX's C++ code when Python finalizes (placing a batch, or
-    freeing a device array, whose destructor lets go of the GIL) is killed there, which aborts
-    the process ("terminate called after throwing"). So at exit (an ``atexit`` hook, which runs
+    freeing a JAX array, whose destructor lets go of the GIL) is killed there, which aborts the
+    process ("terminate called after throwing"). So at exit (an ``atexit`` hook, which runs
     before JAX's own) the gate closes: it waits for the work already inside, and any later
     ``with EXIT_GATE`` raises a RuntimeError instead of touching JAX. Outside the gate a thread
-    keeps no device array it has handed on, so it never frees the last reference to one.
+    keeps no reference to the dataset's elements or the arrays it placed, so it never frees
+    the last one.
     """
 
     def __init__(self) -> None:
@@ -140,16 +141,12 @@ class Batcher:
     def __call__(self, element: PyTree | HostStep) -> PyTree | None:
         """The distributed element for one host batch (or step), or None if it is dropped."""
         index, self._index = self._index, self._index + 1
-        with EXIT_GATE:
-            return self._distribute(element, index)
-
-    def _distribute(self, element: PyTree | HostStep, index: int) -> PyTree | None:
         if isinstance(element, HostStep):
             batch, real, short, noun = element.batch, element.real, element.short, "step"
         else:
             batch, real, short, noun = host_arrays(element, index), None, None, "batch"
         if self._first is None:
-            self._first = (batch, index)
+            self._first = (_layout_only(batch), index)
         else:
             check_same_layout(batch, index, *self._first, noun)
         size, static_size = batch.rows, self._static_size
@@ -251,29 +248,42 @@ def steps_of_per_replica_batches(
     """
     step: list[HostBatch] = []
     first: HostBatch | None = None
-    rows, partial = 0, None
-    for index, element in enumerate(source):
-        with EXIT_GATE:
+    index, rows, partial = -1, 0, None
+    for element in source:  # no enumerate: its tuples would keep the last element alive
+        index += 1
+        with EXIT_GATE:  # the thread lets go of the dataset's arrays inside the gate
             batch = host_arrays(element, index, noun="per-replica batch")
-        if first is None:
-            first, rows = batch, per_replica_rows or batch.rows
-        else:
-            check_same_layout(batch, index, first, 0, "per-replica batch")
-        if partial is not None or batch.rows > rows:
-            at, size = partial or (index, batch.rows)
-            raise ValueError(
-                f"per-replica batch {at} has {size} rows but a per-replica batch has "
-                f"{rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
-                "the last batch may have fewer (batch the dataset with that size)"
-            )
-        if batch.rows < rows:
-            partial = (index, batch.rows)
-        step.append(batch)
-        if len(step) == group:
-            yield _join(step, group, rows, index + 1 - group)
-            step = []
+            del element
+            if first is None:
+                first, rows = _layout_only(batch), per_replica_rows or batch.rows
+            else:
+                check_same_layout(batch, index, first, 0, "per-replica batch")
+            if partial is not None or batch.rows > rows:
+                at, size = partial or (index, batch.rows)
+                raise ValueError(
+                    f"per-replica batch {at} has {size} rows but a per-replica batch has "
+                    f"{rows} (ctx.get_per_replica_batch_size(global_batch_size)); only "
+                    "the last batch may have fewer (batch the dataset with that size)"
+                )
+            if batch.rows < rows:
+                partial = (index, batch.rows)
+            step.append(batch)
+            del batch
+            joined = None
+            if len(step) == group:
+                joined, step = _join(step, group, rows, index + 1 - group), []
+        if joined is not None:
+            yield joined
     if step:
-        yield _join(step, group, rows, index + 1 - len(step))
+        with EXIT_GATE:
+            joined, step = _join(step, group, rows, index + 1 - len(step)), []
+        yield joined
+
+
+def _layout_only(batch: HostBatch) -> HostBatch:
+    """``batch`` without its rows: what later batches are checked against, holding none of the
+    dataset's arrays (which may be JAX's)."""
+    return batch._replace(arrays=[np.empty((0, *a.shape[1:]), a.dtype) for a in batch.arrays])
 
 
 def _join(step: list[HostBatch], group: int, rows: int, first_index: int) -> HostStep:
@@ -315,9 +325,12 @@ def positioned_elements(
     stateful = callable(getattr(state_of, "get_state", None))
     for element in source:
         reads += 1
-        # Yielded from a list it is popped from, so that this frame keeps no reference to the
-        # device arrays: a prefetch thread must not free them as the interpreter exits.
-        distributed = [batcher(element)]
+        # A prefetch thread must not free arrays JAX holds as the interpreter exits (see
+        # _ExitGate): it drops the dataset's element inside the gate, and yields the distributed
+        # one from a list it pops it from, so that this frame keeps no reference to it.
+        with EXIT_GATE:
+            distributed = [batcher(element)]
+            del element
         if distributed[0] is None:
             continue
         batches += 1
@@ -418,6 +431,10 @@ def host_arrays(element: PyTree, index: int, noun: str = "batch") -> HostBatch:
     return HostBatch(arrays, key_impls, structure, paths, sizes[0])
 
 
+# The dtypes JAX narrows while jax_enable_x64 is off.
+_WIDE_DTYPES = frozenset(map(np.dtype, (np.int64, np.uint64, np.float64, np.complex128)))
+
+
 def _check_fits_jax_dtype(array: np.ndarray, where: str) -> None:
     """A ValueError if JAX's dtype for ``array`` (int32 for int64 with jax_enable_x64 off) cannot
     hold its values: JAX would wrap integers and turn large floats into inf without a word.
@@ -426,8 +443,11 @@ def _check_fits_jax_dtype(array: np.ndarray, where: str) -> None:
     float32's range, which become inf, are refused. Costs one min and one max over a leaf that
     JAX narrows, nothing for the others.
     """
-    dtype, target = array.dtype, np.dtype(jax.dtypes.canonicalize_dtype(array.dtype))
-    if target == dtype or array.size == 0 or dtype.kind not in "iufc":
+    dtype = array.dtype
+    if dtype not in _WIDE_DTYPES or array.size == 0:
+        return
+    target = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if target == dtype:  # x64 is on
         return
     values, parts = array, ""
     if dtype.kind == "c":  # its real and imaginary parts, as floats
