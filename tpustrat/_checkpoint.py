@@ -179,10 +179,15 @@ def _partial_digest(shape: tuple[int, ...], blocks: list[_Block]) -> int:
     return sum(_block_digest(shape, block) for block in blocks) % (1 << 64)
 
 
-def _saved_blocks(arrays: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], list[_Block]]]:
-    """Host copies of the blocks of each leaf this process saves, as orbax makes its own: every
-    device-to-host copy is started before any is waited for. (The leaves may be donated once
-    ``save`` returns; on CPU the copies are views that keep the buffers alive.)"""
+def _host_blocks(
+    arrays: Mapping[str, Any], *, copy: bool
+) -> dict[str, tuple[tuple[int, ...], list[_Block]]]:
+    """Each leaf's shape and the blocks of it this process adds to the digest, on the host.
+
+    Every device-to-host copy is started before any is waited for, as orbax does for its own.
+    On CPU the device arrays' blocks are views, which keep the buffers alive if the leaves are
+    donated once ``save`` returns; ``copy`` copies numpy leaves, which the caller may change.
+    """
     shards = {
         name: [s for s in value.addressable_shards if s.replica_id == 0]
         for name, value in arrays.items()
@@ -194,22 +199,13 @@ def _saved_blocks(arrays: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...],
     for name, value in arrays.items():
         if name in shards:
             owned = [_Block(_starts(s.index), np.asarray(s.data)) for s in shards[name]]
+        elif jax.process_index() == 0:  # a host leaf is the same in every process
+            host = np.array(value) if copy else np.asarray(value)
+            owned = [_Block((0,) * np.ndim(value), host)]
         else:
-            mine = jax.process_index() == 0
-            owned = [_Block((0,) * np.ndim(value), np.array(value))] if mine else []
+            owned = []
         blocks[name] = (np.shape(value), owned)
     return blocks
-
-
-def _read_blocks(value: Any) -> list[_Block]:
-    """The blocks of a restored leaf this process adds to the digest (no copies)."""
-    if isinstance(value, jax.Array):
-        return [
-            _Block(_starts(shard.index), np.asarray(shard.data))
-            for shard in value.addressable_shards
-            if shard.replica_id == 0
-        ]
-    return [_Block((0,) * np.ndim(value), np.asarray(value))] if jax.process_index() == 0 else []
 
 
 def _starts(index: tuple[slice, ...]) -> tuple[int, ...]:
@@ -280,12 +276,12 @@ def _digest_handler_types() -> tuple[type, type]:
             path = Path(directory) / _digest_file(jax.process_index(), jax.process_count())
             path.write_text(json.dumps(_sealed({"digests": sums})))
 
-        def restore(self, directory: Any, args: Any = None) -> dict[str, int]:
-            """The digests of the job's ``processes`` (``args``), added up; a FileNotFoundError
-            or ValueError naming the file that is missing or damaged."""
+        def restore(self, directory: Any, processes: int = 1) -> dict[str, int]:
+            """The digests the ``processes`` of the saving job wrote, added up; a
+            FileNotFoundError or ValueError naming the file that is missing or damaged."""
             total: dict[str, int] = {}
-            for index in range(args):
-                path = Path(directory) / _digest_file(index, args)
+            for index in range(processes):
+                path = Path(directory) / _digest_file(index, processes)
                 try:
                     sums = _unsealed(json.loads(path.read_text()))["digests"]
                 except ValueError as error:  # broken JSON or UTF-8, or a changed record
@@ -524,7 +520,7 @@ class CheckpointManager:
         }
         if self._with_digests:
             # Host copies now (a leaf may be donated once save returns); hashed in orbax's thread.
-            items[_DIGESTS] = digest_save(_saved_blocks(arrays))
+            items[_DIGESTS] = digest_save(_host_blocks(arrays, copy=True))
         if position is not None:
             items[_INPUT] = ocp.args.JsonSave(_sealed({"position": position}))
         try:
@@ -622,7 +618,7 @@ class CheckpointManager:
         except Exception as error:  # orbax and TensorStore raise many types for damaged files
             raise self._read_error(step, _failed_file(error, folder / _STATE), error) from error
         if digests is not None:
-            self._verify(step, folder, saved_leaves, restored, digests)
+            self._verify(step, folder, restored, digests)
         state = plan.rebuild(restored)
         if iterator is not None and position is not None:
             iterator.set_state(position)
@@ -632,15 +628,13 @@ class CheckpointManager:
         self,
         step: int,
         folder: Path,
-        saved: Mapping[str, _Leaf],
         restored: Mapping[str, Any],
         digests: Mapping[str, int],
     ) -> None:
         """Raises a CheckpointError naming the first leaf whose values differ from the saved."""
-        names = list(restored)
-        partials = [
-            _partial_digest(saved[name].shape, _read_blocks(restored[name])) for name in names
-        ]
+        blocks = _host_blocks(restored, copy=False)
+        names = list(blocks)
+        partials = [_partial_digest(*blocks[name]) for name in names]
         for name, got in zip(names, _job_sums(partials)):
             if name not in digests:
                 raise self._read_error(
