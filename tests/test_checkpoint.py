@@ -405,6 +405,24 @@ def _data_file(step_folder):
     return max((p for p in step_folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.parametrize("target", [(4, 2), "4 devices", (1, 8)], ids=str)
+def test_digest_of_a_sharded_leaf_holds_when_restored_cut_otherwise(tmp_path, target):
+    eight = ts.TPUStrategy()
+    values = np.arange(64, dtype=np.float32).reshape(8, 8)
+    w = jax.device_put(values, NamedSharding(eight.mesh, P("replica")))  # one row per device
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(1, {"w": w})
+    strategy = _strategy(target)
+    spec = P("replica") if strategy.num_replicas_in_sync > 1 else P(None, "logical_core")
+    sharding = NamedSharding(strategy.mesh, spec)
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        restored = manager.restore(
+            {"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=sharding)}
+        )
+    assert restored["w"].sharding.spec == spec
+    np.testing.assert_array_equal(restored["w"], values)
+
+
 def test_flipped_byte_in_the_data_is_a_checkpoint_error_naming_the_step_and_leaf(tmp_path):
     strategy = ts.TPUStrategy()
     values = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
