@@ -123,9 +123,10 @@ class DistributedDataset:
     def __len__(self) -> int:
         """The number of steps per epoch, when the underlying dataset has a length.
 
-        With ``drop_remainder=True`` the count leaves out the partial batches, which needs each
-        batch's size: a dataset that is a sequence (a list or tuple of batches) shows it
-        without reading any data; for any other dataset ``len()`` raises a TypeError.
+        With ``drop_remainder=True`` the count leaves out the partial batches (and the partial
+        steps of per-replica batches), which needs each batch's size: a dataset that is a
+        sequence (a list or tuple of batches) shows it without reading any data; for any other
+        dataset ``len()`` raises a TypeError.
         """
         elements = self._dataset
         if self._process_share is not None:
