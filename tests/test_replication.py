@@ -288,16 +288,72 @@ def test_hierarchical_all_reduce_of_a_value_that_differs_between_logical_cores_v
     strategy = ts.TPUStrategy(num_logical_cores=2, num_slices=2)
     calls = itertools.count()
 
-    def step(w):
-        host = io_callback(lambda: np.float32(next(calls)), jax.ShapeDtypeStruct((), jnp.float32))
+    def step(w, i):
+        # Powers of two: the sums of any two different sets of answers differ.
+        answer = lambda: np.float32(2.0 ** next(calls))
+        host = io_callback(answer, jax.ShapeDtypeStruct((), jnp.float32))
         ctx = ts.get_replica_context()
-        return {"host_sum": ctx.all_reduce("sum", host), "sum": ctx.all_reduce("sum", w)}
+        return {
+            "host_sum": ctx.all_reduce("sum", host),
+            "sum": ctx.all_reduce("sum", w),
+            "replica_sum": ctx.all_reduce("sum", i),
+        }
 
-    out = strategy.run(step, args=(np.float32(1.0),))
-    assert _kinds(out) == {"host_sum": "PerReplica", "sum": "Mirrored"}
+    ids = ts.PerReplica([np.float32(i) for i in range(4)])
+    out = strategy.run(step, args=(np.float32(1.0), ids))
+    assert _kinds(out) == {"host_sum": "PerReplica", "sum": "Mirrored", "replica_sum": "Mirrored"}
     assert [float(s.data) for s in out["sum"].addressable_shards] == [4.0] * 8
+    assert [float(s.data) for s in out["replica_sum"].addressable_shards] == [6.0] * 8
     # The two logical cores of each replica hold different sums.
     assert len({float(s.data[0]) for s in out["host_sum"].stacked.addressable_shards}) == 2
+
+
+def test_collectives_remove_the_axes_they_combine():
+    """With the logical cores manual too (a step that calls the host), a value varies along some
+    of the mesh axes; a collective over an axis makes it the same along that axis only."""
+    axis_env = [(REPLICA_AXIS, 4), ("logical_core", 2)]
+    every = (REPLICA_AXIS, "logical_core")
+
+    def step(x):
+        core = lax.axis_index("logical_core").astype(jnp.float32)
+        replica = lax.axis_index(REPLICA_AXIS).astype(jnp.float32)
+        return (
+            lax.psum(x, REPLICA_AXIS),
+            lax.psum(x * core, REPLICA_AXIS),
+            lax.psum(x * core, every),
+            lax.pmax(replica, REPLICA_AXIS),
+            lax.psum(replica, "logical_core"),
+            lax.all_gather(x + replica, REPLICA_AXIS),
+            lax.ppermute(lax.psum(x, REPLICA_AXIS), REPLICA_AXIS, [(0, 1), (1, 0)]),
+        )
+
+    jaxpr = jax.make_jaxpr(step, axis_env=axis_env)(np.float32(1))
+    flags = varying_outputs(jaxpr, [{REPLICA_AXIS}], combined_axes=every)
+    assert flags == [False, True, False, False, True, False, True]
+    # An input known only as varying varies along every axis: no sum over replicas undoes it.
+    assert varying_outputs(jaxpr, [True], combined_axes=every)[0]
+
+
+def test_all_reduce_in_a_step_that_calls_the_host_on_several_logical_cores():
+    """jax.debug.print makes every mesh axis manual; an all-reduce is still replicated."""
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    ids = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.float32(ctx.replica_id_in_sync_group)
+    )
+
+    def step(i):
+        jax.debug.print("replica value {}", i)
+        ctx = ts.get_replica_context()
+        return {
+            "sum": ctx.all_reduce("sum", i),
+            "local": i * 2,
+            "id": ctx.all_reduce("max", 0 * i + ctx.replica_id_in_sync_group),
+        }
+
+    out = strategy.run(step, args=(ids,))
+    assert _kinds(out) == {"sum": "Mirrored", "local": "PerReplica", "id": "Mirrored"}
+    assert [float(s.data) for s in out["sum"].addressable_shards] == [6.0] * 8
+    assert [float(s.data) for s in out["id"].addressable_shards] == [3.0] * 8
 
 
 def test_unknown_primitive_varies_even_on_replicated_inputs():

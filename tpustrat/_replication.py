@@ -1,18 +1,21 @@
 """Which outputs of a replica's step are provably the same on every replica.
 
 ``strategy.run`` returns such outputs replicated and the rest per replica. The proof is a
-forward pass over the step's jaxpr: a value *varies* across replicas if it depends on a
-per-replica input, unless a collective that combines every replica (psum, pmean, pmax, pmin,
-all_gather over ``"replica"``) produced it. The rules are keyed on JAX's primitive objects and
-fail closed: a primitive passes replication through only if it is on the allow-list below (a
-deterministic function of its inputs: elementwise math, reshapes, dots, reductions over local
-axes, slicing, sorting, linear algebra, counter-based random bits) and any computation it
-applies (``lax.reduce``'s, say) is made of such primitives too; control flow and calls are
-followed exactly (a ``cond`` on a varying predicate varies, loop carries reach a fixed point);
-everything else (``axis_index``, ``rng_uniform``, host callbacks, ``ppermute``, ``all_to_all``,
-``psum_scatter``, unknown or new primitives) varies. A replicated result is never wrong, only
-sometimes missed. The proof assumes, as tf.distribute's Mirrored values do, that one program
-given the same inputs computes the same outputs on every device.
+forward pass over the step's jaxpr that finds, for each value, the manual mesh axes along which
+it may *vary*: those of the per-replica inputs it depends on and of the ``axis_index`` it
+reads, less the axes a collective combined (psum, pmean, pmax, pmin, all_gather). The replica
+axis is manual; so are the logical-core axes of a step that calls the host, and a value of
+such a step must vary along none of them to be replicated. The rules are keyed on JAX's
+primitive objects and fail closed: a primitive passes its inputs' axes through only if it is
+on the allow-list below (a deterministic function of its inputs: elementwise math, reshapes,
+dots, reductions over local axes, slicing, sorting, linear algebra, counter-based random bits)
+and any computation it applies (``lax.reduce``'s, say) is made of such primitives too; control
+flow and calls are followed exactly (a ``cond`` on a varying predicate varies, loop carries
+reach a fixed point); everything else (``rng_uniform``, host callbacks, ``ppermute``,
+``all_to_all``, ``psum_scatter``, unknown or new primitives) varies along every axis. A
+replicated result is never wrong, only sometimes missed. The proof assumes, as tf.distribute's
+Mirrored values do, that one program given the same inputs computes the same outputs on every
+device.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ CALLS: dict[Primitive, str] = {p: name for p, name in _CALL_PARAMETERS.items() i
 REVIEWED_AS_VARYING: frozenset[str] = frozenset(
     {
         # different on each replica by design
-        "axis_index", "rng_uniform", "ppermute", "ppermute_start", "all_to_all",
+        "rng_uniform", "ppermute", "ppermute_start", "all_to_all",
         "all_to_all_start", "ragged_all_to_all", "reduce_scatter", "reduce_scatter_start",
         "psend", "precv",
         # host code may answer differently on each device
@@ -261,76 +264,104 @@ def is_classified(primitive: Primitive) -> bool:
         primitive in PRESERVING
         or primitive in COMBINING
         or primitive in CALLS
-        or primitive in (public.cond_p, public.scan_p, public.while_p)
+        or primitive in (public.cond_p, public.scan_p, public.while_p, public.axis_index_p)
         or primitive.name in REVIEWED_AS_VARYING
     )
 
 
 def varying_outputs(
     jaxpr: Jaxpr | ClosedJaxpr,
-    varying_inputs: Sequence[bool],
+    varying_inputs: Sequence[bool | Collection[str]],
     combined_axes: Collection[str] = (REPLICA_AXIS,),
 ) -> list[bool]:
     """For each output of ``jaxpr``, whether it may differ between replicas.
 
+    The proof tracks, for each value, the manual mesh axes along which it may differ: a
+    collective over some axes removes them (a sum over the replica axis of a value that
+    differs only between replicas is the same everywhere, even where the logical cores are
+    manual axes too), and ``axis_index`` adds its axis.
+
     Args:
       jaxpr: the body of the per-replica step (inside ``shard_map``).
-      varying_inputs: for each input, whether it differs between replicas.
+      varying_inputs: for each input, the mesh axes along which it differs (its in_spec's), or
+        a bool: True for every axis of ``combined_axes``, False for none.
       combined_axes: the mesh axes a collective must combine for its result to be the same on
         every device: the replica axis, and any logical-core axis the step sees as manual.
 
     Returns:
       One bool per output; False means provably identical on every replica.
     """
+    combined_axes = frozenset(combined_axes)
     if isinstance(jaxpr, ClosedJaxpr):
         jaxpr = jaxpr.jaxpr
     if len(varying_inputs) != len(jaxpr.invars):
         raise ValueError(f"{len(varying_inputs)} flags for {len(jaxpr.invars)} inputs")
-    combined_axes = frozenset(combined_axes)
-    varies = {v: bool(f) for v, f in zip(jaxpr.invars, varying_inputs)}
-    varies.update({v: False for v in jaxpr.constvars})
+    inputs = [
+        frozenset(f) & combined_axes
+        if isinstance(f, (set, frozenset, tuple, list))
+        else (combined_axes if f else _NONE)
+        for f in varying_inputs
+    ]
+    return [bool(axes & combined_axes) for axes in _varying_axes(jaxpr, inputs, combined_axes)]
 
-    def read(atom) -> bool:
-        return False if isinstance(atom, Literal) else varies.get(atom, True)
+
+_NONE: frozenset[str] = frozenset()
+Axes = frozenset[str]
+
+
+def _varying_axes(jaxpr: Jaxpr | ClosedJaxpr, inputs: list[Axes], every: Axes) -> list[Axes]:
+    """The axes along which each output of ``jaxpr`` may differ (``every``: all of them)."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    varies: dict[Any, Axes] = dict(zip(jaxpr.invars, inputs))
+    varies.update({v: _NONE for v in jaxpr.constvars})
+
+    def read(atom) -> Axes:
+        return _NONE if isinstance(atom, Literal) else varies.get(atom, every)
 
     for eqn in jaxpr.eqns:
-        flags = _equation(eqn, [read(v) for v in eqn.invars], combined_axes)
-        varies.update(zip(eqn.outvars, flags))
+        varies.update(zip(eqn.outvars, _equation(eqn, [read(v) for v in eqn.invars], every)))
     return [read(v) for v in jaxpr.outvars]
 
 
-def _equation(eqn, inputs: list[bool], combined_axes: frozenset[str]) -> list[bool]:
+def _union(sets) -> Axes:
+    return frozenset().union(*sets)
+
+
+def _equation(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     primitive = eqn.primitive
     n_out = len(eqn.outvars)
     if primitive in PRESERVING:
         if not all(map(_only_preserving, _inner_jaxprs(eqn.params))):
-            return [True] * n_out  # it applies a computation (lax.reduce's) that may vary
-        return [any(inputs)] * n_out
+            return [every] * n_out  # it applies a computation (lax.reduce's) that may vary
+        return [_union(inputs)] * n_out
     if primitive in COMBINING:
         if eqn.params.get("axis_index_groups") is not None:
-            return [True] * n_out  # combines groups of replicas, not every replica
-        return [any(inputs) and not combined_axes <= _named_axes(eqn.params)] * n_out
+            return [every] * n_out  # combines groups of devices, not whole axes
+        # Every device of a group along the named axes receives the same result.
+        return [_union(inputs) - _named_axes(eqn.params)] * n_out
+    if primitive is public.axis_index_p:
+        return [_named_axes(eqn.params) & every] * n_out
     if primitive is public.jit_p and eqn.params.get("name") == HIERARCHICAL_ALL_REDUCE:
         # tpustrat's own all-reduce over every replica, by slices: it combines the replica axis
-        # alone, so a value that differs between the logical cores (manual too) stays so
-        return [any(inputs) and not combined_axes <= {REPLICA_AXIS}] * n_out
+        return [_union(inputs) - {REPLICA_AXIS}] * n_out
     if primitive is public.cond_p:
         if inputs[0]:
-            return [True] * n_out  # replicas may take different branches
-        branches = [varying_outputs(b, inputs[1:], combined_axes) for b in eqn.params["branches"]]
-        return [any(column) for column in zip(*branches)]
+            return [every] * n_out  # devices may take different branches
+        branches = [_varying_axes(b, inputs[1:], every) for b in eqn.params["branches"]]
+        return [_union(column) for column in zip(*branches)]
     if primitive is public.scan_p:
-        return _scan(eqn, inputs, combined_axes)
+        return _scan(eqn, inputs, every)
     if primitive is public.while_p:
-        return _while(eqn, inputs, combined_axes)
+        return _while(eqn, inputs, every)
     if primitive in CALLS:
         inner = eqn.params[CALLS[primitive]]
         if _arity(inner) == (len(inputs), n_out):
-            return varying_outputs(inner, inputs, combined_axes)
-    return [True] * n_out  # axis_index, callbacks, ppermute, unknown primitives, ...
+            return _varying_axes(inner, inputs, every)
+    return [every] * n_out  # callbacks, ppermute, rng_uniform, unknown primitives, ...
 
 
-def _scan(eqn, inputs: list[bool], combined_axes: frozenset[str]) -> list[bool]:
+def _scan(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
     consts, carry, xs = (
         inputs[:n_consts],
@@ -338,22 +369,22 @@ def _scan(eqn, inputs: list[bool], combined_axes: frozenset[str]) -> list[bool]:
         inputs[n_consts + n_carry :],
     )
     while True:
-        out = varying_outputs(eqn.params["jaxpr"], consts + carry + xs, combined_axes)
-        new_carry = [a or b for a, b in zip(carry, out[:n_carry])]
+        out = _varying_axes(eqn.params["jaxpr"], consts + carry + xs, every)
+        new_carry = [a | b for a, b in zip(carry, out[:n_carry])]
         if new_carry == carry:
             return out
         carry = new_carry
 
 
-def _while(eqn, inputs: list[bool], combined_axes: frozenset[str]) -> list[bool]:
+def _while(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     cond_consts, body_consts = inputs[:n_cond], inputs[n_cond : n_cond + n_body]
     carry = inputs[n_cond + n_body :]
     while True:
-        if any(varying_outputs(eqn.params["cond_jaxpr"], cond_consts + carry, combined_axes)):
-            return [True] * len(carry)  # replicas may stop after different trip counts
-        out = varying_outputs(eqn.params["body_jaxpr"], body_consts + carry, combined_axes)
-        new_carry = [a or b for a, b in zip(carry, out)]
+        if any(_varying_axes(eqn.params["cond_jaxpr"], cond_consts + carry, every)):
+            return [every] * len(carry)  # devices may stop after different trip counts
+        out = _varying_axes(eqn.params["body_jaxpr"], body_consts + carry, every)
+        new_carry = [a | b for a, b in zip(carry, out)]
         if new_carry == carry:
             return carry
         carry = new_carry

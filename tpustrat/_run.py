@@ -201,7 +201,7 @@ class Step:
         (eqn,) = closed.jaxpr.eqns
         varying = _replication.varying_outputs(
             eqn.params["jaxpr"],
-            [_mesh.REPLICA_AXIS in _mesh.spec_axes(s) for s in eqn.params["in_specs"]],
+            [_mesh.spec_axes(s) for s in eqn.params["in_specs"]],
             combined_axes=[
                 a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
             ],
