@@ -691,7 +691,10 @@ def test_bad_arguments_name_the_argument_and_value(tmp_path):
             manager.restore({"w": w}, step=1.0)
         with pytest.raises(TypeError, match=r"step must be an int, got the bool True"):
             manager.restore({"w": w}, step=True)
+        manager.wait_until_finished()
+        gc.collect()  # nothing holds w's buffer any more: donation deletes it
         jax.jit(lambda x: x + 1, donate_argnums=0)(w)
+        assert w.is_deleted()
         with pytest.raises(ValueError, match=r"state leaf 'w' is a deleted array \(donated"):
             manager.save(2, {"w": w})
 

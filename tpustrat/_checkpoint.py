@@ -273,6 +273,7 @@ def _digest_handler_types() -> tuple[type, type]:
                 name: format(_partial_digest(shape, blocks), "016x")
                 for name, (shape, blocks) in args.leaves.items()
             }
+            args.leaves.clear()  # the host blocks (on CPU, views that pin the device buffers)
             path = Path(directory) / _digest_file(jax.process_index(), jax.process_count())
             path.write_text(json.dumps(_sealed({"digests": sums})))
 
