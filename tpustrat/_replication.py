@@ -269,6 +269,10 @@ def is_classified(primitive: Primitive) -> bool:
     )
 
 
+Axes = frozenset[str]  # the mesh axes along which a value may differ
+_NONE: Axes = frozenset()
+
+
 def varying_outputs(
     jaxpr: Jaxpr | ClosedJaxpr,
     varying_inputs: Sequence[bool | Collection[str]],
@@ -302,11 +306,7 @@ def varying_outputs(
         else (combined_axes if f else _NONE)
         for f in varying_inputs
     ]
-    return [bool(axes & combined_axes) for axes in _varying_axes(jaxpr, inputs, combined_axes)]
-
-
-_NONE: frozenset[str] = frozenset()
-Axes = frozenset[str]
+    return [bool(axes) for axes in _varying_axes(jaxpr, inputs, combined_axes)]
 
 
 def _varying_axes(jaxpr: Jaxpr | ClosedJaxpr, inputs: list[Axes], every: Axes) -> list[Axes]:
