@@ -387,6 +387,10 @@ PER_LEAF_STATISTICS = {
     ),
     "positions": lambda: _each_leaf(lambda x: x * jnp.arange(x.size).reshape(x.shape)),
     "noise": lambda: optax.add_noise(0.1, 0.5, 0),
+    "vdot": lambda: _each_leaf(lambda x: x / (1.0 + jnp.vdot(x, x))),
+    "tree_vdot": lambda: _custom(
+        lambda g, s, p=None: (jax.tree.map(lambda x: x / (1 + optax.tree.vdot(g, p)), g), s)
+    ),
 }
 
 
@@ -425,8 +429,9 @@ def test_centralize_subtracts_the_whole_leafs_mean():
             "'dot_general'",
         ),
         (lambda g, s, p=None: (jax.tree.map(jnp.sort, g), s), "'sort'"),
+        (lambda g, s, p=None: (jax.tree.map(lambda x: x.ravel()[::2].sum() + x, g), s), "'slice'"),
     ],
-    ids=["cumsum", "reverse", "argmax", "outer", "einsum", "sort"],
+    ids=["cumsum", "reverse", "argmax", "outer", "einsum", "sort", "flattened"],
 )
 def test_fails_closed_on_updates_that_mix_blocks(update, primitive):
     """A refusal names the primitive, where the transformation made it, the leaf and the fix."""

@@ -21,8 +21,10 @@ traced. Elementwise primitives run on the blocks, a whole operand cut to the sam
 reduction over the cut axis (``jnp.sum``, ``max``, ``min``, ``all``, ``any``: a global norm, a
 mean, a variance, a finite check), or a contraction over it, masks the padding and is completed
 across replicas with psum, pmax or pmin, so ``clip_by_global_norm`` sees the global norm and
-``optax.centralize`` the whole leaf's mean. Any other equation that takes a block (a cumulative
-sum, a sort, a reshape across the cut axis, a primitive it does not know) raises a ValueError
+``optax.centralize`` the whole leaf's mean. A block flattened across the cut axis (as
+``jnp.vdot`` and ``optax.tree.vdot`` flatten) may be multiplied by one flattened alike and
+summed whole, nothing else. Any other equation that takes a block (a cumulative sum, a sort, a
+reshape across the cut axis, a primitive it does not know) raises a ValueError
 naming the primitive, the code of the transformation that made it and the leaf, and saying to
 use plain optax for it: the analysis fails closed rather than train on a wrong update. It reads
 jaxprs through the public ``jax.extend.core`` only.
@@ -40,6 +42,7 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from tpustrat import _mesh
+from tpustrat._checks import check_int, check_leaf, check_tree, describe
 from tpustrat._context import ReplicaContext, Strategy, get_replica_context
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
@@ -73,9 +76,25 @@ class ReplicaShard:
     axis: int
 
     def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
+        if not isinstance(blocks, PerReplica):  # a block inside run, or a placeholder of JAX's
+            check_leaf("ReplicaShard blocks", blocks)
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(
+                f"ReplicaShard shape must be a tuple of ints (the whole leaf's shape), got "
+                f"{describe(shape)}"
+            )
+        dims = tuple(
+            check_int(f"ReplicaShard shape[{i}]", d, minimum=0) for i, d in enumerate(shape)
+        )
+        axis = check_int("ReplicaShard axis", axis, minimum=0)
+        if axis >= len(dims):
+            raise ValueError(
+                f"ReplicaShard axis {axis} is out of range for shape {dims}; pass the axis the "
+                f"leaf is cut along, in [0, {len(dims)})"
+            )
         object.__setattr__(self, "blocks", blocks)
-        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
-        object.__setattr__(self, "axis", int(axis))
+        object.__setattr__(self, "shape", dims)
+        object.__setattr__(self, "axis", axis)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"ReplicaShard is immutable; make a new one instead of setting {name}")
@@ -151,8 +170,8 @@ def shard_update(tx: Any) -> ShardedUpdate:
     """
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise TypeError(
-            f"shard_update takes an optax GradientTransformation (an object with init and "
-            f"update), got {type(tx).__name__}; e.g. ts.shard_update(optax.adam(1e-3))"
+            f"shard_update takes an optax GradientTransformation as tx (an object with init and "
+            f"update), got {describe(tx)}; e.g. ts.shard_update(optax.adam(1e-3))"
         )
 
     def init(params: PyTree) -> PyTree:
@@ -243,6 +262,12 @@ def reshard_update_state(state: PyTree, strategy: Strategy) -> PyTree:
       >>> moved["mu"], np.asarray(moved["mu"].blocks.stacked)[:, 0]
       (ReplicaShard(PerReplica(float32[8, 1]), shape=(7,), axis=0), array([0., 1., 2., 3., 4., 5., 6., 0.], dtype=float32))
     """  # noqa: E501
+    if not isinstance(getattr(strategy, "mesh", None), jax.sharding.Mesh):
+        raise TypeError(
+            f"reshard_update_state strategy must be a ts.TPUStrategy, got {describe(strategy)}; "
+            "pass the strategy that will run the next steps"
+        )
+    check_tree("state", state, opaque=lambda x: _is_shard(x) or is_distributed(x))
     num_replicas = strategy.num_replicas_in_sync
     per_replica = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec("replica"))
     replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
@@ -277,6 +302,20 @@ class _Split(NamedTuple):
 
     axis: int
     size: int
+    leaf: str = ""
+
+
+class _Raveled(NamedTuple):
+    """A value is this replica's block of a leaf of ``shape`` cut along ``axis`` of length
+    ``size``, flattened to one axis with its padding zeroed (as ``jnp.vdot`` flattens).
+
+    Its elements are in block order, not the whole leaf's, so it is only multiplied by a value
+    flattened the same way and then summed whole (``psum``): a dot product, never more.
+    """
+
+    axis: int
+    size: int
+    shape: tuple[int, ...]
     leaf: str = ""
 
 
@@ -481,6 +520,13 @@ def _interpret(
         *[_whole_aval(x, split) for x, split in zip(leaves, splits)]
     )
     outs, out_splits = _eval(closed.jaxpr, closed.consts, leaves, splits, ctx)
+    for split in out_splits:
+        if isinstance(split, _Raveled):
+            raise ValueError(
+                f"ts.shard_update cannot run this transformation block by block: it returns "
+                f"{split.leaf or 'a leaf'} flattened across the cut axis, whose elements a "
+                "block does not hold in order. Use plain optax for this transformation"
+            )
     whole_shapes = [tuple(s.shape) for s in jax.tree.leaves(shapes)]
     return jax.tree.unflatten(jax.tree.structure(shapes), outs), out_splits, whole_shapes
 
@@ -512,7 +558,7 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext, caller: str =
         values[var], where[var] = value, split
     for eqn in jaxpr.eqns:
         ins, in_splits = zip(*map(read, eqn.invars)) if eqn.invars else ((), ())
-        if any(isinstance(s, _Split) for s in in_splits):
+        if any(s is not None for s in in_splits):
             outs, out_splits = _equation(eqn, list(ins), list(in_splits), ctx, caller)
         else:  # whole values only: the equation runs as traced, on the whole shapes
             outs, out_splits = _bind(eqn, list(ins)), [None] * len(eqn.outvars)
@@ -539,6 +585,18 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
     name = eqn.primitive.name
     where = _source(eqn) or caller
     n_out = len(eqn.outvars)
+    if name == "cond":
+        return _cond(eqn, ins, splits, ctx, where)
+    if name in _INLINED:
+        inner = [v for v in eqn.params.values() if isinstance(v, (Jaxpr, ClosedJaxpr))]
+        if len(inner) == 1:
+            body = inner[0]
+            consts = body.consts if isinstance(body, ClosedJaxpr) else ()
+            body = body.jaxpr if isinstance(body, ClosedJaxpr) else body
+            if len(body.invars) == len(ins):
+                return _eval(body, consts, ins, splits, ctx, where)
+    if any(isinstance(s, _Raveled) for s in splits):
+        return _raveled(eqn, ins, splits, where)
     if name in _ELEMENTWISE:
         axes = {s.axis for s in splits if isinstance(s, _Split)}
         if len(axes) > 1:
@@ -555,16 +613,6 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
         return _reduce(eqn, ins[0], splits[0], ctx)
     if name == "dot_general":
         return _contract(eqn, ins, splits, ctx, where)
-    if name == "cond":
-        return _cond(eqn, ins, splits, ctx, where)
-    if name in _INLINED:
-        inner = [v for v in eqn.params.values() if isinstance(v, (Jaxpr, ClosedJaxpr))]
-        if len(inner) == 1:
-            body = inner[0]
-            consts = body.consts if isinstance(body, ClosedJaxpr) else ()
-            body = body.jaxpr if isinstance(body, ClosedJaxpr) else body
-            if len(body.invars) == len(ins):
-                return _eval(body, consts, ins, splits, ctx, where)
     split = splits[0] if len(splits) == 1 else None
     if split is None:
         raise _unsupported(eqn, where, splits, "is not known to work block by block")
@@ -589,10 +637,35 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
             if int(np.prod(new[:axis])) == before and new[axis] == split.size:
                 new[axis] = length
                 return _bind(eqn, [x], new_sizes=tuple(new)), [split._replace(axis=axis)]
+        if len(new) == 1:  # flattened whole: only a dot product or a sum may follow
+            flat = jnp.ravel(_fill_padding(x, split, ctx, 0))
+            return [flat], [_Raveled(split.axis, split.size, shape, split.leaf)]
         raise _unsupported(
             eqn, where, splits, f"reshapes {shape} to {tuple(new)} across the cut axis {split.axis}"
         )
     raise _unsupported(eqn, where, splits, "is not known to work block by block")
+
+
+# Unary or binary primitives that keep zero padding zero when every operand has it.
+_ZERO_PRESERVING = frozenset({"mul", "neg", "conj", "real", "convert_element_type", "copy"})
+
+
+def _raveled(eqn, ins, splits, where: str):
+    """An equation on flattened blocks: a product of them, or their sum or dot product."""
+    kinds = {(s.axis, s.size, s.shape) if isinstance(s, _Raveled) else s for s in splits}
+    if len(kinds) == 1 and all(isinstance(s, _Raveled) for s in splits):
+        name = eqn.primitive.name
+        if name in _ZERO_PRESERVING and eqn.primitive.multiple_results is False:
+            return _bind(eqn, ins), [splits[0]]
+        total = name == "reduce_sum" and tuple(eqn.params["axes"]) == (0,)
+        if name == "dot_general":
+            (contracting, batch) = eqn.params["dimension_numbers"]
+            total = tuple(map(tuple, contracting)) == ((0,), (0,)) and not any(batch)
+        if total:
+            return [lax.psum(_bind(eqn, ins)[0], _mesh.REPLICA_AXIS)], [None]
+    raise _unsupported(
+        eqn, where, splits, "takes a flattened leaf other than into a product, sum or dot product"
+    )
 
 
 def _cut_whole(eqn, where, splits, x, shape: tuple[int, ...], split: _Split, ctx: ReplicaContext):
@@ -669,6 +742,8 @@ def _cond(eqn, ins, splits, ctx: ReplicaContext, where: str):
         )
     merged: list[_Split | None] = []
     for column in zip(*found):
+        if any(isinstance(s, _Raveled) for s in column):
+            raise _unsupported(eqn, where, splits, "returns a flattened leaf")
         cut = [s for s in column if isinstance(s, _Split)]
         if len({s.axis for s in cut}) > 1:
             raise _unsupported(eqn, where, splits, "returns blocks cut along different axes")
@@ -714,7 +789,7 @@ def _source(eqn) -> str:
 
 
 def _unsupported(eqn, where: str, splits, why: str) -> ValueError:
-    leaves = [s.leaf for s in splits if isinstance(s, _Split) and s.leaf]
+    leaves = [s.leaf for s in splits if s is not None and s.leaf]
     leaf = f" on {leaves[0]}" if leaves else ""
     return ValueError(
         f"ts.shard_update cannot run this transformation block by block: its "
