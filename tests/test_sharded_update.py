@@ -574,3 +574,38 @@ def test_nnx_optimizer_with_shard_update_trains_like_plain_adam(shape):
     for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert int(optimizer.step.get_value()) == 4
+
+
+@pytest.mark.parametrize("reduce_op", ["mean", "sum"])
+def test_reduce_op_matches_the_loss_the_replicas_compute(reduce_op):
+    """MEAN for each replica's mean loss, SUM for its share from ts.compute_average_loss: both
+    equal plain SGD on the global batch (SGD shows a gradient off by the replica count)."""
+    strategy = ts.TPUStrategy()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, 7)).astype(np.float32)
+    y = rng.normal(size=(32,)).astype(np.float32)
+    w = rng.normal(size=(7,)).astype(np.float32)
+    tx = ts.shard_update(optax.sgd(0.5), reduce_op=reduce_op)
+
+    def step(params, state, batch):
+        xb, yb = batch
+        per_example = lambda p: (xb @ p["w"] - yb) ** 2
+        if reduce_op == "mean":
+            loss = lambda p: jnp.mean(per_example(p))
+        else:
+            loss = lambda p: ts.compute_average_loss(per_example(p))
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = strategy.replicate({"w": w})
+    state = strategy.run(tx.init, args=(params,))
+    batch = next(iter(strategy.experimental_distribute_dataset([(x, y)])))
+    params, state = strategy.run(step, args=(params, state, batch))
+    grad = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+    np.testing.assert_allclose(params["w"], w - 0.5 * grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("reduce_op", "error"), [("max", ValueError), (3, TypeError)])
+def test_reduce_op_is_mean_or_sum(reduce_op, error):
+    with pytest.raises(error, match=r"reduce_op|reduce op"):
+        ts.shard_update(optax.sgd(0.1), reduce_op=reduce_op)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from tpustrat._checks import check_int
+from tpustrat._checks import check_array, check_int
 from tpustrat._context import get_replica_context
 
 
@@ -22,7 +24,8 @@ def compute_average_loss(
     Inside ``strategy.run`` each replica sees ``B / R`` of the ``B`` examples. The loss to
     differentiate is ``sum(per_example_loss * sample_weight) / B`` on every replica; the sum of
     the replicas' gradients (``ctx.all_reduce("sum", grads)``) is then the gradient of the mean
-    over the global batch, as on one device. Outside ``run`` the call sees the whole batch and
+    over the global batch, as on one device (with ``ts.shard_update``, pass
+    ``reduce_op="sum"`` for the same reason). Outside ``run`` the call sees the whole batch and
     returns its mean.
 
     With ``mask`` (the ``(B / R,)`` bool mask of ``ts.InputOptions(experimental_mask=True)``),
@@ -48,7 +51,7 @@ def compute_average_loss(
       >>> float(strategy.reduce("sum", share))  # the mean of all 16 losses
       3.5
     """
-    loss = jnp.asarray(per_example_loss)
+    loss = _array("per_example_loss", per_example_loss)
     if not jnp.issubdtype(loss.dtype, jnp.floating):
         raise TypeError(
             f"compute_average_loss: per_example_loss has dtype {loss.dtype}; pass floating-point "
@@ -60,7 +63,7 @@ def compute_average_loss(
             "(shape (per_replica_batch, ...)), or divide an already summed loss yourself"
         )
     if sample_weight is not None:
-        weight = jnp.asarray(sample_weight, loss.dtype)
+        weight = _array("sample_weight", sample_weight, kinds="buif").astype(loss.dtype)
         try:
             loss = loss * jnp.broadcast_to(weight, loss.shape)
         except ValueError:
@@ -73,13 +76,14 @@ def compute_average_loss(
         if global_batch_size is None:
             replicas = 1 if context is None else context.num_replicas_in_sync
             return jnp.sum(loss) / (loss.shape[0] * replicas)
-        return jnp.sum(loss) / check_int("global_batch_size", global_batch_size, minimum=1)
+        # A float divisor: an int beyond int32 would not fit the int32 JAX makes of it.
+        return jnp.sum(loss) / float(check_int("global_batch_size", global_batch_size, minimum=1))
     if global_batch_size is not None:
         raise ValueError(
             f"compute_average_loss got mask and global_batch_size={global_batch_size!r}; with a "
             "mask the divisor is the number of real rows over all replicas: drop one of them"
         )
-    rows = jnp.asarray(mask)
+    rows = _array("mask", mask, kinds="bui")
     if rows.shape != loss.shape[:1]:
         raise ValueError(
             f"compute_average_loss: mask has shape {rows.shape} but per_example_loss has "
@@ -91,3 +95,15 @@ def compute_average_loss(
     if context is not None:
         count = context.all_reduce("sum", count)
     return jnp.sum(loss) / jnp.maximum(count, 1)
+
+
+def _array(name: str, value: Any, kinds: str = "buifc") -> jax.Array:
+    """``value`` as a ``jax.Array``; a TypeError naming ``name`` unless an array of ``kinds``."""
+    check_array(name, value)
+    array = jnp.asarray(value)
+    if jnp.issubdtype(array.dtype, jax.dtypes.prng_key) or array.dtype.kind not in kinds:
+        raise TypeError(
+            f"compute_average_loss: {name} has dtype {array.dtype}; pass an array of "
+            + {"bui": "bools (or 0/1 integers)", "buif": "real numbers"}.get(kinds, "numbers")
+        )
+    return array

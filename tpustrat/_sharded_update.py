@@ -32,6 +32,7 @@ jaxprs through the public ``jax.extend.core`` only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,7 +44,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from tpustrat import _mesh
 from tpustrat._checks import check_int, check_leaf, check_tree, describe
-from tpustrat._context import ReplicaContext, Strategy, get_replica_context
+from tpustrat._context import ReduceOp, ReplicaContext, Strategy, get_replica_context
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
 PyTree = Any
@@ -126,11 +127,15 @@ class ShardedUpdate(NamedTuple):
     update: Callable[..., tuple[PyTree, PyTree]]
 
 
-def shard_update(tx: Any) -> ShardedUpdate:
+def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedUpdate:
     """Shards the weight update of an optax GradientTransformation over the replicas.
 
     Call ``init`` and ``update`` inside ``strategy.run``, giving ``update`` the replica's own
-    gradients (not all-reduced: the update reduce-scatters them itself). Each replica keeps and
+    gradients (not all-reduced: the update reduce-scatters them itself, combining them with
+    ``reduce_op``). MEAN fits a loss that is the replica's mean (pmap's ``loss.mean()``), SUM
+    a loss that is the replica's share of the global mean (``ts.compute_average_loss``, or
+    tf.distribute's ``loss.sum() / global_batch``): pass the one that matches the loss, as the
+    all-reduce a plain optimizer would take. Each replica keeps and
     updates only its block of the optimizer state; the updates come back whole and identical
     on every replica. The state ``run`` returns holds ``ts.ReplicaShard`` leaves over
     ``ts.PerReplica`` blocks; pass it back to ``run`` as it is, checkpoint it like any pytree of
@@ -146,6 +151,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
     Args:
       tx: any object with optax's ``init(params)`` and ``update(updates, state, params)``,
         e.g. ``optax.adamw(1e-3)`` or a chain with ``optax.clip_by_global_norm``.
+      reduce_op: how the replicas' gradients combine: ``"mean"`` (the default) or ``"sum"``.
 
     Returns:
       A ``ShardedUpdate(init, update)``, usable wherever the optax transformation was.
@@ -173,6 +179,12 @@ def shard_update(tx: Any) -> ShardedUpdate:
             f"shard_update takes an optax GradientTransformation as tx (an object with init and "
             f"update), got {describe(tx)}; e.g. ts.shard_update(optax.adam(1e-3))"
         )
+    op = ReduceOp.parse(reduce_op)
+    if op not in (ReduceOp.MEAN, ReduceOp.SUM):
+        raise ValueError(
+            f"shard_update reduce_op must be 'mean' or 'sum' (how the replicas' gradients "
+            f"combine), got {op.value!r}"
+        )
 
     def init(params: PyTree) -> PyTree:
         ctx = get_replica_context()
@@ -197,7 +209,7 @@ def shard_update(tx: Any) -> ShardedUpdate:
     ) -> tuple[PyTree, PyTree]:
         ctx = _replica_context("update")
         splits = _splits(updates, ctx.num_replicas_in_sync, "updates")
-        grads = _map_blocks(_reduce_block, updates, splits, ctx)
+        grads = _map_blocks(functools.partial(_reduce_block, op), updates, splits, ctx)
         param_blocks = None if params is None else _map_blocks(_own_block, params, splits, ctx)
         shards, state_tree = jax.tree.flatten(state, is_leaf=_is_shard)
         state_paths = _paths(state, is_leaf=_is_shard)
@@ -376,12 +388,14 @@ def _own_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.A
     return lax.dynamic_slice_in_dim(_pad(x, split, n), start, length, split.axis)
 
 
-def _reduce_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
-    """This replica's block of the mean over replicas of a local gradient."""
+def _reduce_block(
+    op: ReduceOp, x: jax.Array, split: _Split | None, ctx: ReplicaContext
+) -> jax.Array:
+    """This replica's block of the mean (or sum) over replicas of a local gradient."""
     x = jnp.asarray(x)
     if split is None:
-        return ctx.all_reduce("mean", x)
-    return ctx.reduce_scatter("mean", _pad(x, split, ctx.num_replicas_in_sync), split.axis)
+        return ctx.all_reduce(op, x)
+    return ctx.reduce_scatter(op, _pad(x, split, ctx.num_replicas_in_sync), split.axis)
 
 
 def _gather_block(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> jax.Array:
