@@ -11,7 +11,7 @@ replicated over 8 replicas, is saved with ``ts.CheckpointManager``:
 Each is run with digests (the default: ``save`` also copies each leaf to the host, and the
 save thread hashes the copies) and without (``digests=False``). Rounds alternate the order of
 the four; the table shows the median and range over rounds, and the ratios with/without
-digests. Writes ``checkpoint_save.json`` (see ``_results.py`` for where; ``--record`` for
+digests. Writes ``checkpoint_save.json`` into ``results/local/`` (``--record``: into the tracked
 ``results/``).
 
 Usage: python benchmarks/checkpoint_save.py [--megabytes 64] [--rounds 5] [--record]
@@ -20,32 +20,25 @@ Usage: python benchmarks/checkpoint_save.py [--megabytes 64] [--rounds 5] [--rec
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import sys
 import tempfile
 import time
 
+import _harness
 import _results
 
-PARSER = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-PARSER.add_argument("--megabytes", type=float, default=64, help="size of the whole state")
-PARSER.add_argument("--rounds", type=int, default=5)
-_results.add_arguments(PARSER)
-ARGS = PARSER.parse_args()
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
+_harness.prepare()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tpustrat as ts  # noqa: E402
+
+CONFIGURATIONS = {
+    "async": {"asynchronous": True, "digests": True},
+    "async, no digests": {"asynchronous": True, "digests": False},
+    "sync": {"asynchronous": False, "digests": True},
+    "sync, no digests": {"asynchronous": False, "digests": False},
+}
 
 
 def make_state(strategy: ts.TPUStrategy, megabytes: float) -> dict:
@@ -56,18 +49,6 @@ def make_state(strategy: ts.TPUStrategy, megabytes: float) -> dict:
     zeros = {name: np.zeros_like(x) for name, x in layers.items()}
     state = {"params": layers, "mu": zeros, "nu": zeros, "step": np.int32(0)}
     return strategy.replicate(state)
-
-
-def state_bytes(state: dict) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(state))
-
-
-CONFIGURATIONS = {
-    "async": {"asynchronous": True, "digests": True},
-    "async, no digests": {"asynchronous": True, "digests": False},
-    "sync": {"asynchronous": False, "digests": True},
-    "sync, no digests": {"asynchronous": False, "digests": False},
-}
 
 
 def time_save(strategy, state, step: int, options: dict) -> tuple[float, float]:
@@ -84,72 +65,63 @@ def time_save(strategy, state, step: int, options: dict) -> tuple[float, float]:
     return blocked, committed
 
 
-def summary(values: list[float]) -> dict:
-    return {
-        "median_s": statistics.median(values),
-        "min_s": min(values),
-        "max_s": max(values),
-        "rounds_s": values,
-    }
-
-
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=64, help="size of the whole state")
+    parser.add_argument("--rounds", type=int, default=5)
+    _results.add_arguments(parser)
+    args = parser.parse_args()
     strategy = ts.TPUStrategy()
-    state = make_state(strategy, ARGS.megabytes)
-    size = state_bytes(state)
+    state = make_state(strategy, args.megabytes)
+    size = sum(x.nbytes for x in jax.tree.leaves(state))
     for options in CONFIGURATIONS.values():  # warm-up: orbax's first save sets up its threads
         time_save(strategy, state, 0, options)
-    runs = {name: ([], []) for name in CONFIGURATIONS}
-    for round_index in range(ARGS.rounds):
-        order = list(CONFIGURATIONS)
-        order = order[round_index % len(order) :] + order[: round_index % len(order)]
-        for name in order:
-            blocked, committed = time_save(strategy, state, round_index + 1, CONFIGURATIONS[name])
-            runs[name][0].append(blocked)
-            runs[name][1].append(committed)
-    rows = {
-        name: {"blocked": summary(blocked), "committed": summary(committed)}
-        for name, (blocked, committed) in runs.items()
-    }
+    committed: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    steps = iter(range(1, 10**9))
 
-    def median(name: str, what: str) -> float:
-        return rows[name][what]["median_s"]
+    def variant(name: str):
+        def save() -> float:
+            blocked, done = time_save(strategy, state, next(steps), CONFIGURATIONS[name])
+            committed[name].append(done * 1e3)
+            return blocked * 1e3
 
-    ratio = median("sync", "blocked") / median("async", "blocked")
-    digest_ratios = {
-        f"{mode} {what}": median(mode, what) / median(f"{mode}, no digests", what)
-        for mode in ("async", "sync")
-        for what in ("blocked", "committed")
-    }
-    print(f"state: {size / 2**20:.1f} MB on {strategy}; {ARGS.rounds} rounds")
-    print(f"{'save':<19}{'loop blocked (median, range)':>34}{'committed (median)':>22}")
-    for name, row in rows.items():
-        b, c = row["blocked"], row["committed"]
-        blocked = f"{b['median_s'] * 1e3:.0f} ms ({b['min_s'] * 1e3:.0f}-{b['max_s'] * 1e3:.0f})"
-        print(f"{name:<19}{blocked:>34}{c['median_s'] * 1e3:>19.0f} ms")
-    print(f"a synchronous save blocks the loop {ratio:.1f}x as long as an asynchronous one")
-    for name, value in digest_ratios.items():
-        print(f"with digests / without, {name}: {value:.2f}x")
-    record = {
-        "benchmark": "checkpoint_save",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "jax": jax.__version__,
-            "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-        },
-        "state_bytes": size,
-        "rounds": ARGS.rounds,
-        "results": rows,
-        "sync_over_async_blocked": ratio,
-        "digests_over_none": digest_ratios,
-    }
-    out = _results.folder(ARGS)
-    (out / "checkpoint_save.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out / 'checkpoint_save.json'}")
+        return save
+
+    blocked = _harness.alternate({name: variant(name) for name in CONFIGURATIONS}, args.rounds)
+    tables = {}
+    for what, samples in (("blocked", blocked), ("committed", committed)):
+        rows = []
+        for mode in ("async", "sync"):
+            pair = {mode: samples[mode], f"{mode}, no digests": samples[f"{mode}, no digests"]}
+            rows += _harness.summarize(pair, f"{mode}, no digests", per_second=False)
+        tables[what] = rows
+    sync_over_async = _harness.summarize(
+        {"sync": blocked["sync"], "async": blocked["async"]}, "async", per_second=False
+    )[0]
+    title = (
+        f"{size / 2**20:.1f} MB state on {strategy}, {args.rounds} rounds; ratios are with "
+        "digests over without"
+    )
+    print(f"\n{title}")
+    for what, rows in tables.items():
+        print(f"\nloop {what}" if what == "blocked" else f"\n{what}")
+        print(_harness.summary_table(rows, "median ms"))
+    print(
+        f"\na synchronous save blocks the loop {sync_over_async['ratio']:.1f}x as long as an "
+        "asynchronous one"
+    )
+    _results.write(
+        _results.record(
+            "checkpoint_save",
+            title,
+            state_bytes=size,
+            rounds=args.rounds,
+            blocked=tables["blocked"],
+            committed=tables["committed"],
+            sync_over_async_blocked=sync_over_async["ratio"],
+        ),
+        args,
+    )
 
 
 if __name__ == "__main__":
