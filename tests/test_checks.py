@@ -1,10 +1,20 @@
 """The shared argument checks: a TypeError for a wrong type, a ValueError for a wrong value."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpustrat._checks import check_axis, check_int, check_seconds
+from tpustrat._checks import (
+    check_array,
+    check_axis,
+    check_bool,
+    check_int,
+    check_no_iterator,
+    check_seconds,
+    check_tree,
+    describe,
+)
 
 
 @pytest.mark.parametrize("value", [2, np.int32(2), np.int64(2), jnp.int32(2)])
@@ -58,3 +68,78 @@ def test_check_axis_errors():
         check_axis("gather", 2, 2, "a value of shape (2, 2)")
     with pytest.raises(ValueError, match=r"a scalar has no axis"):
         check_axis("gather", 0, 0, "a value of shape ()")
+
+
+def _deleted():
+    x = jnp.ones(3)
+    x.delete()
+    return x
+
+
+def test_describe_never_raises():
+    assert describe("avg") == "str 'avg'"
+    assert describe(_deleted()) == ("a deleted jax.Array float32[3] (donated to an earlier call?)")
+
+    class BadRepr:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    assert describe(BadRepr()) == "BadRepr"
+    assert describe("x" * 200).endswith("...") and len(describe("x" * 200)) == 4 + 80
+
+
+def test_check_int_names_the_argument_for_any_value():
+    name = "max_steps_in_flight"
+    with pytest.raises(TypeError, match=rf"{name} must be an int, got a deleted jax\.Array"):
+        check_int(name, _deleted(), minimum=1)
+    with pytest.raises(TypeError, match=rf"{name} must be an int, got ndarray array\(\[1, 2\]\)"):
+        check_int(name, np.array([1, 2]), minimum=1)
+    with pytest.raises(TypeError, match=rf"{name} must be an int, got the bool True"):
+        check_int(name, np.bool_(True), minimum=1)
+
+
+def test_check_bool():
+    assert check_bool("force", np.bool_(False)) is False
+    for value in ("yes", 1, None, np.array([True, False]), _deleted()):
+        with pytest.raises(TypeError, match=r"force must be a bool, got .*; pass True or False"):
+            check_bool("force", value)
+
+
+@pytest.mark.parametrize(
+    ("tree", "error", "message"),
+    [
+        ({"w": iter([1.0])}, TypeError, r"value\['w'\] is an iterator \(list_iterator\)"),
+        ([(x for x in "ab")], TypeError, r"value\[0\] is an iterator \(generator\)"),
+        ({"w": _deleted()}, ValueError, r"value\['w'\] is a deleted jax\.Array float32\[3\]"),
+        ({"n": 2**40}, ValueError, r"value\['n'\] is the Python int 1099511627776, outside"),
+        ({"s": "x"}, TypeError, r"value\['s'\] is str 'x', not an array or a number"),
+        ({"s": np.array(["a"])}, TypeError, r"value\['s'\] is an array of dtype <U1"),
+        ({"o": object()}, TypeError, r"value\['o'\] is object <object object at"),
+    ],
+)
+def test_check_tree_names_the_leaf(tree, error, message):
+    with pytest.raises(error, match=message):
+        check_tree("value", tree)
+
+
+def test_check_tree_accepts_arrays_numbers_and_opaque_nodes():
+    check_tree("value", {"a": jnp.ones(2), "b": [1, 2.5, True], "c": np.float32(1), "d": None})
+    check_tree("value", {"a": "opaque"}, opaque=lambda x: isinstance(x, str))
+    with pytest.raises(TypeError, match="is an iterator"):  # an iterator is never opaque
+        check_tree("value", iter([1]), opaque=lambda x: True)
+
+
+def test_check_array_refuses_pytrees_and_lists():
+    check_array("per_example_loss", np.ones(2))
+    with pytest.raises(TypeError, match=r"per_example_loss must be an array, got list \[0\.5\]"):
+        check_array("per_example_loss", [0.5])
+    with pytest.raises(ValueError, match=r"per_example_loss is a deleted jax\.Array"):
+        check_array("per_example_loss", _deleted())
+
+
+def test_check_no_iterator():
+    check_no_iterator("target", {"w": jax.ShapeDtypeStruct((2,), np.float32), "d": _deleted()})
+    with pytest.raises(TypeError, match=r"target\['w'\] is an iterator"):
+        check_no_iterator("target", {"w": iter([])})
+    with pytest.raises(ValueError, match=r"state\['d'\] is a deleted jax\.Array"):
+        check_no_iterator("state", {"d": _deleted()}, live=True)

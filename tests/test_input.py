@@ -243,7 +243,7 @@ def test_per_replica_batch_partial_before_the_end_is_refused(eight):
 def test_input_context():
     ctx = InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=8)
     assert ctx.get_per_replica_batch_size(64) == 8
-    with pytest.raises(ValueError, match="global batch 250 is not divisible by 8 replicas"):
+    with pytest.raises(ValueError, match="global_batch_size 250 is not divisible by 8 replicas"):
         ctx.get_per_replica_batch_size(250)
     with pytest.raises(ValueError, match="input_pipeline_id 2 is out of range for 2"):
         InputContext(num_input_pipelines=2, input_pipeline_id=2, num_replicas_in_sync=8)
@@ -467,7 +467,7 @@ def test_bad_batches_raise_clear_errors(eight, batches, match):
         (np.zeros((16, 2)), None, TypeError, r"single array of shape \(16, 2\)"),
         ({"x": np.zeros((16, 2))}, None, TypeError, "got a dict, not a dataset"),
         (5, None, TypeError, "needs an iterable of batches .* got int"),
-        ([], {"global_batch_size": 250}, ValueError, "global batch 250 is not divisible by 8"),
+        ([], {"global_batch_size": 250}, ValueError, "global_batch_size 250 is not divisible by 8"),
         ([], "fast", TypeError, "options must be a ts.InputOptions, got str"),
     ],
 )

@@ -354,7 +354,10 @@ def test_bad_build_requests(devices, kwargs, message):
 
 
 BUILD_TYPE_ERRORS = [
-    ({"computation_shape": "abcd"}, "computation_shape 'abcd' must be 4 integers"),
+    (
+        {"computation_shape": "abcd"},
+        "computation_shape must be 4 integers (x, y, z, core), got str 'abcd'",
+    ),
     ({"num_replicas": 2.0}, "num_replicas must be an int, got float 2.0"),
     ({"num_replicas": True}, "num_replicas must be an int, got the bool True"),
 ]
@@ -367,7 +370,7 @@ def test_build_requests_of_the_wrong_type(kwargs, message):
 
 
 def test_build_needs_a_topology():
-    with _raises("topology [0, 1] is not a Topology", TypeError):
+    with _raises("topology must be a ts.Topology, got list [0, 1]", TypeError):
         DeviceAssignment.build([0, 1])
 
 
@@ -392,7 +395,7 @@ def test_bad_hand_made_assignment(core_assignment, computation_shape, message):
 
 
 def test_hand_made_assignment_needs_a_topology():
-    with _raises("topology 'v4-8' is not a Topology", TypeError):
+    with _raises("topology must be a ts.Topology, got str 'v4-8'", TypeError):
         DeviceAssignment("v4-8", [[[0, 0, 0, 0]]])
 
 

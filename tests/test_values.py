@@ -252,7 +252,11 @@ def _calls(strategy):
     leaf = r"pass arrays and numbers, or pytrees of them"
     axis = r"use an axis in \[-2, 2\)"
     return [
-        (lambda: strategy.reduce("avg", x), ValueError, r"unknown reduce op 'avg'; use ts.Red"),
+        (
+            lambda: strategy.reduce("avg", x),
+            ValueError,
+            r"reduce_op must be ts.ReduceOp.*; got 'avg'",
+        ),
         (lambda: strategy.reduce(None, x), TypeError, r"reduce_op must be .*got NoneType None"),
         (
             lambda: strategy.reduce("sum", x, axis=1.5),
@@ -317,7 +321,7 @@ def _calls(strategy):
         (
             lambda: strategy.replicate(x),
             TypeError,
-            r"replicate got a PerReplica value; reduce it first",
+            r"replicate got a PerReplica in tree; reduce it first",
         ),
         (
             lambda: strategy.experimental_distribute_values_from_function(3),

@@ -379,10 +379,10 @@ def host_iterator(dataset: Iterable[PyTree]) -> Iterator[PyTree]:
     return iter(dataset)
 
 
-def host_arrays(element: PyTree, index: int, noun: str = "batch") -> HostBatch:
+def host_arrays(element: PyTree, index: int, noun: str = "dataset batch") -> HostBatch:
     """The leaves of one host batch as numpy arrays, checked, with its structure and rows.
 
-    ``noun`` and ``index`` name the batch in error messages (``"batch 3 leaf ['x'] ..."``).
+    ``noun`` and ``index`` name the batch in error messages (``"dataset batch 3 leaf ['x'] ..."``).
     """
     paths_leaves, structure = jax.tree_util.tree_flatten_with_path(element)
     if not paths_leaves:

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustrat import _mesh, _watchdog
-from tpustrat._checks import check_int
+from tpustrat._checks import check_bool, check_int, check_no_iterator
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state
 from tpustrat._strategy import TPUStrategy
@@ -358,6 +358,7 @@ class CheckpointManager:
         if max_to_keep is not None:
             check_int("max_to_keep", max_to_keep, minimum=1)
         check_int("save_interval_steps", save_interval_steps, minimum=1)
+        check_bool("asynchronous", asynchronous)
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(
                 f"directory must be a str or pathlib.Path, got {type(directory).__name__} "
@@ -438,6 +439,7 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` would write: ``step`` is on the save interval and above
         the latest step saved."""
+        step = check_int("step", step, minimum=0)
         latest = self.latest_step()
         return step % self._save_interval_steps == 0 and (latest is None or step > latest)
 
@@ -449,7 +451,7 @@ class CheckpointManager:
         increasing steps, on every process. Always False in a single process: there
         ``ts.PreemptionCheckpointHandler`` watches SIGTERM itself.
         """
-        return self._manager.reached_preemption(step)
+        return self._manager.reached_preemption(check_int("step", step, minimum=0))
 
     def save(
         self,
@@ -485,6 +487,8 @@ class CheckpointManager:
             message says which step. ``state`` is untouched and can be saved again.
         """
         check_int("step", step, minimum=0)
+        check_bool("force", force)
+        check_no_iterator("state", state)
         leaves, arrays = _saved_arrays(state)
         position = None
         if iterator is not None:
@@ -592,6 +596,7 @@ class CheckpointManager:
                 )
         if iterator is not None:
             _check_iterator(iterator)
+        check_no_iterator("target", target)
         self.wait_until_finished()  # the step may be the save still being written
         folder = self._directory / str(step)
         record = self._read_sealed(step, folder / _LEAVES / _LEAVES_FILE)

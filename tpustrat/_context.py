@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from tpustrat._checks import check_axis
+from tpustrat._checks import check_axis, check_tree, describe
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 
@@ -91,14 +91,14 @@ class ReduceOp(str, enum.Enum):
         choices = ", ".join(repr(o.value) for o in cls)
         if not isinstance(op, str):
             raise TypeError(
-                f"reduce_op must be a ts.ReduceOp or a string, got {type(op).__name__} {op!r}; "
+                f"reduce_op must be a ts.ReduceOp or a string, got {describe(op)}; "
                 f"use ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}"
             )
         try:
             return cls(op.lower())
         except ValueError:
             raise ValueError(
-                f"unknown reduce op {op!r}; use ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}"
+                f"reduce_op must be ts.ReduceOp.SUM/MEAN/MAX/MIN or one of {choices}; got {op!r}"
             ) from None
 
     def result_dtype(self, dtype: Any) -> np.dtype:
@@ -109,9 +109,9 @@ class ReduceOp(str, enum.Enum):
         """Raises a TypeError naming ``what`` (the call) if values of ``dtype`` cannot reduce."""
         if jnp.issubdtype(dtype, jax.dtypes.prng_key):
             raise TypeError(
-                f"{what} cannot {self.value} typed PRNG keys ({dtype}): keys have no arithmetic "
-                "or order. Gather them instead (strategy.gather, ctx.all_gather), read each "
-                "replica's (strategy.experimental_local_results), or reduce their bits, "
+                f"{what} cannot {self.value} typed PRNG keys ({dtype}) in value: keys have no "
+                "arithmetic or order. Gather them instead (strategy.gather, ctx.all_gather), read "
+                "each replica's (strategy.experimental_local_results), or reduce their bits, "
                 "jax.random.key_data(keys)"
             )
 
@@ -200,6 +200,7 @@ class ReplicaContext:
         """
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
+        check_tree("value", value)
         n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
         def combine(x):
@@ -254,12 +255,16 @@ class ReplicaContext:
           A pytree like ``value`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
         """
         self._check_active("all_gather")
+        check_tree("value", value)
+        num_replicas = self.num_replicas_in_sync
 
         def gather(x):
             x = jnp.asarray(x)
-            return lax.all_gather(
-                x, REPLICA_AXIS, axis=check_axis("all_gather", axis, x.ndim, _shape(x)), tiled=True
-            )
+            dim = check_axis("all_gather", axis, x.ndim, _shape(x))
+            if x.size == 0:  # XLA cannot lower a collective of no elements; none are moved
+                shape = (*x.shape[:dim], x.shape[dim] * num_replicas, *x.shape[dim + 1 :])
+                return jnp.zeros(shape, x.dtype)
+            return lax.all_gather(x, REPLICA_AXIS, axis=dim, tiled=True)
 
         return jax.tree.map(gather, value)
 
@@ -294,6 +299,7 @@ class ReplicaContext:
                 f"reduce_scatter supports the reduce ops 'sum' and 'mean', got {op.value!r}; "
                 f"use all_reduce({op.value!r}, ...) and slice this replica's block instead"
             )
+        check_tree("value", value)
         num_replicas = self.num_replicas_in_sync
 
         def scatter(x):
@@ -306,6 +312,9 @@ class ReplicaContext:
                     f"{x.shape[dim]}, which is not divisible by {num_replicas} replicas; pad "
                     f"that axis to a multiple of {num_replicas} (e.g. with jnp.pad) first"
                 )
+            if x.size == 0:  # XLA cannot lower a collective of no elements; none are moved
+                shape = (*x.shape[:dim], x.shape[dim] // num_replicas, *x.shape[dim + 1 :])
+                return jnp.zeros(shape, op.result_dtype(x.dtype))
             return _compilable_on_cpu(
                 self._strategy,
                 x,

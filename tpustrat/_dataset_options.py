@@ -7,11 +7,8 @@ these records, so they live a floor below either.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import numpy as np
-
-from tpustrat._checks import check_int
+from tpustrat._checks import check_bool, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +55,7 @@ class InputContext:
         check_int("global_batch_size", global_batch_size, minimum=1)
         if global_batch_size % self.num_replicas_in_sync:
             raise ValueError(
-                f"global batch {global_batch_size} is not divisible by "
+                f"global_batch_size {global_batch_size} is not divisible by "
                 f"{self.num_replicas_in_sync} replicas; use a global batch size that is a "
                 f"multiple of {self.num_replicas_in_sync}"
             )
@@ -106,7 +103,7 @@ class InputOptions:
     def __post_init__(self):
         # Each field is stored in one form (a Python bool or int), whatever numpy scalar it got.
         for name in _BOOL_FIELDS:
-            object.__setattr__(self, name, _check_bool(name, getattr(self, name)))
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         size = check_int(
             "experimental_per_replica_buffer_size",
             self.experimental_per_replica_buffer_size,
@@ -129,14 +126,3 @@ _BOOL_FIELDS = (
     "drop_remainder",
     "shard_by_process",
 )
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    """``value`` as a bool; a TypeError unless a Python or numpy bool (a string such as "no"
-    is truthy, so it would silently turn the option on)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(
-        f"InputOptions {name} must be a bool, got {type(value).__name__} {value!r}; pass "
-        f"True or False"
-    )

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, describe
 
 REPLICA_AXIS = "replica"
 """The name of the replica axis inside ``strategy.run``, for collectives written by hand.
@@ -78,8 +78,8 @@ def device_array(devices: Any) -> np.ndarray:
         )
     if not isinstance(devices, (list, tuple, np.ndarray)):
         raise TypeError(
-            f"devices must be a list of jax.Device, got {type(devices).__name__} "
-            f"{devices!r:.80}; pass jax.devices() or part of it, e.g. jax.devices('cpu')[:4]"
+            f"devices must be a list of jax.Device, got {describe(devices)}; pass jax.devices() "
+            "or part of it, e.g. jax.devices('cpu')[:4]"
         )
     array = np.asarray(devices, dtype=object)
     if array.ndim not in (1, 2):
@@ -91,7 +91,7 @@ def device_array(devices: Any) -> np.ndarray:
         if not isinstance(device, jax.Device):
             where = ", ".join(map(str, index))
             raise TypeError(
-                f"devices[{where}] is {type(device).__name__} {device!r:.80}, not a jax.Device; "
+                f"devices[{where}] is {describe(device)}, not a jax.Device; "
                 "pass devices from jax.devices(), e.g. [jax.devices()[i] for i in (0, 1)]"
             )
     return array

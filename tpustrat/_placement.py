@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tpustrat._checks import check_tree
 from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
 from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
 
@@ -190,6 +191,10 @@ def prepare(
                     "arrays, numbers and pytrees of them (close over other values in the step "
                     "function instead)"
                 )
+            try:
+                check_tree("", x)  # a Python int beyond int32, an array of strings
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{_where(inputs, index)}{error}") from None
             if isinstance(x, (np.ndarray, np.generic)) and x.dtype in _WIDE_INTEGERS:
                 _check_fits_32_bits(inputs, index, x)
             x = jax.device_put(x, per_replica if is_per_replica else replicated)

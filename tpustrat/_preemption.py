@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from tpustrat._checkpoint import CheckpointManager
+from tpustrat._checks import check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 
 PyTree = Any
@@ -75,7 +76,8 @@ class PreemptionCheckpointHandler:
         if exit_code is not None and (
             isinstance(exit_code, bool) or not isinstance(exit_code, int)
         ):
-            raise TypeError(f"exit_code must be an int or None, got {exit_code!r}")
+            raise TypeError(f"exit_code must be an int or None, got {describe(exit_code)}")
+        check_no_iterator("state", state, live=True)
         self._manager = manager
         self._iterator = iterator
         self._exit_code = exit_code

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _accounting, _bucketing, _cache, _mesh, _nnx, _placement, _replication
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, describe
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._values import PerReplica, is_per_replica
@@ -62,7 +62,8 @@ class RunOptions:
         positions = self.donate_argnums
         if not isinstance(positions, tuple):
             raise TypeError(
-                f"donate_argnums must be a tuple of argument positions >= 0, got {positions!r}; "
+                f"donate_argnums must be a tuple of argument positions >= 0, got "
+                f"{describe(positions)}; "
                 "e.g. donate_argnums=(0,) to donate args[0]"
             )
         for i, position in enumerate(positions):

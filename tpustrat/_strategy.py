@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import jax
-import numpy as np
 
 from tpustrat import (
     _accounting,
@@ -24,7 +23,7 @@ from tpustrat import (
     _run,
     _values,
 )
-from tpustrat._checks import check_int
+from tpustrat._checks import check_bool, check_int, check_leaf, describe, is_iterator
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
@@ -79,15 +78,12 @@ class TPUStrategy:
     ):
         check_int("num_logical_cores", num_logical_cores, minimum=1)
         check_int("max_steps_in_flight", max_steps_in_flight, minimum=1)
-        if not isinstance(spmd, (bool, np.bool_)):
-            raise TypeError(
-                f"spmd must be a bool, got {type(spmd).__name__} {spmd!r}; pass True or False"
-            )
+        check_bool("spmd", spmd)
         if device_assignment is not None:
             if not isinstance(device_assignment, DeviceAssignment):
                 raise TypeError(
                     f"device_assignment must be a ts.DeviceAssignment, got "
-                    f"{type(device_assignment).__name__} {device_assignment!r:.80}; build one "
+                    f"{describe(device_assignment)}; build one "
                     "with ts.DeviceAssignment.build(ts.Topology.from_devices(jax.devices()), "
                     "computation_shape, num_replicas=...), or pass devices instead"
                 )
@@ -208,7 +204,7 @@ class TPUStrategy:
             )
         if not callable(fn):
             raise TypeError(
-                f"strategy.run needs a callable step, got a {type(fn).__name__} {fn!r:.60}; "
+                f"strategy.run needs a callable step, got {describe(fn)}; "
                 "pass the function, e.g. strategy.run(step, args=(state, batch))"
             )
         if not isinstance(args, (tuple, list)):
@@ -221,8 +217,12 @@ class TPUStrategy:
         ):
             raise TypeError(
                 f"strategy.run kwargs must be a dict of keyword arguments by name, got "
-                f"{type(kwargs).__name__} {kwargs!r:.60}; e.g. kwargs={{'training': True}}"
+                f"{describe(kwargs)}; e.g. kwargs={{'training': True}}"
             )
+        # Top-level iterators only (a cheap check): JAX would warn and take one as a leaf.
+        for i, arg in enumerate(args):
+            if is_iterator(arg):
+                check_leaf(f"args[{i}]", arg)
         if options is None:
             options = _run.DEFAULT_OPTIONS
         elif not isinstance(options, _run.RunOptions):
@@ -300,7 +300,7 @@ class TPUStrategy:
         if not callable(fn):
             raise TypeError(
                 f"experimental_run_steps needs a callable step fn(state, batch) -> (state, "
-                f"outputs), got a {type(fn).__name__} {fn!r:.60}"
+                f"outputs), got {describe(fn)}"
             )
         check_int("steps_per_run", steps_per_run, minimum=1)
         if not isinstance(unroll, bool):
@@ -319,7 +319,13 @@ class TPUStrategy:
         # True == 1 to Python: the key tells a fully unrolled program from a loop of one step.
         key = (stack_outputs, unroll, isinstance(unroll, bool), len(batches))
         multistep = self._multisteps.get(fn, key)
-        new_state, outputs = self.run(multistep, args=(state, *batches), options=options)
+        try:
+            new_state, outputs = self.run(multistep, args=(state, *batches), options=options)
+        except (TypeError, ValueError) as error:
+            # run names the state args[0]; here the user passed it as state.
+            if type(error) in (TypeError, ValueError) and str(error).startswith("args[0]"):
+                raise type(error)("state" + str(error)[len("args[0]") :]) from None
+            raise
         if _multistep.has_nnx_objects(state):
             new_state = _multistep.restore_objects(state, new_state)
         return _multistep.StepsResult(new_state, outputs, len(batches))
@@ -452,7 +458,7 @@ class TPUStrategy:
         if not callable(value_fn):
             raise TypeError(
                 f"value_fn must be a callable taking a ts.ValueContext, got "
-                f"{type(value_fn).__name__} {value_fn!r:.80}; e.g. "
+                f"{describe(value_fn)}; e.g. "
                 "lambda ctx: np.float32(ctx.replica_id_in_sync_group)"
             )
         n = self.num_replicas_in_sync
@@ -489,11 +495,15 @@ class TPUStrategy:
             "replicate",
             "values are already on the replica; replicate the state before run and pass it in args",
         )
-        if any(isinstance(x, PerReplica) for x in jax.tree.leaves(tree, is_leaf=is_per_replica)):
-            raise TypeError(
-                "replicate got a PerReplica value; reduce it first, e.g. "
-                "strategy.reduce('mean', value)"
-            )
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: is_per_replica(x) or is_iterator(x))
+        for leaf in leaves:
+            if isinstance(leaf, PerReplica):
+                raise TypeError(
+                    "strategy.replicate got a PerReplica in tree; reduce it first, e.g. "
+                    "strategy.reduce('mean', value)"
+                )
+            if is_iterator(leaf):
+                check_leaf("tree", leaf)
         split = _nnx.split_objects(tree)
         if split is not None:
             _, state, objects, _, _ = split

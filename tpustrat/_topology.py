@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from numpy.typing import ArrayLike
 
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, describe
 
 _RANK = 4  # Mesh axes: x, y, z (chip coordinates) and the core on the chip.
 
@@ -48,12 +48,12 @@ class Topology:
     __slots__ = ("_coordinates", "_device_coordinates", "_devices", "_grid", "_located", "_task")
 
     def __init__(self, devices: Sequence[jax.Device], coordinates: ArrayLike | None = None):
-        devices = tuple(devices)
+        devices = _devices(devices)
         num_devices = len(devices)
         if not num_devices:
             raise ValueError("the device list is empty; pass jax.devices() or a non-empty subset")
         line = np.pad(np.arange(num_devices)[:, np.newaxis], [(0, 0), (0, _RANK - 1)])
-        points = line if coordinates is None else np.asarray(coordinates)
+        points = line if coordinates is None else _integers("coordinates", coordinates)
         integers = points.shape == (num_devices, _RANK) and points.dtype.kind in "iu"
         if not integers or points.min() < 0:
             raise ValueError(
@@ -105,7 +105,7 @@ class Topology:
         Returns:
           A ``Topology`` over ``devices``.
         """
-        devices = tuple(devices)
+        devices = _devices(devices)
         located = [getattr(d, "coords", None) is not None for d in devices]
         if not any(located):
             return cls(devices)
@@ -184,9 +184,38 @@ class Topology:
         )
 
 
+def _devices(devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
+    """``devices`` as a tuple; a TypeError naming it unless a list of devices."""
+    if not isinstance(devices, (list, tuple, np.ndarray)) or (
+        isinstance(devices, np.ndarray) and devices.ndim == 0
+    ):
+        raise TypeError(
+            f"devices must be a list of devices, got {describe(devices)}; pass jax.devices() "
+            "or part of it"
+        )
+    for i, device in enumerate(devices):
+        if not hasattr(device, "process_index"):
+            raise TypeError(
+                f"devices[{i}] is {describe(device)}, not a device; pass devices from jax.devices()"
+            )
+    return tuple(devices)
+
+
+def _integers(name: str, value: ArrayLike) -> np.ndarray:
+    """``value`` as a numpy array; a TypeError naming ``name`` if it cannot be one."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an array of integers, got {describe(value)}")
+    try:
+        return np.array(value)
+    except Exception:  # ragged lists, deleted arrays: whatever numpy raises, no integers
+        raise TypeError(f"{name} must be an array of integers, got {describe(value)}") from None
+
+
 def _check_topology(topology: object) -> None:
     if not isinstance(topology, Topology):
-        raise TypeError(f"topology {topology!r} is not a Topology; use Topology.from_devices")
+        raise TypeError(
+            f"topology must be a ts.Topology, got {describe(topology)}; use Topology.from_devices"
+        )
 
 
 def _as_shape(name: str, value: Sequence[int] | None) -> tuple[int, ...]:
@@ -195,8 +224,10 @@ def _as_shape(name: str, value: Sequence[int] | None) -> tuple[int, ...]:
         return (1,) * _RANK
     try:
         shape = tuple(operator.index(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} {value!r} must be 4 integers (x, y, z, core)") from None
+    except Exception:  # whatever iterating or index() raises, the value is no 4 integers
+        raise TypeError(
+            f"{name} must be 4 integers (x, y, z, core), got {describe(value)}"
+        ) from None
     if len(shape) != _RANK:
         raise ValueError(
             f"{name} {list(shape)} has {len(shape)} entries; pass 4, one per topology axis "
@@ -298,8 +329,11 @@ class DeviceAssignment:
 
     def __post_init__(self):
         topology, shape = self.topology, self.computation_shape
-        points = np.array(self.core_assignment)
         _check_topology(topology)
+        if shape is not None:
+            shape = _as_shape("computation_shape", shape)
+            object.__setattr__(self, "computation_shape", shape)
+        points = _integers("core_assignment", self.core_assignment)
         shaped = points.ndim == 3 and points.shape[-1] == _RANK and points.size
         if not shaped or points.dtype.kind not in "iu":
             raise ValueError(

@@ -10,7 +10,7 @@ from tf.distribute; ``run`` never returns one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tpustrat import _mesh
+from tpustrat._checks import check_int, check_leaf, check_tree, describe
 
 PyTree = Any
 
@@ -45,20 +46,24 @@ class PerReplica:
     stacked: Any
 
     def __init__(self, values: Sequence[Any]):
-        if isinstance(values, (PerReplica, Mirrored)) or not isinstance(values, Sequence):
+        if isinstance(values, (PerReplica, Mirrored, str, bytes)) or not isinstance(
+            values, Sequence
+        ):
             raise TypeError(
-                f"PerReplica takes a sequence with one array per replica, got "
-                f"{type(values).__name__}"
+                f"PerReplica values must be a sequence with one array per replica, got "
+                f"{describe(values)}; e.g. ts.PerReplica([x0, x1, ...]), or "
+                "ts.PerReplica.from_stacked(x) for an array whose leading axis is the replicas"
             )
         if not values:
-            raise ValueError("PerReplica got no components; pass one array per replica")
+            raise ValueError("PerReplica values is empty; pass one array per replica")
         for i, v in enumerate(values):
             if not _is_array_leaf(v):
                 raise TypeError(
-                    f"PerReplica component {i} is a {type(v).__name__}; a PerReplica holds one "
+                    f"PerReplica values[{i}] is a {type(v).__name__}; a PerReplica holds one "
                     "array per replica. For a pytree, build one PerReplica per leaf, e.g. with "
                     "strategy.experimental_distribute_values_from_function"
                 )
+            check_leaf(f"PerReplica values[{i}]", v)
         shapes = {(np.shape(v), _dtype(v)) for v in values}
         if len(shapes) > 1:
             raise ValueError(
@@ -108,6 +113,9 @@ class PerReplica:
                 "pytree, view each leaf: jax.tree.map(lambda x: ts.PerReplica.from_blocks(x, n), "
                 "tree)"
             )
+        check_leaf("array", array)
+        num_replicas = check_int("num_replicas", num_replicas, minimum=1)
+        axis = check_int("axis", axis, minimum=-len(np.shape(array)))
         shape = np.shape(array)
         if not -len(shape) <= axis < len(shape):
             raise ValueError(
@@ -115,11 +123,11 @@ class PerReplica:
                 f"{shape}; pass the axis that is split over the replicas"
             )
         axis %= len(shape)
-        if num_replicas < 1 or shape[axis] % num_replicas:
+        if shape[axis] % num_replicas:
             raise ValueError(
                 f"PerReplica.from_blocks: dimension {axis} of shape {shape} does not divide into "
                 f"{num_replicas} replicas; pass strategy.num_replicas_in_sync and an array whose "
-                "global batch is a multiple of it"
+                f"axis {axis} (the global batch) is a multiple of it"
             )
         split = (*shape[:axis], num_replicas, shape[axis] // num_replicas, *shape[axis + 1 :])
         if isinstance(array, (np.ndarray, np.generic)):
@@ -200,7 +208,11 @@ class Mirrored:
 
     def __init__(self, value: PyTree):
         if isinstance(value, (PerReplica, Mirrored)):
-            raise TypeError(f"Mirrored cannot wrap a {type(value).__name__}")
+            raise TypeError(
+                f"Mirrored value cannot be a {type(value).__name__}: it marks a value that is "
+                "the same on every replica; pass the plain pytree of arrays"
+            )
+        check_tree("Mirrored value", value)
         self.value = value
 
     def tree_flatten(self):
@@ -217,7 +229,12 @@ class Mirrored:
         return f"Mirrored({_describe(self.value)})"
 
 
-class ValueContext(NamedTuple):
+class _ValueContextFields(NamedTuple):
+    replica_id_in_sync_group: int
+    num_replicas_in_sync: int
+
+
+class ValueContext(_ValueContextFields):
     """What ``experimental_distribute_values_from_function`` tells ``value_fn`` about a replica.
 
     Example:
@@ -225,8 +242,17 @@ class ValueContext(NamedTuple):
       3
     """
 
-    replica_id_in_sync_group: int = 0
-    num_replicas_in_sync: int = 1
+    __slots__ = ()
+
+    def __new__(cls, replica_id_in_sync_group: int = 0, num_replicas_in_sync: int = 1):
+        replicas = check_int("num_replicas_in_sync", num_replicas_in_sync, minimum=1)
+        replica = check_int("replica_id_in_sync_group", replica_id_in_sync_group, minimum=0)
+        if replica >= replicas:
+            raise ValueError(
+                f"replica_id_in_sync_group {replica} is out of range for {replicas} replicas; "
+                f"pass a replica in [0, {replicas})"
+            )
+        return super().__new__(cls, replica, replicas)
 
 
 def is_per_replica(x: Any) -> bool:
@@ -344,6 +370,12 @@ def put(x: Any, sharding: jax.sharding.Sharding) -> Any:
 def check_array_leaves(call: str, tree: PyTree, argument: str = "value") -> None:
     """Raises a TypeError naming ``call``, ``argument`` and the leaf unless every leaf of
     ``tree`` is an array, a number or a PerReplica (``Mirrored`` markers are looked into)."""
+    raw = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: is_distributed(x) or isinstance(x, Iterator)
+    )
+    for path, leaf in raw[0]:
+        if not is_distributed(leaf):
+            check_leaf(argument + jax.tree_util.keystr(path), leaf)
     leaves = jax.tree_util.tree_flatten_with_path(unwrap_mirrored(tree), is_leaf=is_per_replica)
     for path, leaf in leaves[0]:
         if not isinstance(leaf, PerReplica) and not _is_numeric(leaf):
