@@ -148,7 +148,7 @@ def check_leaf(where: str, leaf: Any) -> None:
     if (
         isinstance(leaf, int)
         and not isinstance(leaf, bool)
-        and not jax.config.jax_enable_x64
+        and not jax.config.read("jax_enable_x64")
         and not _INT32.min <= leaf <= _INT32.max
     ):
         raise ValueError(
