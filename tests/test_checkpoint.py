@@ -697,6 +697,16 @@ def test_bad_arguments_name_the_argument_and_value(tmp_path):
         assert w.is_deleted()
         with pytest.raises(ValueError, match=r"state leaf 'w' is a deleted array \(donated"):
             manager.save(2, {"w": w})
+        with pytest.raises(TypeError, match=r"state leaf 'ids' is an array of dtype <U1"):
+            manager.save(2, {"ids": np.array(["a", "b"])})
+        with pytest.raises(TypeError, match=r"state\['w'\] is an iterator"):
+            manager.save(2, {"w": iter([w])})
+        with pytest.raises(TypeError, match=r"force must be a bool, got str 'yes'"):
+            manager.save(2, {"x": np.float32(1)}, force="yes")
+        with pytest.raises(TypeError, match=r"step must be an int, got str '2'"):
+            manager.should_save("2")
+    with pytest.raises(TypeError, match=r"asynchronous must be a bool, got NoneType None"):
+        ts.CheckpointManager(tmp_path, strategy, asynchronous=None)
 
 
 def test_ctrl_c_during_saves_leaves_the_latest_step_whole(tmp_path):

@@ -824,6 +824,11 @@ def _saved_arrays(state: PyTree) -> tuple[list[_Leaf], dict[str, Any]]:
             value = _host_array(value)
         elif kind == "per_replica" and not isinstance(value, jax.Array):
             value = np.asarray(value)
+        if isinstance(value, np.ndarray) and value.dtype.kind in "OSUV":
+            raise TypeError(
+                f"state leaf {name!r} is an array of dtype {value.dtype}, which a checkpoint "
+                "cannot hold; keep numeric and bool arrays in the state (map strings to ids)"
+            )
         leaves.append(_Leaf(name, kind, key_impl, np.shape(value), str(value.dtype), shard))
         arrays[name] = value
     return leaves, arrays

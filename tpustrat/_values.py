@@ -369,7 +369,11 @@ def put(x: Any, sharding: jax.sharding.Sharding) -> Any:
 
 def check_array_leaves(call: str, tree: PyTree, argument: str = "value") -> None:
     """Raises a TypeError naming ``call``, ``argument`` and the leaf unless every leaf of
-    ``tree`` is an array, a number or a PerReplica (``Mirrored`` markers are looked into)."""
+    ``tree`` is an array, a number or a PerReplica (``Mirrored`` markers are looked into).
+
+    An iterator, a deleted array or a Python int beyond int32 is refused first, by
+    ``_checks.check_leaf``, with the leaf's path under ``argument``.
+    """
     raw = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: is_distributed(x) or isinstance(x, Iterator)
     )
