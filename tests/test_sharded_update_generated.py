@@ -70,10 +70,10 @@ FILL = {
     "seed": lambda: 0,
 }
 
-# Chains the issue names, on top of what the namespace gives one by one.
 # Checked on both meshes: what most users run.
 COMMON = ("sgd", "adam", "adamw", "lion", "adagrad", "rmsprop", "clip_by_global_norm")
 
+# Chains the issue names, on top of what the namespace gives one by one.
 CHAINS = {
     "chain(clip_by_global_norm, adam)": lambda: optax.chain(
         optax.clip_by_global_norm(0.5), optax.adam(0.1)
