@@ -699,6 +699,10 @@ def test_bad_arguments_name_the_argument_and_value(tmp_path):
             manager.save(2, {"w": w})
         with pytest.raises(TypeError, match=r"state leaf 'ids' is an array of dtype <U1"):
             manager.save(2, {"ids": np.array(["a", "b"])})
+        with pytest.raises(ValueError, match=r"state leaf 'e' has no elements \(shape \(0, 2\)\)"):
+            manager.save(2, {"e": np.zeros((0, 2), np.float32)})
+        with pytest.raises(ValueError, match=r"state dict \{\} holds no arrays to save"):
+            manager.save(2, {})
         with pytest.raises(TypeError, match=r"state\['w'\] is an iterator"):
             manager.save(2, {"w": iter([w])})
         with pytest.raises(TypeError, match=r"force must be a bool, got str 'yes'"):

@@ -143,3 +143,8 @@ def test_check_no_iterator():
         check_no_iterator("target", {"w": iter([])})
     with pytest.raises(ValueError, match=r"state\['d'\] is a deleted jax\.Array"):
         check_no_iterator("state", {"d": _deleted()}, live=True)
+
+
+def test_check_tree_accepts_ml_dtypes_floats():
+    """bfloat16 and the other ml_dtypes floats are numpy kind 'V', and arrays all the same."""
+    check_tree("value", {"w": np.ones(2, jnp.bfloat16), "f8": np.ones(2, jnp.float8_e4m3fn)})

@@ -267,3 +267,27 @@ def test_another_thread_outside_any_scope_gets_the_same_default(strategy):
         results = list(pool.map(lambda _: ts.get_strategy(), range(8)))
     assert all(result is ts.get_strategy() for result in results)
     assert ts.get_strategy() is not strategy
+
+
+def test_collectives_of_zero_size_values_and_wrong_values():
+    strategy = ts.TPUStrategy()
+
+    def step():
+        ctx = ts.get_replica_context()
+        return (
+            ctx.all_gather(jnp.zeros((0, 2)), axis=1),
+            ctx.reduce_scatter("sum", jnp.zeros((8, 0)), axis=0),
+        )
+
+    gathered, scattered = strategy.run(step)
+    assert gathered.shape == (0, 16) and scattered.shape == (1, 0)
+
+    def bad(value):
+        return strategy.run(lambda: ts.get_replica_context().all_reduce("sum", value))
+
+    with pytest.raises(TypeError, match=r"value is str 'x', not an array or a number"):
+        bad("x")
+    with pytest.raises(TypeError, match=r"value\['a'\] is an iterator"):
+        bad({"a": iter([1])})
+    with pytest.raises(ValueError, match=r"value is the Python int 1099511627776"):
+        bad(2**40)

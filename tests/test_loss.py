@@ -114,3 +114,25 @@ def _mean_squared_error(w, features, targets):
 def test_bad_arguments_say_what_to_pass(kwargs, error, words):
     with pytest.raises(error, match=words):
         ts.compute_average_loss(**kwargs)
+
+
+def test_wrong_arguments_are_named():
+    losses = np.ones(4, np.float32)
+    deleted = jnp.ones(4)
+    deleted.delete()
+    with pytest.raises(TypeError, match=r"per_example_loss must be an array, got list \[1\.0"):
+        ts.compute_average_loss([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"sample_weight has dtype key<fry>; pass an array of"):
+        ts.compute_average_loss(losses, sample_weight=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"sample_weight must be an array, got str 'x'"):
+        ts.compute_average_loss(losses, sample_weight="x")
+    with pytest.raises(ValueError, match=r"mask is a deleted jax\.Array float32\[4\]"):
+        ts.compute_average_loss(losses, mask=deleted)
+    with pytest.raises(TypeError, match=r"mask is an array of dtype <U1"):
+        ts.compute_average_loss(losses, mask=np.array(["a"] * 4))
+
+
+def test_a_global_batch_beyond_int32_and_bfloat16_losses():
+    mean = ts.compute_average_loss(np.ones(4, np.float32), global_batch_size=2**40)
+    np.testing.assert_allclose(float(mean), 4 / 2**40, rtol=1e-6)
+    assert float(ts.compute_average_loss(jnp.full(4, 2, jnp.bfloat16))) == 2.0

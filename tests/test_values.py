@@ -193,7 +193,7 @@ def test_unbound_axis_name_names_the_replica_axis():
     assert strategy.mesh.axis_names[0] == ts.REPLICA_AXIS
 
 
-COUNT_MISMATCH = r"got a PerReplica with 4 components, but the strategy has 8 replicas; pass"
+COUNT_MISMATCH = r"got a PerReplica value with 4 components, but the strategy has 8 replicas; pass"
 
 
 @pytest.mark.parametrize("made_by", ["host", "a 4-replica strategy"])
@@ -352,3 +352,50 @@ def test_a_key_argument_next_to_arrays_runs_on_every_mesh(strategy):
     )
     np.testing.assert_array_equal(bits, jax.random.key_data(jax.random.split(key)[0]))
     np.testing.assert_array_equal(doubled, [2.0, 2.0])
+
+
+def _deleted_array():
+    x = jnp.ones(3)
+    x.delete()
+    return x
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: ts.PerReplica("ab"), TypeError, r"PerReplica values must be a sequence"),
+        (lambda: ts.PerReplica(()), ValueError, r"PerReplica values is empty"),
+        (
+            lambda: ts.PerReplica([_deleted_array()]),
+            ValueError,
+            r"PerReplica values\[0\] is a deleted jax\.Array float32\[3\] \(donated",
+        ),
+        (
+            lambda: ts.PerReplica.from_blocks(np.ones(8), "8"),
+            TypeError,
+            r"num_replicas must be an int, got str '8'",
+        ),
+        (lambda: ts.PerReplica.from_blocks(np.ones(8), 8, 0.5), TypeError, r"axis must be an int"),
+        (lambda: ts.Mirrored(iter([1.0])), TypeError, r"Mirrored value is an iterator"),
+        (lambda: ts.Mirrored({"w": "x"}), TypeError, r"Mirrored value\['w'\] is str 'x'"),
+        (lambda: ts.Mirrored(ts.Mirrored(1.0)), TypeError, r"Mirrored value cannot be a Mirrored"),
+        (lambda: ts.ValueContext(8, 8), ValueError, r"replica_id_in_sync_group 8 is out of range"),
+        (lambda: ts.ValueContext(0, "8"), TypeError, r"num_replicas_in_sync must be an int"),
+    ],
+)
+def test_value_constructors_name_a_wrong_argument(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_cross_replica_calls_refuse_iterators_deleted_arrays_and_wide_ints():
+    strategy = ts.TPUStrategy()
+    with pytest.raises(TypeError, match=r"value\['w'\] is an iterator \(list_iterator\)"):
+        strategy.reduce("sum", {"w": iter([1.0])})
+    with pytest.raises(ValueError, match=r"value\[0\] is a deleted jax\.Array float32\[3\]"):
+        strategy.gather([_deleted_array()], axis=0)
+    with pytest.raises(ValueError, match=r"tree is the Python int 1099511627776, outside"):
+        strategy.replicate(2**40)
+    with pytest.raises(TypeError, match=r"tree is an iterator"):
+        strategy.replicate(iter([1.0]))
+    assert ts.ValueContext(7, 8) == (7, 8)

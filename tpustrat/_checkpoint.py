@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tpustrat import _mesh, _watchdog
-from tpustrat._checks import check_bool, check_int, check_no_iterator
+from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state
 from tpustrat._strategy import TPUStrategy
@@ -490,6 +490,11 @@ class CheckpointManager:
         check_bool("force", force)
         check_no_iterator("state", state)
         leaves, arrays = _saved_arrays(state)
+        if not arrays:
+            raise ValueError(
+                f"state {describe(state)} holds no arrays to save; pass the training state, a "
+                "pytree of arrays"
+            )
         position = None
         if iterator is not None:
             position = _check_iterator(iterator).get_state()
@@ -824,10 +829,15 @@ def _saved_arrays(state: PyTree) -> tuple[list[_Leaf], dict[str, Any]]:
             value = _host_array(value)
         elif kind == "per_replica" and not isinstance(value, jax.Array):
             value = np.asarray(value)
-        if isinstance(value, np.ndarray) and value.dtype.kind in "OSUV":
+        if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
             raise TypeError(
                 f"state leaf {name!r} is an array of dtype {value.dtype}, which a checkpoint "
                 "cannot hold; keep numeric and bool arrays in the state (map strings to ids)"
+            )
+        if np.size(value) == 0:
+            raise ValueError(
+                f"state leaf {name!r} has no elements (shape {np.shape(value)}), which orbax "
+                "cannot save; drop it from the state"
             )
         leaves.append(_Leaf(name, kind, key_impl, np.shape(value), str(value.dtype), shard))
         arrays[name] = value

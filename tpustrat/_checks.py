@@ -93,7 +93,7 @@ def check_tree(name: str, tree: Any, *, opaque: Callable[[Any], bool] | None = N
         if opaque is not None and opaque(leaf) and not is_iterator(leaf):
             continue
         check_leaf(where, leaf)
-        if isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "OSUV":
+        if isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype.kind in "OSU":
             raise TypeError(
                 f"{where} is an array of dtype {leaf.dtype}; only numeric and bool arrays can go "
                 "to the devices (map strings to integer ids)"

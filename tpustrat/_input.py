@@ -69,6 +69,7 @@ from tpustrat._batching import (
     skip_reads,
     steps_of_per_replica_batches,
 )
+from tpustrat._checks import describe
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._values import local_replicas
@@ -233,14 +234,14 @@ class _DatasetInput:
     def check(self, position: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(position, Mapping):
             raise TypeError(
-                f"an input position is a dict from get_state(), got {type(position).__name__}"
+                f"an input position is a dict from get_state(), got {describe(position)}"
             )
         for key in ("batches", "reads"):
             value = position.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(
-                    f"input position {dict(position)!r} has {key}={value!r}; pass a dict "
-                    "returned by DistributedIterator.get_state()"
+                    f"input position {describe(dict(position))} has {key}={describe(value)}; "
+                    "pass a dict returned by DistributedIterator.get_state()"
                 )
         return dict(position)
 

@@ -63,7 +63,7 @@ def compute_average_loss(
             "(shape (per_replica_batch, ...)), or divide an already summed loss yourself"
         )
     if sample_weight is not None:
-        weight = _array("sample_weight", sample_weight, kinds="buif").astype(loss.dtype)
+        weight = _array("sample_weight", sample_weight, kinds="real numbers").astype(loss.dtype)
         try:
             loss = loss * jnp.broadcast_to(weight, loss.shape)
         except ValueError:
@@ -83,7 +83,7 @@ def compute_average_loss(
             f"compute_average_loss got mask and global_batch_size={global_batch_size!r}; with a "
             "mask the divisor is the number of real rows over all replicas: drop one of them"
         )
-    rows = _array("mask", mask, kinds="bui")
+    rows = _array("mask", mask, kinds="real numbers")
     if rows.shape != loss.shape[:1]:
         raise ValueError(
             f"compute_average_loss: mask has shape {rows.shape} but per_example_loss has "
@@ -97,13 +97,19 @@ def compute_average_loss(
     return jnp.sum(loss) / jnp.maximum(count, 1)
 
 
-def _array(name: str, value: Any, kinds: str = "buifc") -> jax.Array:
-    """``value`` as a ``jax.Array``; a TypeError naming ``name`` unless an array of ``kinds``."""
+_KINDS: dict[str, tuple[Any, ...]] = {
+    "numbers": (jnp.bool_, jnp.number),
+    "real numbers": (jnp.bool_, jnp.integer, jnp.floating),
+}
+
+
+def _array(name: str, value: Any, kinds: str = "numbers") -> jax.Array:
+    """``value`` as a ``jax.Array``; a TypeError naming ``name`` unless an array of ``kinds``
+    (a key of ``_KINDS``; bfloat16 and the other ml_dtypes floats count as floating)."""
     check_array(name, value)
     array = jnp.asarray(value)
-    if jnp.issubdtype(array.dtype, jax.dtypes.prng_key) or array.dtype.kind not in kinds:
+    if not any(jnp.issubdtype(array.dtype, kind) for kind in _KINDS[kinds]):
         raise TypeError(
-            f"compute_average_loss: {name} has dtype {array.dtype}; pass an array of "
-            + {"bui": "bools (or 0/1 integers)", "buif": "real numbers"}.get(kinds, "numbers")
+            f"compute_average_loss: {name} has dtype {array.dtype}; pass an array of {kinds}"
         )
     return array
