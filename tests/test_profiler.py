@@ -60,6 +60,8 @@ def test_an_error_in_the_last_step_still_ends_the_trace(tmp_path):
         ({"first": -1}, ValueError, "first"),
         ({"first": "2"}, TypeError, "first"),
         ({"first": 3, "last": 2}, ValueError, "last"),
+        ({"first": 2**40, "last": 2}, ValueError, "last 2 comes before first 1099511627776"),
+        ({"name": ["train"]}, TypeError, r"name must be a non-empty str, got list \['train'\]"),
         ({"name": ""}, TypeError, "name"),
     ],
 )

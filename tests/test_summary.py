@@ -84,6 +84,11 @@ def test_only_process_0_writes(tmp_path):
         (lambda w, s: w.scalars(0, {3: 1.0}), TypeError, "names"),
         (lambda w, s: w.scalars(0, {"loss": "high"}), TypeError, "loss"),
         (lambda w, s: w.histogram(0, "w", np.ones(0)), ValueError, "non-empty"),
+        (lambda w, s: w.histogram(0, "w", np.array([np.nan])), ValueError, "values of 'w' holds"),
+        (lambda w, s: w.histogram(0, 3, np.ones(2)), TypeError, "name must be a str, got int 3"),
+        (lambda w, s: w.histogram(0, "w", iter([1.0])), TypeError, "values is list_iterator"),
+        (lambda w, s: w.scalars(0, {"loss": 1 + 2j}), TypeError, r"values\['loss'\] is complex"),
+        (lambda w, s: w.scalars(0, iter([1.0])), TypeError, "values must be a mapping"),
     ],
 )
 def test_bad_values_say_what_to_pass(tmp_path, call, error, words):

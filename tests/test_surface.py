@@ -205,6 +205,18 @@ def _entries(strategy: ts.TPUStrategy, tmp_path: pathlib.Path) -> list[Entry]:
         finally:
             iterator.close()
 
+    def summary_scalars(step, values):
+        with ts.SummaryWriter(tmp_path / "summaries") as writer:
+            return writer.scalars(step, values)
+
+    def summary_histogram(step, name, values):
+        with ts.SummaryWriter(tmp_path / "summaries") as writer:
+            return writer.histogram(step, name, values)
+
+    def summary_writer(logdir, every_n_steps):
+        with ts.SummaryWriter(logdir, every_n_steps=every_n_steps) as writer:
+            return writer.every_n_steps
+
     idle_manager = ts.CheckpointManager(tmp_path / "idle", strategy)
     idle_manager.close()
 
@@ -224,6 +236,31 @@ def _entries(strategy: ts.TPUStrategy, tmp_path: pathlib.Path) -> list[Entry]:
             {"state": lambda: {"batches": 1, "reads": 1}},
         ),
         Entry("CheckpointManager.should_save", idle_manager.should_save, {"step": lambda: 1}),
+        Entry(
+            "SummaryWriter.scalars",
+            summary_scalars,
+            {"step": lambda: 1, "values": lambda: {"loss": np.float32(0.5)}},
+        ),
+        Entry(
+            "SummaryWriter.histogram",
+            summary_histogram,
+            {"step": lambda: 1, "name": lambda: "w", "values": lambda: np.ones(4, np.float32)},
+        ),
+        Entry(
+            "ts.SummaryWriter",
+            summary_writer,
+            {"logdir": lambda: tmp_path / "summaries", "every_n_steps": lambda: 2},
+        ),
+        Entry(
+            "ts.StepProfiler",
+            lambda logdir, first, last, name: ts.StepProfiler(logdir, first, last, name),
+            {
+                "logdir": lambda: tmp_path / "profile",
+                "first": lambda: 1,
+                "last": lambda: 2,
+                "name": lambda: "train",
+            },
+        ),
         Entry(
             "CheckpointManager.reached_preemption",
             idle_manager.reached_preemption,
@@ -479,7 +516,8 @@ def _names_argument(message: str, argument: str, entry: Entry) -> bool:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_every_bad_argument_gives_a_result_or_a_clear_error(seed, tmp_path):
+def test_every_bad_argument_gives_a_result_or_a_clear_error(seed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a str drawn as a folder (a logdir "x") is made in here
     strategy = ts.TPUStrategy()
     rng = random.Random(seed)
     bad_values = _fixed_bad_values(strategy) + _drawn_bad_values(rng)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import jax
 
-from tpustrat._checks import check_int
+from tpustrat._checks import check_int, describe
 
 
 class StepProfiler:
@@ -49,13 +49,18 @@ class StepProfiler:
         if not isinstance(logdir, (str, pathlib.Path)):
             raise TypeError(
                 f"StepProfiler logdir must be a folder path (str or pathlib.Path), got "
-                f"{type(logdir).__name__} {logdir!r}"
+                f"{describe(logdir)}"
             )
         if not isinstance(name, str) or not name:
-            raise TypeError(f"StepProfiler name must be a non-empty str, got {name!r}")
+            raise TypeError(f"StepProfiler name must be a non-empty str, got {describe(name)}")
         self.logdir = pathlib.Path(logdir)
         self.first = check_int("first", first, minimum=0)
-        self.last = self.first if last is None else check_int("last", last, minimum=self.first)
+        self.last = self.first if last is None else check_int("last", last, minimum=0)
+        if self.last < self.first:
+            raise ValueError(
+                f"last {self.last} comes before first {self.first}; pass first <= last (the "
+                "steps first to last are traced)"
+            )
         self.name = name
         self.traced_steps: list[int] = []
         self._tracing = False

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from tpustrat._checks import check_int
-from tpustrat._values import PerReplica, is_per_replica
+from tpustrat._checks import check_int, check_leaf, check_tree, describe, is_iterator
+from tpustrat._values import PerReplica, is_key, is_per_replica
 
 
 def writes_summaries() -> bool:
@@ -45,7 +46,7 @@ class SummaryWriter:
         if not isinstance(logdir, (str, pathlib.Path)):
             raise TypeError(
                 f"SummaryWriter logdir must be a folder path (str or pathlib.Path), got "
-                f"{type(logdir).__name__} {logdir!r}"
+                f"{describe(logdir)}"
             )
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.logdir = pathlib.Path(logdir)
@@ -83,16 +84,19 @@ class SummaryWriter:
         """
         if not isinstance(values, Mapping):
             raise TypeError(
-                f"SummaryWriter.scalars takes a mapping of names to scalars, got "
-                f"{type(values).__name__}; e.g. writer.scalars(step, {{'loss': loss}})"
+                f"SummaryWriter.scalars values must be a mapping of names to scalars, got "
+                f"{describe(values)}; e.g. writer.scalars(step, {{'loss': loss}})"
             )
         if not self.should_write(step):
             return False
         for name, value in values.items():
-            array = _host_value("scalars", name, value)
+            if not isinstance(name, str):
+                raise TypeError(f"SummaryWriter.scalars: names must be str, got {describe(name)}")
+            array = _host_value("scalars", f"values[{name!r}]", value)
             if array.size != 1:
                 raise ValueError(
-                    f"SummaryWriter.scalars: {name!r} has shape {array.shape}, not one value; "
+                    f"SummaryWriter.scalars: values[{name!r}] has shape {array.shape}, not one "
+                    "value; "
                     "reduce it first (e.g. strategy.reduce('mean', value, axis=0)) or write it "
                     "with histogram"
                 )
@@ -105,13 +109,20 @@ class SummaryWriter:
         Returns:
           Whether anything was written.
         """
+        if not isinstance(name, str):
+            raise TypeError(f"SummaryWriter.histogram name must be a str, got {describe(name)}")
         if not self.should_write(step):
             return False
-        array = _host_value("histogram", name, values)
-        if not np.issubdtype(array.dtype, np.number) or array.size == 0:
+        array = _host_value("histogram", "values", values)
+        if array.size == 0:
             raise ValueError(
-                f"SummaryWriter.histogram: {name!r} is {array.dtype}{list(array.shape)}; pass "
-                "a non-empty numeric array"
+                f"SummaryWriter.histogram: values of {name!r} is {array.dtype}"
+                f"{list(array.shape)}; pass a non-empty numeric array"
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(
+                f"SummaryWriter.histogram: values of {name!r} holds nan or inf; write only "
+                "finite values (e.g. drop them with values[np.isfinite(values)])"
             )
         self._writer.add_histogram(name, array.astype(np.float64), global_step=step)
         return True
@@ -135,26 +146,33 @@ class SummaryWriter:
         self.close()
 
 
-def _host_value(method: str, name: Any, value: Any) -> np.ndarray:
-    """``value`` copied to this host, refusing distributed values that are not one value."""
-    if not isinstance(name, str):
-        raise TypeError(f"SummaryWriter.{method}: names must be str, got {type(name).__name__}")
-    if isinstance(value, PerReplica) or any(
-        isinstance(leaf, PerReplica) for leaf in jax.tree.leaves(value, is_leaf=is_per_replica)
-    ):
+def _host_value(method: str, where: str, value: Any) -> np.ndarray:
+    """``value`` (named ``where``) copied to this host, refusing distributed values that are
+    not one value and anything that is not one real number or array of them."""
+    leaves = jax.tree.leaves(value, is_leaf=lambda x: is_per_replica(x) or is_iterator(x))
+    if any(isinstance(leaf, PerReplica) for leaf in leaves):
         raise TypeError(
-            f"SummaryWriter.{method}: {name!r} is a PerReplica, one value per replica; combine "
+            f"SummaryWriter.{method}: {where} is a PerReplica, one value per replica; combine "
             "it first with strategy.reduce('mean', value) (or 'sum')"
+        )
+    if isinstance(value, (list, tuple)):  # a list of numbers, for a histogram
+        check_tree(f"SummaryWriter.{method}: {where}", value)
+    elif isinstance(value, (int, float, np.ndarray, np.generic, jax.Array)) and not is_key(value):
+        check_leaf(f"SummaryWriter.{method}: {where}", value)
+    else:
+        raise TypeError(
+            f"SummaryWriter.{method}: {where} is {describe(value)}, not a number or a numeric array"
         )
     if isinstance(value, jax.Array) and not value.is_fully_replicated:
         raise ValueError(
-            f"SummaryWriter.{method}: {name!r} is an array split over the devices "
+            f"SummaryWriter.{method}: {where} is an array split over the devices "
             f"({value.sharding}); pass a replicated value, e.g. strategy.reduce's result"
         )
     array = np.asarray(jax.device_get(value))
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+    real = (jnp.floating, jnp.integer, jnp.bool_)  # bfloat16 too, which numpy calls no float
+    if not any(jnp.issubdtype(array.dtype, kind) for kind in real):
         raise TypeError(
-            f"SummaryWriter.{method}: {name!r} is {type(value).__name__} {value!r}, not a number "
-            "or a numeric array"
+            f"SummaryWriter.{method}: {where} is {describe(value)}, not a real number or an "
+            "array of them"
         )
     return array
