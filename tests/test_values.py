@@ -193,7 +193,7 @@ def test_unbound_axis_name_names_the_replica_axis():
     assert strategy.mesh.axis_names[0] == ts.REPLICA_AXIS
 
 
-COUNT_MISMATCH = r"got a PerReplica value with 4 components, but the strategy has 8 replicas; pass"
+COUNT_MISMATCH = r"value is a PerReplica with 4 components, but the strategy has 8 replicas; pass"
 
 
 @pytest.mark.parametrize("made_by", ["host", "a 4-replica strategy"])

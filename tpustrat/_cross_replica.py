@@ -112,7 +112,7 @@ def _check_count(call: str, stacked: Any, num_replicas: int) -> None:
     count = np.shape(stacked)[0] if np.ndim(stacked) else 0
     if count != num_replicas:
         raise ValueError(
-            f"strategy.{call} got a PerReplica value with {count} components, but the strategy has "
+            f"strategy.{call} value is a PerReplica with {count} components, but the strategy has "
             f"{num_replicas} replicas; pass a value with one component per replica, made by this "
             "strategy (run's output, experimental_distribute_values_from_function or a "
             "distributed dataset), or use the strategy that made it"
