@@ -850,3 +850,12 @@ def test_a_list_of_rows_is_refused_with_the_fix(eight):
 def test_len_of_an_endless_dataset_says_what_to_do(eight):
     with pytest.raises(TypeError, match=r"has no len.* count the steps of one epoch yourself"):
         len(eight.experimental_distribute_dataset(itertools.repeat(_x(16))))
+
+
+def test_bfloat16_batches_go_to_the_replicas():
+    """ml_dtypes' bfloat16 has numpy kind "V", as raw bytes do; it is a number all the same."""
+    strategy = ts.TPUStrategy()
+    x = np.arange(16, dtype=jnp.bfloat16).reshape(8, 2)
+    (batch,) = list(strategy.experimental_distribute_dataset([x]))
+    assert batch.stacked.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(strategy.gather(batch, axis=0), x)

@@ -400,7 +400,9 @@ def host_arrays(element: PyTree, index: int, noun: str = "dataset batch") -> Hos
             raise ValueError(
                 f"{where} is ragged ({error}); pad its rows to one length, e.g. with a mask"
             ) from None
-        if array.dtype.kind in "OUSV":
+        if array.dtype.kind in "OUS" or (
+            array.dtype.kind == "V" and not jax.numpy.issubdtype(array.dtype, jax.numpy.number)
+        ):  # kind V: a record or raw bytes, but also ml_dtypes' bfloat16 and float8, numbers
             raise ValueError(
                 f"{where} has dtype {array.dtype}; only numeric and bool arrays can go to the "
                 "devices: map strings to integer ids, and pad ragged rows to one length"
