@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._checks import check_tree
 from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
-from tpustrat._values import Mirrored, PerReplica, is_distributed, unwrap_mirrored
+from tpustrat._values import Mirrored, PerReplica, is_distributed, put, unwrap_mirrored
 
 PyTree = Any
 
@@ -197,7 +197,7 @@ def prepare(
                 raise type(error)(f"{_where(inputs, index)}{error}") from None
             if isinstance(x, (np.ndarray, np.generic)) and x.dtype in _WIDE_INTEGERS:
                 _check_fits_32_bits(inputs, index, x)
-            x = jax.device_put(x, per_replica if is_per_replica else replicated)
+            x = put(x, per_replica if is_per_replica else replicated)  # typed keys too
             moved = True
             if model_parallel and not is_per_replica:
                 block_specs.append((index, replicated))

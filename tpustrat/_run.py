@@ -18,7 +18,16 @@ from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import _accounting, _bucketing, _cache, _mesh, _nnx, _placement, _replication
+from tpustrat import (
+    _accounting,
+    _bucketing,
+    _cache,
+    _mesh,
+    _nnx,
+    _placement,
+    _replication,
+    _watchdog,
+)
 from tpustrat._checks import check_int, describe
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
@@ -353,6 +362,7 @@ class Runner:
             self.ledger.compiled(key, step.name, retraced, bucketing)
         else:
             self.ledger.hit()
+        _watchdog.calls["run"] += 1
         self.window.record(marker)
         return outputs
 
@@ -461,7 +471,8 @@ class DispatchWindow:
         while len(pending) > count:
             oldest = pending.popleft()
             if not oldest.is_deleted():  # a reduce result the user donated since: its step waits
-                oldest.block_until_ready()
+                with _watchdog.waiting("run"):
+                    oldest.block_until_ready()
 
     def admit_result(self, result: PyTree) -> None:
         """``admit`` for the result of ``reduce`` or ``gather``, whose first leaf stands for

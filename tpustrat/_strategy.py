@@ -21,7 +21,9 @@ from tpustrat import (
     _multistep,
     _nnx,
     _run,
+    _summary,
     _values,
+    _watchdog,
 )
 from tpustrat._checks import check_bool, check_int, check_leaf, describe, is_iterator
 from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
@@ -139,6 +141,21 @@ class TPUStrategy:
     def num_logical_cores(self) -> int:
         """How many devices each replica spans."""
         return self._public_mesh.shape[_mesh.LOGICAL_CORE_AXIS]
+
+    @property
+    def should_checkpoint(self) -> bool:
+        """Whether this process takes part in saving checkpoints: True on every process.
+
+        ``ts.CheckpointManager.save`` is a call of every process (each writes the shards of
+        its own devices), so unlike TF's chief-only flag this is never False; guarding a save
+        with it keeps a TF loop's shape.
+        """
+        return True
+
+    @property
+    def should_save_summary(self) -> bool:
+        """Whether this process writes summaries: process 0 only (``ts.SummaryWriter``'s rule)."""
+        return _summary.writes_summaries()
 
     def __repr__(self) -> str:
         return (
@@ -268,8 +285,8 @@ class TPUStrategy:
           unroll: steps per iteration of the scan, as ``lax.scan``'s ``unroll``: ``True``
             writes all the steps out in one loop-free program, which compiles in time
             proportional to ``steps_per_run``. XLA:CPU runs convolutions inside a loop many
-            times slower than outside one (18x for a small CNN's train step, on jax 0.10),
-            so on CPU pass ``unroll=True`` for a convolutional model; on TPU and GPU keep 1.
+            times slower than outside one, so on CPU pass ``unroll=True`` for a convolutional
+            model; on TPU and GPU keep 1.
           options: ``ts.RunOptions`` for the compiled program (``donate_argnums=(0,)`` donates
             the state).
 
@@ -376,7 +393,8 @@ class TPUStrategy:
             "reduce",
             f"combine the replicas with ts.get_replica_context().all_reduce({op.value!r}, value)",
         )
-        result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
+        with _watchdog.calling("reduce"):
+            result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
         self._runner.window.admit_result(result)
         return result
 
@@ -401,7 +419,8 @@ class TPUStrategy:
             "gather",
             "concatenate the replicas with ts.get_replica_context().all_gather(value, axis)",
         )
-        result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
+        with _watchdog.calling("gather"):
+            result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
         self._runner.window.admit_result(result)
         return result
 
