@@ -249,6 +249,7 @@ def test_the_namespace_walk_builds_the_common_optimizers(transformations):
     assert len(built) > 100
 
 
+@pytest.mark.slow  # about 60 optax transformations compiled per mesh: 25-50 s on 2 cores
 @pytest.mark.parametrize(
     ("strategy", "half"), [((8, 1), 0), ((4, 2), 1)], ids=["8x1", "4x2"], indirect=["strategy"]
 )
