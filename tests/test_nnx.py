@@ -4,6 +4,8 @@ The training step is the Flax NNX MNIST tutorial's, ported by replacing ``@nnx.j
 ``strategy.run`` and adding the gradient all-reduce (metrics are updated with global values).
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -361,3 +363,22 @@ def test_an_nnx_argument_means_the_same_plain_and_inside_nnx_jit(shape):
     np.testing.assert_allclose(np.asarray(out_jitted.stacked), np.asarray(out_plain.stacked))
     kernel = np.asarray(nnx.Linear(2, 1, rngs=nnx.Rngs(0)).kernel[...])
     np.testing.assert_allclose(np.asarray(plain.kernel[...]), kernel + n * (n - 1))
+
+
+def test_a_step_that_changes_a_closed_over_object_is_told_to_pass_it():
+    strategy = ts.TPUStrategy()
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    x = ts.PerReplica([np.ones((2, 3), np.float32)] * 8)
+
+    def step(x):
+        with warnings.catch_warnings():  # newer Flax deprecates .value; older lacks [...] =
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model.kernel.value = model.kernel.value + 1  # the object is not an argument of run
+        return x.sum()
+
+    with pytest.raises(ValueError, match="Pass the object to run as an argument"):
+        strategy.run(step, args=(x,))
+    np.testing.assert_array_equal(  # the argument form updates it in place
+        strategy.run(lambda model, x: model(x).sum(), args=(model, x)).stacked,
+        np.full(8, np.asarray(model(np.ones((2, 3), np.float32)).sum())),
+    )

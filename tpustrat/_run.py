@@ -649,7 +649,12 @@ _STACKING = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
 
 
 def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
-    """Calls the user's step, naming the replica axis when the step used an unbound one."""
+    """Calls the user's step, naming the fix of two mistakes JAX and Flax report obscurely.
+
+    A step that uses an unbound axis name gets the replica axis's name; a step that changes
+    a Flax NNX object it closes over (Flax's TraceContextError) is told to pass the object to
+    ``run``, which updates it in place.
+    """
     try:
         return fn(*args, **kwargs)
     except NameError as error:
@@ -660,6 +665,14 @@ def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
             f"{_mesh.REPLICA_AXIS!r} (ts.REPLICA_AXIS): write lax.pmean(x, ts.REPLICA_AXIS), "
             "nn.BatchNorm(axis_name=ts.REPLICA_AXIS) or nnx.BatchNorm(..., "
             "axis_name=ts.REPLICA_AXIS), or use ts.get_replica_context().all_reduce"
+        ) from error
+    except Exception as error:
+        if type(error).__name__ != "TraceContextError" or "flax" not in type(error).__module__:
+            raise
+        raise ValueError(
+            f"{error}. The step changes a Flax NNX object it closes over; strategy.run cannot "
+            "write back an object it was not given. Pass the object to run as an argument, "
+            "e.g. strategy.run(step, args=(model, optimizer, batch)): run updates it in place"
         ) from error
 
 
