@@ -14,6 +14,7 @@ so a block may use what an earlier block of the same page defined. Three convent
   runs.
 """
 
+import ast
 import contextlib
 import io
 import os
@@ -130,9 +131,117 @@ def test_python_blocks_run_as_written(path, tmp_path):
             )
 
 
-def test_parser_finds_the_readme_blocks():
-    """The README's eight Python blocks are found, so the test above cannot pass on none."""
-    assert len(python_blocks(ROOT / "README.md")) == 8
+def test_parser_finds_every_python_block():
+    """Every ```python fence is parsed as a block, so the test above cannot pass on none."""
+    for path in DOCUMENTS:
+        fences = [line for line in path.read_text().splitlines() if line.strip() == "```python"]
+        assert len(python_blocks(path)) == len(fences), path.name
+    assert python_blocks(ROOT / "README.md"), "the README's quickstart is a ```python block"
+
+
+def _prose(path: pathlib.Path) -> list[str]:
+    """The lines of a page outside code blocks and tables, stripped."""
+    lines, in_code = [], False
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and not line.lstrip().startswith("|"):
+            lines.append(line.strip())
+    return lines
+
+
+def test_readme_is_the_front_door():
+    """The README is short and links every page of docs/ and the benchmark records."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    pages = [ROOT / "docs" / "index.md", ROOT / "docs" / "api.md"]
+    pages += [ROOT / "docs" / "development.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+    links = set(re.findall(r"\]\(([^)#]+)", text))
+    wanted = {str(page.relative_to(ROOT)) for page in pages} | {"benchmarks/README.md"}
+    assert sorted(wanted - links) == [], "link these from the README"
+
+
+def test_readme_says_nothing_twice():
+    """Below its introduction, no README prose line is also a line of docs/: it lives once."""
+    readme = _prose(ROOT / "README.md")
+    body = readme[next(i for i, line in enumerate(readme) if line.startswith("## ")) :]
+    docs = {line for path in DOCUMENTS[1:] for line in _prose(path)}
+    assert sorted(line for line in body if len(line) > 40 and line in docs) == []
+
+
+HISTORY = re.compile(
+    r"before this change|after this change|previous record|old name|earlier version"
+    r"|still works|used to be|in the past",
+    re.IGNORECASE,
+)
+TIMING = re.compile(r"\b\d[\d.,]*\s?(ms|µs|us|ns)\b|\d\s?x (faster|slower)|\d steps/s")
+RATIO = re.compile(r"\b\d+(\.\d+)?x\b")  # "18x": a speed-up, where "8x1" is a mesh
+
+
+def _docstrings() -> list[tuple[str, str]]:
+    """(where, docstring) for every module, class and function docstring of tpustrat."""
+    found = []
+    for path in sorted(pathlib.Path(ts.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            if isinstance(node, kinds) and (docstring := ast.get_docstring(node)):
+                found.append((f"{path.name}:{getattr(node, 'name', 'module')}", docstring))
+    return found
+
+
+def test_no_history_or_speed_figures_in_docs_and_docstrings():
+    """Docs say what is, never what was, and quote no timings (benchmarks/results/ holds them)."""
+    pages = [(str(path.relative_to(ROOT)), path.read_text()) for path in DOCUMENTS]
+    problems = [
+        f"{where}: {match.group(0)!r}"
+        for where, text in pages + _docstrings()
+        for pattern in (HISTORY, TIMING)
+        for match in pattern.finditer(text)
+    ]
+    problems += [
+        f"{where}: {match.group(0)!r}"
+        for where, text in _docstrings()
+        for match in RATIO.finditer(text)
+    ]
+    assert problems == [], "say what is, and point to benchmarks/results/:\n" + "\n".join(problems)
+
+
+def _development_table() -> dict[str, tuple[int, set[str]]]:
+    """docs/development.md's house: module -> (floor, the tpustrat modules it imports)."""
+    table = {}
+    for line in (ROOT / "docs" / "development.md").read_text().splitlines():
+        row = re.fullmatch(r"\|\s*(\d+)\s*\|\s*`(\w+)\.py`\s*\|[^|]*\|([^|]*)\|", line.strip())
+        if row:
+            floor, module, imports = row.groups()
+            table[module] = (int(floor), set(re.findall(r"`(\w+)`", imports)))
+    return table
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The tpustrat modules a module imports, anywhere in it."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tpustrat"):
+            if node.module == "tpustrat":
+                names |= {alias.name for alias in node.names}
+            else:
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tpustrat.")}
+    return names
+
+
+def test_development_page_describes_the_house():
+    """docs/development.md lists every module with what it imports, each from a lower floor."""
+    table = _development_table()
+    modules = {path.stem: path for path in pathlib.Path(ts.__file__).parent.glob("*.py")}
+    assert sorted(table) == sorted(modules)
+    for module, (floor, imports) in table.items():
+        if module == "__init__":
+            continue
+        assert imports == _imports(modules[module]), f"{module}: fix its row's imports"
+        higher = sorted(name for name in imports if table[name][0] >= floor)
+        assert higher == [], f"{module} (floor {floor}) imports from its floor or above"
 
 
 def test_quickstart_example_is_the_readme_quickstart():
