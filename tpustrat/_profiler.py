@@ -19,11 +19,10 @@ class StepProfiler:
     boundaries and step times), the trace starts when the first step in ``[first, last]``
     begins (a resumed loop may start past ``first``) and stops when step ``last`` ends, after
     every program dispatched until then has finished, so the last traced step's device work is
-    in the trace. The trace lands in
-    ``logdir/plugins/profile/<run>/``: an ``.xplane.pb`` for ``tensorboard --logdir LOGDIR``
-    (with the ``tensorboard-plugin-profile`` package) or XProf, and a ``.trace.json.gz`` that
-    ui.perfetto.dev opens. Outside the traced range a step costs
-    one annotation, a few microseconds.
+    in the trace. The trace lands in ``logdir/plugins/profile/<run>/``: an ``.xplane.pb`` for
+    ``tensorboard --logdir LOGDIR`` (with the ``tensorboard-plugin-profile`` package) or XProf,
+    and a ``.trace.json.gz`` that ui.perfetto.dev opens. Outside the traced range a step costs
+    only its annotation.
 
     Args:
       logdir: the folder the trace is written under.
