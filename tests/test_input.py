@@ -779,7 +779,9 @@ def test_values_beyond_int32_are_refused_per_replica_batch(eight):
 def test_x64_keeps_64_bit_values(eight):
     column = np.full(16, 2**40, np.int64)
     options = InputOptions(experimental_per_replica_buffer_size=0)  # read in this thread
-    with jax.enable_x64(True):
+    # jax.enable_x64 is JAX >= 0.8's name of jax.experimental.enable_x64
+    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+    with enable_x64(True):
         (batch,) = eight.experimental_distribute_dataset([{"ids": column}], options)
         placed = _per_replica(batch["ids"])
     assert placed.dtype == np.int64
