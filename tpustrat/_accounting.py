@@ -9,9 +9,9 @@ from typing import Any
 
 import jax
 
-logger = logging.getLogger("tpustrat")
+from tpustrat._types import PyTree
 
-PyTree = Any
+logger = logging.getLogger("tpustrat")
 
 
 @dataclasses.dataclass(frozen=True)

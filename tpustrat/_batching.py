@@ -15,9 +15,8 @@ from jax.sharding import Mesh
 
 from tpustrat import _mesh
 from tpustrat._dataset_options import InputOptions
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica
-
-PyTree = Any
 
 # How long the interpreter's exit waits for batches being checked or placed to finish.
 _EXIT_WAIT_S = 10.0

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_distributed
-
-PyTree = Any
 
 
 def bucket_size(rows: int) -> int:

@@ -47,9 +47,8 @@ from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state
 from tpustrat._strategy import TPUStrategy
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
-
-PyTree = Any
 
 _STATE = "state"
 _LEAVES = "leaves"

@@ -18,8 +18,7 @@ from jax.sharding import Mesh
 from tpustrat._checks import check_axis, check_tree, describe
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
-
-PyTree = Any
+from tpustrat._types import PyTree
 
 
 class Strategy(Protocol):

@@ -15,9 +15,8 @@ from tpustrat import _values
 from tpustrat._checks import check_axis
 from tpustrat._context import JNP_REDUCTIONS, ReduceOp
 from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
-
-PyTree = Any
 
 
 def reduce(op: ReduceOp, value: PyTree, axis: int | None, num_replicas: int) -> PyTree:

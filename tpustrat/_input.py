@@ -72,9 +72,8 @@ from tpustrat._batching import (
 from tpustrat._checks import describe
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._prefetch import DistributedIterator
+from tpustrat._types import PyTree
 from tpustrat._values import local_replicas
-
-PyTree = Any
 
 
 class DistributedDataset:

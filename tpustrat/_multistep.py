@@ -11,9 +11,8 @@ import numpy as np
 from jax import lax
 
 from tpustrat import _nnx
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
-
-PyTree = Any
 
 
 class StepsResult(NamedTuple):

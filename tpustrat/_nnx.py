@@ -25,9 +25,8 @@ from typing import Any
 import jax
 
 from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_distributed, is_per_replica
-
-PyTree = Any
 
 
 def nnx_module() -> ModuleType | None:

@@ -13,9 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._checks import check_tree
 from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
+from tpustrat._types import PyTree
 from tpustrat._values import Mirrored, PerReplica, is_distributed, put, unwrap_mirrored
-
-PyTree = Any
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, bool, complex)
 

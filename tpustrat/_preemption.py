@@ -25,8 +25,7 @@ import jax
 from tpustrat._checkpoint import CheckpointManager
 from tpustrat._checks import check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
-
-PyTree = Any
+from tpustrat._types import PyTree
 
 
 class PreemptionCheckpointHandler:

@@ -13,9 +13,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 
 from tpustrat._checks import check_int
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_distributed
-
-PyTree = Any
 
 THREAD_NAME_PREFIX = "tpustrat-prefetch"
 

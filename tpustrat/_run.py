@@ -31,9 +31,8 @@ from tpustrat import (
 from tpustrat._checks import check_int, describe
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
-
-PyTree = Any
 
 _JAX_DONATION_WARNING = "Some donated buffers were not usable"
 _flatten = jax.tree_util.tree_flatten  # jax.tree.flatten, one call fewer on run's hot path

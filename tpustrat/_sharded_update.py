@@ -45,9 +45,8 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from tpustrat import _mesh
 from tpustrat._checks import check_int, check_leaf, check_tree, describe
 from tpustrat._context import ReduceOp, ReplicaContext, Strategy, get_replica_context
+from tpustrat._types import PyTree
 from tpustrat._values import Mirrored, PerReplica, is_distributed
-
-PyTree = Any
 
 
 @jax.tree_util.register_pytree_with_keys_class

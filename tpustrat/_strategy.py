@@ -30,9 +30,8 @@ from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
 from tpustrat._topology import DeviceAssignment
+from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, ValueContext, is_per_replica
-
-PyTree = Any
 
 
 class TPUStrategy:

@@ -20,8 +20,7 @@ from jax.sharding import Mesh
 
 from tpustrat import _mesh
 from tpustrat._checks import check_int, check_leaf, check_tree, describe
-
-PyTree = Any
+from tpustrat._types import PyTree
 
 
 @jax.tree_util.register_pytree_node_class
