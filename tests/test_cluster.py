@@ -709,11 +709,3 @@ def test_result_that_cannot_be_sent_back_is_named():
 def test_function_that_ends_its_process_is_reported():
     with pytest.raises(ts.ClusterError, match="process 0 of 1 exited with code 0 but returned"):
         run_in_local_processes(os._exit, 1, args=(0,), timeout=60)
-
-
-def test_old_launcher_name_warns_and_still_works():
-    with pytest.warns(DeprecationWarning, match="moved to tpustrat.testing.run_in_local_processes"):
-        old = ts.run_in_local_processes
-    assert old is run_in_local_processes
-    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        ts.no_such_name  # noqa: B018

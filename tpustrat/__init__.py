@@ -1,8 +1,5 @@
 """tpustrat: tf.distribute.TPUStrategy for JAX, built on jax.sharding and jax.shard_map."""
 
-import warnings
-from typing import Any
-
 from tpustrat import testing
 from tpustrat._accounting import CompileStats, Recompile
 from tpustrat._checkpoint import CheckpointError, CheckpointManager
@@ -70,16 +67,3 @@ __all__ = [
     "shard_update",
     "testing",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """Keeps moved names working, with a DeprecationWarning that names their new place."""
-    if name == "run_in_local_processes":
-        warnings.warn(
-            "ts.run_in_local_processes moved to tpustrat.testing.run_in_local_processes; "
-            "import it from there (the old name will be removed in a future release)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return testing.run_in_local_processes
-    raise AttributeError(f"module 'tpustrat' has no attribute {name!r}")
