@@ -165,6 +165,18 @@ def test_mirrored_is_still_accepted_as_input():
     np.testing.assert_array_equal(np.asarray(out), [2.0, 2.0])
 
 
+def test_mirrored_is_immutable_and_says_to_make_a_new_one():
+    value = ts.Mirrored({"w": np.ones(2, np.float32)})
+    with pytest.raises(AttributeError, match=r"Mirrored is immutable; make a new one.*value"):
+        value.value = {"w": np.zeros(2, np.float32)}
+    with pytest.raises(AttributeError, match=r"Mirrored is immutable; make a new one.*value"):
+        del value.value
+    leaves, treedef = jax.tree.flatten(value)
+    rebuilt = jax.tree.unflatten(treedef, [leaf * 3 for leaf in leaves])
+    np.testing.assert_array_equal(rebuilt.value["w"], [3.0, 3.0])
+    np.testing.assert_array_equal(value.value["w"], [1.0, 1.0])
+
+
 @pytest.mark.parametrize("cores", [1, 2, 4])  # 8, 4 and 2 replicas
 def test_an_array_split_over_replicas_viewed_as_blocks_arrives_as_its_block(cores, compile_count):
     strategy = ts.TPUStrategy(num_logical_cores=cores)

@@ -1,6 +1,6 @@
 """tpustrat: tf.distribute.TPUStrategy for JAX, built on jax.sharding and jax.shard_map."""
 
-from tpustrat import testing
+from tpustrat import compat, testing
 from tpustrat._accounting import CompileStats, Recompile
 from tpustrat._checkpoint import CheckpointError, CheckpointManager
 from tpustrat._cluster import ClusterError, ClusterInfo, initialize_cluster
@@ -26,8 +26,8 @@ from tpustrat._sharded_update import (
 )
 from tpustrat._strategy import TPUStrategy, get_strategy, has_strategy
 from tpustrat._summary import SummaryWriter
-from tpustrat._topology import DeviceAssignment, Topology
-from tpustrat._values import Mirrored, PerReplica, ValueContext
+from tpustrat._values import PerReplica, ValueContext
+from tpustrat.compat import DeviceAssignment, Mirrored, Topology
 
 __version__ = "0.1.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "TPUStrategy",
     "Topology",
     "ValueContext",
+    "compat",
     "compute_average_loss",
     "get_replica_context",
     "get_strategy",

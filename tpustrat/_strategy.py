@@ -49,8 +49,9 @@ class TPUStrategy:
       num_logical_cores: how many devices each replica spans (for model parallelism).
       device_assignment: a ``ts.DeviceAssignment`` that fixes every replica's devices and
         logical cores on the physical topology; replaces ``devices`` and ``num_logical_cores``.
-      spmd: TF's ``experimental_spmd_xla_partitioning``. JAX always compiles one SPMD program;
-        True only refuses ``experimental_assign_to_logical_device``, as TF does.
+      spmd: TF's ``experimental_spmd_xla_partitioning`` (``tpustrat.compat``). JAX always
+        compiles one SPMD program; True only refuses ``experimental_assign_to_logical_device``,
+        as TF does.
       max_steps_in_flight: how many ``run`` calls may be queued on the devices before ``run``
         waits for the oldest. Small numbers keep the host in step and avoid runaway queues.
       num_slices: how many slices (TPU slices joined over the data-centre network) the replicas
@@ -639,7 +640,8 @@ class TPUStrategy:
 
         The id must name a core of the replica, and ``spmd=True`` refuses the call, as in TF.
         One SPMD program cannot keep a tensor on one core alone, so the tensor stays whole on
-        every core of the replica (as ``experimental_replicate_to_logical_devices``).
+        every core of the replica (as ``experimental_replicate_to_logical_devices``, which new
+        code calls instead; see ``tpustrat.compat``).
         """
         return _logical.assign_to_logical_device(
             self, self._mesh, tensor, logical_device_id, self._spmd

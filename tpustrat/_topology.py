@@ -30,6 +30,8 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 class Topology:
     """Devices laid out on an ``[x, y, z, cores_per_chip]`` mesh; build one with ``from_devices``.
 
+    TF's ``tf.tpu.experimental.Topology``, part of ``tpustrat.compat``.
+
     Args:
       devices: the devices, each at exactly one mesh point.
       coordinates: integers ``[len(devices), 4]``, each device's ``(x, y, z, core)`` point, filling
@@ -300,6 +302,9 @@ def _tile(
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class DeviceAssignment:
     """Which device runs each logical core of each replica; build one with ``build``.
+
+    TF's ``tf.tpu.experimental.DeviceAssignment``, part of ``tpustrat.compat``, for
+    ``ts.TPUStrategy(device_assignment=...)``.
 
     Attributes:
       topology: the ``Topology`` the cores live on.

@@ -193,9 +193,10 @@ class PerReplica:
 class Mirrored:
     """Marks a value as the same on every replica, for code ported from tf.distribute.
 
-    Replicated values are plain ``jax.Array`` s in tpustrat: ``run`` and ``strategy.replicate``
-    return them unwrapped. ``run`` still accepts ``Mirrored(tree)`` and gives every replica the
-    whole ``tree``, exactly as it would the bare ``tree``.
+    Part of ``tpustrat.compat``. Replicated values are plain ``jax.Array`` s in tpustrat:
+    ``run`` and ``strategy.replicate`` return them unwrapped, and ``run`` gives every replica
+    the whole of a bare pytree. ``run`` accepts ``Mirrored(tree)`` exactly as it would the bare
+    ``tree``. A ``Mirrored`` is immutable: make a new one to mark another value.
 
     Example:
       >>> strategy = ts.TPUStrategy()
@@ -204,6 +205,7 @@ class Mirrored:
     """
 
     __slots__ = ("value",)
+    value: PyTree
 
     def __init__(self, value: PyTree):
         if isinstance(value, (PerReplica, Mirrored)):
@@ -212,7 +214,16 @@ class Mirrored:
                 "the same on every replica; pass the plain pytree of arrays"
             )
         check_tree("Mirrored value", value)
-        self.value = value
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"Mirrored is immutable; make a new one (ts.Mirrored(new_value)) instead of setting "
+            f"{name}"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Mirrored is immutable; make a new one instead of deleting {name}")
 
     def tree_flatten(self):
         return (self.value,), None
@@ -221,7 +232,7 @@ class Mirrored:
     def tree_unflatten(cls, aux, children):
         del aux
         value = object.__new__(cls)
-        value.value = children[0]
+        object.__setattr__(value, "value", children[0])
         return value
 
     def __repr__(self) -> str:
