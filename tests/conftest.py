@@ -1,5 +1,10 @@
-"""Eight CPU devices for every test: XLA_FLAGS must be set before jax is imported."""
+"""Eight CPU devices for every test (XLA_FLAGS must be set before jax is imported), the mesh
+shapes tests parametrize over, and the helpers several test files share.
 
+Test files import the shapes and helpers by name (``from conftest import MESH_SHAPES, mesh_id``).
+"""
+
+import dataclasses
 import os
 import pathlib
 
@@ -9,6 +14,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import tpustrat as ts
@@ -32,13 +38,48 @@ def pytest_report_header(config):
 
 
 MESH_SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+"""Every mesh of the 8 devices: (replicas, logical cores per replica)."""
+
+SEVERAL_REPLICAS = [shape for shape in MESH_SHAPES if shape[0] > 1]
+"""The meshes with more than one replica (8x1, 4x2, 2x4): where replicas can disagree."""
+
+TWO_MESH_SHAPES = [(8, 1), (4, 2)]
+"""One mesh without logical cores and one with, for tests too slow to run on every mesh."""
 
 
-def _mesh_id(shape):
+def mesh_id(shape: tuple[int, int]) -> str:
+    """The test id of a mesh shape: ``"4x2"`` for 4 replicas of 2 logical cores."""
     return f"{shape[0]}x{shape[1]}"
 
 
-@pytest.fixture(params=MESH_SHAPES, ids=_mesh_id)
+def per_replica_rows(strategy: ts.TPUStrategy, data) -> ts.PerReplica:
+    """Row ``i`` of ``data`` given to replica ``i``, through the strategy's value function."""
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: data[ctx.replica_id_in_sync_group]
+    )
+
+
+def deleted_array() -> jax.Array:
+    """An array whose buffer is deleted: what a donated argument leaves behind."""
+    x = jnp.ones(3)
+    x.delete()
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+    """The attributes of a jax TPU device that the mesh and the topology read."""
+
+    id: int
+    process_index: int
+    coords: tuple[int, int, int]
+    device_kind: str = "TPU v4"
+    core_on_chip: int = 0
+    slice_index: int = 0
+    platform: str = "tpu"
+
+
+@pytest.fixture(params=MESH_SHAPES, ids=mesh_id)
 def strategy(request) -> ts.TPUStrategy:
     """A strategy on each mesh shape (replicas x logical cores) over the 8 CPU devices."""
     assert jax.device_count() == 8, "conftest must run before jax is imported"

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from conftest import SEVERAL_REPLICAS
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -72,7 +73,7 @@ def _strategy(target):
     return ts.TPUStrategy(num_logical_cores=target[1])
 
 
-@pytest.mark.parametrize("target", [(8, 1), (4, 2), (2, 4), "4 devices"], ids=str)
+@pytest.mark.parametrize("target", [*SEVERAL_REPLICAS, "4 devices"], ids=str)
 def test_restore_onto_each_mesh_equals_saved_values(saved, target):
     strategy = _strategy(target)
     abstract = workers.abstract_mesh_state(strategy)

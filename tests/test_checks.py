@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import deleted_array
 
 from tpustrat._checks import (
     check_array,
@@ -70,15 +71,11 @@ def test_check_axis_errors():
         check_axis("gather", 0, 0, "a value of shape ()")
 
 
-def _deleted():
-    x = jnp.ones(3)
-    x.delete()
-    return x
-
-
 def test_describe_never_raises():
     assert describe("avg") == "str 'avg'"
-    assert describe(_deleted()) == ("a deleted jax.Array float32[3] (donated to an earlier call?)")
+    assert describe(deleted_array()) == (
+        "a deleted jax.Array float32[3] (donated to an earlier call?)"
+    )
 
     class BadRepr:
         def __repr__(self):
@@ -91,7 +88,7 @@ def test_describe_never_raises():
 def test_check_int_names_the_argument_for_any_value():
     name = "max_steps_in_flight"
     with pytest.raises(TypeError, match=rf"{name} must be an int, got a deleted jax\.Array"):
-        check_int(name, _deleted(), minimum=1)
+        check_int(name, deleted_array(), minimum=1)
     with pytest.raises(TypeError, match=rf"{name} must be an int, got ndarray array\(\[1, 2\]\)"):
         check_int(name, np.array([1, 2]), minimum=1)
     with pytest.raises(TypeError, match=rf"{name} must be an int, got the bool True"):
@@ -100,7 +97,7 @@ def test_check_int_names_the_argument_for_any_value():
 
 def test_check_bool():
     assert check_bool("force", np.bool_(False)) is False
-    for value in ("yes", 1, None, np.array([True, False]), _deleted()):
+    for value in ("yes", 1, None, np.array([True, False]), deleted_array()):
         with pytest.raises(TypeError, match=r"force must be a bool, got .*; pass True or False"):
             check_bool("force", value)
 
@@ -110,7 +107,7 @@ def test_check_bool():
     [
         ({"w": iter([1.0])}, TypeError, r"value\['w'\] is an iterator \(list_iterator\)"),
         ([(x for x in "ab")], TypeError, r"value\[0\] is an iterator \(generator\)"),
-        ({"w": _deleted()}, ValueError, r"value\['w'\] is a deleted jax\.Array float32\[3\]"),
+        ({"w": deleted_array()}, ValueError, r"value\['w'\] is a deleted jax\.Array float32\[3\]"),
         ({"n": 2**40}, ValueError, r"value\['n'\] is the Python int 1099511627776, outside"),
         ({"s": "x"}, TypeError, r"value\['s'\] is str 'x', not an array or a number"),
         ({"s": np.array(["a"])}, TypeError, r"value\['s'\] is an array of dtype <U1"),
@@ -134,15 +131,15 @@ def test_check_array_refuses_pytrees_and_lists():
     with pytest.raises(TypeError, match=r"per_example_loss must be an array, got list \[0\.5\]"):
         check_array("per_example_loss", [0.5])
     with pytest.raises(ValueError, match=r"per_example_loss is a deleted jax\.Array"):
-        check_array("per_example_loss", _deleted())
+        check_array("per_example_loss", deleted_array())
 
 
 def test_check_no_iterator():
-    check_no_iterator("target", {"w": jax.ShapeDtypeStruct((2,), np.float32), "d": _deleted()})
+    check_no_iterator("target", {"w": jax.ShapeDtypeStruct((2,), np.float32), "d": deleted_array()})
     with pytest.raises(TypeError, match=r"target\['w'\] is an iterator"):
         check_no_iterator("target", {"w": iter([])})
     with pytest.raises(ValueError, match=r"state\['d'\] is a deleted jax\.Array"):
-        check_no_iterator("state", {"d": _deleted()}, live=True)
+        check_no_iterator("state", {"d": deleted_array()}, live=True)
 
 
 def test_check_tree_accepts_ml_dtypes_floats():

@@ -20,6 +20,7 @@ import _cluster_workers as workers
 import jax
 import numpy as np
 import pytest
+from conftest import SEVERAL_REPLICAS, mesh_id
 
 import tpustrat as ts
 from tpustrat import _cluster, _launch
@@ -27,10 +28,9 @@ from tpustrat.testing import run_in_local_processes
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 4
-MESH_SHAPES = [(8, 1), (4, 2), (2, 4)]
 
 
-@pytest.fixture(scope="module", params=MESH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.fixture(scope="module", params=SEVERAL_REPLICAS, ids=mesh_id)
 def job(request):
     """(replicas per process, the one-process reference, each process's results)."""
     replicas, cores = request.param

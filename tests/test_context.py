@@ -6,14 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TWO_MESH_SHAPES, mesh_id, per_replica_rows
 
 import tpustrat as ts
-
-
-def _per_replica(strategy, data):
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: data[ctx.replica_id_in_sync_group]
-    )
 
 
 def test_context_only_inside_run(strategy):
@@ -41,7 +36,7 @@ def test_context_only_inside_run(strategy):
 def test_all_reduce_matches_numpy(strategy, op):
     n = strategy.num_replicas_in_sync
     data = np.random.default_rng(1).normal(size=(n, 5)).astype(np.float32)
-    values = _per_replica(strategy, data)
+    values = per_replica_rows(strategy, data)
     out = strategy.run(lambda x: ts.get_replica_context().all_reduce(op, {"x": x}), args=(values,))
     reducer = {"sum": np.sum, "mean": np.mean, "max": np.max, "min": np.min}[op]
     assert isinstance(out["x"], jax.Array)
@@ -64,7 +59,7 @@ def test_all_reduce_rejects_unknown_op(strategy):
 def test_all_gather_in_replica_order(strategy, axis):
     n = strategy.num_replicas_in_sync
     data = np.arange(n * 6, dtype=np.float32).reshape(n, 2, 3)
-    values = _per_replica(strategy, data)
+    values = per_replica_rows(strategy, data)
     out = strategy.run(lambda x: ts.get_replica_context().all_gather(x, axis), args=(values,))
     assert isinstance(out, jax.Array)
     np.testing.assert_array_equal(np.asarray(out), np.concatenate(list(data), axis=axis))
@@ -77,11 +72,11 @@ def test_all_gather_errors(strategy):
         strategy.run(lambda: ts.get_replica_context().all_gather(jnp.ones(()), 0))
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
+@pytest.mark.parametrize("shape", TWO_MESH_SHAPES, ids=mesh_id)
 def test_all_gather_compiles_to_all_gather(shape):
     """The compiled program holds a real all-gather, not a psum of a one-hot mask."""
     strategy = ts.TPUStrategy(num_logical_cores=shape[1])
-    values = _per_replica(strategy, np.ones((shape[0], 16), np.float32))
+    values = per_replica_rows(strategy, np.ones((shape[0], 16), np.float32))
 
     def step(x):
         return ts.get_replica_context().all_gather(x, 0)
@@ -93,7 +88,7 @@ def test_all_gather_compiles_to_all_gather(shape):
 
 def test_all_reduce_compiles_to_one_all_reduce():
     strategy = ts.TPUStrategy()
-    values = _per_replica(strategy, np.ones((8, 4), np.float32))
+    values = per_replica_rows(strategy, np.ones((8, 4), np.float32))
     lowered = jax.jit(
         lambda v: strategy.run(lambda x: ts.get_replica_context().all_reduce("sum", x), args=(v,))
     ).lower(values)
@@ -144,7 +139,7 @@ CROSS_REPLICA_CALLS = list(_cross_replica_calls(None))
 def test_cross_replica_calls_inside_a_step_are_refused(strategy, call):
     """Inside the step each value is one replica's: strategy.reduce there would sum one value."""
     n = strategy.num_replicas_in_sync
-    values = _per_replica(strategy, np.arange(n, dtype=np.float32).reshape(n, 1))
+    values = per_replica_rows(strategy, np.arange(n, dtype=np.float32).reshape(n, 1))
     fn, fix = _cross_replica_calls(strategy)[call]
     message = rf"strategy\.{call} was called inside a step .* cross-replica call.*{fix}"
     with pytest.raises(RuntimeError, match=message):

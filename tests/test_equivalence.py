@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SEVERAL_REPLICAS, mesh_id
 from flax import nnx
 
 import tpustrat as ts
@@ -70,7 +71,7 @@ def _pmap_recipe_grads(graphdef, params, xb, yb):
 
 
 @pytest.mark.parametrize("recipe", [_tf_recipe_grads, _pmap_recipe_grads], ids=["tf", "pmap"])
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)], ids=["8x1", "4x2", "2x4"])
+@pytest.mark.parametrize("shape", SEVERAL_REPLICAS, ids=mesh_id)
 def test_data_parallel_equals_single_device(shape, recipe):
     graphdef, params, x, y = _setup()
     want = _single_device(graphdef, params, x, y)

@@ -1,30 +1,17 @@
 """The mesh: JAX's topology-aware replica order on (fake) TPU slices, the given order elsewhere."""
 
-import dataclasses
 import itertools
 
 import jax
 import numpy as np
 import pytest
+from conftest import FakeTpu
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
 from tpustrat import _mesh, _placement
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeTpu:
-    """The attributes of a jax TPU device that mesh construction reads."""
-
-    id: int
-    process_index: int
-    coords: tuple[int, int, int]
-    device_kind: str
-    core_on_chip: int = 0
-    slice_index: int = 0
-    platform: str = "tpu"
 
 
 def _slice(shape, kind, slice_index=0, per_host=4):

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SEVERAL_REPLICAS, TWO_MESH_SHAPES, mesh_id
 from flax import linen, nnx
 
 import tpustrat as ts
 
 GLOBAL_BATCH = 32
 STEPS = 10
-MESHES = [(8, 1), (4, 2), (2, 4)]
 
 
 class CNN(nnx.Module):
@@ -67,7 +67,7 @@ def _objects():
     return model, optimizer, metrics
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SEVERAL_REPLICAS, ids=mesh_id)
 def test_tutorial_step_trains_in_place_like_one_device(shape, compile_count):
     image, label = _data()
     model, optimizer, metrics = _objects()
@@ -226,7 +226,7 @@ class BatchNormNet(nnx.Module):
         return self.norm(self.linear(x))
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", TWO_MESH_SHAPES, ids=mesh_id)
 def test_cross_replica_batch_norm_nnx_equals_one_device(shape):
     strategy = ts.TPUStrategy(num_logical_cores=shape[1])
     x = np.random.default_rng(1).normal(2.0, 3.0, size=(32, 5)).astype(np.float32)
@@ -258,7 +258,7 @@ class LinenBatchNormNet(linen.Module):
         return linen.BatchNorm(use_running_average=False, axis_name=self.axis_name)(x)
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", TWO_MESH_SHAPES, ids=mesh_id)
 def test_cross_replica_batch_norm_linen_equals_one_device(shape):
     strategy = ts.TPUStrategy(num_logical_cores=shape[1])
     x = np.random.default_rng(2).normal(-1.0, 2.0, size=(32, 5)).astype(np.float32)
@@ -344,7 +344,7 @@ def test_run_steps_keeps_array_leaves_next_to_nnx_objects():
     np.testing.assert_allclose(np.asarray(model.kernel[...]), kernel + 24.0)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SEVERAL_REPLICAS, ids=mesh_id)
 def test_an_nnx_argument_means_the_same_plain_and_inside_nnx_jit(shape):
     strategy = ts.TPUStrategy(num_logical_cores=shape[1])
     n = strategy.num_replicas_in_sync

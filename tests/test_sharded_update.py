@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import SEVERAL_REPLICAS, TWO_MESH_SHAPES, mesh_id, per_replica_rows
 
 import tpustrat as ts
 
-MESHES = [(8, 1), (4, 2), (2, 4)]
-MESH_IDS = ["8x1", "4x2", "2x4"]
 GLOBAL_BATCH = 32
 STEPS = 20
 
@@ -27,16 +26,10 @@ def _plain(tree):
     )
 
 
-def _per_replica(strategy, data):
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: data[ctx.replica_id_in_sync_group]
-    )
-
-
 # reduce_scatter --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize("shape", SEVERAL_REPLICAS, ids=mesh_id)
 @pytest.mark.parametrize("op", ["sum", "mean"])
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_reduce_scatter_matches_numpy(shape, op, axis):
@@ -45,7 +38,7 @@ def test_reduce_scatter_matches_numpy(shape, op, axis):
     data = np.random.default_rng(0).normal(size=(n, 8, 2 * n)).astype(np.float32)
     out = strategy.run(
         lambda x: ts.get_replica_context().reduce_scatter(op, {"x": x}, axis),
-        args=(_per_replica(strategy, data),),
+        args=(per_replica_rows(strategy, data),),
     )
     total = data.sum(0) if op == "sum" else data.mean(0)
     blocks = np.split(total, n, axis=axis)
@@ -61,7 +54,7 @@ def test_reduce_scatter_inverts_all_gather():
         ctx = ts.get_replica_context()
         return ctx.reduce_scatter("sum", ctx.all_gather(x, 0), 0)
 
-    out = strategy.run(step, args=(_per_replica(strategy, data),))
+    out = strategy.run(step, args=(per_replica_rows(strategy, data),))
     got = np.stack([np.asarray(v) for v in strategy.experimental_local_results(out)])
     np.testing.assert_allclose(got, 8 * data)
 
@@ -136,7 +129,7 @@ def _train(strategy, tx, params, opt_state, batches, sharded):
 
     n = strategy.num_replicas_in_sync
     for x, y in zip(*batches):
-        x, y = (_per_replica(strategy, np.split(a, n)) for a in (x, y))
+        x, y = (per_replica_rows(strategy, np.split(a, n)) for a in (x, y))
         params, opt_state = strategy.run(step, args=(_plain(params), opt_state, x, y))
     return _plain(params), opt_state
 
@@ -149,7 +142,7 @@ def _reference(shape, name, steps=STEPS):
     return _train(strategy, tx, params, state, _batches(steps), sharded=False)[0]
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize("shape", SEVERAL_REPLICAS, ids=mesh_id)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_sharded_training_equals_data_parallel(shape, name):
     strategy = _strategy(shape)
@@ -222,7 +215,9 @@ def test_state_runs_in_experimental_run_steps():
         updates, opt_state = tx.update(jax.grad(_loss)(params, *batch), opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), 0.0
 
-    batches = [tuple(_per_replica(strategy, np.split(a, 8)) for a in pair) for pair in zip(x, y)]
+    batches = [
+        tuple(per_replica_rows(strategy, np.split(a, 8)) for a in pair) for pair in zip(x, y)
+    ]
     params = strategy.replicate(_params())
     state = (params, strategy.run(tx.init, args=(params,)))
     result = strategy.experimental_run_steps(
@@ -330,7 +325,7 @@ def _sharded(strategy, tx, params, local_grads_per_step):
 
     out = []
     for local in local_grads_per_step:
-        grads = _per_replica(strategy, local)
+        grads = per_replica_rows(strategy, local)
         placed, state, updates = strategy.run(step, args=(placed, state, grads))
         placed = _plain(placed)
         out.append(_plain(updates))
@@ -394,7 +389,7 @@ PER_LEAF_STATISTICS = {
 }
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
+@pytest.mark.parametrize("shape", TWO_MESH_SHAPES, ids=mesh_id)
 @pytest.mark.parametrize("name", sorted(PER_LEAF_STATISTICS))
 def test_per_leaf_statistics_are_the_whole_leafs(shape, name):
     """Counts, shapes and positions a transformation reads are the whole leaf's, not a block's."""
@@ -439,7 +434,7 @@ def test_fails_closed_on_updates_that_mix_blocks(update, primitive):
     tx = ts.shard_update(_custom(update))
     params = strategy.replicate({"w": np.ones(16, np.float32)})
     state = strategy.run(tx.init, args=(params,))
-    x = _per_replica(strategy, np.ones((8, 16), np.float32))
+    x = per_replica_rows(strategy, np.ones((8, 16), np.float32))
     message = (
         rf"cannot run this transformation block by block: its {primitive} in <lambda>\S* "
         r"\(tests/test_sharded_update\.py:\d+\) on updates\['w'\] .* Use plain optax"
@@ -464,7 +459,7 @@ def test_full_reductions_are_exact_with_padding():
     tx = ts.shard_update(_custom(stats))
     params = strategy.replicate({"w": values})
     state = strategy.run(tx.init, args=(params,))
-    grads = _per_replica(strategy, [{"w": values}] * 8)
+    grads = per_replica_rows(strategy, [{"w": values}] * 8)
     out = strategy.run(lambda g, s: tx.update(g, s)[0], args=(grads, state))
     want = 1000 * -1.0 + 100 * -3.0 + 10 * -6.0 + 1.0
     np.testing.assert_allclose(np.asarray(_plain(out)["w"]), np.full(3, want), rtol=1e-6)
@@ -480,7 +475,7 @@ def test_contractions_over_the_cut_axis_are_exact():
     tx = ts.shard_update(_custom(normalize))
     grads = {"w": np.arange(1.0, 19.0, dtype=np.float32).reshape(3, 6), "b": np.ones(3, np.float32)}
     state = strategy.run(tx.init, args=(strategy.replicate(grads),))
-    local = _per_replica(strategy, [grads] * 4)
+    local = per_replica_rows(strategy, [grads] * 4)
     out = _plain(strategy.run(lambda g, s: tx.update(g, s)[0], args=(local, state)))
     for key, value in grads.items():
         want = value / np.sqrt(np.sum(value**2) + 1.0)
@@ -499,7 +494,7 @@ def test_whole_state_updated_from_blocks_stays_whole():
     state = strategy.run(tx.init, args=(params,))
     grads = np.arange(8 * 7, dtype=np.float32).reshape(8, 7)
     _, state = strategy.run(
-        lambda g, s: tx.update({"w": g}, s), args=(_per_replica(strategy, grads), state)
+        lambda g, s: tx.update({"w": g}, s), args=(per_replica_rows(strategy, grads), state)
     )
     assert not isinstance(state, ts.PerReplica)
     np.testing.assert_allclose(np.asarray(_plain(state)), 2 * grads.mean(0), rtol=1e-6)
@@ -511,7 +506,7 @@ def test_compiled_step_reduce_scatters_and_all_gathers():
     tx = ts.shard_update(optax.adam(0.01))
     params = strategy.replicate({"w": np.ones((8, 16), np.float32)})
     state = strategy.run(tx.init, args=(params,))
-    x = _per_replica(strategy, np.ones((8, 16), np.float32))
+    x = per_replica_rows(strategy, np.ones((8, 16), np.float32))
 
     def step(params, state, x):
         grads = jax.grad(lambda p: jnp.sum((p["w"] * x) ** 2))(params)
@@ -528,7 +523,7 @@ def test_compiled_step_reduce_scatters_and_all_gathers():
 # Flax NNX ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
+@pytest.mark.parametrize("shape", TWO_MESH_SHAPES, ids=mesh_id)
 def test_nnx_optimizer_with_shard_update_trains_like_plain_adam(shape):
     """nnx.Optimizer(model, ts.shard_update(adam)) in strategy.run equals nnx.Optimizer(adam)."""
     from flax import nnx
@@ -560,7 +555,7 @@ def test_nnx_optimizer_with_shard_update_trains_like_plain_adam(shape):
 
     x, y = _batches(4)
     for xb, yb in zip(x, y):
-        local = (_per_replica(strategy, np.split(a, n)) for a in (xb, yb))
+        local = (per_replica_rows(strategy, np.split(a, n)) for a in (xb, yb))
         strategy.run(step, args=(model, optimizer, *local))
         reference_step(reference, plain, xb, yb)
     mu = optimizer.opt_state[0].mu["linear1"]["kernel"].get_value()

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import deleted_array
 
 import tpustrat as ts
 
@@ -44,12 +45,6 @@ class Entry:
     valid: dict[str, Callable[[], Any]]
     names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     allowed: tuple[type[BaseException], ...] = ()
-
-
-def _deleted() -> jax.Array:
-    x = jnp.ones(3)
-    x.delete()
-    return x
 
 
 def _shared_leaves() -> dict[str, jax.Array]:
@@ -82,7 +77,7 @@ def _fixed_bad_values(strategy: ts.TPUStrategy) -> list[tuple[str, Callable[[], 
         ("object array", lambda: np.array([object()], dtype=object)),
         ("jax array", lambda: jnp.zeros((3, 2))),
         ("scalar array", lambda: jnp.float32(2)),
-        ("deleted array", _deleted),
+        ("deleted array", deleted_array),
         ("typed key", lambda: jax.random.key(0)),
         ("shared leaves", _shared_leaves),
         ("short PerReplica", lambda: ts.PerReplica([np.zeros(2, np.float32)] * 4)),

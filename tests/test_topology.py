@@ -7,20 +7,9 @@ import re
 import jax
 import numpy as np
 import pytest
+from conftest import FakeTpu
 
 from tpustrat._topology import DeviceAssignment, Topology
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeTpu:
-    """The attributes of a jax TPU device that the topology reads."""
-
-    id: int
-    process_index: int
-    coords: tuple[int, int, int]
-    core_on_chip: int = 0
-    platform: str = "tpu"
-    slice_index: int = 0
 
 
 def v4_8() -> list[FakeTpu]:

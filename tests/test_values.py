@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import deleted_array
 from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -366,19 +367,13 @@ def test_a_key_argument_next_to_arrays_runs_on_every_mesh(strategy):
     np.testing.assert_array_equal(doubled, [2.0, 2.0])
 
 
-def _deleted_array():
-    x = jnp.ones(3)
-    x.delete()
-    return x
-
-
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
         (lambda: ts.PerReplica("ab"), TypeError, r"PerReplica values must be a sequence"),
         (lambda: ts.PerReplica(()), ValueError, r"PerReplica values is empty"),
         (
-            lambda: ts.PerReplica([_deleted_array()]),
+            lambda: ts.PerReplica([deleted_array()]),
             ValueError,
             r"PerReplica values\[0\] is a deleted jax\.Array float32\[3\] \(donated",
         ),
@@ -405,7 +400,7 @@ def test_cross_replica_calls_refuse_iterators_deleted_arrays_and_wide_ints():
     with pytest.raises(TypeError, match=r"value\['w'\] is an iterator \(list_iterator\)"):
         strategy.reduce("sum", {"w": iter([1.0])})
     with pytest.raises(ValueError, match=r"value\[0\] is a deleted jax\.Array float32\[3\]"):
-        strategy.gather([_deleted_array()], axis=0)
+        strategy.gather([deleted_array()], axis=0)
     with pytest.raises(ValueError, match=r"tree is the Python int 1099511627776, outside"):
         strategy.replicate(2**40)
     with pytest.raises(TypeError, match=r"tree is an iterator"):
