@@ -88,7 +88,7 @@ def test_restore_onto_each_mesh_equals_saved_values(saved, target):
         restored = manager.restore(abstract)
     values = workers.host_values(strategy, restored)
     assert_restored(values, expected_values(8))
-    replicated = NamedSharding(strategy._mesh, P())
+    replicated = NamedSharding(strategy.mesh, P())
     for leaf in (restored["params"]["w"], restored["key"]):
         assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
     assert restored["per_replica"].stacked.sharding.spec == P("replica")

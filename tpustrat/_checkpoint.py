@@ -40,13 +40,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat import _mesh, _watchdog
 from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state
-from tpustrat._strategy import TPUStrategy
+from tpustrat._strategy import TPUStrategy, placement_mesh
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
 
@@ -347,7 +347,7 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         asynchronous: bool = True,
         digests: bool = True,
-    ):
+    ) -> None:
         ocp = _orbax()
         if not isinstance(strategy, TPUStrategy):
             raise TypeError(
@@ -858,7 +858,7 @@ class _RestorePlan:
 
     def _abstract(self, leaf: _Named) -> Any:
         name, kind, value = leaf.name, leaf.kind, leaf.value
-        mesh = _placement_mesh(self._strategy)
+        mesh = placement_mesh(self._strategy)
         if kind == "host":
             return _host_array(value)
         if kind == "per_replica":
@@ -928,7 +928,7 @@ class _RestorePlan:
                 want = jax.ShapeDtypeStruct(
                     record.shape,
                     want.dtype,
-                    sharding=_mesh.replicated_sharding(_placement_mesh(self._strategy)),
+                    sharding=_mesh.replicated_sharding(placement_mesh(self._strategy)),
                 )
                 self.abstract[name] = want
             impl = _key_impl(value) if _is_key(value) else None
@@ -983,15 +983,9 @@ def _like(target: Any, value: Any) -> Any:
     return np.asarray(value)
 
 
-def _placement_mesh(strategy: TPUStrategy) -> Mesh:
-    """The mesh the strategy places arrays on (``replicate``, ``run``): ``strategy.mesh`` with
-    its logical cores factored into sub-axes, the same devices."""
-    return strategy._mesh
-
-
 def _target_sharding(name: str, sharding: Any, strategy: TPUStrategy) -> NamedSharding:
     """The target's sharding moved onto the strategy's mesh; replicated if it has none."""
-    mesh = _placement_mesh(strategy)
+    mesh = placement_mesh(strategy)
     if not isinstance(sharding, NamedSharding):
         return _mesh.replicated_sharding(mesh)
     axes = _mesh.spec_axes(sharding.spec)

@@ -146,7 +146,7 @@ class ReplicaContext:
       8.0
     """
 
-    def __init__(self, strategy: Strategy, row_mask: jax.Array | None = None):
+    def __init__(self, strategy: Strategy, row_mask: jax.Array | None = None) -> None:
         self._strategy = strategy
         self._row_mask = row_mask
         self._active = False
@@ -334,18 +334,6 @@ class ReplicaContext:
                 "function you pass to strategy.run (ts.get_replica_context() is None elsewhere)"
             )
 
-    @contextlib.contextmanager
-    def _activate(self) -> Generator[ReplicaContext, None, None]:
-        self._active = True
-        token = _REPLICA_CONTEXT.set(self)
-        strategy_token = _STRATEGY.set(self._strategy)
-        try:
-            yield self
-        finally:
-            _STRATEGY.reset(strategy_token)
-            _REPLICA_CONTEXT.reset(token)
-            self._active = False
-
 
 def sum_or_mean(
     op: ReduceOp, x: jax.Array, num_replicas: int, sum_over_replicas: Callable[[jax.Array], Any]
@@ -431,6 +419,21 @@ def current_strategy() -> Strategy | None:
     """The strategy of the innermost ``strategy.scope()`` or ``run``, or None
     (``ts.get_strategy`` is the public, precisely typed face of this)."""
     return _STRATEGY.get()
+
+
+@contextlib.contextmanager
+def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, None]:
+    """Makes ``context`` the one ``get_replica_context`` returns, and its strategy the current
+    one, while ``run`` traces the step inside the block."""
+    context._active = True
+    token = _REPLICA_CONTEXT.set(context)
+    strategy_token = _STRATEGY.set(context._strategy)
+    try:
+        yield context
+    finally:
+        _STRATEGY.reset(strategy_token)
+        _REPLICA_CONTEXT.reset(token)
+        context._active = False
 
 
 @contextlib.contextmanager

@@ -98,7 +98,7 @@ class DistributedDataset:
         options: InputOptions,
         elements_per_step: int = 1,
         process_share: tuple[int, int] | None = None,
-    ):
+    ) -> None:
         self._dataset = dataset
         self._layout = layout
         self._options = options

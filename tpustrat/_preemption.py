@@ -69,7 +69,7 @@ class PreemptionCheckpointHandler:
         *,
         iterator: DistributedIterator | None = None,
         exit_code: int | None = EXIT_CODE,
-    ):
+    ) -> None:
         if not isinstance(manager, CheckpointManager):
             raise TypeError(f"manager must be a ts.CheckpointManager, got {type(manager).__name__}")
         if exit_code is not None and (

@@ -77,7 +77,7 @@ class DistributedIterator:
       [0, 1, 2]
     """
 
-    def __init__(self, elements: Iterator[PyTree] | PositionedInput, buffer_size: int):
+    def __init__(self, elements: Iterator[PyTree] | PositionedInput, buffer_size: int) -> None:
         check_int("buffer_size", buffer_size, minimum=0)
         self._buffer_size = buffer_size
         self._input: PositionedInput | None = None

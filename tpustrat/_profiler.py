@@ -44,7 +44,7 @@ class StepProfiler:
 
     def __init__(
         self, logdir: str | pathlib.Path, first: int, last: int | None = None, name: str = "train"
-    ):
+    ) -> None:
         if not isinstance(logdir, (str, pathlib.Path)):
             raise TypeError(
                 f"StepProfiler logdir must be a folder path (str or pathlib.Path), got "

@@ -29,7 +29,7 @@ from tpustrat import (
     _watchdog,
 )
 from tpustrat._checks import check_int, describe
-from tpustrat._context import ReplicaContext
+from tpustrat._context import ReplicaContext, replica_scope
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
@@ -176,7 +176,7 @@ class Step:
                 rows = _padded_rows(local[1:], per_replica_flags[1:])
                 mask, local = jnp.arange(rows) < local[0], local[1:]
             call_args, call_kwargs = rebuild(local)
-            with self._make_context(mask)._activate():
+            with replica_scope(self._make_context(mask)):
                 out = _call_step(self._fn, call_args, call_kwargs)
             leaves, tree = _flatten_outputs(out)
             out_tree.append(tree)

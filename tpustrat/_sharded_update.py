@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,7 @@ class ReplicaShard:
     shape: tuple[int, ...]
     axis: int
 
-    def __init__(self, blocks: Any, shape: Sequence[int], axis: int):
+    def __init__(self, blocks: Any, shape: Sequence[int], axis: int) -> None:
         if not isinstance(blocks, PerReplica):  # a block inside run, or a placeholder of JAX's
             check_leaf("ReplicaShard blocks", blocks)
         if not isinstance(shape, (tuple, list)):
@@ -99,11 +99,13 @@ class ReplicaShard:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"ReplicaShard is immutable; make a new one instead of setting {name}")
 
-    def tree_flatten_with_keys(self):
+    def tree_flatten_with_keys(
+        self,
+    ) -> tuple[tuple[tuple[jax.tree_util.GetAttrKey, Any]], tuple[tuple[int, ...], int]]:
         return ((jax.tree_util.GetAttrKey("blocks"), self.blocks),), (self.shape, self.axis)
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: tuple[tuple[int, ...], int], children: Sequence[Any]) -> Self:
         return cls(children[0], *aux)
 
     def __repr__(self) -> str:

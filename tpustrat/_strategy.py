@@ -77,7 +77,7 @@ class TPUStrategy:
         spmd: bool = False,
         max_steps_in_flight: int = 2,
         num_slices: int | None = None,
-    ):
+    ) -> None:
         check_int("num_logical_cores", num_logical_cores, minimum=1)
         check_int("max_steps_in_flight", max_steps_in_flight, minimum=1)
         check_bool("spmd", spmd)
@@ -646,6 +646,13 @@ class TPUStrategy:
         return _logical.assign_to_logical_device(
             self, self._mesh, tensor, logical_device_id, self._spmd
         )
+
+
+def placement_mesh(strategy: TPUStrategy) -> jax.sharding.Mesh:
+    """The mesh ``strategy`` places arrays on (``replicate``, ``run``): ``strategy.mesh`` with
+    its logical cores factored into prime-sized sub-axes, over the same devices. For the
+    modules above the strategy (checkpoints) that place arrays exactly as it does."""
+    return strategy._mesh
 
 
 _DEFAULT_STRATEGY: list[TPUStrategy] = []  # made on first use, then the same one

@@ -42,7 +42,7 @@ class SummaryWriter:
       (True, False)
     """
 
-    def __init__(self, logdir: str | pathlib.Path, *, every_n_steps: int = 1):
+    def __init__(self, logdir: str | pathlib.Path, *, every_n_steps: int = 1) -> None:
         if not isinstance(logdir, (str, pathlib.Path)):
             raise TypeError(
                 f"SummaryWriter logdir must be a folder path (str or pathlib.Path), got "

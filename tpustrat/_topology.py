@@ -49,7 +49,7 @@ class Topology:
 
     __slots__ = ("_coordinates", "_device_coordinates", "_devices", "_grid", "_located", "_task")
 
-    def __init__(self, devices: Sequence[jax.Device], coordinates: ArrayLike | None = None):
+    def __init__(self, devices: Sequence[jax.Device], coordinates: ArrayLike | None = None) -> None:
         devices = _devices(devices)
         num_devices = len(devices)
         if not num_devices:

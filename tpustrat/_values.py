@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn, Self
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ class PerReplica:
     __slots__ = ("stacked",)
     stacked: Any
 
-    def __init__(self, values: Sequence[Any]):
+    def __init__(self, values: Sequence[Any]) -> None:
         if isinstance(values, (PerReplica, Mirrored, str, bytes)) or not isinstance(
             values, Sequence
         ):
@@ -166,7 +166,7 @@ class PerReplica:
         return tuple(components[r] for r in range(self.num_replicas))
 
     @property
-    def value(self):
+    def value(self) -> NoReturn:
         raise AttributeError(
             f"{self!r} has one value per replica, so it has no single .value (that is a "
             "replicated result's property). Combine the replicas inside the step with "
@@ -175,11 +175,11 @@ class PerReplica:
             "strategy.experimental_local_results"
         )
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[Any], None]:
         return (self.stacked,), None
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: None, children: Sequence[Any]) -> Self:
         del aux
         value = object.__new__(cls)  # JAX unflattens with any leaf (None, specs): no checks
         object.__setattr__(value, "stacked", children[0])
@@ -207,7 +207,7 @@ class Mirrored:
     __slots__ = ("value",)
     value: PyTree
 
-    def __init__(self, value: PyTree):
+    def __init__(self, value: PyTree) -> None:
         if isinstance(value, (PerReplica, Mirrored)):
             raise TypeError(
                 f"Mirrored value cannot be a {type(value).__name__}: it marks a value that is "
@@ -225,11 +225,11 @@ class Mirrored:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"Mirrored is immutable; make a new one instead of deleting {name}")
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[PyTree], None]:
         return (self.value,), None
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: None, children: Sequence[PyTree]) -> Self:
         del aux
         value = object.__new__(cls)
         object.__setattr__(value, "value", children[0])
@@ -254,7 +254,7 @@ class ValueContext(_ValueContextFields):
 
     __slots__ = ()
 
-    def __new__(cls, replica_id_in_sync_group: int = 0, num_replicas_in_sync: int = 1):
+    def __new__(cls, replica_id_in_sync_group: int = 0, num_replicas_in_sync: int = 1) -> Self:
         replicas = check_int("num_replicas_in_sync", num_replicas_in_sync, minimum=1)
         replica = check_int("replica_id_in_sync_group", replica_id_in_sync_group, minimum=0)
         if replica >= replicas:
