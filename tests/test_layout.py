@@ -94,7 +94,10 @@ def _attention_case(rng):
 
 
 def _train(strategy, state, step, data):
-    for batch in strategy.experimental_distribute_dataset(data):
+    """``STEPS`` steps on ``data``: global batches, or batches the strategy distributed."""
+    if not isinstance(data[0][0], ts.PerReplica):
+        data = strategy.experimental_distribute_dataset(data)
+    for batch in data:
         state = strategy.run(step, args=(state, batch))
     return state
 
@@ -105,7 +108,9 @@ def _tiles(tree):
 
 @pytest.mark.parametrize("mesh_shape", CORE_MESHES, ids=CORE_MESH_IDS)
 @pytest.mark.parametrize("case", [_mlp_case, _attention_case], ids=["linen_mlp", "attention"])
-def test_adam_training_with_placed_params_equals_the_unplaced_model(mesh_shape, case):
+def test_adam_training_with_placed_params_equals_the_unplaced_model(
+    mesh_shape, case, compile_count
+):
     cores = mesh_shape[1]
     reference = ts.TPUStrategy(num_logical_cores=cores)
     state, step, data, rules = case(np.random.default_rng(0))
@@ -115,7 +120,10 @@ def test_adam_training_with_placed_params_equals_the_unplaced_model(mesh_shape, 
     placed = strategy.place_params(state, rules)
     shardings = [leaf.sharding for leaf in jax.tree.leaves(placed)]
     tiles = _tiles(placed)
-    got = _train(strategy, placed, step, data)
+    batches = list(strategy.experimental_distribute_dataset(data))
+    compiled = compile_count()
+    got = _train(strategy, placed, step, batches)
+    assert compile_count() - compiled == 1  # one XLA program for the ten steps
 
     assert [leaf.sharding for leaf in jax.tree.leaves(got)] == shardings  # the layout is kept
     assert _tiles(got) == tiles
@@ -209,7 +217,7 @@ def test_nnx_module_and_optimizer_placed_in_place(mesh_shape):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
 
 
-def test_one_core_per_replica_places_everything_whole(compile_count):
+def test_one_core_per_replica_places_everything_whole():
     strategy = ts.TPUStrategy()
     state, step, data, rules = _attention_case(np.random.default_rng(0))
     placed = strategy.place_params(state, rules)
@@ -310,6 +318,12 @@ def test_rule_errors(rules, error, message):
         ts.LayoutRules(rules)
 
 
-def test_place_params_wants_layout_rules():
+def test_place_params_wants_layout_rules_and_arrays_the_same_on_every_replica():
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    rules = ts.LayoutRules([(r"w", ("logical_core",))])
     with pytest.raises(TypeError, match=r"place_params takes a ts.LayoutRules, got list"):
-        ts.TPUStrategy().place_params({"w": np.ones(2)}, [("w", (None,))])
+        strategy.place_params({"w": np.ones(2)}, [("w", (None,))])
+    with pytest.raises(TypeError, match=r"place_params got a PerReplica in tree"):
+        strategy.place_params({"w": ts.PerReplica([np.ones(2)] * 4)}, rules)
+    with pytest.raises(TypeError, match=r"strategy.place_params got tree\['name'\] = 'w'"):
+        strategy.place_params({"w": np.ones(2), "name": "w"}, rules)

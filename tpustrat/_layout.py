@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _mesh, _nnx, _values
-from tpustrat._checks import check_leaf, describe
+from tpustrat._checks import describe
 
 PyTree = Any
 
@@ -186,10 +186,17 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
             f"place_params takes a ts.LayoutRules, got {describe(rules)}; build one with "
             'ts.LayoutRules([(r"kernel", (None, "logical_core"))])'
         )
+    if any(map(_values.is_per_replica, jax.tree.leaves(tree, is_leaf=_values.is_per_replica))):
+        raise TypeError(
+            "strategy.place_params got a PerReplica in tree, whose components differ between "
+            "replicas; place parameters that are the same on every replica, or reduce it "
+            "first, e.g. strategy.reduce('mean', value)"
+        )
+    tree = _values.unwrap_mirrored(tree)
+    if _nnx.split_objects(tree) is None:
+        _values.check_array_leaves("place_params", tree, "tree")
     cores = mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
     named, rebuild = _named_leaves(tree)
-    for path, leaf in named:
-        check_leaf(path or "tree", leaf)
     placements = rules._assign(named, cores)
     replicated = _mesh.replicated_sharding(mesh)
     public = _mesh.public_mesh(mesh)
