@@ -327,3 +327,15 @@ def test_place_params_wants_layout_rules_and_arrays_the_same_on_every_replica():
         strategy.place_params({"w": ts.PerReplica([np.ones(2)] * 4)}, rules)
     with pytest.raises(TypeError, match=r"strategy.place_params got tree\['name'\] = 'w'"):
         strategy.place_params({"w": np.ones(2), "name": "w"}, rules)
+
+
+def test_partition_specs_of_nnx_objects_next_to_arrays():
+    model = NNXMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, OPTIMIZER, wrt=nnx.Param)
+    specs = MLP_RULES.partition_specs({"model": model, "optimizer": optimizer, "lr": 1.0})
+    assert specs["lr"] == P()
+    assert specs["model"]["dense_0"]["kernel"].get_value() == P(None, "logical_core")
+    assert specs["model"]["dense_0"]["bias"].get_value() == P()
+    moment = specs["optimizer"]["opt_state"][0]["mu"]["dense_1"]["kernel"]
+    assert moment.get_value() == P("logical_core", None)
+    assert "model/dense_1/kernel  (32, 4)  rule 1" in MLP_RULES.describe({"model": model})

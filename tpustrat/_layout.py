@@ -9,8 +9,7 @@ arrays as they are and gives back the state it updates in the same layouts (see
 ``_run._keep_layouts``), so a placement holds from step to step with one compiled program.
 
 A spec names only the logical cores: every replica holds the same tiles, so a leaf's spec is
-independent of what the replica axis carries, and composes with a layout over the replicas
-by putting that axis in front (``P("replica", *spec)`` for a stacked per-replica block).
+independent of what the replica axis carries.
 """
 
 from __future__ import annotations
@@ -89,8 +88,8 @@ class LayoutRules:
           num_logical_cores: if given, every split dimension is checked to be divisible by it.
 
         Returns:
-          ``tree``'s structure with a ``PartitionSpec`` for each leaf (for NNX objects, the
-          structure of their ``nnx.state``, with a spec for each variable).
+          ``tree``'s structure with a ``PartitionSpec`` for each leaf; an NNX object's place
+          holds its ``nnx.State`` with a spec for each variable.
 
         Raises:
           ValueError: for a spec of the wrong rank, a dimension the cores do not divide, or a
@@ -256,10 +255,13 @@ def _named_leaves(tree: PyTree):
     named += [(name, leaf) for _, name, leaf in plain]
 
     def rebuild(leaves: list, write: bool = False) -> PyTree:
-        if not write:
-            return state_structure.unflatten(leaves[:count])
-        _nnx.loaded_nnx().update(objects, state_structure.unflatten(leaves[:count]))
+        state = state_structure.unflatten(leaves[:count])
         flat, structure = jax.tree.flatten(tree, is_leaf=_nnx.is_nnx_object)
+        if write:
+            _nnx.loaded_nnx().update(objects, state)
+        else:  # each object's place takes its state
+            for k, i in enumerate(positions):
+                flat[i] = state[k]
         for (i, _, _), value in zip(plain, leaves[count:]):
             flat[i] = value
         return structure.unflatten(flat)
