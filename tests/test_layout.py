@@ -318,13 +318,11 @@ def test_rule_errors(rules, error, message):
         ts.LayoutRules(rules)
 
 
-def test_place_params_wants_layout_rules_and_arrays_the_same_on_every_replica():
+def test_place_params_wants_layout_rules_and_arrays():
     strategy = ts.TPUStrategy(num_logical_cores=2)
     rules = ts.LayoutRules([(r"w", ("logical_core",))])
     with pytest.raises(TypeError, match=r"place_params takes a ts.LayoutRules, got list"):
         strategy.place_params({"w": np.ones(2)}, [("w", (None,))])
-    with pytest.raises(TypeError, match=r"place_params got a PerReplica in tree"):
-        strategy.place_params({"w": ts.PerReplica([np.ones(2)] * 4)}, rules)
     with pytest.raises(TypeError, match=r"strategy.place_params got tree\['name'\] = 'w'"):
         strategy.place_params({"w": np.ones(2), "name": "w"}, rules)
 
@@ -339,3 +337,36 @@ def test_partition_specs_of_nnx_objects_next_to_arrays():
     moment = specs["optimizer"]["opt_state"][0]["mu"]["dense_1"]["kernel"]
     assert moment.get_value() == P("logical_core", None)
     assert "model/dense_1/kernel  (32, 4)  rule 1" in MLP_RULES.describe({"model": model})
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)], ids=["4x2", "2x4"])
+def test_per_replica_blocks_are_tiled_over_the_cores_behind_the_replica_axis(mesh_shape):
+    """A parameter sharded over the replicas too: each replica's rows, tiled over its cores."""
+    replicas, cores = mesh_shape
+    strategy = ts.TPUStrategy(num_logical_cores=cores)
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(32, 16)).astype(np.float32) / 4
+    x = rng.normal(size=(8, 32)).astype(np.float32)
+    rules = ts.LayoutRules([(r"kernel", (None, "logical_core"))])  # columns over the cores
+    blocks = ts.PerReplica.from_stacked(w.reshape(replicas, 32 // replicas, 16))
+    state = strategy.place_params({"kernel": blocks}, rules)
+    stacked = state["kernel"].stacked
+    assert {s.data.shape for s in stacked.addressable_shards} == {(1, 32 // replicas, 16 // cores)}
+
+    def loss(whole):
+        return jnp.sum(jnp.tanh(x @ whole) ** 2)
+
+    def step(state):  # every replica sees all of x: the gathered gradient sums replicas' shares
+        gather = lambda block: ts.get_replica_context().all_gather(block, axis=0)
+        grad = jax.grad(lambda block: loss(gather(block)) / replicas)(state["kernel"])
+        return {"kernel": state["kernel"] - 0.1 * grad}
+
+    reference = ts.TPUStrategy(num_logical_cores=cores)
+    want = {"kernel": blocks}  # blocks over the replicas only, whole on each replica's cores
+    for _ in range(3):
+        state = strategy.run(step, args=(state,))
+        want = reference.run(step, args=(want,))
+    assert state["kernel"].stacked.sharding == stacked.sharding
+    assert strategy.compile_stats().num_compiles == 1
+    got, want = np.asarray(state["kernel"].stacked), np.asarray(want["kernel"].stacked)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

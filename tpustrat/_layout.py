@@ -8,8 +8,10 @@ strategy's mesh; a leaf no rule matches stays whole on every core. ``run`` takes
 arrays as they are and gives back the state it updates in the same layouts (see
 ``_run._keep_layouts``), so a placement holds from step to step with one compiled program.
 
-A spec names only the logical cores: every replica holds the same tiles, so a leaf's spec is
-independent of what the replica axis carries.
+A spec names only the logical cores, so a leaf's spec is independent of what the replica
+axis carries: a whole leaf has the same tiles on every replica, and a ``PerReplica`` leaf (a
+block per replica, parameters sharded over the replicas) has its block tiled over each
+replica's cores, laid out ``P("replica", *spec)``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from tpustrat import _mesh, _nnx, _values
 from tpustrat._checks import describe
+from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
 
@@ -121,7 +124,7 @@ class LayoutRules:
             note = "" if placement.rule is None else repr(self.rules[placement.rule][0])
             if placement.problem:
                 note = f"{note}  ! {placement.problem}"
-            rows.append([path, str(np.shape(leaf)), rule, spec, note])
+            rows.append([path, str(_shape(leaf)), rule, spec, note])
         widths = [max((len(row[c]) for row in rows), default=0) for c in range(4)]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(row, [*widths, 0])).rstrip() for row in rows
@@ -140,7 +143,7 @@ class LayoutRules:
         """The placement of each ``(path, leaf)``; with ``strict``, the first problem raises."""
         placements, used = [], set()
         for path, leaf in named:
-            shape = np.shape(leaf)
+            shape = _shape(leaf)
             for index, (pattern, spec) in enumerate(self.rules):
                 if re.search(pattern, path):
                     used.add(index)
@@ -176,20 +179,15 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     """``strategy.place_params``: every leaf of ``tree`` laid out over the cores by ``rules``.
 
     Leaves go onto ``mesh`` (the strategy's, its cores factored into sub-axes) with their
-    rule's spec spelled on those sub-axes, the sharding ``run`` keeps for the state it
-    updates; on a mesh of one core per replica every leaf is replicated. NNX objects are
-    updated in place and returned themselves.
+    rule's spec spelled on those sub-axes (behind the replica axis for a PerReplica's
+    stacked blocks), the sharding ``run`` keeps for the state it updates; on a mesh of one
+    core per replica no leaf is tiled. NNX objects are updated in place and returned
+    themselves.
     """
     if not isinstance(rules, LayoutRules):
         raise TypeError(
             f"place_params takes a ts.LayoutRules, got {describe(rules)}; build one with "
             'ts.LayoutRules([(r"kernel", (None, "logical_core"))])'
-        )
-    if any(map(_values.is_per_replica, jax.tree.leaves(tree, is_leaf=_values.is_per_replica))):
-        raise TypeError(
-            "strategy.place_params got a PerReplica in tree, whose components differ between "
-            "replicas; place parameters that are the same on every replica, or reduce it "
-            "first, e.g. strategy.reduce('mean', value)"
         )
     tree = _values.unwrap_mirrored(tree)
     if _nnx.split_objects(tree) is None:
@@ -197,21 +195,24 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     cores = mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
     named, rebuild = _named_leaves(tree)
     placements = rules._assign(named, cores)
-    replicated = _mesh.replicated_sharding(mesh)
     public = _mesh.public_mesh(mesh)
 
     def put(leaf: Any, spec: P) -> Any:
-        sharding = replicated
+        stacked = isinstance(leaf, PerReplica)
+        entries = [_mesh.REPLICA_AXIS] if stacked else []
         if cores > 1 and _CORES in spec:
-            entries = list(spec)
+            entries += list(spec)
             while entries[-1] is None:  # as JAX writes the layouts of a program's outputs
                 entries.pop()
-            sharding = _mesh.on_mesh(NamedSharding(public, P(*entries)), mesh)
-        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-            return leaf
-        if sharding is replicated:
+        if not entries:
             return _values.replicate(leaf, mesh)
-        return _values.put(np.array(leaf) if isinstance(leaf, np.ndarray) else leaf, sharding)
+        sharding = _mesh.on_mesh(NamedSharding(public, P(*entries)), mesh)
+        array = leaf.stacked if stacked else leaf
+        if not (isinstance(array, jax.Array) and array.sharding == sharding):
+            array = _values.put(
+                np.array(array) if isinstance(array, np.ndarray) else array, sharding
+            )
+        return PerReplica.from_stacked(array) if stacked else array
 
     placed = [put(leaf, placement.spec) for (_, leaf), placement in zip(named, placements)]
     return rebuild(placed, write=True)
@@ -226,7 +227,7 @@ def _named_leaves(tree: PyTree):
     """
     split = _nnx.split_objects(tree)
     if split is None:
-        pairs, structure = jax.tree_util.tree_flatten_with_path(tree)
+        pairs, structure = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_per_replica)
         named = [(_path_name(path), leaf) for path, leaf in pairs]
         return named, lambda leaves, write=False: structure.unflatten(leaves)
     _, state, objects, (_, positions), _ = split
@@ -235,16 +236,19 @@ def _named_leaves(tree: PyTree):
     def is_variable(x: Any) -> bool:
         return isinstance(x, variable_type)
 
-    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_nnx.is_nnx_object)[0]
+    def is_node(x: Any) -> bool:
+        return _nnx.is_nnx_object(x) or is_per_replica(x)
+
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
     plain = [(i, _path_name(path), leaf) for i, (path, leaf) in enumerate(nodes)]
     object_paths = [plain[i][1] for i in positions]
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]
-    values, state_structure = jax.tree.flatten(state)  # a variable's value: one leaf, or none
+    values, state_structure = jax.tree.flatten(state, is_leaf=is_per_replica)
     named = []
     for path, variable in variables:
         prefix = object_paths[path[0].key]  # the object's index among those split together
         name = "/".join(p for p in (prefix, _path_name(path[1:])) if p)
-        named += [(name, value) for value in jax.tree.leaves(variable)]
+        named += [(name, value) for value in jax.tree.leaves(variable, is_leaf=is_per_replica)]
     if len(named) != len(values):
         raise TypeError(
             f"place_params found {len(values)} arrays in the NNX objects' state but "
@@ -256,7 +260,7 @@ def _named_leaves(tree: PyTree):
 
     def rebuild(leaves: list, write: bool = False) -> PyTree:
         state = state_structure.unflatten(leaves[:count])
-        flat, structure = jax.tree.flatten(tree, is_leaf=_nnx.is_nnx_object)
+        flat, structure = jax.tree.flatten(tree, is_leaf=is_node)
         if write:
             _nnx.loaded_nnx().update(objects, state)
         else:  # each object's place takes its state
@@ -267,6 +271,11 @@ def _named_leaves(tree: PyTree):
         return structure.unflatten(flat)
 
     return named, rebuild
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """A leaf's shape; a PerReplica's is that of one replica's component."""
+    return leaf.stacked.shape[1:] if isinstance(leaf, PerReplica) else np.shape(leaf)
 
 
 def _path_name(path: tuple) -> str:
