@@ -11,6 +11,7 @@ from tpustrat._context import (
 )
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
+from tpustrat._layout import LayoutRules
 from tpustrat._loss import compute_average_loss
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
@@ -43,6 +44,7 @@ __all__ = [
     "DistributedIterator",
     "InputContext",
     "InputOptions",
+    "LayoutRules",
     "Mirrored",
     "PerReplica",
     "PreemptionCheckpointHandler",

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from tpustrat._checks import check_axis, check_tree, describe
 from tpustrat._collectives import hierarchical_sum
@@ -219,7 +220,8 @@ class ReplicaContext:
             x = jnp.asarray(x)
             op.check_reducible("all_reduce", x.dtype)
             linear = op in (ReduceOp.SUM, ReduceOp.MEAN)
-            return _compilable_on_cpu(self._strategy, x, combine, linear=linear)
+            reduce = _with_cores_manual(combine) if n == 1 else combine
+            return _compilable_on_cpu(self._strategy, x, reduce, linear=linear)
 
         return jax.tree.map(checked, value)
 
@@ -350,6 +352,22 @@ def sum_or_mean(
         x = x.astype(dtype)
     total = sum_over_replicas(x / num_replicas if divide_first else x)
     return total / num_replicas if op is ReduceOp.MEAN and not divide_first else total
+
+
+def _with_cores_manual(reduce: Callable[[jax.Array], jax.Array]) -> Callable:
+    """``reduce``, a reduction over a replica axis of size 1, run with the logical cores manual.
+
+    XLA's SPMD partitioner (with Shardy) drops a manual axis of size 1, and then refuses a
+    collective over it among the cores it partitions ("Cross-partition allreduce must be in
+    (partial) manual partitioning mode"). Made manual, the cores each reduce the whole value.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    cores = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
+    if not cores:
+        return reduce
+    return jax.shard_map(
+        reduce, mesh=mesh, in_specs=P(), out_specs=P(), axis_names=cores, check_vma=False
+    )
 
 
 def _compilable_on_cpu(

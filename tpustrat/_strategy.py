@@ -16,6 +16,7 @@ from tpustrat import (
     _context,
     _cross_replica,
     _input,
+    _layout,
     _logical,
     _mesh,
     _multistep,
@@ -534,6 +535,39 @@ class TPUStrategy:
             )
         _values.check_array_leaves("replicate", tree, "tree")
         return _values.replicate(tree, self._mesh)
+
+    def place_params(self, tree: PyTree, rules: _layout.LayoutRules) -> PyTree:
+        """Lays ``tree``'s leaves out over each replica's logical cores, as ``rules`` say.
+
+        Each leaf goes to every replica, tiled over the replica's cores by the first rule whose
+        pattern its path matches, or whole on every core if none does (``strategy.replicate``).
+        A ``ts.PerReplica`` leaf (one block per replica) keeps its blocks on their replicas,
+        each block tiled over its replica's cores by the rule.
+        ``run`` takes the placed arrays as they are, the step sees every leaf whole, and the
+        state it returns keeps these layouts, so a training loop compiles one program.
+
+        Args:
+          tree: parameters, an optimizer state, a train state, or Flax NNX objects (a module,
+            an ``nnx.Optimizer``), whose variables are placed in place.
+          rules: a ``ts.LayoutRules``.
+
+        Returns:
+          ``tree``'s own structure with every leaf placed; NNX objects are returned themselves.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=2)
+          >>> rules = ts.LayoutRules([(r"kernel", (None, "logical_core"))])
+          >>> params = strategy.place_params({"kernel": np.ones((3, 4), np.float32)}, rules)
+          >>> {s.data.shape for s in params["kernel"].addressable_shards}
+          {(3, 2)}
+          >>> float(strategy.run(lambda p: p["kernel"].sum(), args=(params,)))
+          12.0
+        """
+        _context.check_cross_replica(
+            "place_params",
+            "values are already on the replica; place the state before run and pass it in args",
+        )
+        return _layout.place(tree, rules, self._mesh)
 
     def experimental_distribute_dataset(
         self, dataset: Iterable[PyTree], options: InputOptions | None = None
