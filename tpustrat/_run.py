@@ -279,6 +279,10 @@ class Runner:
         if _INTERRUPTS.pending:
             _INTERRUPTS.raise_pending()
         inputs = (args, kwargs)
+        if _nnx.nnx_module() is not None and any(
+            map(_nnx.is_nnx_object, itertools.chain(args, kwargs.values()))
+        ):  # NNX objects at the top: not worth flattening as pytrees, which they also are
+            return self._run_nnx(fn, args, _nnx.find_objects(inputs), options)
         leaves, structure = _flatten(inputs)
         if options.donate_argnums and len(set(map(id, leaves))) != len(leaves):
             unshared = _unshare_donated(args, kwargs, options.donate_argnums)
@@ -297,9 +301,9 @@ class Runner:
             outputs = self._call(step, key, options, None, block_specs, inputs, True)
             self._hot = _HotCall(fn, options, structure, leaves, block_specs, step, key)
             return outputs
-        split = _nnx.split_objects(inputs)
-        if split is not None:
-            return self._run_nnx(fn, args, split, options)
+        found = _nnx.find_objects(inputs)
+        if found is not None:
+            return self._run_nnx(fn, args, found, options)
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
             inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
@@ -366,9 +370,9 @@ class Runner:
         self.window.record(marker)
         return outputs
 
-    def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
+    def _run_nnx(self, fn, args, found, options: RunOptions) -> PyTree:
         """``run`` of a step that takes Flax NNX objects: their new state is written back."""
-        graphdef, state, objects, (structure, positions), leaves = split
+        objects, structure, positions, leaves = found
         if options.donate_argnums:
             object_args = {
                 i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
@@ -379,14 +383,19 @@ class Runner:
                     f"that takes NNX objects (at {sorted(object_args)}); with NNX arguments only "
                     "the objects' state can be donated: donate their positions only"
                 )
-        lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
+        steps = self._lifted.get(fn, (structure, positions))
+        graph = steps.graph(objects)
+        lifted = steps.get(graph)
         donate = (0,) if options.donate_argnums else ()
         self.window.make_room()
         with _INTERRUPTS:  # the objects take the whole new state, or keep the old
-            out, new_state = self.run(
-                lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
+            out, new = self.run(
+                lifted,
+                (graph.values(), leaves),
+                {},
+                dataclasses.replace(options, donate_argnums=donate),
             )
-            _nnx.write_back(objects, state, new_state)
+            _nnx.write_back(graph, objects, new, steps.object_names)
         return out
 
     def _new_step(
