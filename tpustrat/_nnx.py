@@ -23,12 +23,14 @@ from __future__ import annotations
 import operator
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
 import jax
 
+from tpustrat import _cache
+from tpustrat._accounting import LeafName
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._values import PerReplica, is_distributed, is_per_replica
 
@@ -77,6 +79,7 @@ class LiftedSteps:
         self._last: Lifted | None = None
         self._by_graph: dict[Any, Lifted] = {}
         self._graph: Graph | None = None
+        self._object_names: list[str] | None = None
 
     def graph(self, objects: tuple) -> Graph:
         """The graph of ``objects``: the last call's when it still holds, else split anew."""
@@ -90,12 +93,14 @@ class LiftedSteps:
             if steps is not None:
                 steps._graph = None
 
-        self._graph = graph = Graph(objects, forget)
+        self._graph = graph = Graph(objects, forget, self.object_names())
         return graph
 
     def object_names(self) -> list[str]:
         """The argument paths of the NNX objects, in order (see ``object_names``)."""
-        return object_names(self._structure, self._positions)
+        if self._object_names is None:
+            self._object_names = object_names(self._structure, self._positions)
+        return self._object_names
 
     def get(self, graph: Graph) -> Lifted:
         """The step for objects of this graph, made on first use."""
@@ -106,6 +111,8 @@ class LiftedSteps:
         lifted = self._by_graph.pop(graphdef, None)
         if lifted is None:
             lifted = Lifted(self._fn, graphdef, self._structure, self._positions, graph.direct)
+            if last is not None:  # the objects' graph changed since the last call
+                lifted.recompile_reason = graph_change(last.graphdef, graphdef, self.object_names())
         self._by_graph[graphdef] = lifted
         while len(self._by_graph) > self._max_size:
             del self._by_graph[next(iter(self._by_graph))]
@@ -131,12 +138,14 @@ class Graph:
       objects: the NNX objects among the arguments.
       on_death: called when one of ``objects`` is garbage collected; the owner then drops
         this graph, which holds the variables.
+      object_names: the argument paths of ``objects`` (``args[0]``), to name the leaves.
     """
 
-    def __init__(self, objects: tuple, on_death: Callable[[], None]):
+    def __init__(self, objects: tuple, on_death: Callable[[], None], object_names: list[str]):
         nnx = loaded_nnx()
         self.graphdef, flat = nnx.flatten(objects)
         self.paths: tuple[tuple, ...] = tuple(flat.paths)
+        self.names = tuple(_leaf_name(object_names, path) for path in self.paths)
         self.leaves = tuple(flat.leaves)
         # Plain variables take their new values one by one; a graph with anything else (a
         # value leaf, an array reference) passes its leaves whole and goes through nnx.update.
@@ -156,15 +165,39 @@ class Graph:
             and watch.holds(self.leaves)
         )
 
-    def values(self) -> list:
+    def values(self) -> LeafValues:
         """What the compiled step takes: the variables' values, or the leaves themselves."""
         if self.direct:
-            return [v.get_raw_value() for v in self.leaves]
-        return list(self.leaves)
+            return LeafValues(self.names, [v.get_raw_value() for v in self.leaves])
+        return LeafValues(self.names, list(self.leaves))
 
-    def names(self, object_names: Sequence[str]) -> list[str]:
-        """Each leaf's path from the argument that holds it (``object_names``, in order)."""
-        return [_leaf_name(object_names, path) for path in self.paths]
+
+@jax.tree_util.register_pytree_with_keys_class
+class LeafValues:
+    """The values of NNX objects' leaves, each keyed by its name: what ``Lifted`` takes.
+
+    Compile accounting reports a leaf by its name (``args[0].layers[2].kernel``), the path of
+    the argument that holds it followed by its attributes.
+
+    Args:
+      names: each leaf's name.
+      values: each leaf's value, in the same order.
+    """
+
+    __slots__ = ("names", "values")
+
+    def __init__(self, names: tuple[str, ...], values: list):
+        self.names, self.values = names, values
+
+    def tree_flatten(self) -> tuple[list, tuple[str, ...]]:
+        return self.values, self.names
+
+    def tree_flatten_with_keys(self) -> tuple[list, tuple[str, ...]]:
+        return [(LeafName(n), v) for n, v in zip(self.names, self.values)], self.names
+
+    @classmethod
+    def tree_unflatten(cls, names: tuple[str, ...], values: Any) -> LeafValues:
+        return cls(names, list(values))
 
 
 class _Watch:
@@ -270,10 +303,14 @@ class Lifted:
         self.fn, self.graphdef, self.structure = fn, graphdef, structure
         self.positions, self.direct = tuple(positions), direct
         self.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
+        origin = _cache.origin(fn)
+        self.step_origin = None if origin is None else (origin, structure)
+        # Why its first compile is a recompile: set when the objects' graph changed.
+        self.recompile_reason: str | None = None
 
-    def __call__(self, values: list, leaves: list) -> tuple[PyTree, PyTree]:
+    def __call__(self, values: LeafValues, leaves: list) -> tuple[PyTree, PyTree]:
         nnx = loaded_nnx()
-        objects = nnx.unflatten(self.graphdef, list(values))
+        objects = nnx.unflatten(self.graphdef, list(values.values))
         leaves = list(leaves)
         for position, obj in zip(self.positions, objects):
             leaves[position] = obj
@@ -354,8 +391,7 @@ def write_back(
     """
     if type(new) is list:
         if any(type(value) is PerReplica for value in new):
-            names = graph.names(object_names())
-            _refuse_varying([n for n, v in zip(names, new) if isinstance(v, PerReplica)])
+            _refuse_varying([n for n, v in zip(graph.names, new) if isinstance(v, PerReplica)])
         for variable, value in zip(graph.leaves, new):
             # As nnx.update sets a variable: setting the attribute checks the trace once.
             variable.set_raw_value(value, _unsafe_bypass_check=True)
@@ -366,6 +402,85 @@ def write_back(
         names = object_names()
         _refuse_varying([_leaf_name(names, tuple(map(_key, path))) for path in varying])
     loaded_nnx().update(objects, new)
+
+
+def graph_change(old: Any, new: Any, object_names: Sequence[str]) -> str:
+    """A sentence saying how the NNX graph definition ``new`` differs from ``old``."""
+    before, after = _describe(old, object_names), _describe(new, object_names)
+    if before is None or after is None:
+        return "the NNX objects' graph definition changed"
+    changes = [f"{name} was added ({after[name][1]})" for name in _tops(after.keys() - before)]
+    changes += [f"{name} was removed" for name in _tops(before.keys() - after)]
+    for name in before.keys() & after.keys():
+        (kind, was, *rest), (new_kind, now, *new_rest) = before[name], after[name]
+        if (kind, was) != (new_kind, now):
+            changes.append(f"{name} changed from {was} to {now}")
+        elif rest != new_rest:
+            changes.append(f"{name}'s metadata changed from {rest[0]} to {new_rest[0]}")
+    if not changes:
+        return "the NNX objects' graph definition changed (shared references between them)"
+    shown = sorted(changes)[:3]
+    more = f", and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return (
+        f"the NNX objects' graph changed: {'; '.join(shown)}{more}; each graph compiles "
+        "once (model.train() and model.eval() are two), but a graph that changes on every "
+        "call compiles on every call"
+    )
+
+
+def _tops(names: Iterable[str]) -> list[str]:
+    """``names`` without those inside another of them (``a.b`` inside ``a``)."""
+    tops: list[str] = []
+    for name in sorted(names):
+        if not any(name.startswith((top + ".", top + "[")) for top in tops):
+            tops.append(name)
+    return tops
+
+
+def _describe(graphdef: Any, object_names: Sequence[str]) -> dict[str, tuple] | None:
+    """Each node, variable and static attribute of a graph definition, by name; or None.
+
+    Reads Flax's ``GraphDef`` (its ``nodes`` and ``attributes``, in the order of Flax's
+    walk); anything else than that walk gives None.
+    """
+    described: dict[str, tuple] = {}
+    nodes, attributes = iter(graphdef.nodes), iter(graphdef.attributes)
+
+    def visit(name: str) -> None:
+        node = next(nodes)
+        kind = type(node).__name__
+        if kind == "VariableDef":
+            described[name] = ("variable", node.type.__name__, dict(node.metadata))
+        elif kind == "NodeDef":
+            described[name] = ("node", getattr(node.type, "__name__", str(node.type)))
+            for _ in range(node.num_attributes):
+                key, attribute = next(attributes)
+                child = _child_name(name, key, object_names)
+                attribute_kind = type(attribute).__name__
+                if attribute_kind == "NodeAttr":
+                    visit(child)
+                    if str(key).startswith("_pytree__"):
+                        described.pop(child, None)
+                elif str(key).startswith("_pytree__"):  # Flax's own books: not the user's
+                    continue
+                elif attribute_kind == "Static":
+                    described[child] = ("static", repr(attribute.value))
+                else:
+                    described[child] = ("leaf", "a value")
+        else:  # NodeRef (a shared reference) and the rest
+            described[name] = ("reference", kind)
+
+    try:
+        visit("")
+    except (StopIteration, AttributeError, TypeError):
+        return None
+    return described
+
+
+def _child_name(name: str, key: Any, object_names: Sequence[str]) -> str:
+    if not name:  # the tuple of the objects
+        return object_names[key]
+    return name + (f".{key}" if isinstance(key, str) else f"[{key}]")
 
 
 def _leaf_name(object_names: Sequence[str], path: tuple) -> str:

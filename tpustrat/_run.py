@@ -31,7 +31,7 @@ from tpustrat import (
 from tpustrat._checks import check_int, describe
 from tpustrat._context import ReplicaContext
 from tpustrat._placement import ARRAY_TYPES
-from tpustrat._values import PerReplica, is_per_replica
+from tpustrat._values import PerReplica, is_distributed, is_per_replica
 
 PyTree = Any
 
@@ -154,7 +154,7 @@ class Step:
 
     def _trace(self, valid_rows, block_specs, kwargs, *args):
         self.traces += 1
-        self._on_trace(_accounting.signature((args, kwargs)))
+        self._on_trace(_accounting.signature((args, kwargs), _distributed_kind))
         arrays, per_replica_flags, rebuild = _split_inputs((args, kwargs))
         replicas = self._mesh.shape[_mesh.REPLICA_AXIS]
         for a, pr in zip(arrays, per_replica_flags):
@@ -409,6 +409,14 @@ class Runner:
             self._make_context,
             on_trace=lambda signature: self.ledger.traced(key, signature),
             donate_argnums=donate_argnums,
+        )
+        target = fn.target() if isinstance(fn, _cache.WeakCallable) else fn
+        origin = _cache.origin(fn)
+        self.ledger.new_step(
+            key,
+            step.name,
+            None if origin is None else (origin, donate_argnums),
+            target.recompile_reason if isinstance(target, _nnx.Lifted) else None,
         )
         return step, key
 
@@ -764,6 +772,11 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
 def _abstract(x) -> jax.ShapeDtypeStruct:
     aval = jax.typeof(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def _distributed_kind(x: Any) -> str | None:
+    """``"PerReplica"`` or ``"Mirrored"`` for a distributed value, else None."""
+    return type(x).__name__ if is_distributed(x) else None
 
 
 def _nnx_leaves(tree: PyTree) -> list[Any]:
