@@ -472,3 +472,28 @@ def test_the_cached_graph_does_not_keep_a_dropped_model_alive():
     del model
     gc.collect()
     assert watched() is None
+
+
+class Counter(nnx.Module):
+    """A plain array as data next to a variable: a leaf that is not an nnx.Variable."""
+
+    def __init__(self):
+        self.count = nnx.data(jnp.zeros((), jnp.int32))
+        self.total = nnx.Param(jnp.zeros(3))
+
+
+def _count(m):
+    m.count = m.count + 1
+    m.total[...] = m.total[...] + 1.0
+
+
+def test_a_plain_array_attribute_is_written_back_on_every_call():
+    strategy = ts.TPUStrategy()
+    model, twin = Counter(), Counter()
+    jitted = nnx.jit(_count)
+    for _ in range(3):
+        strategy.run(_count, args=(model,))
+        jitted(twin)
+    assert int(model.count) == int(twin.count) == 3
+    np.testing.assert_allclose(np.asarray(model.total[...]), np.asarray(twin.total[...]))
+    assert strategy.compile_stats().num_compiles == 1
