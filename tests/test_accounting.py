@@ -3,8 +3,10 @@
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import tpustrat as ts
 
@@ -53,6 +55,121 @@ def test_python_number_versus_array():
     strategy.run(step, args=(np.float32(2.0),))
     (recompile,) = strategy.compile_stats().recompiles
     assert "args[0] changed from a Python number to a float32 array" in recompile.reasons[0]
+
+
+def _scaled(scale):
+    def step(x):
+        return x * scale
+
+    return step
+
+
+def test_a_new_function_object_of_the_same_code_is_named_with_the_fix():
+    strategy = ts.TPUStrategy()
+    for scale in (2.0, 3.0):
+        strategy.run(lambda x, scale=scale: x * scale, args=(np.float32(1),))
+        strategy.run(_scaled(scale), args=(np.float32(1),))
+    lambda_again, closure_again = strategy.compile_stats().recompiles
+    assert (
+        lambda_again.function
+        == "test_a_new_function_object_of_the_same_code_is_named_with_the_fix.<locals>.<lambda>"
+    )
+    assert closure_again.function == "_scaled.<locals>.step"
+    for recompile in (lambda_again, closure_again):
+        (reason,) = recompile.reasons
+        assert reason.startswith(f"{recompile.function} is a new function object of the same code")
+        assert "define the function once, outside the loop" in reason
+    assert strategy.compile_stats().num_compiles == 4
+
+
+@pytest.mark.parametrize("first", ["replicated", "PerReplica"])
+def test_a_leaf_switching_between_replicated_and_per_replica_is_named(first):
+    strategy = ts.TPUStrategy()
+    kinds = {
+        "replicated": np.ones(3, np.float32),
+        "PerReplica": ts.PerReplica.from_stacked(np.ones((8, 3), np.float32)),
+    }
+    second = "PerReplica" if first == "replicated" else "replicated"
+    for kind in (first, second):
+        strategy.run(_step, args=({"w": np.ones(3, np.float32), "x": kinds[kind]}, 2.0))
+    (recompile,) = strategy.compile_stats().recompiles
+    names = {"replicated": "a replicated value", "PerReplica": "a PerReplica"}
+    assert recompile.reasons == (
+        f"args[0]['x'] switched from {names[first]} to {names[second]}; pass it the same way "
+        "on every call (a replicated value as a plain or replicated array, a per-replica one "
+        "always as a PerReplica)",
+    )
+
+
+def test_a_structure_change_says_where_and_what():
+    strategy = ts.TPUStrategy()
+    w = np.ones(3, np.float32)
+    strategy.run(_step, args=({"a": (w, w)}, 2.0))
+    strategy.run(_step, args=({"a": [w, w]}, 2.0))
+    strategy.run(_step, args=({"a": [w, w], "b": w}, 2.0))
+    tuple_to_list, added = (r.reasons for r in strategy.compile_stats().recompiles)
+    assert tuple_to_list == (
+        "the argument structure changed (args[0]['a'] was a tuple and is a list); pass the same "
+        "pytree structure on every call",
+    )
+    assert added == (
+        "the argument structure changed (added args[0]['b']); pass the same pytree structure "
+        "on every call",
+    )
+
+
+class _Model(nnx.Module):
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.dense = nnx.Linear(2, 3, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+
+def _bump(model, x):
+    bias = model.dense.bias[...]
+    model.dense.bias[...] = bias + x.astype(bias.dtype)
+
+
+# A change to the model between two calls, and the reason compile_stats must give.
+NNX_CHANGES = {
+    "a new attribute": (
+        lambda m: setattr(m, "extra", nnx.Param(jnp.zeros(2))),
+        "the NNX objects' graph changed: args[0].extra was added (Param)",
+    ),
+    "a variable of another type": (
+        lambda m: setattr(m.dense, "kernel", nnx.BatchStat(m.dense.kernel[...])),
+        "the NNX objects' graph changed: args[0].dense.kernel changed from Param to BatchStat",
+    ),
+    "a static attribute": (
+        lambda m: m.eval(),
+        "the NNX objects' graph changed: args[0].dropout.deterministic changed from False to True",
+    ),
+    "a variable of another shape": (
+        lambda m: setattr(m.dense, "bias", nnx.Param(jnp.zeros(4))),
+        "args[0].dense.bias changed shape from (3,) to (4,)",
+    ),
+    "a variable of another dtype": (
+        lambda m: setattr(m.dense, "bias", nnx.Param(jnp.zeros(3, jnp.bfloat16))),
+        "args[0].dense.bias changed dtype from float32 to bfloat16; cast it once",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(NNX_CHANGES), ids=lambda c: c.replace(" ", "-"))
+def test_an_nnx_recompile_names_the_object_and_attribute(change):
+    mutate, reason = NNX_CHANGES[change]
+    strategy = ts.TPUStrategy()
+    model = _Model()
+    strategy.run(_bump, args=(model, np.float32(1)))
+    mutate(model)
+    strategy.run(_bump, args=(model, np.float32(1)))
+    (recompile,) = strategy.compile_stats().recompiles
+    assert recompile.function == "_bump"
+    assert recompile.reasons[0].startswith(reason), recompile.reasons
+    np.testing.assert_allclose(
+        np.asarray(model.dense.bias[...], np.float32),
+        2.0 - (change in ("a variable of another shape", "a variable of another dtype")),
+    )
 
 
 def test_runs_inside_jit_are_not_counted():

@@ -4,7 +4,9 @@ The training step is the Flax NNX MNIST tutorial's, ported by replacing ``@nnx.j
 ``strategy.run`` and adding the gradient all-reduce (metrics are updated with global values).
 """
 
+import gc
 import warnings
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -382,3 +384,116 @@ def test_a_step_that_changes_a_closed_over_object_is_told_to_pass_it():
         strategy.run(lambda model, x: model(x).sum(), args=(model, x)).stacked,
         np.full(8, np.asarray(model(np.ones((2, 3), np.float32)).sum())),
     )
+
+
+class Stack(nnx.Module):
+    """Layers in an nnx.List and in a plain list, dropout, and a scalar static attribute."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(2)])
+        self.extras = nnx.data([nnx.Linear(3, 3, rngs=rngs)])
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.scale = 2.0
+
+
+def _bump_every_variable(model):
+    """Adds 1 to every Param and BatchStat: a step that reads the whole graph."""
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(lambda v: v + 1, state))
+
+
+# Changes to the objects between calls, each done to the model run by strategy.run and to its
+# twin run by nnx.jit (which splits on every call). Each must reach the step as on the twin.
+CHANGES = {
+    "nothing": lambda m: None,
+    "a value set in place": lambda m: m.layers[0].bias.set_value(jnp.full(3, 7.0)),
+    "a new attribute": lambda m: setattr(m, "extra", nnx.Param(jnp.zeros(3))),
+    "an attribute deleted": lambda m: delattr(m, "extras"),
+    "a variable replaced by an equal one": lambda m: setattr(
+        m.layers[0], "bias", nnx.Param(jnp.zeros(3))
+    ),
+    "a variable of another shape": lambda m: setattr(m.layers[0], "bias", nnx.Param(jnp.zeros(5))),
+    "a variable of another type": lambda m: setattr(
+        m.layers[0], "bias", nnx.BatchStat(jnp.zeros(3))
+    ),
+    "a variable's metadata": lambda m: m.layers[1].kernel.set_metadata("tag", "frozen"),
+    "a module replaced": lambda m: m.layers.__setitem__(1, nnx.Linear(3, 3, rngs=nnx.Rngs(5))),
+    "an nnx.List grown": lambda m: m.layers.append(nnx.Linear(3, 3, rngs=nnx.Rngs(6))),
+    "a plain list grown": lambda m: m.extras.append(nnx.Linear(3, 3, rngs=nnx.Rngs(7))),
+    "a plain list item replaced": lambda m: m.extras.__setitem__(
+        0, nnx.Linear(3, 3, rngs=nnx.Rngs(8))
+    ),
+    "a static attribute": lambda m: setattr(m, "scale", 3.0),
+    "eval mode": lambda m: m.eval(),
+}
+
+
+def _signature(model):
+    """What a program is compiled for: the graph definition and each leaf's abstract value
+    (shape, dtype, and whether the dtype is weak: a Python number's)."""
+    graphdef, state = nnx.split(model)
+    return graphdef, jax.tree.map(jax.typeof, state)
+
+
+@pytest.mark.parametrize("change", list(CHANGES), ids=lambda c: c.replace(" ", "-"))
+def test_changes_between_calls_reach_the_step_and_compile_only_when_the_graph_changed(change):
+    """The cached graph of the last call is used only while it holds: a change made to the
+    objects between calls reaches the step as under nnx.jit, and compiles again exactly when
+    the graph definition or a leaf's type changed."""
+    strategy = ts.TPUStrategy()
+    model, twin = Stack(nnx.Rngs(0)), Stack(nnx.Rngs(0))
+    strategy.replicate(model)
+    jitted = nnx.jit(_bump_every_variable)
+    for _ in range(2):
+        strategy.run(_bump_every_variable, args=(model,))
+        jitted(twin)
+    before, signature = strategy.compile_stats().num_compiles, _signature(model)
+    for m in (model, twin):
+        CHANGES[change](m)
+    for _ in range(2):
+        strategy.run(_bump_every_variable, args=(model,))
+        jitted(twin)
+    compiles = strategy.compile_stats().num_compiles - before
+    assert compiles == int(_signature(model) != signature)
+    got, want = nnx.state(model), nnx.state(twin)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_cached_graph_does_not_keep_a_dropped_model_alive():
+    strategy = ts.TPUStrategy()
+    model = Stack(nnx.Rngs(0))
+    for _ in range(2):
+        strategy.run(_bump_every_variable, args=(model,))
+    watched = weakref.ref(model)
+    del model
+    gc.collect()
+    assert watched() is None
+
+
+class Counter(nnx.Module):
+    """A plain array as data next to a variable: a leaf that is not an nnx.Variable."""
+
+    def __init__(self):
+        self.count = nnx.data(jnp.zeros((), jnp.int32))
+        self.total = nnx.Param(jnp.zeros(3))
+
+
+def _count(m):
+    m.count = m.count + 1
+    m.total[...] = m.total[...] + 1.0
+
+
+def test_a_plain_array_attribute_is_written_back_on_every_call():
+    strategy = ts.TPUStrategy()
+    model, twin = Counter(), Counter()
+    jitted = nnx.jit(_count)
+    for _ in range(3):
+        strategy.run(_count, args=(model,))
+        jitted(twin)
+    assert int(model.count) == int(twin.count) == 3
+    np.testing.assert_allclose(np.asarray(model.total[...]), np.asarray(twin.total[...]))
+    assert strategy.compile_stats().num_compiles == 1

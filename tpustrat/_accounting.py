@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -59,40 +59,63 @@ class CompileStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class LeafName:
+    """A key path entry that names a leaf where the user knows it.
+
+    A value ``run`` passes on the user's behalf (an NNX variable's, under its attribute path)
+    carries its name in its key path; compile accounting reports the leaf by that name alone.
+
+    Attributes:
+      name: the leaf's name, e.g. ``args[0].layers[2].kernel``.
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"[{self.name}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class Signature:
-    """The abstract signature jit keys its cache on: structure and each leaf's type."""
+    """The abstract signature jit keys its cache on: structure and each leaf's type.
+
+    Each leaf has its path, shape, dtype, whether the dtype is weak (a Python number's), and
+    its kind: ``"replicated"``, or the distributed value's type (``"PerReplica"``).
+    """
 
     structure: Any
-    leaves: tuple[tuple[str, tuple[int, ...], str, bool], ...]  # path, shape, dtype, weak
+    leaves: tuple[tuple[str, tuple[int, ...], str, bool, str], ...]
 
 
-def signature(tree: PyTree) -> Signature:
-    """The signature of ``(args, kwargs)`` as seen while tracing."""
-    with_paths, structure = jax.tree_util.tree_flatten_with_path(tree)
+def signature(tree: PyTree, kind: Callable[[Any], str | None] = lambda x: None) -> Signature:
+    """The signature of ``(args, kwargs)`` as seen while tracing.
+
+    ``kind(node)`` names a distributed value's type (``"PerReplica"``), None for anything else.
+    """
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: kind(x) is not None)[0]
     leaves = []
-    for path, leaf in with_paths:
-        aval = jax.typeof(leaf)
-        leaves.append((_path_name(path), tuple(aval.shape), str(aval.dtype), bool(aval.weak_type)))
-    return Signature(structure, tuple(leaves))
+    for outer, node in nodes:
+        node_kind = kind(node) or "replicated"
+        for inner, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
+            aval = jax.typeof(leaf)
+            leaves.append(
+                (
+                    _path_name(outer + inner),
+                    tuple(aval.shape),
+                    str(aval.dtype),
+                    bool(aval.weak_type),
+                    node_kind,
+                )
+            )
+    return Signature(jax.tree.structure(tree), tuple(leaves))
 
 
 def explain(old: Signature, new: Signature) -> tuple[str, ...]:
     """Sentences saying how ``new`` differs from ``old``, with a hint at the usual fix."""
     if old.structure != new.structure:
-        old_paths = {p for p, *_ in old.leaves}
-        new_paths = {p for p, *_ in new.leaves}
-        added, removed = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
-        detail = ", ".join(
-            [f"added {', '.join(added)}"] * bool(added)
-            + [f"removed {', '.join(removed)}"] * bool(removed)
-        )
-        return (
-            "the argument structure changed"
-            + (f" ({detail})" if detail else " (container types or PerReplica/Mirrored kinds)")
-            + "; pass the same pytree structure on every call",
-        )
+        return _explain_structure(old, new)
     reasons = []
-    for (path, shape, dtype, weak), (_, new_shape, new_dtype, new_weak) in zip(
+    for (path, shape, dtype, weak, _), (_, new_shape, new_dtype, new_weak, _) in zip(
         old.leaves, new.leaves
     ):
         if shape != new_shape:
@@ -111,6 +134,72 @@ def explain(old: Signature, new: Signature) -> tuple[str, ...]:
                 "the same kind of value on every call"
             )
     return tuple(reasons) or ("the arguments' shardings or the step's closure changed",)
+
+
+def _explain_structure(old: Signature, new: Signature) -> tuple[str, ...]:
+    """Sentences saying how the structure of ``new`` differs from ``old``'s."""
+    old_kinds = {path: kind for path, *_, kind in old.leaves}
+    new_kinds = {path: kind for path, *_, kind in new.leaves}
+    if old_kinds.keys() == new_kinds.keys():
+        switched = [p for p in old_kinds if old_kinds[p] != new_kinds[p]]
+        if switched:
+            return tuple(
+                f"{path} switched from {_kind_name(old_kinds[path])} to "
+                f"{_kind_name(new_kinds[path])}; pass it the same way on every call (a "
+                "replicated value as a plain or replicated array, a per-replica one always "
+                "as a PerReplica)"
+                for path in switched
+            )
+    added = sorted(new_kinds.keys() - old_kinds.keys())
+    removed = sorted(old_kinds.keys() - new_kinds.keys())
+    detail = ", ".join(
+        [f"added {', '.join(added)}"] * bool(added)
+        + [f"removed {', '.join(removed)}"] * bool(removed)
+    )
+    if not detail:
+        old_args, new_args = old.structure.children(), new.structure.children()
+        detail = next(
+            (
+                difference
+                for name, a, b in zip(("args", "kwargs"), old_args, new_args)
+                if (difference := _first_difference(a, b, name)) is not None
+            ),
+            "container types",
+        )
+    return (
+        f"the argument structure changed ({detail}); pass the same pytree structure on every call",
+    )
+
+
+def _kind_name(kind: str) -> str:
+    return "a replicated value" if kind == "replicated" else f"a {kind}"
+
+
+def _first_difference(old: Any, new: Any, path: str) -> str | None:
+    """Where two pytree structures first differ, and how: ``args[0] was a tuple, is a list``."""
+    old_node, new_node = old.node_data(), new.node_data()
+    old_type, old_aux = old_node if old_node is not None else (None, None)
+    new_type, new_aux = new_node if new_node is not None else (None, None)
+    if old_type is not new_type:
+        return f"{path} was {_type_name(old_type)} and is {_type_name(new_type)}"
+    if old_aux != new_aux:
+        return (
+            f"{path}, {_type_name(old_type)}, changed its keys or metadata from {old_aux!r} "
+            f"to {new_aux!r}"
+        )
+    old_children, new_children = old.children(), new.children()
+    for i, (a, b) in enumerate(zip(old_children, new_children)):
+        key = f"[{old_aux[i]!r}]" if old_type is dict and old_aux is not None else f"[{i}]"
+        difference = _first_difference(a, b, path + key)
+        if difference is not None:
+            return difference
+    if len(old_children) != len(new_children):
+        return f"{path} had {len(old_children)} children and has {len(new_children)}"
+    return None
+
+
+def _type_name(kind: type | None) -> str:
+    return "a leaf" if kind is None else f"a {kind.__name__}"
 
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -134,12 +223,37 @@ def backend_compiles() -> int:
 class Ledger:
     """Counts compiles and cache hits of plain ``run`` calls, with the reasons for recompiles."""
 
-    def __init__(self):
+    def __init__(self, max_origins: int = 256):
         self._compiles = 0
         self._hits = 0
         self._recompiles: list[Recompile] = []
         self._traced: dict[Any, Signature] = {}  # the latest trace of each step
         self._compiled: dict[Any, Signature] = {}  # the signature of its latest compile
+        self._why_new: dict[Any, str] = {}  # why a new step compiles what another did
+        self._origins: dict[Hashable, Any] = {}  # the latest step of each origin, bounded
+        self._max_origins = max_origins
+
+    def new_step(self, key: Any, name: str, origin: Hashable | None, reason: str | None) -> None:
+        """Records a new step ``key`` for a function of ``origin`` (see ``_cache.origin``).
+
+        Its first compile is a recompile when it has a ``reason`` (an NNX graph that changed),
+        or when a step of the same origin was made before: a new function object of the
+        same code, a lambda or closure made on each call.
+        """
+        if reason is None and origin is not None and origin in self._origins:
+            reason = (
+                f"{name} is a new function object of the same code as one compiled before "
+                "(a lambda, closure or functools.partial made on each call); each new object "
+                "compiles again: define the function once, outside the loop, and pass what "
+                "changes as arguments"
+            )
+        if reason is not None:
+            self._why_new[key] = reason
+        if origin is not None:
+            self._origins.pop(origin, None)
+            self._origins[origin] = key
+            while len(self._origins) > self._max_origins:
+                del self._origins[next(iter(self._origins))]
 
     def traced(self, key: Any, signature: Signature) -> None:
         """Records that the step ``key`` was traced for ``signature``."""
@@ -160,7 +274,12 @@ class Ledger:
         if new is None:  # never traced, so nothing to compare (a compile follows a trace)
             return
         self._compiled[key] = new
-        if old is None or (traced and bucketing and _only_rows_changed(old, new)):
+        if old is None:
+            why = self._why_new.pop(key, None)
+            if why is not None:
+                self._record(Recompile(name, (why,)))
+            return
+        if traced and bucketing and _only_rows_changed(old, new):
             return
         if traced:
             reasons = explain(old, new)
@@ -169,7 +288,9 @@ class Ledger:
                 "the arguments' shardings changed (a parameter the last step left tiled over "
                 "the logical cores, or an array placed by hand); this compiles once per layout",
             )
-        event = Recompile(name, reasons)
+        self._record(Recompile(name, reasons))
+
+    def _record(self, event: Recompile) -> None:
         self._recompiles.append(event)
         logger.info("%s", event)
 
@@ -177,6 +298,7 @@ class Ledger:
         """Drops what is known of the step ``key``, whose program the strategy let go."""
         self._traced.pop(key, None)
         self._compiled.pop(key, None)
+        self._why_new.pop(key, None)
 
     def stats(self) -> CompileStats:
         return CompileStats(self._compiles, self._hits, tuple(self._recompiles))
@@ -185,15 +307,23 @@ class Ledger:
 def _only_rows_changed(old: Signature, new: Signature) -> bool:
     """Whether ``new`` differs from ``old`` only in the per-replica rows (a new bucket)."""
     return old.structure == new.structure and all(
-        (path, dtype, weak) == (new_path, new_dtype, new_weak)
+        (path, dtype, weak, kind) == (new_path, new_dtype, new_weak, new_kind)
         and shape[:1] + shape[2:] == new_shape[:1] + new_shape[2:]
-        for (path, shape, dtype, weak), (new_path, new_shape, new_dtype, new_weak) in zip(
-            old.leaves, new.leaves
-        )
+        for (path, shape, dtype, weak, kind), (
+            new_path,
+            new_shape,
+            new_dtype,
+            new_weak,
+            new_kind,
+        ) in zip(old.leaves, new.leaves)
     )
 
 
 def _path_name(path: Sequence[Any]) -> str:
+    named = [i for i, entry in enumerate(path) if isinstance(entry, LeafName)]
+    if named:  # the user's name for the leaf, and what lies below it
+        rest = tuple(p for p in path[named[-1] + 1 :] if _is_user_key(p))
+        return path[named[-1]].name + jax.tree_util.keystr(rest)
     if not path:
         return "args"
     head, rest = path[0], path[1:]

@@ -8,6 +8,7 @@ recently used entry goes once there are more than ``max_size``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable, Hashable
@@ -59,7 +60,7 @@ class FunctionCache(Generic[Options, Value]):
         key = (reference(fn, self._forget), options)
         value = self._entries.pop(key, None)
         if value is None:
-            value = self._build(_weak_callable(key[0]), options)
+            value = self._build(WeakCallable(key[0]), options)
         self._entries[key] = value
         while len(self._entries) > self._max_size:
             self._evict(next(iter(self._entries)))
@@ -113,13 +114,39 @@ def reference(
         return _Strong(fn)
 
 
-def _weak_callable(reference: Any) -> Callable[..., Any]:
-    """Calls the function behind ``reference``; carries its name for messages."""
-    fn = reference()
+def origin(fn: Callable[..., Any]) -> Hashable | None:
+    """What ``fn`` runs, apart from the function object; None when that is not known.
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return reference()(*args, **kwargs)
+    Two functions made by one ``lambda`` or ``def`` (a closure made on each call), two
+    ``functools.partial`` s of one function, and one method bound to two objects have the same
+    origin: its qualified name and code. A callable that stands for another (the weak callable
+    a cache builds with, a lifted NNX step) says its origin in ``step_origin``.
+    """
+    known = getattr(fn, "step_origin", None)
+    if known is not None:
+        return known
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method's function
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    return getattr(fn, "__qualname__", None), code
 
-    call.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
-    call.__name__ = getattr(fn, "__name__", call.__qualname__)
-    return call
+
+class WeakCallable:
+    """Calls the function behind a reference; carries its name and origin for messages."""
+
+    def __init__(self, reference: Any):
+        fn = reference()
+        self._reference = reference
+        self.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
+        self.__name__ = getattr(fn, "__name__", self.__qualname__)
+        self.step_origin = origin(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._reference()(*args, **kwargs)
+
+    def target(self) -> Callable[..., Any] | None:
+        """The function called, or None once it is gone."""
+        return self._reference()

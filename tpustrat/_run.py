@@ -32,7 +32,7 @@ from tpustrat._checks import check_int, describe
 from tpustrat._context import ReplicaContext, replica_scope
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._types import PyTree
-from tpustrat._values import PerReplica, is_per_replica
+from tpustrat._values import PerReplica, is_distributed, is_per_replica
 
 _JAX_DONATION_WARNING = "Some donated buffers were not usable"
 _flatten = jax.tree_util.tree_flatten  # jax.tree.flatten, one call fewer on run's hot path
@@ -153,7 +153,7 @@ class Step:
 
     def _trace(self, valid_rows, block_specs, kwargs, *args):
         self.traces += 1
-        self._on_trace(_accounting.signature((args, kwargs)))
+        self._on_trace(_accounting.signature((args, kwargs), _distributed_kind))
         arrays, per_replica_flags, rebuild = _split_inputs((args, kwargs))
         replicas = self._mesh.shape[_mesh.REPLICA_AXIS]
         for a, pr in zip(arrays, per_replica_flags):
@@ -278,6 +278,10 @@ class Runner:
         if _INTERRUPTS.pending:
             _INTERRUPTS.raise_pending()
         inputs = (args, kwargs)
+        if _nnx.nnx_module() is not None and any(
+            map(_nnx.is_nnx_object, itertools.chain(args, kwargs.values()))
+        ):  # NNX objects at the top: not worth flattening as pytrees, which they also are
+            return self._run_nnx(fn, args, _nnx.find_objects(inputs), options)
         leaves, structure = _flatten(inputs)
         if options.donate_argnums and len(set(map(id, leaves))) != len(leaves):
             unshared = _unshare_donated(args, kwargs, options.donate_argnums)
@@ -296,9 +300,9 @@ class Runner:
             outputs = self._call(step, key, options, None, block_specs, inputs, True)
             self._hot = _HotCall(fn, options, structure, leaves, block_specs, step, key)
             return outputs
-        split = _nnx.split_objects(inputs)
-        if split is not None:
-            return self._run_nnx(fn, args, split, options)
+        found = _nnx.find_objects(inputs)
+        if found is not None:
+            return self._run_nnx(fn, args, found, options)
         valid_rows = None
         if options.experimental_bucketizing_dynamic_shape:
             inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
@@ -365,9 +369,9 @@ class Runner:
         self.window.record(marker)
         return outputs
 
-    def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
+    def _run_nnx(self, fn, args, found, options: RunOptions) -> PyTree:
         """``run`` of a step that takes Flax NNX objects: their new state is written back."""
-        graphdef, state, objects, (structure, positions), leaves = split
+        objects, structure, positions, leaves = found
         if options.donate_argnums:
             object_args = {
                 i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
@@ -378,14 +382,19 @@ class Runner:
                     f"that takes NNX objects (at {sorted(object_args)}); with NNX arguments only "
                     "the objects' state can be donated: donate their positions only"
                 )
-        lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
+        steps = self._lifted.get(fn, (structure, positions))
+        graph = steps.graph(objects)
+        lifted = steps.get(graph)
         donate = (0,) if options.donate_argnums else ()
         self.window.make_room()
         with _INTERRUPTS:  # the objects take the whole new state, or keep the old
-            out, new_state = self.run(
-                lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
+            out, new = self.run(
+                lifted,
+                (graph.values(), leaves),
+                {},
+                dataclasses.replace(options, donate_argnums=donate),
             )
-            _nnx.write_back(objects, state, new_state)
+            _nnx.write_back(graph, objects, new, steps.object_names)
         return out
 
     def _new_step(
@@ -399,6 +408,14 @@ class Runner:
             self._make_context,
             on_trace=lambda signature: self.ledger.traced(key, signature),
             donate_argnums=donate_argnums,
+        )
+        target = fn.target() if isinstance(fn, _cache.WeakCallable) else fn
+        origin = _cache.origin(fn)
+        self.ledger.new_step(
+            key,
+            step.name,
+            None if origin is None else (origin, donate_argnums),
+            target.recompile_reason if isinstance(target, _nnx.Lifted) else None,
         )
         return step, key
 
@@ -754,6 +771,11 @@ def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
 def _abstract(x) -> jax.ShapeDtypeStruct:
     aval = jax.typeof(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def _distributed_kind(x: Any) -> str | None:
+    """``"PerReplica"`` or ``"Mirrored"`` for a distributed value, else None."""
+    return type(x).__name__ if is_distributed(x) else None
 
 
 def _nnx_leaves(tree: PyTree) -> list[Any]:
