@@ -154,11 +154,16 @@ def write_back(objects: tuple, state: PyTree, new_state: PyTree) -> None:
       ValueError: if the step left some of the objects' state different on each replica.
     """
     nnx = loaded_nnx()
-    varying = [
-        jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(new_state, is_leaf=is_per_replica)[0]
-        if isinstance(leaf, PerReplica)
-    ]
+
+    def per_replica_paths(tree: PyTree) -> list[str]:
+        return [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_per_replica)[0]
+            if isinstance(leaf, PerReplica)
+        ]
+
+    given = set(per_replica_paths(state))  # blocks of sharded parameters (ts.shard_params)
+    varying = [path for path in per_replica_paths(new_state) if path not in given]
     if varying:
         raise ValueError(
             f"the step left NNX state that differs between replicas: {', '.join(varying)}; "

@@ -1,0 +1,216 @@
+"""Sharded parameters (ts.shard_params, ts.gather_params) against plain data parallelism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import tpustrat as ts
+
+MESHES = [(8, 1), (4, 2)]
+MESH_IDS = ["8x1", "4x2"]
+STEPS = 20
+GLOBAL_BATCH = 32
+WIDTH, LAYERS, OUT = 12, 3, 5  # 12 divides by 4 but not 8: the 8-replica blocks are padded
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def _strategy(shape):
+    return ts.TPUStrategy(num_logical_cores=shape[1])
+
+
+def _tx():
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+
+
+def _batches(strategy, steps=STEPS):
+    rng = np.random.default_rng(0)
+    data = [
+        (
+            rng.normal(size=(GLOBAL_BATCH, WIDTH)).astype(np.float32),
+            rng.normal(size=(GLOBAL_BATCH, OUT)).astype(np.float32),
+        )
+        for _ in range(steps)
+    ]
+    return list(strategy.experimental_distribute_dataset(data))
+
+
+def _close(got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+# A plain pytree model: scanned layers, each gathered where it runs ------------------------------
+
+
+def _pytree_params():
+    rng = np.random.default_rng(1)
+    return {
+        "layers": {
+            "w": rng.normal(size=(LAYERS, WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH),
+            "b": np.zeros((LAYERS, WIDTH), np.float32),
+        },
+        "head": rng.normal(size=(WIDTH, OUT)).astype(np.float32),
+    }
+
+
+def _pytree_loss(params, batch, gather):
+    x, y = batch
+
+    def layer(h, p):
+        p = gather(p)  # one layer whole at a time
+        return jnp.tanh(h @ p["w"] + p["b"]), None
+
+    h, _ = jax.lax.scan(jax.checkpoint(layer), x, params["layers"])
+    return jnp.mean((h @ gather(params["head"]) - y) ** 2)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+def test_pytree_model_equals_data_parallelism(shape):
+    strategy = _strategy(shape)
+    tx, sharded_tx = _tx(), ts.shard_update(_tx())
+
+    def plain_step(params, opt_state, batch):
+        grads = jax.grad(_pytree_loss)(params, batch, lambda p: p)
+        grads = ts.get_replica_context().all_reduce("mean", grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def sharded_step(params, opt_state, batch):
+        grads = jax.grad(_pytree_loss)(params, batch, ts.gather_params)
+        updates, opt_state = sharded_tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = strategy.replicate(_pytree_params())
+    opt_state = strategy.replicate(tx.init(params))
+    sharded = ts.shard_params(_pytree_params(), strategy)
+    assert isinstance(sharded["layers"]["w"], ts.ReplicaShard)
+    assert sharded["layers"]["w"].axis != 0  # never the layer axis
+    sharded_state = strategy.run(sharded_tx.init, args=(sharded,))
+    for batch in _batches(strategy):
+        params, opt_state = strategy.run(plain_step, args=(params, opt_state, batch))
+        sharded, sharded_state = strategy.run(sharded_step, args=(sharded, sharded_state, batch))
+    assert isinstance(sharded["layers"]["w"].blocks, ts.PerReplica)
+    _close(ts.gather_params(sharded), params)
+
+
+def test_layout_cuts_an_axis_after_the_first_and_keeps_small_leaves_whole():
+    strategy = ts.TPUStrategy()  # 8 replicas
+    tree = {
+        "stacked": np.zeros((3, 16, 24), np.float32),  # 24 divides by 8: the last axis
+        "padded": np.zeros((4, 10, 6), np.float32),  # none divides: the longest after the first
+        "bias": np.zeros(64, np.float32),  # rank 1: whole
+        "narrow": np.zeros((64, 3), np.float32),  # only axis 1 may be cut, and it is too short
+        "count": np.zeros((), np.int32),
+    }
+    out = ts.shard_params(tree, strategy)
+    assert (out["stacked"].axis, out["stacked"].blocks.stacked.shape) == (2, (8, 3, 16, 3))
+    assert (out["padded"].axis, out["padded"].blocks.stacked.shape) == (1, (8, 4, 2, 6))
+    for name in ("bias", "narrow", "count"):
+        assert out[name].sharding.is_fully_replicated
+    whole = ts.gather_params(out)
+    _close(whole, tree)
+
+
+def test_gather_params_inside_run_is_whole_on_every_replica(strategy):
+    params = np.arange(3 * 4 * 10, dtype=np.float32).reshape(3, 4, 10)
+    sharded = ts.shard_params({"w": params}, strategy)
+    out = strategy.run(lambda p: ts.gather_params(p)["w"], args=(sharded,))
+    np.testing.assert_array_equal(np.asarray(out), params)
+
+
+# Flax NNX: nnx.scan over layers, nnx.Optimizer -------------------------------------------------
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.linear(x))
+
+
+class _Stack(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(WIDTH, OUT, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def layer(x, block):
+            return block(x)
+
+        return self.head(layer(x, self.blocks))
+
+
+def _nnx_loss(model, batch):
+    x, y = batch
+    return jnp.mean((model(x) - y) ** 2)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+def test_nnx_model_equals_data_parallelism(shape):
+    strategy = _strategy(shape)
+    model = strategy.replicate(_Stack(nnx.Rngs(0)))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+    sharded = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+    sharded_optimizer = nnx.Optimizer(sharded, ts.shard_update(_tx()), wrt=nnx.Param)
+
+    def plain_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(_nnx_loss)(model, batch)
+        optimizer.update(model, ts.get_replica_context().all_reduce("mean", grads))
+        return loss
+
+    def sharded_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(_nnx_loss)(model, batch)
+        optimizer.update(model, grads)  # the blocks' gradients, summed by the reduce-scatter
+        return loss
+
+    for batch in _batches(strategy):
+        want = strategy.run(plain_step, args=(model, optimizer, batch))
+        got = strategy.run(sharded_step, args=(sharded, sharded_optimizer, batch))
+        _close(got, want)
+    kernel = sharded.blocks.linear.kernel.get_raw_value()
+    assert isinstance(kernel, ts.ReplicaShard) and kernel.shape == (LAYERS, WIDTH, WIDTH)
+    mu = sharded_optimizer.opt_state[1][0].mu["blocks"]["linear"]["kernel"]
+    assert isinstance(mu, ts.ReplicaShard) and isinstance(mu.blocks.get_raw_value(), ts.PerReplica)
+    ts.gather_params(sharded)
+    assert type(sharded.blocks.linear.kernel) is nnx.Param
+    _close(nnx.state(sharded, nnx.Param), nnx.state(model, nnx.Param))
+
+
+# Misuse -----------------------------------------------------------------------------------------
+
+
+def test_sharding_twice_is_refused():
+    strategy = ts.TPUStrategy()
+    params = ts.shard_params({"w": np.ones((2, 16), np.float32)}, strategy)
+    with pytest.raises(ValueError, match=r"tree\['w'\], which is sharded already"):
+        ts.shard_params(params, strategy)
+    model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+    with pytest.raises(ValueError, match="sharded already"):
+        ts.shard_params(model, strategy)
+
+
+def test_non_array_leaves_are_refused():
+    with pytest.raises(TypeError, match=r"tree\['name'\] is .*str"):
+        ts.shard_params({"w": np.ones((2, 16)), "name": "dense"}, ts.TPUStrategy())
+    with pytest.raises(TypeError, match=r"strategy must be a ts\.TPUStrategy"):
+        ts.shard_params({"w": np.ones((2, 16))}, "strategy")
+
+
+def test_params_sharded_for_another_replica_count_are_refused():
+    params = ts.shard_params({"w": np.ones((2, 16), np.float32)}, ts.TPUStrategy())
+    four = ts.TPUStrategy(num_logical_cores=2)
+    with pytest.raises(ValueError, match="8 components"):
+        four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(params,))
+    moved = ts.shard_params(ts.gather_params(params), four)
+    assert float(four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(moved,))) == 32.0

@@ -1,0 +1,264 @@
+"""Parameters sharded over the replicas (FSDP, ZeRO-3), gathered whole when a layer uses them.
+
+``shard_params`` cuts each large parameter into one block per replica (a ``ts.ReplicaShard``
+over a ``ts.PerReplica``), so a device holds 1/R of it. Inside ``run`` the model reads whole
+weights: ``gather_params`` (or, for Flax NNX, reading a sharded ``nnx.Param``) all-gathers
+the blocks and cuts the padding off. ``jax.grad`` turns each all-gather into a
+reduce-scatter, so the gradient of a block is the sum over the replicas of every replica's
+gradient, already a block; ``ts.shard_update`` takes those blocks as they are and updates
+only the blocks, with an optimizer state cut the same way.
+
+Layout. A leaf of rank >= 2 is cut along its last axis after the first whose length divides
+by R, else along its longest axis after the first, zero-padded to a multiple of R, as
+``ts.shard_update`` pads. The first axis is never cut: it is the layer axis of scanned
+layers (``nnx.scan``, ``nn.scan``), which the scan slices one layer at a time, so each
+layer's block is gathered inside the scan's body. Leaves of rank 0 or 1 (biases, scales,
+counts), and leaves whose axes after the first are all shorter than R, stay whole on every
+replica: they are small, and their gradients are all-reduced as in data parallelism.
+
+Inside a scan over layers the block a layer reads has fewer axes than the ReplicaShard's
+whole shape: the leading axes the scan consumed are dropped from the shape when gathering.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+
+from tpustrat import _mesh, _nnx
+from tpustrat._checks import check_tree, describe
+from tpustrat._context import Strategy, get_replica_context
+from tpustrat._sharded_update import ReplicaShard, _assemble, _block_length, _cut
+from tpustrat._values import PerReplica, is_distributed
+
+PyTree = Any
+
+
+def shard_params(tree: PyTree, strategy: Strategy) -> PyTree:
+    """Splits parameters over ``strategy``'s replicas: each device keeps one block of each.
+
+    For a pytree of arrays, returns the same structure with each large leaf a
+    ``ts.ReplicaShard`` over a ``ts.PerReplica`` of blocks sharded over the replicas; small
+    leaves (rank 0 or 1, or too short to cut) come back replicated. For a Flax NNX module,
+    converts its ``nnx.Param`` variables in place and returns the module: a sharded Param
+    reads whole inside ``run`` (all-gathered), as its ReplicaShard outside. Pass the result to
+    ``run`` and update it with ``ts.shard_update(tx)``, which takes the blocks' gradients.
+
+    Args:
+      tree: a pytree of arrays (the parameters), or an NNX module.
+      strategy: the ``ts.TPUStrategy`` whose replicas hold the blocks.
+
+    Returns:
+      The sharded pytree, or the module itself.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> params = ts.shard_params({"w": np.ones((4, 16), np.float32), "b": np.zeros(16)}, strategy)
+      >>> params["w"], params["b"].sharding.is_fully_replicated
+      (ReplicaShard(PerReplica(float32[8, 4, 2]), shape=(4, 16), axis=1), True)
+      >>> def total(params):
+      ...     return ts.gather_params(params)["w"].sum()
+      >>> float(strategy.run(total, args=(params,)))
+      64.0
+    """
+    mesh = _strategy_mesh("shard_params", strategy)
+    num_replicas = strategy.num_replicas_in_sync
+    if get_replica_context() is not None:
+        raise RuntimeError(
+            "ts.shard_params was called inside strategy.run; call it once before the training "
+            "loop and pass its result to run"
+        )
+    if _nnx.is_nnx_object(tree):
+        return _shard_module(tree, mesh, num_replicas)
+    _check_plain("shard_params", tree)
+    return jax.tree.map(lambda x: _shard_leaf(x, mesh, num_replicas), tree)
+
+
+def gather_params(tree: PyTree) -> PyTree:
+    """The whole parameters of sharded ones (``ts.shard_params``'s).
+
+    Inside ``run``, all-gathers each ``ts.ReplicaShard`` over the replicas and cuts its
+    padding off: call it in the loss, on the whole tree (every weight gathered up front) or
+    on one layer's parameters where that layer runs (one layer whole at a time); its gradient
+    is a reduce-scatter. Outside ``run``, returns whole arrays for export or evaluation on one
+    device; an NNX module is converted back in place to plain ``nnx.Param`` s.
+
+    Args:
+      tree: a pytree holding ReplicaShard leaves (other leaves pass through), or an NNX module.
+
+    Returns:
+      ``tree`` with every ReplicaShard replaced by its whole array (the module itself for NNX).
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> params = ts.shard_params({"w": np.arange(24.0).reshape(2, 12)}, strategy)
+      >>> ts.gather_params(params)["w"].shape
+      (2, 12)
+    """
+    inside = get_replica_context() is not None
+    if _nnx.is_nnx_object(tree):
+        if inside:
+            raise RuntimeError(
+                "ts.gather_params got an NNX module inside strategy.run; there its sharded "
+                "Params read whole by themselves: use the module as it is"
+            )
+        return _gather_module(tree)
+    check_tree("tree", tree, opaque=lambda x: _is_shard(x) or is_distributed(x))
+    gather = _gather_block if inside else _whole
+    return jax.tree.map(lambda x: gather(x) if _is_shard(x) else x, tree, is_leaf=_is_shard)
+
+
+def _param_axis(shape: tuple[int, ...], num_replicas: int) -> int | None:
+    """The axis a parameter of ``shape`` is cut along over ``num_replicas``; None: whole."""
+    if len(shape) < 2 or num_replicas == 1:
+        return None
+    axes = range(1, len(shape))
+    divisible = [a for a in axes if shape[a] % num_replicas == 0]
+    if divisible:
+        return divisible[-1]
+    longest = max(axes, key=lambda a: shape[a])
+    return longest if shape[longest] >= num_replicas else None
+
+
+def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> Any:
+    axis = _param_axis(np.shape(x), num_replicas)
+    if axis is None:
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    blocks = _cut(np.asarray(jax.device_get(x)), axis, num_replicas)
+    per_replica = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_mesh.REPLICA_AXIS))
+    return ReplicaShard(
+        PerReplica.from_stacked(jax.device_put(blocks, per_replica)), np.shape(x), axis
+    )
+
+
+def _gather_block(shard: ReplicaShard) -> jax.Array:
+    """The whole array of ``shard``'s block inside ``run``; leading axes a scan consumed (the
+    block has fewer axes than the whole shape) are left out of the shape."""
+    ctx = get_replica_context()
+    assert ctx is not None
+    block = shard.blocks
+    if isinstance(block, PerReplica):
+        raise ValueError(
+            f"{shard!r} reached a gather inside strategy.run still holding its PerReplica; "
+            "pass the sharded parameters to run as arguments (args=(params, ...)), not as "
+            "values the step closes over"
+        )
+    consumed = len(shard.shape) - np.ndim(block)
+    shape, axis = shard.shape[consumed:], shard.axis - consumed
+    num_replicas = ctx.num_replicas_in_sync
+    length = _block_length(shard.shape[shard.axis], num_replicas)
+    if consumed < 0 or axis < 0 or np.shape(block) != (*shape[:axis], length, *shape[axis + 1 :]):
+        raise ValueError(
+            f"a ReplicaShard of a whole {shard.shape} cut along axis {shard.axis} has a block of "
+            f"shape {np.shape(block)} here, not one of {num_replicas} replicas' blocks (scanned "
+            "layers must be stacked on axis 0). Shard the parameters for this strategy: "
+            "ts.shard_params(ts.gather_params(params), strategy)"
+        )
+    whole = lax.all_gather(block, _mesh.REPLICA_AXIS, axis=axis, tiled=True)
+    return lax.slice_in_dim(whole, 0, shape[axis], axis=axis)
+
+
+def _whole(shard: ReplicaShard) -> jax.Array:
+    if not isinstance(shard.blocks, PerReplica):
+        raise ValueError(
+            f"ts.gather_params outside strategy.run got {shard!r}, whose blocks are not a "
+            "ts.PerReplica; pass the parameters ts.shard_params or run returned"
+        )
+    return jax.numpy.asarray(_assemble(shard))
+
+
+def _check_plain(call: str, tree: PyTree) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: _is_shard(x) or is_distributed(x)
+    )[0]:
+        where = f"tree{jax.tree_util.keystr(path)}"
+        if _is_shard(leaf):
+            raise ValueError(
+                f"ts.{call} got {where}, which is sharded already ({leaf!r}); shard "
+                "parameters once, or move them to another strategy with "
+                "ts.shard_params(ts.gather_params(params), strategy)"
+            )
+        if is_distributed(leaf) or not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(
+                f"ts.{call} takes a pytree of arrays (the parameters), but {where} is "
+                f"{describe(leaf)}; keep other values out of the tree you shard"
+            )
+    check_tree("tree", tree)
+
+
+def _strategy_mesh(call: str, strategy: Any) -> jax.sharding.Mesh:
+    mesh = getattr(strategy, "mesh", None)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(
+            f"ts.{call} strategy must be a ts.TPUStrategy, got {describe(strategy)}; pass the "
+            "strategy that will run the steps"
+        )
+    return mesh
+
+
+def _is_shard(x: Any) -> bool:
+    return isinstance(x, ReplicaShard)
+
+
+# Flax NNX: a sharded Param is an nnx.Param whose value is a ReplicaShard and whose read
+# gathers it. Flax is imported only by a program that uses it, so the class is made on first use.
+
+
+@functools.cache
+def sharded_param_type() -> type:
+    """``ShardedParam``: an ``nnx.Param`` that reads whole inside ``run``."""
+    nnx = _nnx.loaded_nnx()
+    missing = object()
+
+    class ShardedParam(nnx.Param):
+        """An ``nnx.Param`` split over the replicas (``ts.shard_params``); inside
+        ``strategy.run`` a read all-gathers its blocks, outside it reads as its ReplicaShard."""
+
+        def get_value(self, *, index: Any = missing) -> Any:
+            raw = self.get_raw_value()
+            if not _is_shard(raw) or get_replica_context() is None:
+                return super().get_value() if index is missing else super().get_value(index=index)
+            whole = _gather_block(raw)
+            return whole if index is missing else whole[index]
+
+    ShardedParam.__module__, ShardedParam.__qualname__ = "tpustrat", "ShardedParam"
+    return ShardedParam
+
+
+def _shard_module(module: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> Any:
+    nnx = _nnx.loaded_nnx()
+    sharded_type = sharded_param_type()
+    variables = [v for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)]
+    for variable in variables:
+        raw = variable.get_raw_value()
+        if isinstance(variable, sharded_type) or _is_shard(raw):
+            raise ValueError(
+                f"ts.shard_params got a module whose Params are sharded already ({raw!r}); "
+                "shard a module once, or move it to another strategy with "
+                "ts.shard_params(ts.gather_params(module), strategy)"
+            )
+    for variable in variables:
+        raw = variable.get_raw_value()
+        if not isinstance(variable, nnx.Param) or not hasattr(raw, "shape"):
+            variable.set_raw_value(jax.tree.map(lambda x: _shard_leaf(x, mesh, 1), raw))
+            continue
+        value = _shard_leaf(raw, mesh, num_replicas)
+        if _is_shard(value):
+            variable.__class__ = sharded_type  # the same object: shared references survive
+        variable.set_raw_value(value)
+    return module
+
+
+def _gather_module(module: Any) -> Any:
+    nnx = _nnx.loaded_nnx()
+    sharded_type = sharded_param_type()
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, sharded_type):
+            raw = variable.get_raw_value()
+            variable.set_raw_value(_whole(raw) if _is_shard(raw) else raw)
+            variable.__class__ = nnx.Param
+    return module
