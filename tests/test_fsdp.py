@@ -1,11 +1,13 @@
 """Sharded parameters (ts.shard_params, ts.gather_params) against plain data parallelism."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training import train_state
 
 import tpustrat as ts
 
@@ -96,22 +98,22 @@ def test_pytree_model_equals_data_parallelism(shape):
     _close(ts.gather_params(sharded), params)
 
 
-def test_layout_cuts_an_axis_after_the_first_and_keeps_small_leaves_whole():
+def test_layout_cuts_the_last_axis_and_keeps_small_leaves_whole():
     strategy = ts.TPUStrategy()  # 8 replicas
     tree = {
-        "stacked": np.zeros((3, 16, 24), np.float32),  # 24 divides by 8: the last axis
-        "padded": np.zeros((4, 10, 6), np.float32),  # none divides: the longest after the first
-        "bias": np.zeros(64, np.float32),  # rank 1: whole
-        "narrow": np.zeros((64, 3), np.float32),  # only axis 1 may be cut, and it is too short
+        "stacked": np.zeros((3, 16, 24), np.float32),  # 24 divides by 8
+        "padded": np.zeros((4, 10, 6), np.float32),  # 6 is padded to 8: blocks of 1
+        "column": np.zeros((64, 1), np.float32),  # padded to 8: every block holds 64 or 0s
+        "bias": np.arange(64, dtype=np.float32),  # rank 1: whole
         "count": np.zeros((), np.int32),
     }
     out = ts.shard_params(tree, strategy)
     assert (out["stacked"].axis, out["stacked"].blocks.stacked.shape) == (2, (8, 3, 16, 3))
-    assert (out["padded"].axis, out["padded"].blocks.stacked.shape) == (1, (8, 4, 2, 6))
-    for name in ("bias", "narrow", "count"):
+    assert (out["padded"].axis, out["padded"].blocks.stacked.shape) == (2, (8, 4, 10, 1))
+    assert (out["column"].axis, out["column"].blocks.stacked.shape) == (1, (8, 64, 1))
+    for name in ("bias", "count"):
         assert out[name].sharding.is_fully_replicated
-    whole = ts.gather_params(out)
-    _close(whole, tree)
+    _close(ts.gather_params(out), tree)
 
 
 def test_gather_params_inside_run_is_whole_on_every_replica(strategy):
@@ -187,6 +189,113 @@ def test_nnx_model_equals_data_parallelism(shape):
     _close(nnx.state(sharded, nnx.Param), nnx.state(model, nnx.Param))
 
 
+# Flax Linen: nn.scan over layers wrapped in ts.gather_on_use, TrainState ----------------------
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(WIDTH)(x)), None
+
+
+class _LinenStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(
+            nn.remat(ts.gather_on_use(_LinenBlock)),  # each layer gathered inside the scan
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=LAYERS,
+        )
+        x, _ = layers()(x, None)
+        return ts.gather_on_use(nn.Dense)(OUT)(x)
+
+
+def _linen_params():
+    return _LinenStack().init(jax.random.key(0), jnp.ones((1, WIDTH)))["params"]
+
+
+def _linen_loss(params, apply_fn, batch):
+    x, y = batch
+    return jnp.mean((apply_fn({"params": params}, x) - y) ** 2)
+
+
+def _linen_plain_step(state, batch):
+    grads = jax.grad(_linen_loss)(state.params, state.apply_fn, batch)
+    return state.apply_gradients(grads=ts.get_replica_context().all_reduce("mean", grads))
+
+
+def _linen_sharded_step(state, batch):
+    grads = jax.grad(_linen_loss)(state.params, state.apply_fn, batch)
+    return state.apply_gradients(grads=grads)
+
+
+def _linen_states(strategy):
+    apply_fn = _LinenStack().apply
+    plain = strategy.replicate(
+        train_state.TrainState.create(apply_fn=apply_fn, params=_linen_params(), tx=_tx())
+    )
+    sharded = train_state.TrainState.create(
+        apply_fn=apply_fn,
+        params=ts.shard_params(_linen_params(), strategy),
+        tx=ts.shard_update(_tx()),
+    )
+    return plain, sharded
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
+def test_linen_model_equals_data_parallelism(shape):
+    strategy = _strategy(shape)
+    plain, sharded = _linen_states(strategy)
+    kernel = sharded.params["ScanCheckpointMap_variables_LinenBlock_0"]["Dense_0"]["kernel"]
+    assert isinstance(kernel, ts.ReplicaShard) and kernel.axis != 0
+    for batch in _batches(strategy):
+        plain = strategy.run(_linen_plain_step, args=(plain, batch))
+        sharded = strategy.run(_linen_sharded_step, args=(sharded, batch))
+    mu = sharded.opt_state[1][0].mu["ScanCheckpointMap_variables_LinenBlock_0"]["Dense_0"]
+    assert isinstance(mu["kernel"].blocks, ts.PerReplica)
+    assert int(sharded.step) == STEPS
+    _close(ts.gather_params(sharded.params), plain.params)
+
+
+# Checkpoints: sharded parameters and state restore onto another replica count -----------------
+
+
+def test_checkpoint_restores_sharded_params_onto_four_replicas(tmp_path):
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
+    _, saved = _linen_states(eight)
+    for batch in _batches(eight, steps=2):
+        saved = strategy_run = eight.run(_linen_sharded_step, args=(saved, batch))
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(2, {"state": strategy_run})
+    _, target = _linen_states(four)
+    with ts.CheckpointManager(tmp_path, four) as manager:
+        restored = manager.restore({"state": target})["state"]
+    kernel = restored.params["ScanCheckpointMap_variables_LinenBlock_0"]["Dense_0"]["kernel"]
+    assert kernel.blocks.stacked.shape[0] == 4
+    _close(ts.gather_params(restored.params), ts.gather_params(saved.params))
+    _close(ts.gather_params(restored.opt_state), ts.gather_params(saved.opt_state))
+    # training goes on over 4 replicas as data parallelism from the same whole state would
+    plain = four.replicate(
+        saved.replace(params=ts.gather_params(saved.params), tx=_tx(),
+                      opt_state=ts.gather_params(saved.opt_state))
+    )  # fmt: skip
+    batch = _batches(four, steps=1)[0]
+    _close(
+        ts.gather_params(four.run(_linen_sharded_step, args=(restored, batch)).params),
+        four.run(_linen_plain_step, args=(plain, batch)).params,
+    )
+
+
+def test_gather_for_export_gives_whole_arrays_on_one_device():
+    strategy = ts.TPUStrategy()
+    model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+    params = ts.gather_params(nnx.state(model, nnx.Param))
+    kernel = params["blocks"]["linear"]["kernel"].get_value()
+    assert kernel.shape == (LAYERS, WIDTH, WIDTH) and len(kernel.devices()) == 1
+    _close(params, nnx.state(_Stack(nnx.Rngs(0)), nnx.Param))
+
+
 # Misuse -----------------------------------------------------------------------------------------
 
 
@@ -205,6 +314,8 @@ def test_non_array_leaves_are_refused():
         ts.shard_params({"w": np.ones((2, 16)), "name": "dense"}, ts.TPUStrategy())
     with pytest.raises(TypeError, match=r"strategy must be a ts\.TPUStrategy"):
         ts.shard_params({"w": np.ones((2, 16))}, "strategy")
+    with pytest.raises(TypeError, match="Linen module class or instance"):
+        ts.gather_on_use(nnx.Linear)
 
 
 def test_params_sharded_for_another_replica_count_are_refused():

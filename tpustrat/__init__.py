@@ -17,7 +17,7 @@ from tpustrat._input import DistributedDataset
 from tpustrat._loss import compute_average_loss
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
-from tpustrat._params import gather_params, shard_params
+from tpustrat._params import gather_on_use, gather_params, shard_params
 from tpustrat._preemption import PreemptionCheckpointHandler
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._profiler import StepProfiler
@@ -63,6 +63,7 @@ __all__ = [
     "Topology",
     "ValueContext",
     "compute_average_loss",
+    "gather_on_use",
     "gather_params",
     "get_replica_context",
     "get_strategy",

@@ -2,19 +2,20 @@
 
 ``shard_params`` cuts each large parameter into one block per replica (a ``ts.ReplicaShard``
 over a ``ts.PerReplica``), so a device holds 1/R of it. Inside ``run`` the model reads whole
-weights: ``gather_params`` (or, for Flax NNX, reading a sharded ``nnx.Param``) all-gathers
-the blocks and cuts the padding off. ``jax.grad`` turns each all-gather into a
-reduce-scatter, so the gradient of a block is the sum over the replicas of every replica's
-gradient, already a block; ``ts.shard_update`` takes those blocks as they are and updates
-only the blocks, with an optimizer state cut the same way.
+weights: ``gather_params`` (for Flax NNX, reading a sharded ``nnx.Param``; for Linen, a
+module wrapped in ``gather_on_use``) all-gathers the blocks and cuts the padding off.
+``jax.grad`` turns each all-gather into a reduce-scatter, so the gradient of a block is the
+sum over the replicas of every replica's gradient, already a block; ``ts.shard_update``
+takes those blocks as they are and updates only the blocks, with an optimizer state cut the
+same way.
 
-Layout. A leaf of rank >= 2 is cut along its last axis after the first whose length divides
-by R, else along its longest axis after the first, zero-padded to a multiple of R, as
-``ts.shard_update`` pads. The first axis is never cut: it is the layer axis of scanned
-layers (``nnx.scan``, ``nn.scan``), which the scan slices one layer at a time, so each
-layer's block is gathered inside the scan's body. Leaves of rank 0 or 1 (biases, scales,
-counts), and leaves whose axes after the first are all shorter than R, stay whole on every
-replica: they are small, and their gradients are all-reduced as in data parallelism.
+Layout. A leaf of rank >= 2 is cut along its last axis, zero-padded to a multiple of R as
+``ts.shard_update`` pads (a block is never longer than the whole axis). The first axis is
+never cut: it is the layer axis of scanned layers (``nnx.scan``, ``nn.scan``), which the
+scan slices one layer at a time, so each layer's block is gathered inside the scan's body.
+The cut axis and which leaves are cut do not depend on R, so a checkpoint restores onto any
+replica count. Leaves of rank 0 or 1 (biases, scales, counts) stay whole on every replica:
+they are small, and their gradients are all-reduced as in data parallelism.
 
 Inside a scan over layers the block a layer reads has fewer axes than the ReplicaShard's
 whole shape: the leading axes the scan consumed are dropped from the shape when gathering.
@@ -42,8 +43,8 @@ def shard_params(tree: PyTree, strategy: Strategy) -> PyTree:
     """Splits parameters over ``strategy``'s replicas: each device keeps one block of each.
 
     For a pytree of arrays, returns the same structure with each large leaf a
-    ``ts.ReplicaShard`` over a ``ts.PerReplica`` of blocks sharded over the replicas; small
-    leaves (rank 0 or 1, or too short to cut) come back replicated. For a Flax NNX module,
+    ``ts.ReplicaShard`` over a ``ts.PerReplica`` of blocks sharded over the replicas, cut
+    along its last axis; leaves of rank 0 or 1 come back replicated. For a Flax NNX module,
     converts its ``nnx.Param`` variables in place and returns the module: a sharded Param
     reads whole inside ``run`` (all-gathered), as its ReplicaShard outside. Pass the result to
     ``run`` and update it with ``ts.shard_update(tx)``, which takes the blocks' gradients.
@@ -112,21 +113,55 @@ def gather_params(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: gather(x) if _is_shard(x) else x, tree, is_leaf=_is_shard)
 
 
-def _param_axis(shape: tuple[int, ...], num_replicas: int) -> int | None:
-    """The axis a parameter of ``shape`` is cut along over ``num_replicas``; None: whole."""
-    if len(shape) < 2 or num_replicas == 1:
-        return None
-    axes = range(1, len(shape))
-    divisible = [a for a in axes if shape[a] % num_replicas == 0]
-    if divisible:
-        return divisible[-1]
-    longest = max(axes, key=lambda a: shape[a])
-    return longest if shape[longest] >= num_replicas else None
+def gather_on_use(target: Any) -> Any:
+    """Wraps a Flax Linen module so that it reads its sharded parameters whole.
+
+    ``nn.map_variables`` over the ``"params"`` collection with ``ts.gather_params``: the
+    wrapped module sees whole weights, all-gathered when it runs, and its gradients come back
+    as blocks. Wrap the layer class that ``nn.scan`` repeats, so that each layer's weights are
+    gathered inside the scan, one layer at a time; wrap the other modules that hold large
+    weights (embeddings, the head) apart. Wrapping the whole model gathers every weight up
+    front. On whole (unsharded) parameters, as in ``init``, it changes nothing.
+
+    Args:
+      target: a Linen ``nn.Module`` subclass or instance, as ``nn.map_variables`` takes.
+
+    Returns:
+      The wrapped module, used where ``target`` was.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> strategy = ts.TPUStrategy()
+      >>> dense = ts.gather_on_use(nn.Dense)(16)
+      >>> params = dense.init(jax.random.key(0), np.ones((1, 4), np.float32))["params"]
+      >>> sharded = ts.shard_params(params, strategy)
+      >>> y = strategy.run(lambda p: dense.apply({"params": p}, np.ones((1, 4))), args=(sharded,))
+      >>> y.shape
+      (1, 16)
+    """
+    import flax.linen as nn  # a Linen user's program has imported it already
+
+    if not (
+        isinstance(target, nn.Module)
+        or (isinstance(target, type) and issubclass(target, nn.Module))
+    ):
+        raise TypeError(
+            f"ts.gather_on_use takes a Flax Linen module class or instance as target, got "
+            f"{describe(target)}; e.g. ts.gather_on_use(nn.Dense)(features). For NNX, "
+            "ts.shard_params(module, strategy) is enough"
+        )
+    return nn.map_variables(target, "params", trans_in_fn=gather_params, init=True)
 
 
-def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> Any:
-    axis = _param_axis(np.shape(x), num_replicas)
-    if axis is None:
+def _param_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis a parameter of ``shape`` is cut along; None: it stays whole."""
+    return len(shape) - 1 if len(shape) >= 2 else None
+
+
+def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int | None) -> Any:
+    """``x`` cut into blocks over ``num_replicas``, or replicated (always, for None)."""
+    axis = _param_axis(np.shape(x))
+    if axis is None or num_replicas is None:
         return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     blocks = _cut(np.asarray(jax.device_get(x)), axis, num_replicas)
     per_replica = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_mesh.REPLICA_AXIS))
@@ -244,7 +279,7 @@ def _shard_module(module: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> An
     for variable in variables:
         raw = variable.get_raw_value()
         if not isinstance(variable, nnx.Param) or not hasattr(raw, "shape"):
-            variable.set_raw_value(jax.tree.map(lambda x: _shard_leaf(x, mesh, 1), raw))
+            variable.set_raw_value(jax.tree.map(lambda x: _shard_leaf(x, mesh, None), raw))
             continue
         value = _shard_leaf(raw, mesh, num_replicas)
         if _is_shard(value):
