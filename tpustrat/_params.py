@@ -207,6 +207,7 @@ def _whole(shard: ReplicaShard) -> jax.Array:
 
 
 def _check_plain(call: str, tree: PyTree) -> None:
+    check_tree("tree", tree, opaque=lambda x: _is_shard(x) or is_distributed(x))
     for path, leaf in jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: _is_shard(x) or is_distributed(x)
     )[0]:
@@ -222,7 +223,6 @@ def _check_plain(call: str, tree: PyTree) -> None:
                 f"ts.{call} takes a pytree of arrays (the parameters), but {where} is "
                 f"{describe(leaf)}; keep other values out of the tree you shard"
             )
-    check_tree("tree", tree)
 
 
 def _strategy_mesh(call: str, strategy: Any) -> jax.sharding.Mesh:
