@@ -287,6 +287,78 @@ def test_checkpoint_restores_sharded_params_onto_four_replicas(tmp_path):
     )
 
 
+def _nnx_pytree_state_step(model, opt_state, batch):
+    """An NNX step whose optimizer state is a pytree beside the model, not an nnx.Optimizer."""
+    grads = nnx.grad(_nnx_loss)(model, batch)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    updates, opt_state = ts.shard_update(_tx()).update(nnx.as_pure(grads), opt_state, params)
+    nnx.update(model, optax.apply_updates(params, updates))
+    return opt_state
+
+
+def _nnx_pytree_state(strategy):
+    model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+    init = ts.shard_update(_tx()).init
+    opt_state = strategy.run(lambda m: init(nnx.as_pure(nnx.state(m, nnx.Param))), args=(model,))
+    return model, opt_state
+
+
+def test_nnx_checkpoint_restores_onto_four_replicas(tmp_path):
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
+    model, opt_state = _nnx_pytree_state(eight)
+    for batch in _batches(eight, steps=2):
+        opt_state = eight.run(_nnx_pytree_state_step, args=(model, opt_state, batch))
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(2, {"model": nnx.state(model), "opt": opt_state})
+    fresh_model, fresh_state = _nnx_pytree_state(four)
+    with ts.CheckpointManager(tmp_path, four) as manager:
+        restored = manager.restore({"model": nnx.state(fresh_model), "opt": fresh_state})
+    nnx.update(fresh_model, restored["model"])
+    kernel = fresh_model.blocks.linear.kernel.get_raw_value()
+    assert kernel.blocks.stacked.shape[0] == 4
+    _close(ts.gather_params(restored["opt"]), ts.gather_params(opt_state))
+    batch = _batches(four, steps=1)[0]
+    four.run(_nnx_pytree_state_step, args=(fresh_model, restored["opt"], batch))
+    # the same step from the same whole state, as plain data parallelism
+    plain_state = four.replicate(ts.gather_params(opt_state))
+    plain = four.replicate(ts.gather_params(model))  # whole Params again, in place
+
+    def plain_step(model, opt_state, batch):
+        grads = ts.get_replica_context().all_reduce("mean", nnx.grad(_nnx_loss)(model, batch))
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        updates, opt_state = _tx().update(nnx.as_pure(grads), opt_state, params)
+        nnx.update(model, optax.apply_updates(params, updates))
+        return opt_state
+
+    four.run(plain_step, args=(plain, plain_state, batch))
+    _close(nnx.state(ts.gather_params(fresh_model), nnx.Param), nnx.state(plain, nnx.Param))
+
+
+def test_nnx_optimizer_state_restores_onto_the_same_replica_count_only(tmp_path):
+    eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
+
+    def sharded(strategy):
+        model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+        return model, nnx.Optimizer(model, ts.shard_update(_tx()), wrt=nnx.Param)
+
+    model, optimizer = sharded(eight)
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        manager.save(1, nnx.state((model, optimizer)))
+    again = sharded(eight)
+    with ts.CheckpointManager(tmp_path, eight) as manager:
+        nnx.update(again, manager.restore(nnx.state(again)))
+    _close(
+        ts.gather_params(nnx.state(again[1].opt_state)),
+        ts.gather_params(nnx.state(optimizer.opt_state)),
+    )
+    fewer = sharded(four)
+    with (
+        ts.CheckpointManager(tmp_path, four) as manager,
+        pytest.raises(ValueError, match=r"opt_state.* is a PerReplica saved over 8 replicas"),
+    ):
+        manager.restore(nnx.state(fewer))
+
+
 def test_gather_for_export_gives_whole_arrays_on_one_device():
     strategy = ts.TPUStrategy()
     model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
