@@ -42,7 +42,7 @@ PyTree = Any
 def shard_params(tree: PyTree, strategy: Strategy) -> PyTree:
     """Splits parameters over ``strategy``'s replicas: each device keeps one block of each.
 
-    For a pytree of arrays, returns the same structure with each large leaf a
+    For a pytree of arrays, returns the same structure with each leaf of rank 2 or more a
     ``ts.ReplicaShard`` over a ``ts.PerReplica`` of blocks sharded over the replicas, cut
     along its last axis; leaves of rank 0 or 1 come back replicated. For a Flax NNX module,
     converts its ``nnx.Param`` variables in place and returns the module: a sharded Param
@@ -86,7 +86,8 @@ def gather_params(tree: PyTree) -> PyTree:
     padding off: call it in the loss, on the whole tree (every weight gathered up front) or
     on one layer's parameters where that layer runs (one layer whole at a time); its gradient
     is a reduce-scatter. Outside ``run``, returns whole arrays for export or evaluation on one
-    device; an NNX module is converted back in place to plain ``nnx.Param`` s.
+    device; an NNX module's sharded Params turn back, in place, into the Param types they
+    were, holding whole arrays.
 
     Args:
       tree: a pytree holding ReplicaShard leaves (other leaves pass through), or an NNX module.
