@@ -15,6 +15,7 @@ from tpustrat._layout import LayoutRules
 from tpustrat._loss import compute_average_loss
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._multistep import StepsResult
+from tpustrat._params import gather_on_use, gather_params, shard_params
 from tpustrat._preemption import PreemptionCheckpointHandler
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._profiler import StepProfiler
@@ -62,11 +63,14 @@ __all__ = [
     "ValueContext",
     "compat",
     "compute_average_loss",
+    "gather_on_use",
+    "gather_params",
     "get_replica_context",
     "get_strategy",
     "has_strategy",
     "initialize_cluster",
     "reshard_update_state",
+    "shard_params",
     "shard_update",
     "testing",
 ]

@@ -391,7 +391,14 @@ def write_back(
     if type(new) is LeafValues:
         new = new.values
         if any(type(value) is PerReplica for value in new):
-            _refuse_varying([n for n, v in zip(graph.names, new) if isinstance(v, PerReplica)])
+            # Variables that came in holding blocks (ts.shard_params) go out holding blocks.
+            varying = [
+                name
+                for name, leaf, value in zip(graph.names, graph.leaves, new)
+                if isinstance(value, PerReplica) and not any(map(is_per_replica, _raw_leaves(leaf)))
+            ]
+            if varying:
+                _refuse_varying(varying)
         for variable, value in zip(graph.leaves, new):
             # As nnx.update sets a variable: setting the attribute checks the trace once.
             variable.set_raw_value(value, _unsafe_bypass_check=True)
@@ -400,8 +407,25 @@ def write_back(
     varying = [path for path, leaf in paths if isinstance(leaf, PerReplica)]
     if varying:
         names = object_names()
-        _refuse_varying([_leaf_name(names, tuple(map(_key, path))) for path in varying])
+        # Variables that came in holding blocks (ts.shard_params) go out holding blocks.
+        given = [
+            name
+            for name, leaf in zip(graph.names, graph.leaves)
+            if any(map(is_per_replica, _raw_leaves(leaf)))
+        ]
+        varying = [_leaf_name(names, tuple(map(_key, path))) for path in varying]
+        varying = [
+            n for n in varying if not any(n == g or n.startswith((g + ".", g + "[")) for g in given)
+        ]
+        if varying:
+            _refuse_varying(varying)
     loaded_nnx().update(objects, new)
+
+
+def _raw_leaves(leaf: Any) -> list[Any]:
+    """The leaves of a variable's value (or of a plain leaf), PerReplica kept whole."""
+    raw = leaf.get_raw_value() if isinstance(leaf, loaded_nnx().Variable) else leaf
+    return jax.tree.leaves(raw, is_leaf=is_per_replica)
 
 
 def graph_change(old: Any, new: Any, object_names: Sequence[str]) -> str:

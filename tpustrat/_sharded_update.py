@@ -28,11 +28,15 @@ reshape across the cut axis, a primitive it does not know) raises a ValueError
 naming the primitive, the code of the transformation that made it and the leaf, and saying to
 use plain optax for it: the analysis fails closed rather than train on a wrong update. It reads
 jaxprs through the public ``jax.extend.core`` only.
+
+Sharded parameters. A parameter that is a ``ReplicaShard`` (``ts.shard_params``) keeps its
+own cut, and its gradient arrives as a block already reduced over the replicas; its update
+stays a block. ``init`` outside ``run`` with such parameters replays the transformation under
+``jax.vmap`` over the replicas' blocks, so ``nnx.Optimizer`` gets a state cut the same way.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Self
 
@@ -42,7 +46,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from tpustrat import _mesh
+from tpustrat import _mesh, _nnx
 from tpustrat._checks import check_int, check_leaf, check_tree, describe
 from tpustrat._context import ReduceOp, ReplicaContext, Strategy, get_replica_context
 from tpustrat._types import PyTree
@@ -51,7 +55,10 @@ from tpustrat._values import Mirrored, PerReplica, is_distributed
 
 @jax.tree_util.register_pytree_with_keys_class
 class ReplicaShard:
-    """One leaf of a sharded optimizer state: every replica holds one block of it.
+    """A leaf split over the replicas: every replica holds one block of it.
+
+    The leaves of ``ts.shard_params``'s parameters and of ``ts.shard_update``'s optimizer
+    state are ReplicaShards.
 
     ``run`` returns it holding a ``ts.PerReplica`` whose stacked array has shape
     ``(num_replicas, *block_shape)`` and is sharded over the replicas, so no device holds the
@@ -106,7 +113,10 @@ class ReplicaShard:
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[tuple[int, ...], int], children: Sequence[Any]) -> Self:
-        return cls(children[0], *aux)
+        value = object.__new__(cls)  # JAX unflattens with any leaf (None, specs): no checks
+        for name, field in zip(("blocks", "shape", "axis"), (children[0], *aux)):
+            object.__setattr__(value, name, field)
+        return value
 
     def __repr__(self) -> str:
         return f"ReplicaShard({self.blocks!r}, shape={self.shape}, axis={self.axis})"
@@ -142,10 +152,16 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
     ``ts.PerReplica`` blocks; pass it back to ``run`` as it is, checkpoint it like any pytree of
     arrays, and move it to another replica count with ``ts.reshard_update_state``.
 
-    ``init`` called outside ``run`` (as ``nnx.Optimizer(model, ts.shard_update(tx),
-    wrt=nnx.Param)`` calls it) gives the plain optax state, whole. ``update`` in ``run`` keeps
-    a whole state leaf whole: it updates its block like any other and all-gathers the result,
-    so the update is still sharded and exact, but such a leaf is not split in memory. For the
+    Parameters sharded by ``ts.shard_params`` are taken as they are: their gradients are
+    blocks already summed over the replicas (the reduce-scatter that is the gradient of the
+    gather), which ``update`` divides by the number of replicas for ``"mean"``; their updates
+    come back as blocks, and their state is cut like them, inside ``run`` or out of it.
+
+    ``init`` called outside ``run`` on whole parameters (as ``nnx.Optimizer(model,
+    ts.shard_update(tx), wrt=nnx.Param)`` calls it) gives the plain optax state, whole.
+    ``update`` in ``run`` keeps a whole state leaf whole: it updates its block like any other
+    and all-gathers the result, so the update is still sharded and exact, but such a leaf is
+    not split in memory. For the
     1/R state memory, make the state inside ``run`` (``strategy.run(tx.init, args=(params,))``)
     and keep it as a pytree, with ``nnx.split``/``nnx.merge`` for an NNX model.
 
@@ -189,29 +205,35 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
 
     def init(params: PyTree) -> PyTree:
         ctx = get_replica_context()
-        if ctx is None:  # as nnx.Optimizer calls it: the plain state, whole
-            return tx.init(params)
-        num_replicas = ctx.num_replicas_in_sync
-        splits = _splits(params, num_replicas, "params")
-        blocks = _map_blocks(_own_block, params, splits, ctx)
-        local, out_splits, shapes = _interpret(tx.init, (blocks,), splits, ctx)
-        param_shapes = {np.shape(x) for x in jax.tree.leaves(params)}
-        leaves, treedef = jax.tree.flatten(local)
-        state = []
-        for leaf, split, shape in zip(leaves, out_splits, shapes):
-            if split is None and shape in param_shapes:  # state that mirrors a parameter
-                split = _layout(shape, num_replicas)
-                leaf = leaf if split is None else _own_block(leaf, split, ctx)
-            state.append(leaf if split is None else ReplicaShard(leaf, shape, split.axis))
-        return _mark_per_replica(treedef.unflatten(state), ctx)
+        if ctx is not None:
+            return _init(tx, params, ctx)
+        if any(map(_is_shard, jax.tree.leaves(params, is_leaf=_is_shard))):
+            return _init_outside_run(tx, params)
+        return tx.init(params)  # as nnx.Optimizer calls it: the plain state, whole
 
     def update(
         updates: PyTree, state: PyTree, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, PyTree]:
         ctx = _replica_context("update")
-        splits = _splits(updates, ctx.num_replicas_in_sync, "updates")
-        grads = _map_blocks(functools.partial(_reduce_block, op), updates, splits, ctx)
-        param_blocks = None if params is None else _map_blocks(_own_block, params, splits, ctx)
+        num_replicas = ctx.num_replicas_in_sync
+        local_updates, splits, sharded, update_shards = _local(updates, num_replicas, "updates")
+        grads = jax.tree.unflatten(
+            jax.tree.structure(local_updates),
+            [
+                _reduced_block(op, x, ctx) if is_block else _reduce_block(op, x, split, ctx)
+                for x, split, is_block in zip(jax.tree.leaves(local_updates), splits, sharded)
+            ],
+        )
+        param_blocks, param_splits = None, []
+        if params is not None:
+            local_params, param_splits, param_sharded, _ = _local(params, num_replicas, "params")
+            if param_sharded != sharded:
+                raise ValueError(
+                    "ts.shard_update got parameters and gradients of which one is sharded "
+                    "(ts.shard_params) and the other whole; pass the gradients with respect to "
+                    "the sharded parameters as jax.grad gives them, and the parameters as they are"
+                )
+            param_blocks = _blocks(local_params, param_splits, param_sharded, ctx)
         shards, state_tree = jax.tree.flatten(state, is_leaf=_is_shard)
         state_paths = _paths(state, is_leaf=_is_shard)
         state_local = state_tree.unflatten([_unwrap(x) for x in shards])
@@ -219,7 +241,6 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             _Split(x.axis, x.shape[x.axis], "state" + path) if _is_shard(x) else None
             for x, path in zip(shards, state_paths)
         ]
-        param_splits = [] if params is None else _splits(params, ctx.num_replicas_in_sync, "params")
         extra_splits = [None] * len(jax.tree.leaves(extra_args))
         (new_updates, new_local), out_splits, _ = _interpret(
             lambda *a, **k: tx.update(*a, **k),
@@ -229,9 +250,17 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             extra_args,
         )
         num_updates = len(jax.tree.leaves(new_updates))
-        update_leaves, update_tree = jax.tree.flatten(new_updates)
-        new_updates = update_tree.unflatten(
-            [_whole_update(x, s, ctx) for x, s in zip(update_leaves, out_splits[:num_updates])]
+        update_leaves: list[Any] = []
+        for x, out, split, shard in zip(
+            jax.tree.leaves(new_updates), out_splits[:num_updates], splits, update_shards
+        ):
+            if shard is None:  # a whole parameter: its update comes back whole
+                update_leaves.append(_whole_update(x, out, ctx))
+            else:  # a sharded parameter (ts.shard_params): its update stays a block
+                block = _keep_block(x, out, split, split.leaf, ctx)
+                update_leaves.append(ReplicaShard(block, shard.shape, shard.axis))
+        new_updates = _mark_per_replica(
+            jax.tree.structure(updates, is_leaf=_is_shard).unflatten(update_leaves), ctx
         )
         new_leaves = []
         for new, split, old, path in zip(
@@ -240,18 +269,160 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             if not _is_shard(old):  # whole on every replica: it stays whole
                 new_leaves.append(new if split is None else _gather_block(new, split, ctx))
                 continue
-            if split is None:  # a whole value (a reset to zeros, say): keep this replica's block
-                new = _own_block(new, _Split(old.axis, old.shape[old.axis]), ctx)
-            elif split.axis != old.axis:
-                raise ValueError(
-                    f"optimizer state{path} is cut along axis {old.axis} but its update is a "
-                    f"block cut along axis {split.axis}; ts.shard_update cannot keep it exact. "
-                    "Use plain optax for this transformation"
-                )
-            new_leaves.append(ReplicaShard(new, old.shape, old.axis))
+            block = _keep_block(
+                new, split, _Split(old.axis, old.shape[old.axis]), "state" + path, ctx
+            )
+            new_leaves.append(ReplicaShard(block, old.shape, old.axis))
         return new_updates, _mark_per_replica(state_tree.unflatten(new_leaves), ctx)
 
     return ShardedUpdate(init, update)
+
+
+def _init(tx: Any, params: PyTree, ctx: Any) -> PyTree:
+    """``tx.init`` on this replica's blocks: the state with ReplicaShard leaves."""
+    num_replicas = ctx.num_replicas_in_sync
+    local, splits, sharded, _ = _local(params, num_replicas, "params")
+    blocks = _blocks(local, splits, sharded, ctx)
+    state_local, out_splits, shapes = _interpret(tx.init, (blocks,), splits, ctx)
+    # state that mirrors a parameter is cut as that parameter is
+    param_layouts: dict[tuple[int, ...], _Split | None] = {}
+    for x, split in zip(jax.tree.leaves(local), splits):
+        param_layouts.setdefault(_whole_aval(x, split).shape, split)
+    leaves, treedef = jax.tree.flatten(state_local)
+    state = []
+    for leaf, split, shape in zip(leaves, out_splits, shapes):
+        if split is None and shape in param_layouts:
+            split = param_layouts[shape]
+            leaf = leaf if split is None else _own_block(leaf, split, ctx)
+        state.append(leaf if split is None else ReplicaShard(leaf, shape, split.axis))
+    return _mark_per_replica(treedef.unflatten(state), ctx)
+
+
+class _VmappedReplicas:
+    """What ``_init`` reads of a ReplicaContext, for replicas simulated by ``jax.vmap``
+    over the blocks' leading axis (named ``REPLICA_AXIS``, so the collectives apply)."""
+
+    def __init__(self, num_replicas: int):
+        self.num_replicas_in_sync = num_replicas
+
+    @property
+    def replica_id_in_sync_group(self) -> jax.Array:
+        return lax.axis_index(_mesh.REPLICA_AXIS)
+
+
+def _init_outside_run(tx: Any, params: PyTree) -> PyTree:
+    """``tx.init`` of sharded parameters (``ts.shard_params``) outside ``run``, as
+    ``nnx.Optimizer`` calls it: the state sharded as it would be inside ``run``."""
+    nnx: Any = _nnx.nnx_module()
+    is_variable = (lambda x: isinstance(x, nnx.Variable)) if nnx else (lambda x: False)
+    from_nnx = any(map(is_variable, jax.tree.leaves(params, is_leaf=is_variable)))
+    if from_nnx:  # nnx.Optimizer's call, on the model's Variables: init their values
+        params = nnx.as_pure(params)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_shard)
+    stacks = [x.blocks.stacked for x in leaves if _is_shard(x) and isinstance(x.blocks, PerReplica)]
+    if len(stacks) != sum(map(_is_shard, leaves)):
+        raise ValueError(
+            "ts.shard_update(...).init got a ReplicaShard parameter whose blocks are not a "
+            "ts.PerReplica; pass the parameters ts.shard_params returned"
+        )
+    counts = {x.shape[0] for x in stacks}
+    if len(counts) != 1:
+        raise ValueError(
+            f"ts.shard_update(...).init got parameters sharded over different replica counts "
+            f"{sorted(counts)}; shard them all with one strategy (ts.shard_params)"
+        )
+    (num_replicas,) = counts
+    sharding = stacks[0].sharding
+    wholes = [x for x in leaves if not _is_shard(x)]
+
+    def per_replica(blocks, wholes):
+        blocks, wholes = iter(blocks), iter(wholes)
+        tree = treedef.unflatten(
+            [
+                ReplicaShard(next(blocks), x.shape, x.axis) if _is_shard(x) else next(wholes)
+                for x in leaves
+            ]
+        )
+        return _init(tx, tree, _VmappedReplicas(num_replicas))
+
+    stacked = jax.jit(jax.vmap(per_replica, in_axes=(0, None), axis_name=_mesh.REPLICA_AXIS))(
+        stacks, wholes
+    )
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def place(node):
+        if _is_shard(node):
+            blocks = PerReplica.from_stacked(jax.device_put(node.blocks, sharding))
+            if from_nnx:  # nnx.Optimizer makes a Variable of each leaf: the blocks, not the shard
+                blocks = nnx.Variable(blocks)
+            return ReplicaShard(blocks, node.shape, node.axis)
+        return jax.device_put(node[0], replicated)
+
+    return jax.tree.map(place, stacked, is_leaf=_is_shard)
+
+
+def _local(tree: PyTree, num_replicas: int, name: str):
+    """``tree`` inside ``run`` with each ReplicaShard replaced by its block.
+
+    Returns:
+      ``(local, splits, sharded, shards)``: the tree, each leaf's split (a ReplicaShard's
+      own, else the layout ``shard_update`` gives a whole leaf), whether the leaf is a block,
+      and the ReplicaShard (or None) each leaf came from.
+    """
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shard)[0]
+    local, splits, sharded, shards = [], [], [], []
+    for path, node in nodes:
+        leaf = name + jax.tree_util.keystr(path)
+        if _is_shard(node):
+            block = node.blocks
+            length = _block_length(node.shape[node.axis], num_replicas)
+            if np.ndim(block) != len(node.shape) or np.shape(block)[node.axis] != length:
+                raise ValueError(
+                    f"{leaf} is a ReplicaShard of a whole {node.shape} cut along axis "
+                    f"{node.axis} whose block here has shape {np.shape(block)}, not a block for "
+                    f"{num_replicas} replicas; shard it for this strategy "
+                    "(ts.shard_params(ts.gather_params(tree), strategy))"
+                )
+            local.append(block)
+            splits.append(_Split(node.axis, node.shape[node.axis], leaf))
+        else:
+            local.append(node)
+            split = _layout(np.shape(node), num_replicas)
+            splits.append(split and split._replace(leaf=leaf))
+        sharded.append(_is_shard(node))
+        shards.append(node if _is_shard(node) else None)
+    treedef = jax.tree.structure(tree, is_leaf=_is_shard)
+    return treedef.unflatten(local), splits, sharded, shards
+
+
+def _blocks(local: PyTree, splits: list, sharded: list[bool], ctx: Any) -> PyTree:
+    """This replica's block of each leaf of ``local``; a leaf that is a block already stays."""
+    leaves, treedef = jax.tree.flatten(local)
+    return treedef.unflatten(
+        [
+            x if is_block else _own_block(x, split, ctx)
+            for x, split, is_block in zip(leaves, splits, sharded)
+        ]
+    )
+
+
+def _reduced_block(op: ReduceOp, x: jax.Array, ctx: ReplicaContext) -> jax.Array:
+    """The gradient of a sharded parameter's block, already summed over the replicas by the
+    reduce-scatter that is the gather's gradient: divided by the replicas for MEAN."""
+    return x / ctx.num_replicas_in_sync if op is ReduceOp.MEAN else x
+
+
+def _keep_block(x: jax.Array, have: _Split | None, want: _Split, leaf: str, ctx) -> jax.Array:
+    """An output that must be this replica's block along ``want``: cut if whole."""
+    if have is None:  # a whole value (a reset to zeros, say): keep this replica's block
+        return _own_block(x, want, ctx)
+    if have.axis != want.axis:
+        raise ValueError(
+            f"{leaf} is cut along axis {want.axis} but its update is a block cut along axis "
+            f"{have.axis}; ts.shard_update cannot keep it exact. Use plain optax for this "
+            "transformation"
+        )
+    return x
 
 
 def reshard_update_state(state: PyTree, strategy: Strategy) -> PyTree:
@@ -340,26 +511,6 @@ def _layout(shape: tuple[int, ...], num_replicas: int) -> _Split | None:
             return _Split(axis, d)
     axis = int(np.argmax(shape))
     return _Split(axis, shape[axis])
-
-
-def _splits(tree: PyTree, num_replicas: int, name: str) -> list[_Split | None]:
-    """The layout of each leaf of ``tree``, in flattening order; ``name`` names the tree."""
-    splits = []
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        split = _layout(np.shape(x), num_replicas)
-        splits.append(split and split._replace(leaf=name + jax.tree_util.keystr(path)))
-    return splits
-
-
-def _map_blocks(
-    fn: Callable[[jax.Array, _Split | None, ReplicaContext], jax.Array],
-    tree: PyTree,
-    splits: list[_Split | None],
-    ctx: ReplicaContext,
-) -> PyTree:
-    """``fn(leaf, split, ctx)`` for each leaf of ``tree`` and its split."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([fn(x, split, ctx) for x, split in zip(leaves, splits)])
 
 
 def _block_length(size: int, num_replicas: int) -> int:
