@@ -296,6 +296,23 @@ def test_gather_for_export_gives_whole_arrays_on_one_device():
     _close(params, nnx.state(_Stack(nnx.Rngs(0)), nnx.Param))
 
 
+class _Custom(nnx.Param):
+    pass
+
+
+def test_a_param_subclass_is_sharded_and_gathered_back_as_itself():
+    strategy = ts.TPUStrategy()
+    model = nnx.Linear(4, 16, rngs=nnx.Rngs(0))
+    model.kernel = _Custom(model.kernel.get_value())
+    ts.shard_params(model, strategy)
+    assert isinstance(model.kernel, _Custom) and type(model.kernel).__name__ == "Sharded_Custom"
+    x = np.ones((2, 4), np.float32)
+    out = strategy.run(lambda model, x: model(x), args=(model, x))
+    ts.gather_params(model)
+    assert type(model.kernel) is _Custom
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(x)), rtol=RTOL, atol=ATOL)
+
+
 # Misuse -----------------------------------------------------------------------------------------
 
 

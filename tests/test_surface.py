@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -476,6 +477,17 @@ def _entries(strategy: ts.TPUStrategy, tmp_path: pathlib.Path) -> list[Entry]:
         Entry("ts.PerReplica", ts.PerReplica, {"values": lambda: [np.float32(1)] * n}),
         Entry("ts.Mirrored", ts.Mirrored, {"value": lambda: np.float32(1)}),
         Entry("ts.shard_update", ts.shard_update, {"tx": lambda: optax.sgd(0.1)}),
+        Entry(
+            "ts.shard_params",
+            ts.shard_params,
+            {"tree": lambda: {"w": np.ones((2, 8), np.float32)}, "strategy": lambda: strategy},
+        ),
+        Entry(
+            "ts.gather_params",
+            ts.gather_params,
+            {"tree": lambda: ts.shard_params({"w": np.ones((2, 8), np.float32)}, strategy)},
+        ),
+        Entry("ts.gather_on_use", ts.gather_on_use, {"target": lambda: nn.Dense}),
         Entry(
             "ts.reshard_update_state",
             ts.reshard_update_state,

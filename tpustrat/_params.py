@@ -207,6 +207,7 @@ def _whole(shard: ReplicaShard) -> jax.Array:
 
 
 def _check_plain(call: str, tree: PyTree) -> None:
+    check_tree("tree", tree, opaque=lambda x: _is_shard(x) or is_distributed(x))
     for path, leaf in jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: _is_shard(x) or is_distributed(x)
     )[0]:
@@ -222,7 +223,6 @@ def _check_plain(call: str, tree: PyTree) -> None:
                 f"ts.{call} takes a pytree of arrays (the parameters), but {where} is "
                 f"{describe(leaf)}; keep other values out of the tree you shard"
             )
-    check_tree("tree", tree)
 
 
 def _strategy_mesh(call: str, strategy: Any) -> jax.sharding.Mesh:
@@ -239,19 +239,20 @@ def _is_shard(x: Any) -> bool:
     return isinstance(x, ReplicaShard)
 
 
-# Flax NNX: a sharded Param is an nnx.Param whose value is a ReplicaShard and whose read
-# gathers it. Flax is imported only by a program that uses it, so the class is made on first use.
+# Flax NNX: a sharded Param is an instance of a subclass of its own Param type whose value is
+# a ReplicaShard and whose read gathers it. Flax is imported only by a program that uses it, so
+# the subclasses are made on first use, one per Param type (nnx.Param, or a user's subclass).
+_SHARDED_BASE = "_tpustrat_sharded_base"  # on a sharded Param type: the type it was
 
 
 @functools.cache
-def sharded_param_type() -> type:
-    """``ShardedParam``: an ``nnx.Param`` that reads whole inside ``run``."""
-    nnx = _nnx.loaded_nnx()
+def sharded_param_type(base: type) -> type:
+    """The sharded form of the Param type ``base``: a read all-gathers it inside ``run``."""
     missing = object()
 
-    class ShardedParam(nnx.Param):
-        """An ``nnx.Param`` split over the replicas (``ts.shard_params``); inside
-        ``strategy.run`` a read all-gathers its blocks, outside it reads as its ReplicaShard."""
+    class ShardedParam(base):
+        """A Param split over the replicas (``ts.shard_params``); inside ``strategy.run`` a
+        read all-gathers its blocks, outside it reads as its ReplicaShard."""
 
         def get_value(self, *, index: Any = missing) -> Any:
             raw = self.get_raw_value()
@@ -260,17 +261,18 @@ def sharded_param_type() -> type:
             whole = _gather_block(raw)
             return whole if index is missing else whole[index]
 
-    ShardedParam.__module__, ShardedParam.__qualname__ = "tpustrat", "ShardedParam"
+    ShardedParam.__module__ = "tpustrat"
+    ShardedParam.__name__ = ShardedParam.__qualname__ = f"Sharded{base.__name__}"
+    setattr(ShardedParam, _SHARDED_BASE, base)
     return ShardedParam
 
 
 def _shard_module(module: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> Any:
     nnx = _nnx.loaded_nnx()
-    sharded_type = sharded_param_type()
     variables = [v for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Variable)]
     for variable in variables:
         raw = variable.get_raw_value()
-        if isinstance(variable, sharded_type) or _is_shard(raw):
+        if hasattr(type(variable), _SHARDED_BASE) or _is_shard(raw):
             raise ValueError(
                 f"ts.shard_params got a module whose Params are sharded already ({raw!r}); "
                 "shard a module once, or move it to another strategy with "
@@ -282,18 +284,18 @@ def _shard_module(module: Any, mesh: jax.sharding.Mesh, num_replicas: int) -> An
             variable.set_raw_value(jax.tree.map(lambda x: _shard_leaf(x, mesh, None), raw))
             continue
         value = _shard_leaf(raw, mesh, num_replicas)
-        if _is_shard(value):
-            variable.__class__ = sharded_type  # the same object: shared references survive
+        if _is_shard(value):  # the same object: shared references survive
+            variable.__class__ = sharded_param_type(type(variable))
         variable.set_raw_value(value)
     return module
 
 
 def _gather_module(module: Any) -> Any:
     nnx = _nnx.loaded_nnx()
-    sharded_type = sharded_param_type()
     for _, variable in nnx.iter_graph(module):
-        if isinstance(variable, sharded_type):
+        base = getattr(type(variable), _SHARDED_BASE, None)
+        if base is not None:
             raw = variable.get_raw_value()
             variable.set_raw_value(_whole(raw) if _is_shard(raw) else raw)
-            variable.__class__ = nnx.Param
+            variable.__class__ = base
     return module

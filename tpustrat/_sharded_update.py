@@ -28,6 +28,11 @@ reshape across the cut axis, a primitive it does not know) raises a ValueError
 naming the primitive, the code of the transformation that made it and the leaf, and saying to
 use plain optax for it: the analysis fails closed rather than train on a wrong update. It reads
 jaxprs through the public ``jax.extend.core`` only.
+
+Sharded parameters. A parameter that is a ``ReplicaShard`` (``ts.shard_params``) keeps its
+own cut, and its gradient arrives as a block already reduced over the replicas; its update
+stays a block. ``init`` outside ``run`` with such parameters replays the transformation under
+``jax.vmap`` over the replicas' blocks, so ``nnx.Optimizer`` gets a state cut the same way.
 """
 
 from __future__ import annotations
@@ -146,10 +151,16 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
     ``ts.PerReplica`` blocks; pass it back to ``run`` as it is, checkpoint it like any pytree of
     arrays, and move it to another replica count with ``ts.reshard_update_state``.
 
-    ``init`` called outside ``run`` (as ``nnx.Optimizer(model, ts.shard_update(tx),
-    wrt=nnx.Param)`` calls it) gives the plain optax state, whole. ``update`` in ``run`` keeps
-    a whole state leaf whole: it updates its block like any other and all-gathers the result,
-    so the update is still sharded and exact, but such a leaf is not split in memory. For the
+    Parameters sharded by ``ts.shard_params`` are taken as they are: their gradients are
+    blocks already summed over the replicas (the reduce-scatter that is the gradient of the
+    gather), which ``update`` divides by the number of replicas for ``"mean"``; their updates
+    come back as blocks, and their state is cut like them, inside ``run`` or out of it.
+
+    ``init`` called outside ``run`` on whole parameters (as ``nnx.Optimizer(model,
+    ts.shard_update(tx), wrt=nnx.Param)`` calls it) gives the plain optax state, whole.
+    ``update`` in ``run`` keeps a whole state leaf whole: it updates its block like any other
+    and all-gathers the result, so the update is still sharded and exact, but such a leaf is
+    not split in memory. For the
     1/R state memory, make the state inside ``run`` (``strategy.run(tx.init, args=(params,))``)
     and keep it as a pytree, with ``nnx.split``/``nnx.merge`` for an NNX model.
 
@@ -208,7 +219,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
         grads = jax.tree.unflatten(
             jax.tree.structure(local_updates),
             [
-                _reduced_block(op, x, split, ctx) if is_block else _reduce_block(op, x, split, ctx)
+                _reduced_block(op, x, ctx) if is_block else _reduce_block(op, x, split, ctx)
                 for x, split, is_block in zip(jax.tree.leaves(local_updates), splits, sharded)
             ],
         )
@@ -245,9 +256,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             if shard is None:  # a whole parameter: its update comes back whole
                 update_leaves.append(_whole_update(x, out, ctx))
             else:  # a sharded parameter (ts.shard_params): its update stays a block
-                block = _keep_block(
-                    x, out, split, "updates" + split.leaf.removeprefix("updates"), ctx
-                )
+                block = _keep_block(x, out, split, split.leaf, ctx)
                 update_leaves.append(ReplicaShard(block, shard.shape, shard.axis))
         new_updates = _mark_per_replica(
             jax.tree.structure(updates, is_leaf=_is_shard).unflatten(update_leaves), ctx
@@ -396,10 +405,9 @@ def _blocks(local: PyTree, splits: list, sharded: list[bool], ctx: Any) -> PyTre
     )
 
 
-def _reduced_block(op: ReduceOp, x: jax.Array, split: _Split, ctx: ReplicaContext) -> jax.Array:
+def _reduced_block(op: ReduceOp, x: jax.Array, ctx: ReplicaContext) -> jax.Array:
     """The gradient of a sharded parameter's block, already summed over the replicas by the
     reduce-scatter that is the gather's gradient: divided by the replicas for MEAN."""
-    del split
     return x / ctx.num_replicas_in_sync if op is ReduceOp.MEAN else x
 
 
@@ -502,26 +510,6 @@ def _layout(shape: tuple[int, ...], num_replicas: int) -> _Split | None:
             return _Split(axis, d)
     axis = int(np.argmax(shape))
     return _Split(axis, shape[axis])
-
-
-def _splits(tree: PyTree, num_replicas: int, name: str) -> list[_Split | None]:
-    """The layout of each leaf of ``tree``, in flattening order; ``name`` names the tree."""
-    splits = []
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        split = _layout(np.shape(x), num_replicas)
-        splits.append(split and split._replace(leaf=name + jax.tree_util.keystr(path)))
-    return splits
-
-
-def _map_blocks(
-    fn: Callable[[jax.Array, _Split | None, ReplicaContext], jax.Array],
-    tree: PyTree,
-    splits: list[_Split | None],
-    ctx: ReplicaContext,
-) -> PyTree:
-    """``fn(leaf, split, ctx)`` for each leaf of ``tree`` and its split."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([fn(x, split, ctx) for x, split in zip(leaves, splits)])
 
 
 def _block_length(size: int, num_replicas: int) -> int:
