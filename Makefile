@@ -77,6 +77,7 @@ bench: $(VENV)/.wheel $(VENV)/.bench
 	$(PY) benchmarks/input_pipeline.py $(BENCH_FLAGS)
 	$(PY) benchmarks/checkpoint_save.py $(BENCH_FLAGS)
 	$(PY) benchmarks/weight_update_sharding.py $(BENCH_FLAGS)
+	$(PY) benchmarks/largest_model.py $(BENCH_FLAGS)
 	$(PY) benchmarks/leaf_overhead.py $(BENCH_FLAGS)
 	$(PY) benchmarks/defaults.py $(BENCH_FLAGS)
 	$(PY) benchmarks/workloads.py $(BENCH_FLAGS)

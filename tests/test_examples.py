@@ -107,3 +107,13 @@ def test_preemptible_example_resumes_where_it_stopped(examples_on_path, tmp_path
     for got, want in zip(resumed.params, straight.params):
         np.testing.assert_allclose(got, want, rtol=1e-7)
     assert resumed.test_accuracy == straight.test_accuracy > 0.5
+
+
+def test_gpt_fsdp_example_learns_with_less_memory_than_data_parallelism(examples_on_path):
+    example = importlib.import_module("gpt_fsdp")
+    steps = 12
+    result = example.main(["--steps", str(steps), "--layers", "2", "--width", "32"])
+    assert len(result.losses) == steps
+    assert np.all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-3:]) < 0.5 * result.losses[0]
+    assert 0 < result.sharded_bytes < result.data_parallel_bytes
