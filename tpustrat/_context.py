@@ -151,6 +151,7 @@ class ReplicaContext:
         self._strategy = strategy
         self._row_mask = row_mask
         self._active = False
+        self._replica_id: jax.Array | None = None
 
     @property
     def strategy(self) -> Strategy:
@@ -166,7 +167,7 @@ class ReplicaContext:
     def replica_id_in_sync_group(self) -> jax.Array:
         """This replica's index, a traced int32 scalar in ``[0, num_replicas_in_sync)``."""
         self._check_active("replica_id_in_sync_group")
-        return lax.axis_index(REPLICA_AXIS)
+        return self._index()
 
     @property
     def row_mask(self) -> jax.Array | None:
@@ -242,7 +243,7 @@ class ReplicaContext:
           8
         """
         self._check_active("replica_key")
-        return jax.random.fold_in(key, lax.axis_index(REPLICA_AXIS))
+        return jax.random.fold_in(key, self._index())
 
     def all_gather(self, value: PyTree, axis: int) -> PyTree:
         """Concatenates every replica's ``value`` along ``axis``, in replica order.
@@ -335,8 +336,21 @@ class ReplicaContext:
                 "function you pass to strategy.run (ts.get_replica_context() is None elsewhere)"
             )
 
+    def _index(self) -> jax.Array:
+        """The replica index that ``_activate`` read at the top of the step.
+
+        Read there once rather than where the step asks for it, which may be inside a loop
+        (its own, or ``experimental_run_steps``'s scan): XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
+        process compiling a small loop that reads the device's index (see
+        ``_run.check_axis_index_outside_loops``). The value is the same.
+        """
+        assert self._replica_id is not None, "_activate reads the index before the step runs"
+        return self._replica_id
+
     @contextlib.contextmanager
     def _activate(self) -> Generator[ReplicaContext, None, None]:
+        """Makes this the replica context of the step being traced, inside its ``shard_map``."""
+        self._replica_id = lax.axis_index(REPLICA_AXIS)
         self._active = True
         token = _REPLICA_CONTEXT.set(self)
         strategy_token = _STRATEGY.set(self._strategy)
@@ -346,6 +360,7 @@ class ReplicaContext:
             _STRATEGY.reset(strategy_token)
             _REPLICA_CONTEXT.reset(token)
             self._active = False
+            self._replica_id = None
 
 
 def sum_or_mean(
