@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from tpustrat._checks import check_axis, check_tree, describe
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._values import is_distributed
 
 PyTree = Any
 
@@ -201,7 +202,7 @@ class ReplicaContext:
         """
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
         def combine(x):
@@ -256,7 +257,7 @@ class ReplicaContext:
           A pytree like ``value`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
         """
         self._check_active("all_gather")
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         num_replicas = self.num_replicas_in_sync
 
         def gather(x):
@@ -300,7 +301,7 @@ class ReplicaContext:
                 f"reduce_scatter supports the reduce ops 'sum' and 'mean', got {op.value!r}; "
                 f"use all_reduce({op.value!r}, ...) and slice this replica's block instead"
             )
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         num_replicas = self.num_replicas_in_sync
 
         def scatter(x):
@@ -413,6 +414,19 @@ def _compilable_on_cpu(
 
 def _shape(x: jax.Array) -> str:
     return f"a value of shape {x.shape}"
+
+
+def check_in_step_tree(name: str, tree: PyTree) -> None:
+    """``check_tree``, and a TypeError for a PerReplica or Mirrored: inside the step each
+    replica has its own values, and a distributed value there came from a closure."""
+    check_tree(name, tree)
+    for leaf in jax.tree.leaves(tree, is_leaf=is_distributed):
+        if is_distributed(leaf):
+            raise TypeError(
+                f"{name} holds a ts.{type(leaf).__name__} inside a step, which the step took "
+                "from a closure rather than from run's args; pass it to run in args (each "
+                "replica then gets its own component) and use what the step receives"
+            )
 
 
 def get_replica_context() -> ReplicaContext | None:
