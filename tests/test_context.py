@@ -286,3 +286,57 @@ def test_collectives_of_zero_size_values_and_wrong_values():
         bad({"a": iter([1])})
     with pytest.raises(ValueError, match=r"value is the Python int 1099511627776"):
         bad(2**40)
+
+
+def test_replica_id_and_key_inside_loops(strategy):
+    """The context's replica index inside a fori_loop and experimental_run_steps' scan: small
+    loops that read the device's index, which XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
+    process compiling unless the index is read outside them."""
+    n = strategy.num_replicas_in_sync
+    key = jax.random.key(3)
+
+    def step(total):
+        ctx = ts.get_replica_context()
+        counted = jax.lax.fori_loop(0, 3, lambda i, t: t + ctx.replica_id_in_sync_group, total)
+        draws = jax.lax.fori_loop(
+            0, 2, lambda i, d: d + jax.random.uniform(ctx.replica_key(key)), np.float32(0)
+        )
+        return counted, draws
+
+    counted, draws = strategy.run(step, args=(np.int32(1),))
+    expected = [jax.random.uniform(jax.random.fold_in(key, r)) * 2 for r in range(n)]
+    assert [int(c) for c in strategy.experimental_local_results(counted)] == [
+        1 + 3 * r for r in range(n)
+    ]
+    np.testing.assert_allclose(strategy.experimental_local_results(draws), expected, rtol=1e-6)
+
+    def run_step(total, batch):
+        total = total + batch * ts.get_replica_context().replica_id_in_sync_group
+        return total, total
+
+    batches = iter([ts.PerReplica([np.int32(s + 1)] * n) for s in range(4)])
+    total, _, num_steps = strategy.experimental_run_steps(run_step, np.int32(0), batches, 4)
+    assert num_steps == 4
+    assert [int(t) for t in strategy.experimental_local_results(total)] == [
+        (1 + 2 + 3 + 4) * r for r in range(n)
+    ]
+
+
+def test_axis_index_inside_a_loop(strategy):
+    """lax.axis_index read inside a loop: where XLA:CPU aborts compiling it (jaxlib 0.7.0 to 0.8.0),
+    run refuses the step with a ValueError naming the fix; elsewhere it computes the index."""
+    from tpustrat import _run
+
+    def step():
+        index = lambda i, t: t + jax.lax.axis_index(ts.REPLICA_AXIS)
+        return jax.lax.fori_loop(0, 3, index, np.int32(0))
+
+    if _run.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP and jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match=r"reads lax\.axis_index inside a loop .* jaxlib"):
+            strategy.run(step)
+    else:
+        counted = strategy.run(step)
+        n = strategy.num_replicas_in_sync
+        assert [int(c) for c in strategy.experimental_local_results(counted)] == [
+            3 * r for r in range(n)
+        ]

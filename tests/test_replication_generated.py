@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import io_callback
 
 import tpustrat as ts
-from tpustrat import _replication
+from tpustrat import _replication, _run
 from tpustrat._mesh import REPLICA_AXIS
 
 SIZE = 8  # every generated value is float32[SIZE]; SIZE is divisible by every replica count
@@ -198,6 +198,7 @@ class _Evaluator:
 
     def __init__(self, num_replicas: int, keys: dict[str, jax.Array]):
         self.num_replicas, self.keys = num_replicas, keys
+        self.loops = 0  # how many loop bodies enclose the plan being built
 
     def __call__(self, plan: tuple, env: list[jax.Array]) -> jax.Array:
         kind, args = plan[0], plan[1:]
@@ -251,7 +252,21 @@ class _Evaluator:
         return jnp.tile(ctx.reduce_scatter("sum", x, axis=0), n)
 
     def _axis_index(self, env):
-        return jnp.full((SIZE,), lax.axis_index(REPLICA_AXIS), jnp.float32)
+        if self.loops and _run.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP and jax.default_backend() == "cpu":
+            # XLA:CPU of these jaxlib versions aborts compiling lax.axis_index in a small loop
+            # (see tpustrat._run), and run refuses it: the index the context read at the top of
+            # the step is the same value, in the loop by closure.
+            index = ts.get_replica_context().replica_id_in_sync_group
+        else:
+            index = lax.axis_index(REPLICA_AXIS)
+        return jnp.full((SIZE,), index, jnp.float32)
+
+    def _loop_body(self, plan: tuple, env: list[jax.Array]) -> jax.Array:
+        self.loops += 1
+        try:
+            return self(plan, env)
+        finally:
+            self.loops -= 1
 
     def _cond(self, env, predicate, *branches):
         p = self(predicate, env)
@@ -266,14 +281,14 @@ class _Evaluator:
 
         def body(c, row):
             inner = [*env, c, jnp.broadcast_to(row, (SIZE,))]
-            return jnp.tanh(self(carry, inner)), self(y, inner)
+            return jnp.tanh(self._loop_body(carry, inner)), self._loop_body(y, inner)
 
         final, ys = lax.scan(body, self(init, env), x[:3])
         return final + ys.sum(0)
 
     def _fori(self, env, init, body):
         def step(i, v):
-            return jnp.tanh(self(body, [*env, v, jnp.full((SIZE,), i, jnp.float32)]))
+            return jnp.tanh(self._loop_body(body, [*env, v, jnp.full((SIZE,), i, jnp.float32)]))
 
         return lax.fori_loop(0, 3, step, self(init, env))
 
@@ -282,7 +297,7 @@ class _Evaluator:
 
         def step(carry):
             i, v = carry
-            return i + 1, jnp.tanh(self(body, [*env, v]))
+            return i + 1, jnp.tanh(self._loop_body(body, [*env, v]))
 
         return lax.while_loop(lambda c: c[0] < n, step, (jnp.int32(0), self(init, env)))[1]
 
@@ -615,12 +630,15 @@ def test_generated_programs_cover_the_grammar():
     assert not missing, f"no generated step uses {sorted(missing)}: the grammar lost them"
 
 
+# The primitive of jax.debug.print: debug_callback on older JAX (0.7), debug_print on newer.
+_DEBUG_PRINT = jax.make_jaxpr(lambda x: jax.debug.print("{}", x))(0.0).eqns[0].primitive.name
+
 # Primitives the generated steps must exercise (the grammar's control flow, collectives,
 # custom derivatives, random numbers, host callbacks and the computations primitives apply).
 GRAMMAR_PRIMITIVES = {
     "cond", "while", "scan", "jit", "custom_jvp_call", "custom_vjp_call", "psum", "pmax",
     "pmin", "all_gather", "ppermute", "reduce_scatter", "axis_index", "pure_callback",
-    "io_callback", "debug_print", "random_wrap", "random_bits", "random_fold_in",
+    "io_callback", _DEBUG_PRINT, "random_wrap", "random_bits", "random_fold_in",
     "random_split", "select_n", "dot_general", "reduce", "reduce_window", "scatter-add",
     "transpose", "reshape", "dynamic_slice", "convert_element_type", "sort", "xor",
     "shift_left", "cumsum", "argmax",

@@ -424,7 +424,10 @@ def test_centralize_subtracts_the_whole_leafs_mean():
             "'dot_general'",
         ),
         (lambda g, s, p=None: (jax.tree.map(jnp.sort, g), s), "'sort'"),
-        (lambda g, s, p=None: (jax.tree.map(lambda x: x.ravel()[::2].sum() + x, g), s), "'slice'"),
+        (  # a strided slice, which jax 0.7 makes a gather
+            lambda g, s, p=None: (jax.tree.map(lambda x: x.ravel()[::2].sum() + x, g), s),
+            "'(slice|gather)'",
+        ),
     ],
     ids=["cumsum", "reverse", "argmax", "outer", "einsum", "sort", "flattened"],
 )
@@ -558,17 +561,17 @@ def test_nnx_optimizer_with_shard_update_trains_like_plain_adam(shape):
         local = (per_replica_rows(strategy, np.split(a, n)) for a in (xb, yb))
         strategy.run(step, args=(model, optimizer, *local))
         reference_step(reference, plain, xb, yb)
-    mu = optimizer.opt_state[0].mu["linear1"]["kernel"].get_value()
+    mu = optimizer.opt_state[0].mu["linear1"]["kernel"][...]
     assert mu.shape == (6, 16) and mu.sharding.is_fully_replicated  # whole, as nnx holds it
     np.testing.assert_allclose(
         np.asarray(mu),
-        np.asarray(plain.opt_state[0].mu["linear1"]["kernel"].get_value()),
+        np.asarray(plain.opt_state[0].mu["linear1"]["kernel"][...]),
         rtol=1e-5,
         atol=1e-7,
     )
     for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    assert int(optimizer.step.get_value()) == 4
+    assert int(optimizer.step[...]) == 4
 
 
 @pytest.mark.parametrize("reduce_op", ["mean", "sum"])

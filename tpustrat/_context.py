@@ -20,6 +20,7 @@ from tpustrat._checks import check_axis, check_tree, describe
 from tpustrat._collectives import hierarchical_sum
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._types import PyTree
+from tpustrat._values import is_distributed
 
 
 class Strategy(Protocol):
@@ -151,6 +152,7 @@ class ReplicaContext:
         self._strategy = strategy
         self._row_mask = row_mask
         self._active = False
+        self._replica_id: jax.Array | None = None
 
     @property
     def strategy(self) -> Strategy:
@@ -166,7 +168,7 @@ class ReplicaContext:
     def replica_id_in_sync_group(self) -> jax.Array:
         """This replica's index, a traced int32 scalar in ``[0, num_replicas_in_sync)``."""
         self._check_active("replica_id_in_sync_group")
-        return lax.axis_index(REPLICA_AXIS)
+        return self._index()
 
     @property
     def row_mask(self) -> jax.Array | None:
@@ -200,7 +202,7 @@ class ReplicaContext:
         """
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
 
         def combine(x):
@@ -243,7 +245,7 @@ class ReplicaContext:
           8
         """
         self._check_active("replica_key")
-        return jax.random.fold_in(key, lax.axis_index(REPLICA_AXIS))
+        return jax.random.fold_in(key, self._index())
 
     def all_gather(self, value: PyTree, axis: int) -> PyTree:
         """Concatenates every replica's ``value`` along ``axis``, in replica order.
@@ -256,7 +258,7 @@ class ReplicaContext:
           A pytree like ``value`` whose ``axis`` is ``num_replicas_in_sync`` times longer.
         """
         self._check_active("all_gather")
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         num_replicas = self.num_replicas_in_sync
 
         def gather(x):
@@ -300,7 +302,7 @@ class ReplicaContext:
                 f"reduce_scatter supports the reduce ops 'sum' and 'mean', got {op.value!r}; "
                 f"use all_reduce({op.value!r}, ...) and slice this replica's block instead"
             )
-        check_tree("value", value)
+        check_in_step_tree("value", value)
         num_replicas = self.num_replicas_in_sync
 
         def scatter(x):
@@ -335,6 +337,17 @@ class ReplicaContext:
                 f"ReplicaContext.{what} was used outside strategy.run; call it inside the "
                 "function you pass to strategy.run (ts.get_replica_context() is None elsewhere)"
             )
+
+    def _index(self) -> jax.Array:
+        """The replica index that ``replica_scope`` read at the top of the step.
+
+        Read there once rather than where the step asks for it, which may be inside a loop
+        (its own, or ``experimental_run_steps``'s scan): XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
+        process compiling a small loop that reads the device's index (see
+        ``_run.check_axis_index_outside_loops``). The value is the same.
+        """
+        assert self._replica_id is not None, "replica_scope reads the index before the step runs"
+        return self._replica_id
 
 
 def sum_or_mean(
@@ -405,6 +418,19 @@ def _shape(x: jax.Array) -> str:
     return f"a value of shape {x.shape}"
 
 
+def check_in_step_tree(name: str, tree: PyTree) -> None:
+    """``check_tree``, and a TypeError for a PerReplica or Mirrored: inside the step each
+    replica has its own values, and a distributed value there came from a closure."""
+    check_tree(name, tree)
+    for leaf in jax.tree.leaves(tree, is_leaf=is_distributed):
+        if is_distributed(leaf):
+            raise TypeError(
+                f"{name} holds a ts.{type(leaf).__name__} inside a step, which the step took "
+                "from a closure rather than from run's args; pass it to run in args (each "
+                "replica then gets its own component) and use what the step receives"
+            )
+
+
 def get_replica_context() -> ReplicaContext | None:
     """The ReplicaContext of the step being traced by ``strategy.run``; None outside ``run``.
 
@@ -443,6 +469,7 @@ def current_strategy() -> Strategy | None:
 def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, None]:
     """Makes ``context`` the one ``get_replica_context`` returns, and its strategy the current
     one, while ``run`` traces the step inside the block."""
+    context._replica_id = lax.axis_index(REPLICA_AXIS)  # once, outside any loop: see _index
     context._active = True
     token = _REPLICA_CONTEXT.set(context)
     strategy_token = _STRATEGY.set(context._strategy)
@@ -452,6 +479,7 @@ def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, No
         _STRATEGY.reset(strategy_token)
         _REPLICA_CONTEXT.reset(token)
         context._active = False
+        context._replica_id = None
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tpustrat import _mesh
-from tpustrat._checks import check_int, check_tree, describe
-from tpustrat._context import Strategy, get_replica_context
+from tpustrat._checks import check_int, describe
+from tpustrat._context import Strategy, check_in_step_tree, get_replica_context
 
 
 def split_to_logical_devices(
@@ -35,7 +35,7 @@ def split_to_logical_devices(
       ``tensor``, annotated.
     """
     _check_in_replica("experimental_split_to_logical_devices", strategy)
-    check_tree("tensor", tensor)
+    check_in_step_tree("tensor", tensor)
     cores = _num_cores(mesh)
     shape = np.shape(tensor)
     if not isinstance(partition_dimensions, (list, tuple, np.ndarray)) or (
@@ -73,7 +73,7 @@ def split_to_logical_devices(
 def replicate_to_logical_devices(strategy: Strategy, mesh: Mesh, tensor: jax.Array) -> jax.Array:
     """Keeps ``tensor`` whole on every core of ``mesh``'s replica (``strategy``'s, checked)."""
     _check_in_replica("experimental_replicate_to_logical_devices", strategy)
-    check_tree("tensor", tensor)
+    check_in_step_tree("tensor", tensor)
     return _constrain(mesh, tensor, P())
 
 
@@ -85,7 +85,7 @@ def assign_to_logical_device(
     ``spmd`` is the strategy's flag: True refuses the call, as in TF.
     """
     _check_in_replica("experimental_assign_to_logical_device", strategy)
-    check_tree("tensor", tensor)
+    check_in_step_tree("tensor", tensor)
     if spmd:
         raise ValueError(
             "experimental_assign_to_logical_device is not available with spmd=True (TF's "

@@ -239,6 +239,20 @@ def primitive_names(jaxpr: Jaxpr | ClosedJaxpr) -> frozenset[str]:
     return frozenset(names)
 
 
+def reads_axis_index_in_loop(jaxpr: Jaxpr | ClosedJaxpr, in_loop: bool = False) -> bool:
+    """Whether ``jaxpr`` reads ``axis_index`` inside a ``while`` or ``scan`` body, at any depth."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    for eqn in jaxpr.eqns:
+        if in_loop and eqn.primitive is public.axis_index_p:
+            return True
+        inner_in_loop = in_loop or eqn.primitive in (public.while_p, public.scan_p)
+        if any(
+            reads_axis_index_in_loop(inner, inner_in_loop) for inner in _inner_jaxprs(eqn.params)
+        ):
+            return True
+    return False
+
+
 def _inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
     """The jaxprs among an equation's parameters (branches, bodies, reduction computations)."""
     return [

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.extend.core import Literal
 from jax.sharding import Mesh, NamedSharding
@@ -208,6 +209,8 @@ class Step:
             manual_axes = set(self._mesh.axis_names)
             closed = trace()
         (eqn,) = closed.jaxpr.eqns
+        if self._mesh.devices.flat[0].platform == "cpu" and XLA_CPU_ABORTS_ON_INDEX_IN_LOOP:
+            check_axis_index_outside_loops(self.name, eqn.params["jaxpr"])
         varying = _replication.varying_outputs(
             eqn.params["jaxpr"],
             [_mesh.spec_axes(s) for s in eqn.params["in_specs"]],
@@ -713,6 +716,43 @@ def _needs_every_axis_manual(name: str, jaxpr) -> bool:
             "computes the whole replica), or call the host from a step of its own"
         )
     return True
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: ``"0.8.1.dev20250101"`` gives ``(0, 8, 1)``."""
+    numbers = []
+    for part in version.split(".")[:3]:
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+# XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the process ("LLVM ERROR: Program used external function
+# '__xla_cpu_runtime_PartitionId' which could not be resolved!") compiling a program whose small
+# loop reads the device's index: its small-while-loop-hoisting pass compiles such a loop as one
+# kernel that calls a runtime function its JIT does not provide. lax.axis_index is that read.
+# jaxlib 0.8.1 compiles it.
+XLA_CPU_ABORTS_ON_INDEX_IN_LOOP = _release(jaxlib.__version__) < (0, 8, 1)
+
+
+def check_axis_index_outside_loops(name: str, jaxpr) -> None:
+    """Raises a ValueError if the step reads ``lax.axis_index`` inside a loop.
+
+    For XLA:CPU of the jaxlib versions that abort compiling it (see
+    ``XLA_CPU_ABORTS_ON_INDEX_IN_LOOP``): a clear error rather than a dead process. Every loop
+    counts, though XLA hoists only small ones, since which loops it hoists is XLA's choice.
+    ``ReplicaContext.replica_id_in_sync_group`` and ``replica_key`` read the index once, at the
+    top of the step, wherever the step uses them.
+    """
+    if _replication.reads_axis_index_in_loop(jaxpr):
+        raise ValueError(
+            f"run({name}): the step reads lax.axis_index inside a loop (lax.scan, fori_loop or "
+            "while_loop, experimental_run_steps' scan included), which XLA:CPU of jaxlib "
+            f"{jaxlib.__version__} aborts the process compiling; read it once outside the loop, "
+            "or use ts.get_replica_context().replica_id_in_sync_group (or replica_key), which "
+            "reads it at the top of the step; jaxlib 0.8.1 and later compile it"
+        )
 
 
 def _split_inputs(tree: PyTree):

@@ -941,14 +941,19 @@ def _fill_padding(x: jax.Array, split: _Split, ctx: ReplicaContext, fill: Any) -
 
 
 def _source(eqn) -> str:
-    """Where the transformation's code made ``eqn``: its innermost frame outside JAX."""
+    """Where the transformation's code made ``eqn``: its innermost frame outside JAX.
+
+    ``contextlib`` frames are passed over too: JAX wraps some of its functions (``jnp.einsum``
+    on jax 0.7) in a context-manager decorator, whose frame is not the transformation's.
+    """
     try:
         frames = eqn.source_info.traceback.frames
     except AttributeError:
         return ""
     for frame in frames:
         path = frame.file_name.replace("\\", "/")
-        if "/jax/" not in path and "/tpustrat/" not in path and "/jaxlib/" not in path:
+        inside = ("/jax/", "/tpustrat/", "/jaxlib/")
+        if not any(part in path for part in inside) and not path.endswith("/contextlib.py"):
             short = "/".join(path.split("/")[-2:])
             return f" in {frame.function_name} ({short}:{frame.line_num})"
     return ""
