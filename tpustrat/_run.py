@@ -23,6 +23,7 @@ from tpustrat import (
     _bucketing,
     _cache,
     _mesh,
+    _metrics,
     _nnx,
     _placement,
     _replication,
@@ -209,12 +210,18 @@ class Step:
             manual_axes = set(self._mesh.axis_names)
             closed = trace()
         (eqn,) = closed.jaxpr.eqns
-        varying = _replication.varying_outputs(
+        in_axes = [_mesh.spec_axes(s) for s in eqn.params["in_specs"]]
+        combined_axes = [
+            a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
+        ]
+        varying = _replication.varying_outputs(eqn.params["jaxpr"], in_axes, combined_axes)
+        _metrics.check_step(
+            self.name,
             eqn.params["jaxpr"],
-            [_mesh.spec_axes(s) for s in eqn.params["in_specs"]],
-            combined_axes=[
-                a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
-            ],
+            in_axes,
+            combined_axes,
+            out_tree[0],
+            input_offset=int(valid_rows is not None),
         )
         values = dict(zip(closed.jaxpr.invars, arrays))
         values.update(zip(closed.jaxpr.constvars, closed.consts))
@@ -368,7 +375,7 @@ class Runner:
 
     def _run_nnx(self, fn, args, split, options: RunOptions) -> PyTree:
         """``run`` of a step that takes Flax NNX objects: their new state is written back."""
-        graphdef, state, objects, (structure, positions), leaves = split
+        graphdef, state, objects, (structure, positions), leaves = _metrics.adopt(split)
         if options.donate_argnums:
             object_args = {
                 i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
@@ -382,11 +389,19 @@ class Runner:
         lifted = self._lifted.get(fn, (structure, positions)).get(graphdef)
         donate = (0,) if options.donate_argnums else ()
         self.window.make_room()
-        with _INTERRUPTS:  # the objects take the whole new state, or keep the old
+        accumulators = _metrics.Accumulators(objects, state, self._mesh)
+        with (
+            _INTERRUPTS,
+            accumulators.tracing(),
+        ):  # the objects take the whole new state, or keep the old
             out, new_state = self.run(
-                lifted, (state, leaves), {}, dataclasses.replace(options, donate_argnums=donate)
+                lifted,
+                (accumulators.state, leaves),
+                {},
+                dataclasses.replace(options, donate_argnums=donate),
             )
-            _nnx.write_back(objects, state, new_state)
+            _nnx.write_back(objects, state, accumulators.take_blocks(new_state))
+            accumulators.record()
         return out
 
     def _new_step(

@@ -18,6 +18,7 @@ from tpustrat import (
     _input,
     _logical,
     _mesh,
+    _metrics,
     _multistep,
     _nnx,
     _run,
@@ -526,6 +527,7 @@ class TPUStrategy:
         split = _nnx.split_objects(tree)
         if split is not None:
             _, state, objects, _, _ = split
+            state = _metrics.whole_values(state)  # a metric's blocks, summed
             _nnx.loaded_nnx().update(objects, _values.replicate(state, self._mesh))
             return jax.tree.map(
                 lambda x: x if _nnx.is_nnx_object(x) else _values.replicate(x, self._mesh),

@@ -1,0 +1,557 @@
+"""Metrics that aggregate on read: per-replica accumulators, summed when the host reads them.
+
+Every ``nnx.metrics.MetricState`` variable of the Flax NNX objects passed to ``run`` (the
+``total`` and ``count`` of an ``nnx.metrics.Average``, the metrics of an ``nnx.MultiMetric``) is
+an accumulator held per replica, as tf.distribute's ``SyncOnRead`` variables are. Its whole
+value is the sum of the replicas' blocks. Entering ``run``, a variable holding a whole value
+``v`` is laid out as the blocks ``[v, 0, 0, ...]``, one per replica (an array of shape
+``(replicas, *shape)`` sharded over the replica axis); inside the step each replica sees its
+own block and adds its rows' contribution to it with no collective. After ``run`` the variable
+holds the per-replica array, and reading it on the host (``metric.compute()``,
+``metric.total[...]``) sums the blocks in one small compiled reduction, whose replicated result
+every process of a job reads alike. Setting it on the host (``metric.reset()``) stores a whole
+value again. Inside the step a read gives the replica's own block, as ``SyncOnRead`` does in
+replica context.
+
+Summing blocks is right only for additive updates, so the compiled step is checked
+(``check_step``): each accumulator must leave the step unchanged or as ``block + d``, where
+``d`` depends on no accumulator (``check_additive``); and ``d`` must not be the same on every
+replica because of a collective, which the sum would count once per replica.
+
+The variables' class becomes a subclass of their own (made once per class, so
+``isinstance(v, MetricState)`` holds), whose ``get_value`` and ``set_value`` sum and store.
+Which raw values are tpustrat's per-replica arrays is kept by identity in a weak table, never
+guessed from a shape. Nothing here imports flax unless the user already has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+from collections.abc import Collection, Generator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import primitives as _primitives
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpustrat import _nnx, _replication
+from tpustrat._mesh import REPLICA_AXIS
+from tpustrat._values import PerReplica, is_per_replica
+
+PyTree = Any
+
+# Variable id -> the per-replica array tpustrat wrote into it. Flax variables take no weak
+# references; the entry goes with the array, and a variable whose raw value is another array
+# (set on the host, restored, replicated) holds a whole value.
+_BLOCKS: weakref.WeakValueDictionary[int, jax.Array] = weakref.WeakValueDictionary()
+_ON_READ: dict[type, type] = {}
+
+
+def _on_read_class(cls: type) -> type:
+    """The subclass of the variable class ``cls`` whose values are summed over replicas on read."""
+    if cls in _ON_READ.values():
+        return cls
+    sub = _ON_READ.get(cls)
+    if sub is not None:
+        return sub
+
+    def get_value(self, **kwargs):
+        blocks = _blocks_of(self)
+        if blocks is None:
+            return cls.get_value(self, **kwargs)
+        whole = _sum_blocks(blocks)
+        index = kwargs.get("index", ...)
+        return whole if index is ... else whole[index]
+
+    def set_value(self, value, **kwargs):
+        blocks = _blocks_of(self)
+        if blocks is None:
+            cls.set_value(self, value, **kwargs)
+            return
+        del _BLOCKS[id(self)]  # a whole value again
+        index = kwargs.get("index")
+        if index is None:  # variable.set_value(v)
+            self.set_raw_value(value)
+        elif index is ...:  # variable[...] = v, as metric.reset() sets it: no sum needed
+            whole = jnp.broadcast_to(jnp.asarray(value, blocks.dtype), blocks.shape[1:])
+            self.set_raw_value(whole)
+        else:
+            self.set_raw_value(_sum_blocks(blocks))
+            cls.set_value(self, value, **kwargs)
+
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__slots__": (),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "get_value": get_value,
+            "set_value": set_value,
+        },
+    )
+    _ON_READ[cls] = sub
+    return sub
+
+
+def _blocks_of(variable: Any) -> jax.Array | None:
+    """The variable's per-replica array if tpustrat wrote it there and it is still held."""
+    raw = variable.get_raw_value()
+    return raw if _BLOCKS.get(id(variable)) is raw else None
+
+
+@functools.lru_cache(maxsize=16)
+def _summer(mesh: Mesh):
+    return jax.jit(
+        lambda blocks: jnp.sum(blocks, axis=0, dtype=blocks.dtype),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def _sum_blocks(blocks: jax.Array) -> jax.Array:
+    sharding = blocks.sharding
+    assert isinstance(sharding, NamedSharding)  # as _spread and run's outputs lay blocks out
+    return _summer(sharding.mesh)(blocks)
+
+
+def _spread(value: Any, mesh: Mesh) -> jax.Array:
+    """A whole value laid out as blocks ``[value, 0, 0, ...]`` over the replicas.
+
+    Built on the host and placed, which compiles nothing: every process holds the same whole
+    value (a fresh metric, a reset, a restore), and each places the blocks of its devices.
+    """
+    whole = np.asarray(value)
+    blocks = np.zeros((mesh.shape[REPLICA_AXIS], *whole.shape), whole.dtype)
+    blocks[0] = whole
+    sharding = NamedSharding(mesh, P(REPLICA_AXIS))
+    return jax.make_array_from_callback(blocks.shape, sharding, lambda index: blocks[index])
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, _nnx.loaded_nnx().Variable)
+
+
+def _is_accumulator(x: Any) -> bool:
+    return isinstance(x, _nnx.loaded_nnx().metrics.MetricState)
+
+
+def whole_values(tree: PyTree) -> PyTree:
+    """``tree`` with each accumulator that holds per-replica blocks replaced by a copy holding
+    their sum: what a checkpoint saves, and what ``replicate`` places."""
+    if _nnx.nnx_module() is None:
+        return tree
+
+    def whole(x: Any) -> Any:
+        if _is_variable(x):
+            blocks = _blocks_of(x)
+            if blocks is not None:
+                return x.replace(_sum_blocks(blocks))
+        return x
+
+    return jax.tree.map(whole, tree, is_leaf=lambda x: _nnx.is_nnx_object(x) or _is_variable(x))
+
+
+def adopt(split: tuple) -> tuple:
+    """``_nnx.split_objects``'s result with every accumulator of the objects summed on read.
+
+    The class of each ``MetricState`` variable not yet adopted is swapped (once; the objects
+    are then split again, so the graph definition of every later call is this one's).
+    """
+    graphdef, state, objects, structure, leaves = split
+    swapped = False
+    for variable in jax.tree.leaves(state, is_leaf=_is_variable):
+        if _is_accumulator(variable) and type(variable) not in _ON_READ.values():
+            variable.__class__ = _on_read_class(type(variable))
+            swapped = True
+    if not swapped:
+        return split
+    graphdef, state = _nnx.loaded_nnx().split(objects)
+    return graphdef, state, objects, structure, leaves
+
+
+class _Accumulator(NamedTuple):
+    name: str  # as errors name it: "MultiMetric.loss.total"
+    input_leaf: int  # its leaf's index among the flattened state's
+    output_path: str  # its path in the state, to find it among the step's new state
+
+
+class Accumulators:
+    """The accumulators of one ``run`` over NNX objects: laid out on the way in, kept on the
+    way out.
+
+    Args:
+      objects: the NNX objects passed to ``run``.
+      state: their state, as ``nnx.split`` gave it (the objects' own variables).
+      mesh: the strategy's mesh.
+
+    Attributes:
+      state: ``state`` with each accumulator's value a PerReplica of its blocks: what the step
+        takes.
+    """
+
+    def __init__(self, objects: tuple, state: PyTree, mesh: Mesh):
+        self._variables, self._accumulators, self._written = [], [], set()
+        paths_variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
+        leaves, treedef = jax.tree.flatten(state)
+        index = 0
+        for path, variable in paths_variables:
+            raw = variable.get_raw_value() if _is_variable(variable) else variable
+            count = 1 if isinstance(raw, (jax.Array, np.ndarray)) else len(jax.tree.leaves(raw))
+            if _is_accumulator(variable):
+                name = _name(objects, path)
+                if count != 1:
+                    raise ValueError(
+                        f"the metric variable {name} holds {type(raw).__name__}; strategy.run "
+                        "sums a MetricState's blocks over the replicas, which needs one array "
+                        "per MetricState: hold each accumulator in a MetricState of its own"
+                    )
+                blocks = _blocks_of(variable)
+                if blocks is None:
+                    blocks = _spread(raw, mesh)
+                leaves[index] = PerReplica.from_stacked(blocks)
+                self._variables.append(variable)
+                self._accumulators.append(_Accumulator(name, index, _key(path)))
+            index += count
+        self.state = treedef.unflatten(leaves) if self._accumulators else state
+
+    def __bool__(self) -> bool:
+        return bool(self._accumulators)
+
+    @contextlib.contextmanager
+    def tracing(self) -> Generator[None]:
+        """While active, ``check_step`` checks the traced step's updates of these accumulators."""
+        _ACTIVE.stack.append(self)
+        try:
+            yield
+        finally:
+            _ACTIVE.stack.pop()
+
+    def take_blocks(self, new_state: PyTree) -> PyTree:
+        """The step's new state with each accumulator's PerReplica replaced by its array."""
+        if not self._accumulators:
+            return new_state
+        found = _accumulator_leaves(new_state)
+        leaves, treedef = jax.tree.flatten(new_state, is_leaf=is_per_replica)
+        for accumulator in self._accumulators:
+            index = found.get(accumulator.output_path)
+            if index is None:
+                continue  # the step removed it; write_back takes the new structure
+            leaf = leaves[index]
+            if not isinstance(leaf, PerReplica):
+                raise ValueError(
+                    f"the metric variable {accumulator.name} left the step the same on every "
+                    "replica; its replicas' blocks are summed when it is read. Add each "
+                    "replica's own contribution to it (metric.update with the replica's rows)"
+                )
+            leaves[index] = leaf.stacked
+            self._written.add(id(leaf.stacked))
+        return treedef.unflatten(leaves)
+
+    def record(self) -> None:
+        """Marks the accumulators written back as holding per-replica blocks."""
+        for variable in self._variables:
+            raw = variable.get_raw_value()
+            if id(raw) in self._written:
+                _BLOCKS[id(variable)] = raw
+        self._written.clear()
+
+
+class _Stack(threading.local):
+    def __init__(self):
+        self.stack: list[Accumulators] = []
+
+
+_ACTIVE = _Stack()
+
+
+def _key(path) -> str:
+    return jax.tree_util.keystr(tuple(path))
+
+
+def _name(objects: tuple, path) -> str:
+    """``MultiMetric.loss.total`` for the path ``[1]['loss']['total']`` into ``(model,
+    metrics)``'s state."""
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    if keys and isinstance(keys[0], int) and keys[0] < len(objects):
+        keys[0] = type(objects[keys[0]]).__name__
+    return ".".join(str(k) for k in keys)
+
+
+def _accumulator_leaves(state: PyTree) -> dict[str, int]:
+    """For each accumulator of ``state`` (by path), the index of its leaf among the state's."""
+    found, index = {}, 0
+    for path, node in jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: _is_variable(x) or is_per_replica(x)
+    )[0]:
+        if _is_accumulator(node):
+            found[_key(path)] = index
+        index += len(jax.tree.leaves(node, is_leaf=is_per_replica)) if _is_variable(node) else 1
+    return found
+
+
+def check_step(
+    name: str,
+    jaxpr: Jaxpr | ClosedJaxpr,
+    in_axes: Sequence[Collection[str]],
+    combined_axes: Sequence[str],
+    out_tree: Any,
+    input_offset: int,
+) -> None:
+    """Checks the traced step's updates of the accumulators of the ``run`` being traced.
+
+    A no-op unless ``Accumulators.tracing`` is active. The step is ``_nnx.Lifted``'s: its
+    inputs start with the objects' state, and its output is ``(out, new_state)``.
+
+    Args:
+      name: the step's name, for errors.
+      jaxpr: the per-replica step (the body of the ``shard_map``).
+      in_axes: for each input of ``jaxpr``, the mesh axes along which it varies.
+      combined_axes: the axes a collective must combine for a value to be replicated.
+      out_tree: the treedef of the step's flattened outputs.
+      input_offset: how many inputs of ``jaxpr`` come before the state's leaves.
+
+    Raises:
+      ValueError: an accumulator is updated other than by adding to it, or by adding a value
+        that a collective made the same on every replica.
+    """
+    if not _ACTIVE.stack:
+        return
+    accumulators = _ACTIVE.stack[-1]
+    if not accumulators:
+        return
+    # The step's outputs numbered in order: each accumulator of the new state holds its index.
+    new_state = out_tree.unflatten(list(range(out_tree.num_leaves)))[1]
+    out_index = {
+        _key(path): jax.tree.leaves(node)[0]
+        for path, node in jax.tree_util.tree_flatten_with_path(new_state, is_leaf=_is_variable)[0]
+        if _is_accumulator(node)
+    }
+    inputs = {a.input_leaf + input_offset: k for k, a in enumerate(accumulators._accumulators)}
+    outputs = {
+        out_index[a.output_path]: k
+        for k, a in enumerate(accumulators._accumulators)
+        if a.output_path in out_index
+    }
+    names = [a.name for a in accumulators._accumulators]
+    added = check_additive(name, jaxpr, inputs, outputs, names)
+    if not added:
+        return
+    replicated_in = [
+        frozenset() if i in inputs else frozenset(axes) for i, axes in enumerate(in_axes)
+    ]
+    varying = _replication.varying_outputs(jaxpr, replicated_in, combined_axes)
+    same = [names[outputs[o]] for o in added if not varying[o]]  # added through a collective
+    if same:
+        raise ValueError(
+            f"run({name}): the step adds to {', '.join(same)} a value that a collective made "
+            "the same on every replica; run sums the replicas' blocks of a metric when it is "
+            "read, so that value would count once per replica. Drop the all-reduce and update "
+            "the metric with the replica's own rows: metric.update(loss=losses, mask=mask) "
+            "rather than metric.update(loss=ctx.all_reduce('sum', ...))"
+        )
+
+
+# The abstract values of the additivity check: what a value of the step is, as a function of
+# the accumulators' blocks. ``collective`` says that it depends on a collective's result.
+class _Clean(NamedTuple):
+    collective: bool  # depends on no accumulator
+
+
+class _Block(NamedTuple):
+    k: int  # accumulator k's block, unchanged (reshaped at most)
+
+
+class _Added(NamedTuple):
+    k: int  # accumulator k's block plus values that depend on no accumulator
+    collective: bool
+
+
+class _Mixed(NamedTuple):
+    primitive: str  # anything else; the primitive that combined an accumulator so
+
+
+_Value = _Clean | _Block | _Added | _Mixed
+_CLEAN = _Clean(False)
+
+_ADDS = frozenset({_primitives.add_p, _primitives.add_jaxvals_p})
+# Unary primitives that move a value's elements without combining them, when they keep its size.
+_MOVES = frozenset(
+    {
+        _primitives.reshape_p,
+        _primitives.squeeze_p,
+        _primitives.broadcast_in_dim_p,
+        _primitives.slice_p,
+        _primitives.dynamic_slice_p,
+        _primitives.transpose_p,
+        _primitives.copy_p,
+        _primitives.convert_element_type_p,
+    }
+)
+_COMBINING_NAMES = frozenset(p.name for p in _replication.COMBINING)
+
+
+def check_additive(
+    name: str,
+    jaxpr: Jaxpr | ClosedJaxpr,
+    inputs: dict[int, int],
+    outputs: dict[int, int],
+    names: Sequence[str],
+) -> list[int]:
+    """Proves that each accumulator output is its input, unchanged or plus independent values.
+
+    A forward pass over ``jaxpr``: an accumulator's input is its block; ``add`` of a block and a
+    value that depends on no accumulator is the block, added to; a reshape of the same size
+    keeps what a value is; calls and ``scan`` loops are followed (a loop carry to a fixed
+    point); any other equation that reads a block makes its outputs depend on it in an unknown
+    way (fail closed).
+
+    Args:
+      name: the step's name, for errors.
+      jaxpr: the step.
+      inputs: input index of ``jaxpr`` -> the accumulator it holds.
+      outputs: output index of ``jaxpr`` -> the accumulator it returns.
+      names: each accumulator's name, for errors.
+
+    Returns:
+      The output indices of the accumulators that were added a value depending on a
+      collective's result.
+
+    Raises:
+      ValueError: an accumulator output is not its own input, unchanged or added to.
+    """
+    inner = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    values = [_Block(inputs[i]) if i in inputs else _CLEAN for i in range(len(inner.invars))]
+    out = _analyze(inner, values)
+    added = []
+    for o, k in sorted(outputs.items()):
+        value = out[o]
+        if isinstance(value, _Block) and value.k == k:
+            continue
+        if isinstance(value, _Added) and value.k == k:
+            if value.collective:
+                added.append(o)
+            continue
+        if isinstance(value, _Clean):
+            seen = "is assigned a new value (a reset or an assignment inside the step)"
+        elif isinstance(value, _Mixed):
+            seen = f"is combined with its own value by `{value.primitive}`"
+        else:
+            seen = f"takes the value of {names[value.k]}"
+        raise ValueError(
+            f"run({name}): the metric variable {names[k]} {seen}; strategy.run keeps each "
+            "MetricState per replica and sums the replicas' values when it is read, which is "
+            "right only for additive updates (total += f(batch), count += g(batch)). Update it "
+            "additively, reset it outside the step (metric.reset() on the host), or keep the value "
+            "outside the metric (return it from the step)"
+        )
+    return added
+
+
+def _analyze(jaxpr: Jaxpr, inputs: Sequence[_Value]) -> list[_Value]:
+    env: dict[Any, _Value] = dict(zip(jaxpr.invars, inputs))
+    env.update((v, _CLEAN) for v in jaxpr.constvars)
+
+    def read(atom) -> _Value:
+        return _CLEAN if isinstance(atom, Literal) else env[atom]
+
+    for eqn in jaxpr.eqns:
+        env.update(zip(eqn.outvars, _equation(eqn, [read(a) for a in eqn.invars])))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _equation(eqn, inputs: list[_Value]) -> list[_Value]:
+    primitive, n_out = eqn.primitive, len(eqn.outvars)
+    if all(isinstance(v, _Clean) for v in inputs):
+        collective = any(isinstance(v, _Clean) and v.collective for v in inputs)
+        collective = collective or _combines(eqn)
+        return [_Clean(collective)] * n_out
+    mixed = next((v for v in inputs if isinstance(v, _Mixed)), None)
+    if mixed is not None:
+        return [mixed] * n_out
+    if primitive in _ADDS and len(inputs) == 2:
+        block, other = inputs if not isinstance(inputs[0], _Clean) else inputs[::-1]
+        # A jaxpr's add takes operands of one shape: the block is not broadcast.
+        if isinstance(block, (_Block, _Added)) and isinstance(other, _Clean):
+            previous = block.collective if isinstance(block, _Added) else False
+            return [_Added(block.k, previous or other.collective)]
+    elif primitive in _MOVES and n_out == 1 and _keeps_size(eqn):
+        block = inputs[0]
+        if all(isinstance(v, _Clean) for v in inputs[1:]):  # dynamic_slice's indices
+            return [block]
+    elif primitive in _replication.CALLS:
+        inner = eqn.params[_replication.CALLS[primitive]]
+        inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+        if len(inner.invars) == len(inputs) and len(inner.outvars) == n_out:
+            return _analyze(inner, inputs)
+    elif primitive is _primitives.scan_p:
+        return _scan(eqn, inputs)
+    return [_Mixed(primitive.name)] * n_out
+
+
+def _keeps_size(eqn) -> bool:
+    source, result = eqn.invars[0].aval, eqn.outvars[0].aval
+    if np.prod(source.shape, dtype=int) != np.prod(result.shape, dtype=int):
+        return False
+    if eqn.primitive is _primitives.convert_element_type_p:
+        return eqn.params["new_dtype"] == source.dtype
+    return True
+
+
+def _combines(eqn) -> bool:
+    """Whether the equation, or a computation inside it, is a combining collective."""
+    if eqn.primitive in _replication.COMBINING:
+        return True
+    return any(
+        _replication.primitive_names(inner) & _COMBINING_NAMES
+        for inner in _inner_jaxprs(eqn.params)
+    )
+
+
+def _inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
+    return [
+        inner
+        for value in params.values()
+        for inner in (value if isinstance(value, (tuple, list)) else (value,))
+        if isinstance(inner, (Jaxpr, ClosedJaxpr))
+    ]
+
+
+def _scan(eqn, inputs: list[_Value]) -> list[_Value]:
+    n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    body = eqn.params["jaxpr"].jaxpr
+    consts = inputs[:n_consts]
+    carry = inputs[n_consts : n_consts + n_carry]
+    # A block sliced step by step is no block: only the carry accumulates.
+    xs = [v if isinstance(v, _Clean) else _Mixed("scan") for v in inputs[n_consts + n_carry :]]
+    while True:
+        out = _analyze(body, [*consts, *carry, *xs])
+        new_carry = [_join(a, b) for a, b in zip(carry, out[:n_carry])]
+        if new_carry == carry:
+            break
+        carry = new_carry
+    ys = [v if isinstance(v, _Clean) else _Mixed("scan") for v in out[n_carry:]]
+    return [*carry, *ys]
+
+
+def _join(a: _Value, b: _Value) -> _Value:
+    """What a loop carry is that may be ``a`` or ``b``."""
+    if a == b:
+        return a
+    if isinstance(a, _Mixed):
+        return a
+    if isinstance(b, _Mixed):
+        return b
+    if isinstance(a, _Clean) and isinstance(b, _Clean):
+        return _Clean(a.collective or b.collective)
+    if isinstance(a, (_Block, _Added)) and isinstance(b, (_Block, _Added)) and a.k == b.k:
+        collective = any(isinstance(v, _Added) and v.collective for v in (a, b))
+        return _Added(a.k, collective)
+    return _Mixed("scan")
