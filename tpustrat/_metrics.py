@@ -341,21 +341,34 @@ def check_step(
         if a.output_path in out_index
     }
     names = [a.name for a in accumulators._accumulators]
-    added = check_additive(name, jaxpr, inputs, outputs, names)
+    added, contributions = check_additive(name, jaxpr, inputs, outputs, names)
     if not added:
         return
+    # Which values added through a collective are the same on every replica: each added value
+    # of the step itself, and each accumulator's whole update (which covers values added inside
+    # loops and calls). The accumulators' inputs count as replicated, so that an update varies
+    # exactly when what it adds does.
+    inner = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    probe = inner.replace(outvars=[*inner.outvars, *(var for _, var in contributions)])
     replicated_in = [
         frozenset() if i in inputs else frozenset(axes) for i, axes in enumerate(in_axes)
     ]
-    varying = _replication.varying_outputs(jaxpr, replicated_in, combined_axes)
-    same = [names[outputs[o]] for o in added if not varying[o]]  # added through a collective
+    varying = _replication.varying_outputs(probe, replicated_in, combined_axes)
+    added_to = {outputs[o] for o in added}
+    same = {outputs[o] for o, collective in added.items() if collective and not varying[o]}
+    same |= {
+        k
+        for j, (k, _) in enumerate(contributions)
+        if k in added_to and not varying[len(inner.outvars) + j]
+    }
     if same:
         raise ValueError(
-            f"run({name}): the step adds to {', '.join(same)} a value that a collective made "
-            "the same on every replica; run sums the replicas' blocks of a metric when it is "
-            "read, so that value would count once per replica. Drop the all-reduce and update "
-            "the metric with the replica's own rows: metric.update(loss=losses, mask=mask) "
-            "rather than metric.update(loss=ctx.all_reduce('sum', ...))"
+            f"run({name}): the step adds to {', '.join(names[k] for k in sorted(same))} a value "
+            "that a collective made the same on every replica; run sums the replicas' blocks of "
+            "a metric when it is read, so that value would count once per replica. Drop the "
+            "all-reduce and update the metric with the replica's own rows: "
+            "metric.update(loss=losses, mask=mask) rather than "
+            "metric.update(loss=ctx.all_reduce('sum', ...))"
         )
 
 
@@ -421,23 +434,25 @@ def check_additive(
       names: each accumulator's name, for errors.
 
     Returns:
-      The output indices of the accumulators that were added a value depending on a
-      collective's result.
+      ``(added, contributions)``: for each accumulator output added to, whether what it adds
+      depends on a collective's result; and ``(accumulator, value)`` for each value of
+      ``jaxpr`` itself (not of a loop or call inside it) added to an accumulator that depends
+      on one.
 
     Raises:
       ValueError: an accumulator output is not its own input, unchanged or added to.
     """
     inner = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
     values = [_Block(inputs[i]) if i in inputs else _CLEAN for i in range(len(inner.invars))]
-    out = _analyze(inner, values)
-    added = []
+    contributions: list[tuple[int, Any]] = []
+    out = _analyze(inner, values, contributions)
+    added = {}
     for o, k in sorted(outputs.items()):
         value = out[o]
         if isinstance(value, _Block) and value.k == k:
             continue
         if isinstance(value, _Added) and value.k == k:
-            if value.collective:
-                added.append(o)
+            added[o] = value.collective
             continue
         if isinstance(value, _Clean):
             seen = "is assigned a new value (a reset or an assignment inside the step)"
@@ -449,13 +464,15 @@ def check_additive(
             f"run({name}): the metric variable {names[k]} {seen}; strategy.run keeps each "
             "MetricState per replica and sums the replicas' values when it is read, which is "
             "right only for additive updates (total += f(batch), count += g(batch)). Update it "
-            "additively, reset it outside the step (metric.reset() on the host), or keep the value "
-            "outside the metric (return it from the step)"
+            "additively, reset it outside the step (metric.reset() on the host), or keep the "
+            "value outside the metric (return it from the step)"
         )
-    return added
+    return added, contributions
 
 
-def _analyze(jaxpr: Jaxpr, inputs: Sequence[_Value]) -> list[_Value]:
+def _analyze(
+    jaxpr: Jaxpr, inputs: Sequence[_Value], contributions: list | None = None
+) -> list[_Value]:
     env: dict[Any, _Value] = dict(zip(jaxpr.invars, inputs))
     env.update((v, _CLEAN) for v in jaxpr.constvars)
 
@@ -463,11 +480,11 @@ def _analyze(jaxpr: Jaxpr, inputs: Sequence[_Value]) -> list[_Value]:
         return _CLEAN if isinstance(atom, Literal) else env[atom]
 
     for eqn in jaxpr.eqns:
-        env.update(zip(eqn.outvars, _equation(eqn, [read(a) for a in eqn.invars])))
+        env.update(zip(eqn.outvars, _equation(eqn, [read(a) for a in eqn.invars], contributions)))
     return [read(v) for v in jaxpr.outvars]
 
 
-def _equation(eqn, inputs: list[_Value]) -> list[_Value]:
+def _equation(eqn, inputs: list[_Value], contributions: list | None) -> list[_Value]:
     primitive, n_out = eqn.primitive, len(eqn.outvars)
     if all(isinstance(v, _Clean) for v in inputs):
         collective = any(isinstance(v, _Clean) and v.collective for v in inputs)
@@ -477,9 +494,12 @@ def _equation(eqn, inputs: list[_Value]) -> list[_Value]:
     if mixed is not None:
         return [mixed] * n_out
     if primitive in _ADDS and len(inputs) == 2:
-        block, other = inputs if not isinstance(inputs[0], _Clean) else inputs[::-1]
+        swap = isinstance(inputs[0], _Clean)
+        block, other = inputs[::-1] if swap else inputs
         # A jaxpr's add takes operands of one shape: the block is not broadcast.
         if isinstance(block, (_Block, _Added)) and isinstance(other, _Clean):
+            if other.collective and contributions is not None:
+                contributions.append((block.k, eqn.invars[0 if swap else 1]))
             previous = block.collective if isinstance(block, _Added) else False
             return [_Added(block.k, previous or other.collective)]
     elif primitive in _MOVES and n_out == 1 and _keeps_size(eqn):
