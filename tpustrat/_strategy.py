@@ -196,7 +196,9 @@ class TPUStrategy:
             block of an array laid out over the replica axis, pass
             ``ts.PerReplica.from_blocks(x, strategy.num_replicas_in_sync)``; such an array
             passed plainly is refused. Flax NNX objects (``nnx.Module``, ``nnx.Optimizer``,
-            ``nnx.Metric``) are updated in place, as under ``nnx.jit``.
+            ``nnx.Metric``) are updated in place, as under ``nnx.jit``; a metric's
+            ``MetricState`` accumulates per replica (update it with the replica's own rows)
+            and reading it on the host sums the replicas.
           kwargs: keyword arguments, treated like ``args``.
           options: a ``ts.RunOptions``.
 
