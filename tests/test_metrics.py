@@ -12,6 +12,7 @@ import functools
 import random
 import tempfile
 
+import _metrics_workers as workers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -397,3 +398,21 @@ def test_generated_steps_cover_the_grammar():
     assert ops == set(ADDITIVE) | set(REFUSED)
     refused = sum(any(op in REFUSED for c in chains.values() for op in c) for chains in drawn)
     assert 30 <= refused <= 70
+
+
+def test_every_process_reads_the_same_global_value():
+    """2 processes x 4 devices read the same values, those of 1 x 8 and of one device."""
+    processes = ts.testing.run_in_local_processes(
+        workers.accumulate_and_read, 2, devices_per_process=4, timeout=180
+    )
+    reference = workers.accumulate_and_read()
+    logits, labels, losses = workers.data()
+    accuracy = float((logits.argmax(-1) == labels).mean())
+    one_device = {"loss": float(losses.mean()), "accuracy": accuracy}
+    assert processes[0] == processes[1], "every process reads the same value"
+    for cores in workers.CORE_COUNTS:
+        for reads in (reference[cores], processes[0][cores]):
+            for epoch in reads[:2]:
+                for name, value in epoch.items():
+                    np.testing.assert_allclose(value, one_device[name], rtol=1e-6, err_msg=name)
+            assert reads[2] == {"count": workers.ROWS}
