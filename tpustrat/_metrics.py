@@ -51,12 +51,13 @@ PyTree = Any
 # references; the entry goes with the array, and a variable whose raw value is another array
 # (set on the host, restored, replicated) holds a whole value.
 _BLOCKS: weakref.WeakValueDictionary[int, jax.Array] = weakref.WeakValueDictionary()
-_ON_READ: dict[type, type] = {}
+_ON_READ: dict[type, type] = {}  # a MetricState class -> its subclass summed on read
+_ON_READ_CLASSES: set[type] = set()
 
 
 def _on_read_class(cls: type) -> type:
     """The subclass of the variable class ``cls`` whose values are summed over replicas on read."""
-    if cls in _ON_READ.values():
+    if cls in _ON_READ_CLASSES:
         return cls
     sub = _ON_READ.get(cls)
     if sub is not None:
@@ -99,6 +100,7 @@ def _on_read_class(cls: type) -> type:
         },
     )
     _ON_READ[cls] = sub
+    _ON_READ_CLASSES.add(sub)
     return sub
 
 
@@ -135,12 +137,19 @@ def _spread(value: Any, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(blocks.shape, sharding, lambda index: blocks[index])
 
 
+@functools.cache
+def _variable_types() -> tuple[type, type]:
+    """``(nnx.Variable, nnx.metrics.MetricState)``, looked up once flax is loaded."""
+    nnx = _nnx.loaded_nnx()
+    return nnx.Variable, nnx.metrics.MetricState
+
+
 def _is_variable(x: Any) -> bool:
-    return isinstance(x, _nnx.loaded_nnx().Variable)
+    return isinstance(x, _variable_types()[0])
 
 
 def _is_accumulator(x: Any) -> bool:
-    return isinstance(x, _nnx.loaded_nnx().metrics.MetricState)
+    return isinstance(x, _variable_types()[1])
 
 
 def whole_values(tree: PyTree) -> PyTree:
@@ -168,7 +177,7 @@ def adopt(split: tuple) -> tuple:
     graphdef, state, objects, structure, leaves = split
     swapped = False
     for variable in jax.tree.leaves(state, is_leaf=_is_variable):
-        if _is_accumulator(variable) and type(variable) not in _ON_READ.values():
+        if _is_accumulator(variable) and type(variable) not in _ON_READ_CLASSES:
             variable.__class__ = _on_read_class(type(variable))
             swapped = True
     if not swapped:
