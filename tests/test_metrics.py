@@ -416,3 +416,21 @@ def test_every_process_reads_the_same_global_value():
                 for name, value in epoch.items():
                     np.testing.assert_allclose(value, one_device[name], rtol=1e-6, err_msg=name)
             assert reads[2] == {"count": workers.ROWS}
+
+
+def test_copies_of_a_metric_read_the_whole_value():
+    """nnx.clone, split and merge on the host share the blocks; pickle writes the sum."""
+    import pickle
+
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    average = nnx.metrics.Average()
+    x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.full(2, ctx.replica_id_in_sync_group, np.float32)
+    )
+    strategy.run(lambda m, x: m.update(values=x), args=(average, x))
+    expected = np.mean(np.repeat(np.arange(4), 2))
+    graphdef, state = nnx.split(average)
+    pickled = pickle.loads(pickle.dumps(average))
+    for copy in (nnx.clone(average), nnx.merge(graphdef, state), pickled):
+        np.testing.assert_allclose(float(copy.compute()), expected, rtol=1e-6)
+    assert pickled.total.get_raw_value().shape == ()

@@ -47,15 +47,17 @@ from tpustrat._values import PerReplica, is_per_replica
 
 PyTree = Any
 
-# Variable id -> the per-replica array tpustrat wrote into it. Flax variables take no weak
-# references; the entry goes with the array, and a variable whose raw value is another array
-# (set on the host, restored, replicated) holds a whole value.
+# The per-replica arrays tpustrat wrote into accumulators, by identity (id -> the array itself;
+# Flax variables take no weak references, so the arrays are the keys). An entry goes with its
+# array. A variable holding one of them, as ``run`` left it or as ``nnx.split``, ``nnx.merge``
+# and ``nnx.state`` pass it on, holds blocks; one holding any other array (set on the host,
+# restored, replicated) holds a whole value.
 _BLOCKS: weakref.WeakValueDictionary[int, jax.Array] = weakref.WeakValueDictionary()
 _ON_READ: dict[type, type] = {}  # a MetricState class -> its subclass summed on read
 _ON_READ_CLASSES: set[type] = set()
 
 
-def _on_read_class(cls: type) -> type:
+def _on_read_class(cls: Any) -> type:
     """The subclass of the variable class ``cls`` whose values are summed over replicas on read."""
     if cls in _ON_READ_CLASSES:
         return cls
@@ -76,7 +78,6 @@ def _on_read_class(cls: type) -> type:
         if blocks is None:
             cls.set_value(self, value, **kwargs)
             return
-        del _BLOCKS[id(self)]  # a whole value again
         index = kwargs.get("index")
         if index is None:  # variable.set_value(v)
             self.set_raw_value(value)
@@ -86,6 +87,13 @@ def _on_read_class(cls: type) -> type:
         else:
             self.set_raw_value(_sum_blocks(blocks))
             cls.set_value(self, value, **kwargs)
+
+    def __reduce__(self):  # copy.deepcopy and pickle: a variable of ``cls`` with the whole value
+        state: dict = cls.__getstate__(self)
+        blocks = _blocks_of(self)
+        if blocks is not None:
+            state = {**state, "_raw_value": _sum_blocks(blocks)}
+        return _variable_from_state, (cls, state)
 
     sub = type(
         cls.__name__,
@@ -97,6 +105,8 @@ def _on_read_class(cls: type) -> type:
             "__doc__": cls.__doc__,
             "get_value": get_value,
             "set_value": set_value,
+            "__reduce__": __reduce__,
+            "__reduce_ex__": lambda self, protocol: __reduce__(self),
         },
     )
     _ON_READ[cls] = sub
@@ -104,10 +114,16 @@ def _on_read_class(cls: type) -> type:
     return sub
 
 
+def _variable_from_state(cls: type, state: dict) -> Any:
+    variable = object.__new__(cls)
+    variable.__setstate__(state)
+    return variable
+
+
 def _blocks_of(variable: Any) -> jax.Array | None:
     """The variable's per-replica array if tpustrat wrote it there and it is still held."""
     raw = variable.get_raw_value()
-    return raw if _BLOCKS.get(id(variable)) is raw else None
+    return raw if _BLOCKS.get(id(raw)) is raw else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,7 +285,7 @@ class Accumulators:
         for variable in self._variables:
             raw = variable.get_raw_value()
             if id(raw) in self._written:
-                _BLOCKS[id(variable)] = raw
+                _BLOCKS[id(raw)] = raw
         self._written.clear()
 
 
@@ -426,7 +442,7 @@ def check_additive(
     inputs: dict[int, int],
     outputs: dict[int, int],
     names: Sequence[str],
-) -> list[int]:
+) -> tuple[dict[int, bool], list[tuple[int, Any]]]:
     """Proves that each accumulator output is its input, unchanged or plus independent values.
 
     A forward pass over ``jaxpr``: an accumulator's input is its block; ``add`` of a block and a

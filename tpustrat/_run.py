@@ -390,10 +390,8 @@ class Runner:
         donate = (0,) if options.donate_argnums else ()
         self.window.make_room()
         accumulators = _metrics.Accumulators(objects, state, self._mesh)
-        with (
-            _INTERRUPTS,
-            accumulators.tracing(),
-        ):  # the objects take the whole new state, or keep the old
+        # The objects take the whole new state, or keep the old.
+        with _INTERRUPTS, accumulators.tracing():
             out, new_state = self.run(
                 lifted,
                 (accumulators.state, leaves),
