@@ -16,12 +16,18 @@ replica context.
 Summing blocks is right only for additive updates, so the compiled step is checked
 (``check_step``): each accumulator must leave the step unchanged or as ``block + d``, where
 ``d`` depends on no accumulator (``check_additive``); and ``d`` must not be the same on every
-replica because of a collective, which the sum would count once per replica.
+replica because of a collective, which the sum would count once per replica. That last check
+looks at each value the step adds, and at each accumulator's whole update; a collective's
+result added inside a loop or call together with replica-local values is not seen. A ``d`` the
+same on every replica without a collective (a count of rows, a constant) is taken as each
+replica's own contribution.
 
 The variables' class becomes a subclass of their own (made once per class, so
 ``isinstance(v, MetricState)`` holds), whose ``get_value`` and ``set_value`` sum and store.
-Which raw values are tpustrat's per-replica arrays is kept by identity in a weak table, never
-guessed from a shape. Nothing here imports flax unless the user already has.
+Which raw values are tpustrat's per-replica arrays is kept by the arrays' identity in a weak
+table, never guessed from a shape; ``copy.deepcopy`` of an NNX object copies those arrays, and
+the copy's accumulators read as blocks (``nnx.clone`` shares them and reads the sum). Nothing
+here imports flax unless the user already has.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ def _on_read_class(cls: Any) -> type:
             self.set_raw_value(_sum_blocks(blocks))
             cls.set_value(self, value, **kwargs)
 
-    def __reduce__(self):  # copy.deepcopy and pickle: a variable of ``cls`` with the whole value
+    def __reduce__(self):  # pickle, copy.deepcopy: a variable of ``cls`` with the whole value
         state: dict = cls.__getstate__(self)
         blocks = _blocks_of(self)
         if blocks is not None:
@@ -276,8 +282,8 @@ class Accumulators:
                     "replica; its replicas' blocks are summed when it is read. Add each "
                     "replica's own contribution to it (metric.update with the replica's rows)"
                 )
-            leaves[index] = leaf.stacked
-            self._written.add(id(leaf.stacked))
+            blocks = leaves[index] = leaf.stacked
+            self._written.add(id(blocks))
         return treedef.unflatten(leaves)
 
     def record(self) -> None:
