@@ -230,6 +230,9 @@ class Accumulators:
 
     def __init__(self, objects: tuple, state: PyTree, mesh: Mesh):
         self._variables, self._accumulators, self._written = [], [], set()
+        self.state = state
+        if not any(map(_is_accumulator, jax.tree.leaves(state, is_leaf=_is_variable))):
+            return  # no metrics: nothing to lay out, and no paths to spell
         paths_variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
         leaves, treedef = jax.tree.flatten(state)
         index = 0
@@ -251,7 +254,7 @@ class Accumulators:
                 self._variables.append(variable)
                 self._accumulators.append(_Accumulator(name, index, _key(path)))
             index += count
-        self.state = treedef.unflatten(leaves) if self._accumulators else state
+        self.state = treedef.unflatten(leaves)
 
     def __bool__(self) -> bool:
         return bool(self._accumulators)
