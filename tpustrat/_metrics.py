@@ -363,11 +363,8 @@ def check_step(
         return
     # The step's outputs numbered in order: each accumulator of the new state holds its index.
     new_state = out_tree.unflatten(list(range(out_tree.num_leaves)))[1]
-    out_index = {
-        _key(path): jax.tree.leaves(node)[0]
-        for path, node in jax.tree_util.tree_flatten_with_path(new_state, is_leaf=_is_variable)[0]
-        if _is_accumulator(node)
-    }
+    numbers = jax.tree.leaves(new_state)
+    out_index = {path: numbers[i] for path, i in _accumulator_leaves(new_state).items()}
     inputs = {a.input_leaf + input_offset: k for k, a in enumerate(accumulators._accumulators)}
     outputs = {
         out_index[a.output_path]: k
