@@ -400,7 +400,7 @@ def write_back(
     varying = [path for path, leaf in paths if isinstance(leaf, PerReplica)]
     if varying:
         names = object_names()
-        _refuse_varying([_leaf_name(names, tuple(map(_key, path))) for path in varying])
+        _refuse_varying([_leaf_name(names, tuple(map(key_of, path))) for path in varying])
     loaded_nnx().update(objects, new)
 
 
@@ -491,7 +491,7 @@ def _leaf_name(object_names: Sequence[str], path: tuple) -> str:
     )
 
 
-def _key(entry: Any) -> Any:
+def key_of(entry: Any) -> Any:
     """The attribute name, key or index of one entry of a JAX key path."""
     for field in ("key", "name", "idx"):
         if hasattr(entry, field):
