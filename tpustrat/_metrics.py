@@ -220,7 +220,6 @@ def adopt(graph: _nnx.Graph) -> bool:
 
 
 class _Accumulator(NamedTuple):
-    name: str  # as errors name it: "MultiMetric.loss.total"
     leaf: int  # its index among the graph's leaves
     path: tuple  # its path in Flax's split, to find it in a new state the step returns
 
@@ -241,7 +240,7 @@ class Accumulators:
 
     def __init__(self, graph: _nnx.Graph, objects: tuple, mesh: Mesh):
         self.values = graph.values()
-        self._graph = graph
+        self._graph, self._objects = graph, objects
         self._accumulators: list[_Accumulator] = []
         self._written: set[int] = set()
         indices = _LAYOUTS.get(graph, ())
@@ -251,12 +250,12 @@ class Accumulators:
         for i in indices:
             variable = graph.leaves[i]
             raw = variable.get_raw_value()
-            name = _name(objects, graph.paths[i])
             if not isinstance(raw, (jax.Array, np.ndarray)) and len(jax.tree.leaves(raw)) != 1:
                 raise ValueError(
-                    f"the metric variable {name} holds {type(raw).__name__}; strategy.run "
-                    "sums a MetricState's blocks over the replicas, which needs one array "
-                    "per MetricState: hold each accumulator in a MetricState of its own"
+                    f"the metric variable {_name(objects, graph.paths[i])} holds "
+                    f"{type(raw).__name__}; strategy.run sums a MetricState's blocks over the "
+                    "replicas, which needs one array per MetricState: hold each accumulator in "
+                    "a MetricState of its own"
                 )
             blocks = _blocks_of(variable)
             if blocks is None:
@@ -267,7 +266,7 @@ class Accumulators:
             else:  # the variable: a copy of it holding the blocks
                 treedef = jax.tree.structure(values[i], is_leaf=is_per_replica)
                 values[i] = treedef.unflatten([blocks])
-            self._accumulators.append(_Accumulator(name, i, graph.paths[i]))
+            self._accumulators.append(_Accumulator(i, graph.paths[i]))
 
     def __bool__(self) -> bool:
         return bool(self._accumulators)
@@ -309,7 +308,7 @@ class Accumulators:
     def _take(self, accumulator: _Accumulator, leaf: Any) -> jax.Array:
         if not isinstance(leaf, PerReplica):
             raise ValueError(
-                f"the metric variable {accumulator.name} left the step the same on every "
+                f"the metric variable {self.name(accumulator)} left the step the same on every "
                 "replica; its replicas' blocks are summed when it is read. Add each "
                 "replica's own contribution to it (metric.update with the replica's rows)"
             )
@@ -324,6 +323,10 @@ class Accumulators:
             if id(raw) in self._written:
                 _BLOCKS[id(raw)] = raw
         self._written.clear()
+
+    def name(self, accumulator: _Accumulator) -> str:
+        """The accumulator as errors name it: ``MultiMetric.loss.total``."""
+        return _name(self._objects, accumulator.path)
 
     def input_leaves(self) -> list[int]:
         """Each accumulator's index among the leaves of ``values``, flattened as ``run`` does."""
@@ -415,7 +418,7 @@ def check_step(
     new = out_tree.unflatten(list(range(out_tree.num_leaves)))[1]
     inputs = {i + input_offset: k for k, i in enumerate(accumulators.input_leaves())}
     outputs = {o: k for k, o in enumerate(accumulators.output_leaves(new)) if o is not None}
-    names = [a.name for a in accumulators._accumulators]
+    names = [accumulators.name(a) for a in accumulators._accumulators]
     added, contributions = check_additive(name, jaxpr, inputs, outputs, names)
     if not added:
         return
