@@ -24,6 +24,10 @@ replica's own contribution.
 
 The variables' class becomes a subclass of their own (made once per class, so
 ``isinstance(v, MetricState)`` holds), whose ``get_value`` and ``set_value`` sum and store.
+The swap changes the objects' graph definition, so ``run`` splits objects it has not seen
+once more (``adopt``); the split it keeps between calls (``_nnx.Graph``) then carries each
+accumulator's position, and a later call lays out only those, whichever form the step returns
+its new values in (``_nnx.LeafValues``: at the same position; a state: at the same path).
 Which raw values are tpustrat's per-replica arrays is kept by the arrays' identity in a weak
 table, never guessed from a shape; ``copy.deepcopy`` of an NNX object copies those arrays, and
 the copy's accumulators read as blocks (``nnx.clone`` shares them and reads the sum). Nothing
