@@ -75,6 +75,7 @@ bench: $(VENV)/.wheel $(VENV)/.bench
 	$(PY) benchmarks/step_overhead.py $(BENCH_FLAGS)
 	$(PY) benchmarks/collectives.py $(BENCH_FLAGS)
 	$(PY) benchmarks/steps_per_run.py $(BENCH_FLAGS)
+	$(PY) benchmarks/metrics.py $(BENCH_FLAGS)
 	$(PY) benchmarks/input_pipeline.py $(BENCH_FLAGS)
 	$(PY) benchmarks/checkpoint_save.py $(BENCH_FLAGS)
 	$(PY) benchmarks/weight_update_sharding.py $(BENCH_FLAGS)

@@ -4,10 +4,12 @@ The model is split into a graph definition and a state (``nnx.split``); the trai
 pure function of that state, run on every replica by ``strategy.run``. Each replica gets its
 slice of the global batch from ``strategy.experimental_distribute_dataset``, takes its share
 of the mean loss (``ts.compute_average_loss``: its examples' losses over the global batch size)
-and all-reduces the gradients with SUM, the tf.distribute recipe. The training loss and accuracy
-go to TensorBoard through ``ts.SummaryWriter``, and ``--profile`` traces a few steps with
-``ts.StepProfiler`` into the same folder. Evaluation masks the padded rows of the last partial
-batch, so every test example counts exactly once.
+and all-reduces the gradients with SUM, the tf.distribute recipe. The loss and accuracy are
+``nnx.MultiMetric`` s passed to ``run``: each replica adds its own examples to them, with no
+collective, and reading them on the host sums the replicas. The training metrics go to
+TensorBoard through ``ts.SummaryWriter`` every 20 steps, and ``--profile`` traces a few steps
+with ``ts.StepProfiler`` into the same folder. Evaluation masks the padded rows of the last
+partial batch, so every test example counts exactly once.
 
 On a CPU-only machine the script simulates 8 devices; on a TPU VM it uses the TPU cores.
 
@@ -36,14 +38,13 @@ from typing import Any, NamedTuple
 
 import _digits_data as digits
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from tqdm import tqdm
 
 import tpustrat as ts
 
-LOG_EVERY = 20  # steps between summaries and progress-bar updates of the loss and examples/s
+LOG_EVERY = 20  # steps between summaries (the metrics over those steps) and progress updates
 PROFILED_STEPS = (10, 12)  # the steps --profile traces: after compilation, a few of them
 
 
@@ -110,31 +111,39 @@ def main(argv: Sequence[str] | None = None) -> Result:
     tx = optax.adam(args.learning_rate)
     state = strategy.replicate(TrainState(params, tx.init(params)))
 
-    def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> Any:
+    def train_step(
+        state: TrainState, metrics: nnx.MultiMetric, batch: tuple[jax.Array, jax.Array]
+    ) -> Any:
         images, labels = batch  # this replica's slice of the global batch
 
         def loss_fn(params):
             logits = nnx.merge(graphdef, params)(images)
             per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return ts.compute_average_loss(per_example), logits
+            return ts.compute_average_loss(per_example), (per_example, logits)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-        loss, correct, grads = ts.get_replica_context().all_reduce("sum", (loss, correct, grads))
+        (loss, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        metrics.update(loss=per_example, logits=logits, labels=labels)  # this replica's rows
+        loss, grads = ts.get_replica_context().all_reduce("sum", (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state), (loss, correct / global_batch_size)
+        return TrainState(params, opt_state), loss
 
-    def eval_step(params: nnx.State, batch: tuple[jax.Array, jax.Array], mask: jax.Array) -> Any:
+    def eval_step(
+        params: nnx.State,
+        metrics: nnx.metrics.Accuracy,
+        batch: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+    ) -> None:
         images, labels = batch
-        logits = nnx.merge(graphdef, params)(images)
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask)
-        return ts.get_replica_context().all_reduce("sum", (correct, jnp.sum(mask)))
+        metrics.update(logits=nnx.merge(graphdef, params)(images), labels=labels, mask=mask)
 
     train_data = digits.train_batches(
         data.train_images, data.train_labels, global_batch_size, seed=args.seed
     )
     profiler = ts.StepProfiler(args.logdir, *PROFILED_STEPS) if args.profile else None
+    metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
     losses = []
     start = time.perf_counter()
     logged_step, logged_at = 0, start
@@ -145,11 +154,16 @@ def main(argv: Sequence[str] | None = None) -> Result:
     ):
         for step in range(1, steps + 1):
             with profiler.step(step) if profiler else contextlib.nullcontext():
-                state, (loss, accuracy) = strategy.run(train_step, args=(state, next(batches)))
-            writer.scalars(step, {"train/loss": loss, "train/accuracy": accuracy})
+                state, loss = strategy.run(train_step, args=(state, metrics, next(batches)))
             losses.append(loss)
             bar.update()
             if step % LOG_EVERY == 0 or step == steps:
+                # Every process reads the metrics: the read sums the replicas, over the mesh.
+                values = metrics.compute()  # over the steps since the last read
+                metrics.reset()
+                writer.scalars(
+                    step, {"train/loss": values["loss"], "train/accuracy": values["accuracy"]}
+                )
                 loss_value = float(loss)  # waits for this step
                 now = time.perf_counter()
                 rate = (step - logged_step) * global_batch_size / (now - logged_at)
@@ -159,14 +173,13 @@ def main(argv: Sequence[str] | None = None) -> Result:
     train_seconds = time.perf_counter() - start
 
     test_data = digits.eval_batches(data.test_images, data.test_labels, global_batch_size)
-    correct = examples = 0
+    accuracy = nnx.metrics.Accuracy()
     for batch, mask in strategy.experimental_distribute_dataset(
         test_data, ts.InputOptions(experimental_mask=True)
     ):
-        batch_correct, batch_examples = strategy.run(eval_step, args=(state.params, batch, mask))
-        correct += int(batch_correct)
-        examples += int(batch_examples)
-    test_accuracy = correct / examples
+        strategy.run(eval_step, args=(state.params, accuracy, batch, mask))
+    correct, examples = round(float(accuracy.total[...])), int(accuracy.count[...])
+    test_accuracy = float(accuracy.compute())
     print(f"trained {steps} steps in {train_seconds:.1f} s, compilation included")
     print(f"summaries{' and profile' if profiler else ''}: tensorboard --logdir {args.logdir}")
     print(f"test accuracy: {test_accuracy:.4f} ({correct}/{examples} examples)")

@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tpustrat import _mesh, _watchdog
+from tpustrat import _mesh, _metrics, _watchdog
 from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state
@@ -488,6 +488,7 @@ class CheckpointManager:
         check_int("step", step, minimum=0)
         check_bool("force", force)
         check_no_iterator("state", state)
+        state = _metrics.whole_values(state)  # a metric's value, whatever the replica count
         leaves, arrays = _saved_arrays(state)
         if not arrays:
             raise ValueError(
@@ -601,6 +602,7 @@ class CheckpointManager:
         if iterator is not None:
             _check_iterator(iterator)
         check_no_iterator("target", target)
+        target = _metrics.whole_values(target)
         self.wait_until_finished()  # the step may be the save still being written
         folder = self._directory / str(step)
         record = self._read_sealed(step, folder / _LEAVES / _LEAVES_FILE)

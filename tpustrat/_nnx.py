@@ -413,7 +413,7 @@ def write_back(
             for name, leaf in zip(graph.names, graph.leaves)
             if any(map(is_per_replica, _raw_leaves(leaf)))
         ]
-        varying = [_leaf_name(names, tuple(map(_key, path))) for path in varying]
+        varying = [_leaf_name(names, tuple(map(key_of, path))) for path in varying]
         varying = [
             n for n in varying if not any(n == g or n.startswith((g + ".", g + "[")) for g in given)
         ]
@@ -515,7 +515,7 @@ def _leaf_name(object_names: Sequence[str], path: tuple) -> str:
     )
 
 
-def _key(entry: Any) -> Any:
+def key_of(entry: Any) -> Any:
     """The attribute name, key or index of one entry of a JAX key path."""
     for field in ("key", "name", "idx"):
         if hasattr(entry, field):

@@ -24,6 +24,7 @@ from tpustrat import (
     _bucketing,
     _cache,
     _mesh,
+    _metrics,
     _nnx,
     _placement,
     _replication,
@@ -211,12 +212,18 @@ class Step:
         (eqn,) = closed.jaxpr.eqns
         if self._mesh.devices.flat[0].platform == "cpu" and XLA_CPU_ABORTS_ON_INDEX_IN_LOOP:
             check_axis_index_outside_loops(self.name, eqn.params["jaxpr"])
-        varying = _replication.varying_outputs(
+        in_axes = [_mesh.spec_axes(s) for s in eqn.params["in_specs"]]
+        combined_axes = [
+            a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
+        ]
+        varying = _replication.varying_outputs(eqn.params["jaxpr"], in_axes, combined_axes)
+        _metrics.check_step(
+            self.name,
             eqn.params["jaxpr"],
-            [_mesh.spec_axes(s) for s in eqn.params["in_specs"]],
-            combined_axes=[
-                a for a in manual_axes if a == _mesh.REPLICA_AXIS or self._mesh.shape[a] > 1
-            ],
+            in_axes,
+            combined_axes,
+            out_tree[0],
+            input_offset=int(valid_rows is not None),
         )
         values = dict(zip(closed.jaxpr.invars, arrays))
         values.update(zip(closed.jaxpr.constvars, closed.consts))
@@ -387,17 +394,22 @@ class Runner:
                 )
         steps = self._lifted.get(fn, (structure, positions))
         graph = steps.graph(objects)
+        while _metrics.adopt(graph):  # metrics' classes swapped: split again, once
+            graph = steps.graph(objects)
+        accumulators = _metrics.Accumulators(graph, objects, self._mesh)
         lifted = steps.get(graph)
         donate = (0,) if options.donate_argnums else ()
         self.window.make_room()
-        with _INTERRUPTS:  # the objects take the whole new state, or keep the old
+        # The objects take the whole new state, or keep the old.
+        with _INTERRUPTS, accumulators.tracing():
             out, new = self.run(
                 lifted,
-                (graph.values(), leaves),
+                (accumulators.values, leaves),
                 {},
                 dataclasses.replace(options, donate_argnums=donate),
             )
-            _nnx.write_back(graph, objects, new, steps.object_names)
+            _nnx.write_back(graph, objects, accumulators.take_blocks(new), steps.object_names)
+            accumulators.record()
         return out
 
     def _new_step(

@@ -19,6 +19,7 @@ from tpustrat import (
     _layout,
     _logical,
     _mesh,
+    _metrics,
     _multistep,
     _nnx,
     _run,
@@ -196,7 +197,9 @@ class TPUStrategy:
             block of an array laid out over the replica axis, pass
             ``ts.PerReplica.from_blocks(x, strategy.num_replicas_in_sync)``; such an array
             passed plainly is refused. Flax NNX objects (``nnx.Module``, ``nnx.Optimizer``,
-            ``nnx.Metric``) are updated in place, as under ``nnx.jit``.
+            ``nnx.Metric``) are updated in place, as under ``nnx.jit``; a metric's
+            ``MetricState`` accumulates per replica (update it with the replica's own rows)
+            and reading it on the host sums the replicas.
           kwargs: keyword arguments, treated like ``args``.
           options: a ``ts.RunOptions``.
 
@@ -527,6 +530,7 @@ class TPUStrategy:
         split = _nnx.split_objects(tree)
         if split is not None:
             _, state, objects, _, _ = split
+            state = _metrics.whole_values(state)  # a metric's blocks, summed
             _nnx.loaded_nnx().update(objects, _values.replicate(state, self._mesh))
             return jax.tree.map(
                 lambda x: x if _nnx.is_nnx_object(x) else _values.replicate(x, self._mesh),
