@@ -410,7 +410,16 @@ def test_non_array_leaves_are_refused():
 def test_params_sharded_for_another_replica_count_are_refused():
     params = ts.shard_params({"w": np.ones((2, 16), np.float32)}, ts.TPUStrategy())
     four = ts.TPUStrategy(num_logical_cores=2)
-    with pytest.raises(ValueError, match="8 components"):
+    fix = r"ts\.shard_params\(ts\.gather_params\(params\), strategy\), or save them with ts\.Ch"
+    where = r"\['w'\]\.blocks is a PerReplica with 8 components.*"
+    with pytest.raises(ValueError, match=where + fix):
         four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(params,))
     moved = ts.shard_params(ts.gather_params(params), four)
     assert float(four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(moved,))) == 32.0
+    model = ts.shard_params(nnx.Linear(4, 16, rngs=nnx.Rngs(0)), ts.TPUStrategy())
+    with pytest.raises(ValueError, match="sharded over 8 replicas.*" + fix):
+        four.run(lambda model: model.kernel.get_value().sum(), args=(model,))
+    ts.shard_params(ts.gather_params(model), four)  # the fix the error gives, for a module
+    kernel = four.run(lambda model: model.kernel.get_value().sum(), args=(model,))
+    whole = ts.gather_params(model).kernel.get_value().sum()
+    np.testing.assert_allclose(float(kernel), float(whole), rtol=RTOL)
