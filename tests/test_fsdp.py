@@ -439,7 +439,7 @@ def test_nnx_checkpoint_restores_onto_four_replicas(tmp_path):
     _close(nnx.state(ts.gather_params(fresh_model), nnx.Param), nnx.state(plain, nnx.Param))
 
 
-def test_nnx_optimizer_state_restores_onto_the_same_replica_count_only(tmp_path):
+def test_nnx_optimizer_state_moves_to_another_replica_count_through_a_pytree(tmp_path):
     eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
 
     def sharded(strategy):
@@ -459,9 +459,24 @@ def test_nnx_optimizer_state_restores_onto_the_same_replica_count_only(tmp_path)
     fewer = sharded(four)
     with (
         ts.CheckpointManager(tmp_path, four) as manager,
-        pytest.raises(ValueError, match=r"opt_state.* is a PerReplica saved over 8 replicas"),
+        pytest.raises(
+            ValueError,
+            match=r"opt_state.* is a PerReplica saved over 8 replicas but this strategy has 4\. "
+            r"It is the blocks .* opt_state = nnx\.as_pure\(optimizer\.opt_state\)",
+        ),
     ):
         manager.restore(nnx.state(fewer))
+    # what the error says: the optimizer state as a pytree, saved and restored onto 4 replicas
+    opt_state = nnx.as_pure(again[1].opt_state)
+    with ts.CheckpointManager(tmp_path / "pytree", eight) as manager:
+        manager.save(1, {"model": nnx.state(again[0]), "opt": opt_state})
+    model_4, opt_state_4 = _nnx_pytree_state(four)
+    with ts.CheckpointManager(tmp_path / "pytree", four) as manager:
+        restored = manager.restore({"model": nnx.state(model_4), "opt": opt_state_4})
+    nnx.update(model_4, restored["model"])
+    assert restored["opt"][1][0].mu["blocks"]["linear"]["kernel"].blocks.stacked.shape[0] == 4
+    _close(ts.gather_params(restored["opt"]), ts.gather_params(opt_state))
+    four.run(_nnx_pytree_state_step, args=(model_4, restored["opt"], _batches(four, steps=1)[0]))
 
 
 def test_gather_for_export_gives_whole_arrays_on_one_device():
