@@ -258,6 +258,111 @@ def test_linen_model_equals_data_parallelism(shape):
     _close(ts.gather_params(sharded.params), plain.params)
 
 
+# 2-D: parameters sharded over the replicas, each block tiled over its replica's logical cores ----
+
+CORE_MESHES = [(4, 2), (2, 4)]
+CORE_MESH_IDS = ["4x2", "2x4"]
+PYTREE_RULES = ts.LayoutRules(
+    [(r"layers/w$", (None, "logical_core", None)), (r"head$", ("logical_core", None))]
+)
+NNX_RULES = ts.LayoutRules(
+    [
+        (r"blocks/linear/kernel$", (None, "logical_core", None)),
+        (r"head/kernel$", ("logical_core", None)),
+    ]
+)
+
+
+def _tiled(tree):
+    """Whether some leaf of ``tree`` is blocks, one per replica, tiled over the logical cores:
+    each device holds one replica's block's share, 1/devices of the leaf."""
+    return any(
+        all(
+            s.data.shape[0] == 1 and s.data.size * jax.device_count() == leaf.size
+            for s in leaf.addressable_shards
+        )
+        for leaf in jax.tree.leaves(tree)
+        if leaf.ndim > 1
+    )
+
+
+def _pytree_2d(strategy, reference, compile_count):
+    tx, sharded_tx = _tx(), ts.shard_update(_tx())
+
+    def plain_step(params, opt_state, batch):
+        grads = jax.grad(_pytree_loss)(params, batch, lambda p: p)
+        grads = ts.get_replica_context().all_reduce("mean", grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def sharded_step(params, opt_state, batch):
+        grads = jax.grad(_pytree_loss)(params, batch, ts.gather_params)
+        updates, opt_state = sharded_tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    want = (reference.replicate(_pytree_params()), reference.replicate(tx.init(_pytree_params())))
+    for batch in _batches(reference, steps=10):
+        want = reference.run(plain_step, args=(*want, batch))
+    sharded = ts.shard_params(_pytree_params(), strategy)
+    state = strategy.place_params(
+        (sharded, strategy.run(sharded_tx.init, args=(sharded,))), PYTREE_RULES
+    )
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(state)]
+    assert _tiled(state[0]["layers"]["w"]) and _tiled(state[1])  # the moments are tiled too
+    compiled = compile_count()
+    for batch in _batches(strategy, steps=10):
+        state = strategy.run(sharded_step, args=(*state, batch))
+    assert compile_count() - compiled == 1
+    assert [leaf.sharding for leaf in jax.tree.leaves(state)] == shardings  # the layout is kept
+    return ts.gather_params(state[0]), want[0]
+
+
+def _nnx_2d(strategy, reference, compile_count):
+    def plain_step(model, optimizer, batch):
+        grads = nnx.grad(_nnx_loss)(model, batch)
+        optimizer.update(model, ts.get_replica_context().all_reduce("mean", grads))
+
+    def sharded_step(model, optimizer, batch):
+        optimizer.update(model, nnx.grad(_nnx_loss)(model, batch))
+
+    model = reference.replicate(_Stack(nnx.Rngs(0)))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+    for batch in _batches(reference, steps=10):
+        reference.run(plain_step, args=(model, optimizer, batch))
+    sharded = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
+    sharded_optimizer = nnx.Optimizer(sharded, ts.shard_update(_tx()), wrt=nnx.Param)
+    strategy.place_params((sharded, sharded_optimizer), NNX_RULES)
+    state = nnx.state((sharded, sharded_optimizer))
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(state)]
+    assert _tiled(nnx.state(sharded)) and _tiled(nnx.state(sharded_optimizer))
+    compiled = compile_count()
+    for batch in _batches(strategy, steps=10):
+        strategy.run(sharded_step, args=(sharded, sharded_optimizer, batch))
+    assert compile_count() - compiled == 1
+    after = [leaf.sharding for leaf in jax.tree.leaves(nnx.state((sharded, sharded_optimizer)))]
+    assert after == shardings  # the layout is kept
+    return nnx.state(ts.gather_params(sharded), nnx.Param), nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("shape", CORE_MESHES, ids=CORE_MESH_IDS)
+@pytest.mark.parametrize("case", [_pytree_2d, _nnx_2d], ids=["pytree", "nnx"])
+def test_placed_sharded_params_equal_the_unplaced_unsharded_model(shape, case, compile_count):
+    """shard_params, then place_params: replicas x cores, equal to plain data parallelism."""
+    reference = ts.TPUStrategy(num_logical_cores=shape[1])
+    got, want = case(_strategy(shape), reference, compile_count)
+    _close(got, want)
+
+
+def test_placing_before_sharding_is_refused():
+    strategy = ts.TPUStrategy(num_logical_cores=2)
+    placed = strategy.place_params(_pytree_params(), PYTREE_RULES)
+    with pytest.raises(ValueError, match=r"shard first.*place_params\(ts\.shard_params\("):
+        ts.shard_params(placed, strategy)
+    model = strategy.place_params(_Stack(nnx.Rngs(0)), NNX_RULES)
+    with pytest.raises(ValueError, match="laid out over the strategy's devices"):
+        ts.shard_params(model, strategy)
+
+
 # Checkpoints: sharded parameters and state restore onto another replica count -----------------
 
 
@@ -334,7 +439,7 @@ def test_nnx_checkpoint_restores_onto_four_replicas(tmp_path):
     _close(nnx.state(ts.gather_params(fresh_model), nnx.Param), nnx.state(plain, nnx.Param))
 
 
-def test_nnx_optimizer_state_restores_onto_the_same_replica_count_only(tmp_path):
+def test_nnx_optimizer_state_moves_to_another_replica_count_through_a_pytree(tmp_path):
     eight, four = ts.TPUStrategy(), ts.TPUStrategy(num_logical_cores=2)
 
     def sharded(strategy):
@@ -354,9 +459,24 @@ def test_nnx_optimizer_state_restores_onto_the_same_replica_count_only(tmp_path)
     fewer = sharded(four)
     with (
         ts.CheckpointManager(tmp_path, four) as manager,
-        pytest.raises(ValueError, match=r"opt_state.* is a PerReplica saved over 8 replicas"),
+        pytest.raises(
+            ValueError,
+            match=r"opt_state.* is a PerReplica saved over 8 replicas but this strategy has 4\. "
+            r"It is the blocks .* opt_state = nnx\.as_pure\(optimizer\.opt_state\)",
+        ),
     ):
         manager.restore(nnx.state(fewer))
+    # what the error says: the optimizer state as a pytree, saved and restored onto 4 replicas
+    opt_state = nnx.as_pure(again[1].opt_state)
+    with ts.CheckpointManager(tmp_path / "pytree", eight) as manager:
+        manager.save(1, {"model": nnx.state(again[0]), "opt": opt_state})
+    model_4, opt_state_4 = _nnx_pytree_state(four)
+    with ts.CheckpointManager(tmp_path / "pytree", four) as manager:
+        restored = manager.restore({"model": nnx.state(model_4), "opt": opt_state_4})
+    nnx.update(model_4, restored["model"])
+    assert restored["opt"][1][0].mu["blocks"]["linear"]["kernel"].blocks.stacked.shape[0] == 4
+    _close(ts.gather_params(restored["opt"]), ts.gather_params(opt_state))
+    four.run(_nnx_pytree_state_step, args=(model_4, restored["opt"], _batches(four, steps=1)[0]))
 
 
 def test_gather_for_export_gives_whole_arrays_on_one_device():
@@ -410,7 +530,16 @@ def test_non_array_leaves_are_refused():
 def test_params_sharded_for_another_replica_count_are_refused():
     params = ts.shard_params({"w": np.ones((2, 16), np.float32)}, ts.TPUStrategy())
     four = ts.TPUStrategy(num_logical_cores=2)
-    with pytest.raises(ValueError, match="8 components"):
+    fix = r"ts\.shard_params\(ts\.gather_params\(params\), strategy\), or save them with ts\.Ch"
+    where = r"\['w'\]\.blocks is a PerReplica with 8 components.*"
+    with pytest.raises(ValueError, match=where + fix):
         four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(params,))
     moved = ts.shard_params(ts.gather_params(params), four)
     assert float(four.run(lambda p: ts.gather_params(p)["w"].sum(), args=(moved,))) == 32.0
+    model = ts.shard_params(nnx.Linear(4, 16, rngs=nnx.Rngs(0)), ts.TPUStrategy())
+    with pytest.raises(ValueError, match="sharded over 8 replicas.*" + fix):
+        four.run(lambda model: model.kernel.get_value().sum(), args=(model,))
+    ts.shard_params(ts.gather_params(model), four)  # the fix the error gives, for a module
+    kernel = four.run(lambda model: model.kernel.get_value().sum(), args=(model,))
+    whole = ts.gather_params(model).kernel.get_value().sum()
+    np.testing.assert_allclose(float(kernel), float(whole), rtol=RTOL)

@@ -57,6 +57,19 @@ _DIGESTS = "digests"
 _LEAVES_FILE = "leaves.json"
 
 
+# Why an nnx.Optimizer's sharded state restores onto its own replica count only, and what to do.
+_NNX_OPTIMIZER_BLOCKS = (
+    "It is the blocks of a ts.ReplicaShard held in an nnx variable, as in the state of an "
+    "nnx.Optimizer over ts.shard_update: nnx.state keeps the blocks but not the whole shape "
+    "they cut, so they restore onto {0} replicas only. To move to another number of "
+    "replicas: restore onto a strategy with {0} replicas, take the optimizer state as a pytree, "
+    "opt_state = nnx.as_pure(optimizer.opt_state), and save it beside nnx.state(model); restore "
+    "that onto the new strategy into a target made there with opt_state = strategy.run(lambda "
+    "m: ts.shard_update(tx).init(nnx.as_pure(nnx.state(m, nnx.Param))), args=(model,)), and "
+    "train on with ts.shard_update(tx).update (docs/guides/fsdp.md, Checkpoints)"
+)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the training state in memory is untouched."""
 
@@ -905,11 +918,15 @@ class _RestorePlan:
             stored = (record.shape, np.dtype(record.dtype))
             if record.kind == kind == "per_replica" and record.shape[0] != want.shape[0]:
                 if record.shard is None or shard is None:
-                    raise ValueError(
+                    said = (
                         f"state leaf {name!r} is a PerReplica saved over {record.shape[0]} "
-                        f"replicas but this strategy has {want.shape[0]}; restore it onto a "
-                        f"strategy with {record.shape[0]} replicas (or drop the leaf and "
-                        "rebuild it per replica)"
+                        f"replicas but this strategy has {want.shape[0]}"
+                    )
+                    if name.endswith(".blocks.value"):  # an nnx variable under a ReplicaShard
+                        raise ValueError(f"{said}. {_NNX_OPTIMIZER_BLOCKS.format(record.shape[0])}")
+                    raise ValueError(
+                        f"{said}; restore it onto a strategy with {record.shape[0]} replicas "
+                        "(or drop the leaf and rebuild it per replica)"
                     )
                 if record.shard[0] != shard[0]:
                     problems.append(

@@ -11,7 +11,10 @@ arrays as they are and gives back the state it updates in the same layouts (see
 A spec names only the logical cores, so a leaf's spec is independent of what the replica
 axis carries: a whole leaf has the same tiles on every replica, and a ``PerReplica`` leaf (a
 block per replica, parameters sharded over the replicas) has its block tiled over each
-replica's cores, laid out ``P("replica", *spec)``.
+replica's cores, laid out ``P("replica", *spec)``. Parameters ``ts.shard_params`` cut into
+blocks compose this way (2-D, replicas x cores): a ``ts.ReplicaShard``'s blocks go by the
+parameter's path, and the spec applies to each replica's block, which has the whole leaf's
+rank; ``gather_params`` inside ``run`` all-gathers the tiled blocks over the replicas.
 """
 
 from __future__ import annotations
@@ -243,9 +246,20 @@ def _named_leaves(tree: PyTree):
     object_paths = [plain[i][1] for i in positions]
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]
     values, state_structure = jax.tree.flatten(state, is_leaf=is_per_replica)
+    # A ts.ReplicaShard in an NNX object's state (an nnx.Optimizer's moments of sharded
+    # Params) is a node of the object's graph holding its blocks' variable under "blocks".
+    shards = {
+        (k, *node_path)
+        for k, obj in enumerate(objects)
+        for node_path, node in _nnx.loaded_nnx().iter_graph(obj)
+        if _is_replica_shard(node)
+    }
     named = []
     for path, variable in variables:
         prefix = object_paths[path[0].key]  # the object's index among those split together
+        keys = tuple(getattr(key, "key", key) for key in path)
+        if keys[:-1] in shards and keys[-1] == "blocks":
+            path = path[:-1]  # named as the parameter it cuts
         name = "/".join(p for p in (prefix, _path_name(path[1:])) if p)
         named += [(name, value) for value in jax.tree.leaves(variable, is_leaf=is_per_replica)]
     if len(named) != len(values):
@@ -272,12 +286,26 @@ def _named_leaves(tree: PyTree):
     return named, rebuild
 
 
+def _is_replica_shard(node: Any) -> bool:
+    """Whether ``node`` is a ``ts.ReplicaShard`` (defined on this module's floor, in
+    ``_sharded_update``, so known by its fields)."""
+    return type(node).__name__ == "ReplicaShard" and all(
+        hasattr(node, field) for field in ("blocks", "shape", "axis")
+    )
+
+
 def _shape(leaf: Any) -> tuple[int, ...]:
     """A leaf's shape; a PerReplica's is that of one replica's component."""
     return leaf.stacked.shape[1:] if isinstance(leaf, PerReplica) else np.shape(leaf)
 
 
 def _path_name(path: tuple) -> str:
+    """``path``'s keys joined with ``/``. The blocks of a ``ts.ReplicaShard`` (a pytree node
+    with one child, its ``blocks`` attribute) are named as the parameter they cut, so that a
+    rule for ``dense/kernel`` places the parameter whether it is sharded over the replicas
+    (``ts.shard_params``) or whole."""
+    if path and path[-1] == jax.tree_util.GetAttrKey("blocks"):
+        path = path[:-1]
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 

@@ -160,6 +160,7 @@ def _param_axis(shape: tuple[int, ...]) -> int | None:
 
 def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int | None) -> Any:
     """``x`` cut into blocks over ``num_replicas``, or replicated (always, for None)."""
+    _check_not_placed(x, mesh)
     axis = _param_axis(np.shape(x))
     if axis is None or num_replicas is None:
         return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -168,6 +169,21 @@ def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int | None) -> An
     return ReplicaShard(
         PerReplica.from_stacked(jax.device_put(blocks, per_replica)), np.shape(x), axis
     )
+
+
+def _check_not_placed(x: Any, mesh: jax.sharding.Mesh) -> None:
+    """Refuses an array tiled over ``mesh``'s devices (``strategy.place_params``'s): cutting
+    it into blocks would drop that layout."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return
+    sharding = x.sharding
+    if not sharding.is_fully_replicated and sharding.device_set == set(mesh.devices.flat):
+        raise ValueError(
+            f"ts.shard_params got an array of shape {x.shape} laid out over the strategy's "
+            f"devices ({getattr(sharding, 'spec', sharding)}), as "
+            "strategy.place_params lays it out; shard first, then place the sharded "
+            "parameters: strategy.place_params(ts.shard_params(params, strategy), rules)"
+        )
 
 
 def _gather_block(shard: ReplicaShard) -> jax.Array:

@@ -165,11 +165,7 @@ def prepare(
         is_per_replica = isinstance(node, PerReplica)
         x = node.stacked if is_per_replica else node
         if is_per_replica and (np.ndim(x) == 0 or np.shape(x)[0] != num_replicas):
-            raise ValueError(
-                f"{_where(inputs, index)} is a PerReplica with {node.num_replicas} components "
-                f"but the strategy has {num_replicas} replicas; build it with one component per "
-                "replica, e.g. with strategy.experimental_distribute_values_from_function"
-            )
+            raise ValueError(_count_mismatch(inputs, index, node.num_replicas, num_replicas))
         if isinstance(x, jax.core.Tracer):
             traced = True
             placed_nodes.append(node)
@@ -316,6 +312,26 @@ def _path_name(path: tuple) -> str:
 
 
 _FLAT_INDEX = jax.tree_util.FlattenedIndexKey
+
+
+def _count_mismatch(inputs: PyTree, index: int, components: int, num_replicas: int) -> str:
+    """Why leaf ``index``, a PerReplica of ``components``, cannot go to ``num_replicas``."""
+    path = jax.tree_util.tree_flatten_with_path(inputs, is_leaf=is_distributed)[0][index][0]
+    said = (
+        f"{_where(inputs, index)} is a PerReplica with {components} components but the "
+        f"strategy has {num_replicas} replicas"
+    )
+    if path and path[-1] == jax.tree_util.GetAttrKey("blocks"):  # a ts.ReplicaShard's blocks
+        return (
+            f"{said}: parameters or optimizer state sharded over {components} replicas (the "
+            "blocks of a ts.ReplicaShard). Shard them for this strategy with "
+            "ts.shard_params(ts.gather_params(params), strategy), or save them with "
+            "ts.CheckpointManager and restore them with this strategy, which reshards"
+        )
+    return (
+        f"{said}; build it with one component per replica, e.g. with "
+        "strategy.experimental_distribute_values_from_function"
+    )
 
 
 def _where(inputs: PyTree, index: int) -> str:

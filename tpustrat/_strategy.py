@@ -546,7 +546,9 @@ class TPUStrategy:
         Each leaf goes to every replica, tiled over the replica's cores by the first rule whose
         pattern its path matches, or whole on every core if none does (``strategy.replicate``).
         A ``ts.PerReplica`` leaf (one block per replica) keeps its blocks on their replicas,
-        each block tiled over its replica's cores by the rule.
+        each block tiled over its replica's cores by the rule; parameters sharded over the
+        replicas (``ts.shard_params``, and ``ts.shard_update``'s optimizer state) are placed
+        this way, matched by the parameter's path: shard first, then place.
         ``run`` takes the placed arrays as they are, the step sees every leaf whole, and the
         state it returns keeps these layouts, so a training loop compiles one program.
 
