@@ -9,9 +9,10 @@ WHEEL := dist/tpustrat-$(VERSION)-py3-none-any.whl
 SOURCES := pyproject.toml README.md LICENSE $(wildcard tpustrat/*.py tpustrat/py.typed)
 DEVICES ?= 8
 ARGS ?=
-# The oldest JAX that pyproject.toml claims, with the oldest Flax and optax that support it.
+# The oldest versions that support all of tpustrat: Flax NNX support needs flax 0.12.6, which
+# needs jax 0.8.1 (the core alone claims jax >= 0.7).
 OLDEST_VENV := .venv-oldest
-OLDEST_PINS := jax==0.7.0 jaxlib==0.7.0 flax==0.11.0 optax==0.2.5 orbax-checkpoint==0.11.20
+OLDEST_PINS := jax==0.8.1 jaxlib==0.8.1 flax==0.12.6 optax==0.2.5 orbax-checkpoint==0.11.20
 # The benchmarks write into the ignored benchmarks/results/local/; RECORD=1 updates the tracked
 # benchmarks/results/ that benchmarks/README.md quotes.
 BENCH_FLAGS := $(if $(RECORD),--record)

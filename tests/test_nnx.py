@@ -494,3 +494,17 @@ def test_a_plain_array_attribute_is_written_back_on_every_call():
     assert int(model.count) == int(twin.count) == 3
     np.testing.assert_allclose(np.asarray(model.total[...]), np.asarray(twin.total[...]))
     assert strategy.compile_stats().num_compiles == 1
+
+
+def test_a_flax_too_old_for_nnx_support_is_refused_with_the_versions(monkeypatch):
+    import flax
+
+    strategy = ts.TPUStrategy()
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(flax, "__version__", "0.11.0")
+    with pytest.raises(
+        RuntimeError, match=r"needs flax >= 0\.12\.6, and flax 0\.11\.0 is installed"
+    ):
+        strategy.run(lambda m: m(jnp.ones((1, 2))), args=(model,))
+    monkeypatch.undo()
+    assert strategy.run(lambda m: m(jnp.ones((1, 2))), args=(model,)).shape == (1, 3)

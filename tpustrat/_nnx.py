@@ -20,6 +20,7 @@ Nothing here imports flax unless the user already has: a job without NNX never p
 
 from __future__ import annotations
 
+import functools
 import operator
 import sys
 import weakref
@@ -41,9 +42,32 @@ def nnx_module() -> ModuleType | None:
     return sys.modules.get("flax.nnx")
 
 
+# The oldest Flax whose NNX tpustrat supports: the Variable API it reads and writes
+# (get_value, get_raw_value, set_raw_value), nnx.flatten, and metrics that honour mask=.
+OLDEST_NNX_FLAX = (0, 12, 6)
+
+
 def loaded_nnx() -> ModuleType:
-    """flax.nnx, for code that holds NNX objects and so knows the program has imported it."""
-    return sys.modules["flax.nnx"]
+    """flax.nnx, for code that holds NNX objects and so knows the program has imported it.
+
+    Raises:
+      RuntimeError: if the installed Flax is older than ``OLDEST_NNX_FLAX``.
+    """
+    nnx = sys.modules["flax.nnx"]
+    _check_flax_version(sys.modules["flax"].__version__)
+    return nnx
+
+
+@functools.cache
+def _check_flax_version(version: str) -> None:
+    release = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    if release < OLDEST_NNX_FLAX:
+        oldest = ".".join(map(str, OLDEST_NNX_FLAX))
+        raise RuntimeError(
+            f"tpustrat's Flax NNX support needs flax >= {oldest}, and flax {version} is "
+            f"installed; upgrade it (pip install -U 'flax>={oldest}', which needs jax >= 0.8.1). "
+            "Flax Linen and plain JAX state work with older Flax"
+        )
 
 
 def is_nnx_object(x: Any) -> bool:
@@ -340,6 +364,8 @@ def find_objects(inputs: PyTree) -> tuple[tuple, Any, tuple, list] | None:
         inputs, is_leaf=lambda x: is_nnx_object(x) or is_distributed(x)
     )
     positions = tuple(i for i, leaf in enumerate(leaves) if is_nnx_object(leaf))
+    if positions:
+        loaded_nnx()  # refuses a Flax too old for NNX support
     if not positions:
         return None
     objects = tuple(leaves[i] for i in positions)
