@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import MESH_SHAPES
 from flax import nnx
 
 import tpustrat as ts
-from tests.conftest import MESH_SHAPES
 from tpustrat import _metrics
 
 CLASSES, GLOBAL_BATCH, ROWS = 5, 16, 40  # 40 rows: two full batches, then 8 padded to 16
