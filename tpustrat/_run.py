@@ -784,7 +784,7 @@ def _flatten_outputs(out: PyTree):
     paths_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
     leaves = []
     for path, leaf in paths_leaves:
-        if not isinstance(leaf, ARRAY_TYPES):
+        if not isinstance(leaf, ARRAY_TYPES) and not _numpy_like(leaf):
             raise TypeError(
                 f"strategy.run: the step returned a {type(leaf).__name__} at output"
                 f"{jax.tree_util.keystr(path) or ' (the root)'}; a step can only return arrays, "
@@ -792,6 +792,11 @@ def _flatten_outputs(out: PyTree):
             )
         leaves.append(jnp.asarray(leaf))
     return leaves, tree
+
+
+def _numpy_like(x) -> bool:
+    """An array constant of JAX's own that is not a numpy array (jax 0.8's ``TypedNdArray``)."""
+    return hasattr(x, "__array__") and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _diagnose_donation(name, args, donate_argnums, outputs, varying) -> None:
