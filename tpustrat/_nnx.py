@@ -100,7 +100,7 @@ class LiftedSteps:
         self._fn, self._structure, self._positions = fn, structure, tuple(positions)
         self._max_size = max_size
         self._last: Lifted | None = None
-        self._by_graph: dict[Any, Lifted] = {}
+        self._by_graph: list[Lifted] = []  # the most recently used last
         self._graph: Graph | None = None
         self._object_names: list[str] | None = None
 
@@ -131,14 +131,17 @@ class LiftedSteps:
         last = self._last
         if last is not None and last.graphdef == graphdef:
             return last
-        lifted = self._by_graph.pop(graphdef, None)
-        if lifted is None:
+        # Found by equality, not by hash: some Flax releases' graph definitions do not hash
+        # (flax 0.12.6 hashes a list-valued static attribute, an nnx.MultiMetric's names).
+        found = [i for i, kept in enumerate(self._by_graph) if kept.graphdef == graphdef]
+        if found:
+            lifted = self._by_graph.pop(found[0])
+        else:
             lifted = Lifted(self._fn, graphdef, self._structure, self._positions, graph.direct)
             if last is not None:  # the objects' graph changed since the last call
                 lifted.recompile_reason = graph_change(last.graphdef, graphdef, self.object_names())
-        self._by_graph[graphdef] = lifted
-        while len(self._by_graph) > self._max_size:
-            del self._by_graph[next(iter(self._by_graph))]
+        self._by_graph.append(lifted)
+        del self._by_graph[: -self._max_size]  # the oldest first
         self._last = lifted
         return lifted
 
