@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jax.extend.core import Literal
+from jax.extend.core import Jaxpr, Literal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -223,7 +223,8 @@ class Step:
             in_axes,
             combined_axes,
             out_tree[0],
-            input_offset=int(valid_rows is not None),
+            input_offset=_hoisted_constants(self.name, closed.jaxpr, eqn)
+            + int(valid_rows is not None),
         )
         values = dict(zip(closed.jaxpr.invars, arrays))
         values.update(zip(closed.jaxpr.constvars, closed.consts))
@@ -242,6 +243,25 @@ class Step:
         wrapped = [PerReplica.from_stacked(x) if v else x for x, v in zip(outputs, varying)]
         marker = None if outputs and not self._donate_argnums else jnp.zeros((), jnp.int32)
         return out_tree[0].unflatten(wrapped), marker
+
+
+def _hoisted_constants(name: str, outer: Jaxpr, eqn: Any) -> int:
+    """How many of the ``shard_map``'s operands come before the traced arrays: the constants
+    that some JAX versions (0.8) hoist out of the body and pass in first.
+
+    Raises:
+      RuntimeError: the operands do not end with the traced arrays, in order (the step's
+        inputs cannot be matched to its variables, so the metric check cannot run).
+    """
+    lead = len(eqn.invars) - len(outer.invars)
+    if lead < 0 or any(a is not b for a, b in zip(eqn.invars[lead:], outer.invars, strict=True)):
+        raise RuntimeError(
+            f"run({name}): the traced shard_map's operands {list(eqn.invars)} do not end with "
+            f"the step's inputs {list(outer.invars)}, so its metric variables cannot be found; "
+            "this JAX version traces shard_map in a way tpustrat does not support. Use a "
+            "supported JAX version (see pyproject.toml)"
+        )
+    return lead
 
 
 class Runner:
