@@ -15,6 +15,8 @@ MESHES = [(8, 1), (4, 2)]
 MESH_IDS = ["8x1", "4x2"]
 STEPS = 20
 GLOBAL_BATCH = 32
+# Flax 0.12.6 names nnx.as_pure nnx.pure (a deprecated alias in later versions).
+_as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 WIDTH, LAYERS, OUT = 12, 3, 5  # 12 divides by 4 but not 8: the 8-replica blocks are padded
 RTOL, ATOL = 1e-6, 1e-7
 
@@ -395,8 +397,8 @@ def test_checkpoint_restores_sharded_params_onto_four_replicas(tmp_path):
 def _nnx_pytree_state_step(model, opt_state, batch):
     """An NNX step whose optimizer state is a pytree beside the model, not an nnx.Optimizer."""
     grads = nnx.grad(_nnx_loss)(model, batch)
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
-    updates, opt_state = ts.shard_update(_tx()).update(nnx.as_pure(grads), opt_state, params)
+    params = _as_pure(nnx.state(model, nnx.Param))
+    updates, opt_state = ts.shard_update(_tx()).update(_as_pure(grads), opt_state, params)
     nnx.update(model, optax.apply_updates(params, updates))
     return opt_state
 
@@ -404,7 +406,7 @@ def _nnx_pytree_state_step(model, opt_state, batch):
 def _nnx_pytree_state(strategy):
     model = ts.shard_params(_Stack(nnx.Rngs(0)), strategy)
     init = ts.shard_update(_tx()).init
-    opt_state = strategy.run(lambda m: init(nnx.as_pure(nnx.state(m, nnx.Param))), args=(model,))
+    opt_state = strategy.run(lambda m: init(_as_pure(nnx.state(m, nnx.Param))), args=(model,))
     return model, opt_state
 
 
@@ -430,8 +432,8 @@ def test_nnx_checkpoint_restores_onto_four_replicas(tmp_path):
 
     def plain_step(model, opt_state, batch):
         grads = ts.get_replica_context().all_reduce("mean", nnx.grad(_nnx_loss)(model, batch))
-        params = nnx.as_pure(nnx.state(model, nnx.Param))
-        updates, opt_state = _tx().update(nnx.as_pure(grads), opt_state, params)
+        params = _as_pure(nnx.state(model, nnx.Param))
+        updates, opt_state = _tx().update(_as_pure(grads), opt_state, params)
         nnx.update(model, optax.apply_updates(params, updates))
         return opt_state
 
@@ -467,7 +469,7 @@ def test_nnx_optimizer_state_moves_to_another_replica_count_through_a_pytree(tmp
     ):
         manager.restore(nnx.state(fewer))
     # what the error says: the optimizer state as a pytree, saved and restored onto 4 replicas
-    opt_state = nnx.as_pure(again[1].opt_state)
+    opt_state = _as_pure(again[1].opt_state)
     with ts.CheckpointManager(tmp_path / "pytree", eight) as manager:
         manager.save(1, {"model": nnx.state(again[0]), "opt": opt_state})
     model_4, opt_state_4 = _nnx_pytree_state(four)

@@ -317,7 +317,7 @@ def _init_outside_run(tx: Any, params: PyTree) -> PyTree:
     is_variable = (lambda x: isinstance(x, nnx.Variable)) if nnx else (lambda x: False)
     from_nnx = any(map(is_variable, jax.tree.leaves(params, is_leaf=is_variable)))
     if from_nnx:  # nnx.Optimizer's call, on the model's Variables: init their values
-        params = nnx.as_pure(params)
+        params = (getattr(nnx, "as_pure", None) or nnx.pure)(params)  # nnx.pure on flax 0.12.6
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_shard)
     stacks = [x.blocks.stacked for x in leaves if _is_shard(x) and isinstance(x.blocks, PerReplica)]
     if len(stacks) != sum(map(_is_shard, leaves)):
