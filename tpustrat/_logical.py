@@ -127,6 +127,10 @@ def _constrain(mesh: Mesh, tensor: jax.Array, spec: P) -> jax.Array:
     # context it runs in; JAX 0.7 lowers only a concrete mesh here.
     context = jax.sharding.get_abstract_mesh()
     if _NAMES_CONTEXT_MESH and context.axis_names == mesh.axis_names:
+        if set(context.manual_axes) == set(mesh.axis_names):
+            # Every axis manual: the replica's block is already one device's, laid out by
+            # nothing; JAX 0.8.1 asserts on a constraint naming only manual axes.
+            return tensor
         return jax.lax.with_sharding_constraint(tensor, NamedSharding(context, spec))
     return jax.lax.with_sharding_constraint(tensor, NamedSharding(mesh, spec))
 
