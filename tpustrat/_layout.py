@@ -61,8 +61,9 @@ class LayoutRules:
     Example:
       >>> rules = ts.LayoutRules([(r"dense_\\d+/kernel", (None, "logical_core"))])
       >>> params = {"dense_0": {"kernel": np.ones((4, 8)), "bias": np.ones(8)}}
-      >>> rules.partition_specs(params)
-      {'dense_0': {'bias': P(), 'kernel': P(None, 'logical_core')}}
+      >>> specs = rules.partition_specs(params)
+      >>> tuple(specs["dense_0"]["kernel"]), tuple(specs["dense_0"]["bias"])
+      ((None, 'logical_core'), ())
     """
 
     rules: tuple[tuple[str, P], ...]
