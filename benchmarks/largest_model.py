@@ -52,9 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from collectives import count_collectives  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-from weight_update_sharding import ring_bytes  # noqa: E402
+from weight_update_sharding import ring_bytes, with_shardings  # noqa: E402
 
 import tpustrat as ts  # noqa: E402
 
@@ -155,21 +153,6 @@ def check_layout(strategy: ts.TPUStrategy) -> None:
             f"the abstract layout {got} differs from ts.shard_params's {want}; update "
             "sharded_layout to ts.shard_params's layout rules"
         )
-
-
-def with_shardings(tree, strategy: ts.TPUStrategy):
-    """ShapeDtypeStructs laid out as run returns them: PerReplica leaves over the replicas."""
-    replicated = NamedSharding(strategy.mesh, P())
-    per_replica = NamedSharding(strategy.mesh, P("replica"))
-
-    def place(node):
-        if isinstance(node, ts.PerReplica):
-            return jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_replica), node
-            )
-        return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=replicated)
-
-    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, ts.PerReplica))
 
 
 def abstract_arguments(strategy: ts.TPUStrategy, layout: str, width: int, layers: int, rows: int):

@@ -604,7 +604,7 @@ def _primitives(jaxpr) -> set:
     found = set()
     for eqn in jaxpr.eqns:
         found.add(eqn.primitive)
-        for inner in _replication._inner_jaxprs(eqn.params):
+        for inner in _replication.inner_jaxprs(eqn.params):
             found |= _primitives(inner)
     return found
 

@@ -613,17 +613,8 @@ def _combines(eqn) -> bool:
         return True
     return any(
         _replication.primitive_names(inner) & _COMBINING_NAMES
-        for inner in _inner_jaxprs(eqn.params)
+        for inner in _replication.inner_jaxprs(eqn.params)
     )
-
-
-def _inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
-    return [
-        inner
-        for value in params.values()
-        for inner in (value if isinstance(value, (tuple, list)) else (value,))
-        if isinstance(inner, (Jaxpr, ClosedJaxpr))
-    ]
 
 
 def _scan(eqn, inputs: list[_Value]) -> list[_Value]:

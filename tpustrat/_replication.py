@@ -234,7 +234,7 @@ def primitive_names(jaxpr: Jaxpr | ClosedJaxpr) -> frozenset[str]:
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        for inner in _inner_jaxprs(eqn.params):
+        for inner in inner_jaxprs(eqn.params):
             names |= primitive_names(inner)
     return frozenset(names)
 
@@ -247,13 +247,13 @@ def reads_axis_index_in_loop(jaxpr: Jaxpr | ClosedJaxpr, in_loop: bool = False) 
             return True
         inner_in_loop = in_loop or eqn.primitive in (public.while_p, public.scan_p)
         if any(
-            reads_axis_index_in_loop(inner, inner_in_loop) for inner in _inner_jaxprs(eqn.params)
+            reads_axis_index_in_loop(inner, inner_in_loop) for inner in inner_jaxprs(eqn.params)
         ):
             return True
     return False
 
 
-def _inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
+def inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
     """The jaxprs among an equation's parameters (branches, bodies, reduction computations)."""
     return [
         inner
@@ -267,7 +267,7 @@ def _only_preserving(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
     """Whether every primitive of ``jaxpr``, inner jaxprs included, is in PRESERVING."""
     jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
     return all(
-        eqn.primitive in PRESERVING and all(map(_only_preserving, _inner_jaxprs(eqn.params)))
+        eqn.primitive in PRESERVING and all(map(_only_preserving, inner_jaxprs(eqn.params)))
         for eqn in jaxpr.eqns
     )
 
@@ -346,7 +346,7 @@ def _equation(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     primitive = eqn.primitive
     n_out = len(eqn.outvars)
     if primitive in PRESERVING:
-        if not all(map(_only_preserving, _inner_jaxprs(eqn.params))):
+        if not all(map(_only_preserving, inner_jaxprs(eqn.params))):
             return [every] * n_out  # it applies a computation (lax.reduce's) that may vary
         return [_union(inputs)] * n_out
     if primitive in COMBINING:
