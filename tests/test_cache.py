@@ -7,7 +7,7 @@ import numpy as np
 
 import tpustrat as ts
 from tpustrat._cache import FunctionCache
-from tpustrat._run import Step
+from tpustrat._compile import Step
 
 
 def _live_steps():

@@ -325,13 +325,13 @@ def test_replica_id_and_key_inside_loops(strategy):
 def test_axis_index_inside_a_loop(strategy):
     """lax.axis_index read inside a loop: where XLA:CPU aborts compiling it (jaxlib 0.7.0 to 0.8.0),
     run refuses the step with a ValueError naming the fix; elsewhere it computes the index."""
-    from tpustrat import _run
+    from tpustrat import _compile
 
     def step():
         index = lambda i, t: t + jax.lax.axis_index(ts.REPLICA_AXIS)
         return jax.lax.fori_loop(0, 3, index, np.int32(0))
 
-    if _run.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP and jax.default_backend() == "cpu":
+    if _compile.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP and jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match=r"reads lax\.axis_index inside a loop .* jaxlib"):
             strategy.run(step)
     else:

@@ -112,7 +112,7 @@ def test_state_keeps_its_layout_over_the_cores_and_compiles_once(cores, start):
             strategy.num_replicas_in_sync,
             _mesh.per_replica_sharding(strategy.mesh),
             _mesh.replicated_sharding(strategy.mesh),
-            _placement.DonationRecord(),
+            _placement.PlacementCache(),
         )
         assert {s.data.unsafe_buffer_pointer() for s in placed[0][0].addressable_shards} == (
             buffers

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import io_callback
 
 import tpustrat as ts
-from tpustrat import _replication, _run
+from tpustrat import _compile, _replication
 from tpustrat._mesh import REPLICA_AXIS
 
 SIZE = 8  # every generated value is float32[SIZE]; SIZE is divisible by every replica count
@@ -252,9 +252,13 @@ class _Evaluator:
         return jnp.tile(ctx.reduce_scatter("sum", x, axis=0), n)
 
     def _axis_index(self, env):
-        if self.loops and _run.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP and jax.default_backend() == "cpu":
+        if (
+            self.loops
+            and _compile.XLA_CPU_ABORTS_ON_INDEX_IN_LOOP
+            and jax.default_backend() == "cpu"
+        ):
             # XLA:CPU of these jaxlib versions aborts compiling lax.axis_index in a small loop
-            # (see tpustrat._run), and run refuses it: the index the context read at the top of
+            # (see tpustrat._compile), and run refuses it: the index the context read at the top of
             # the step is the same value, in the loop by closure.
             index = ts.get_replica_context().replica_id_in_sync_group
         else:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tpustrat as ts
-from tpustrat import _run, _watchdog
+from tpustrat import _dispatch, _watchdog
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_run_reduce_and_gather_are_counted_and_the_window_wait_is_marked(watchdo
     assert strategy.gather(out, axis=0).shape == (8,)
     counted = {kind: _watchdog.calls[kind] - before[kind] for kind in before}
     assert counted == {"run": 2, "reduce": 1, "gather": 1, "checkpoint save": 0, "shutdown": 0}
-    window = _run.DispatchWindow(1)
+    window = _dispatch.DispatchWindow(1)
     window.admit(_SlowMarker())
     window.admit(_SlowMarker())  # waits for the first one
     (report,) = _warnings(watchdog)

@@ -10,6 +10,7 @@ from tpustrat._context import (
     get_replica_context,
 )
 from tpustrat._dataset_options import InputContext, InputOptions
+from tpustrat._dispatch import RunOptions
 from tpustrat._input import DistributedDataset
 from tpustrat._layout import LayoutRules
 from tpustrat._loss import compute_average_loss
@@ -19,7 +20,6 @@ from tpustrat._params import gather_on_use, gather_params, shard_params
 from tpustrat._preemption import PreemptionCheckpointHandler
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._profiler import StepProfiler
-from tpustrat._run import RunOptions
 from tpustrat._sharded_update import (
     ReplicaShard,
     ShardedUpdate,

@@ -7,7 +7,7 @@ import contextvars
 import enum
 import functools
 from collections.abc import Callable, Generator
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -148,21 +148,25 @@ class ReplicaContext:
       8.0
     """
 
-    def __init__(self, strategy: Strategy, row_mask: jax.Array | None = None) -> None:
-        self._strategy = strategy
+    def __init__(self, mesh: Mesh, num_slices: int, row_mask: jax.Array | None = None) -> None:
+        self._mesh = mesh
+        self._num_slices = num_slices
         self._row_mask = row_mask
         self._active = False
         self._replica_id: jax.Array | None = None
 
     @property
     def strategy(self) -> Strategy:
-        """The strategy running this step."""
-        return self._strategy
+        """The strategy running this step (the one whose ``run`` traces it)."""
+        self._check_active("strategy")
+        strategy = _STRATEGY.get()
+        assert strategy is not None, "strategy.run enters its strategy's scope"
+        return strategy
 
     @property
     def num_replicas_in_sync(self) -> int:
         """How many replicas run the step together."""
-        return self._strategy.num_replicas_in_sync
+        return self._mesh.shape[REPLICA_AXIS]
 
     @property
     def replica_id_in_sync_group(self) -> jax.Array:
@@ -203,7 +207,7 @@ class ReplicaContext:
         op = ReduceOp.parse(reduce_op)
         self._check_active("all_reduce")
         check_in_step_tree("value", value)
-        n, num_slices = self.num_replicas_in_sync, self._strategy.num_slices
+        n, num_slices = self.num_replicas_in_sync, self._num_slices
 
         def combine(x):
             if op in (ReduceOp.MAX, ReduceOp.MIN) and jnp.iscomplexobj(x):
@@ -223,7 +227,7 @@ class ReplicaContext:
             op.check_reducible("all_reduce", x.dtype)
             linear = op in (ReduceOp.SUM, ReduceOp.MEAN)
             reduce = _with_cores_manual(combine) if n == 1 else combine
-            return _compilable_on_cpu(self._strategy, x, reduce, linear=linear)
+            return _compilable_on_cpu(self._mesh, x, reduce, linear=linear)
 
         return jax.tree.map(checked, value)
 
@@ -319,7 +323,7 @@ class ReplicaContext:
                 shape = (*x.shape[:dim], x.shape[dim] // num_replicas, *x.shape[dim + 1 :])
                 return jnp.zeros(shape, op.result_dtype(x.dtype))
             return _compilable_on_cpu(
-                self._strategy,
+                self._mesh,
                 x,
                 lambda x: sum_or_mean(
                     op,
@@ -344,7 +348,7 @@ class ReplicaContext:
         Read there once rather than where the step asks for it, which may be inside a loop
         (its own, or ``experimental_run_steps``'s scan): XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
         process compiling a small loop that reads the device's index (see
-        ``_run.check_axis_index_outside_loops``). The value is the same.
+        ``_compile.check_axis_index_outside_loops``). The value is the same.
         """
         assert self._replica_id is not None, "replica_scope reads the index before the step runs"
         return self._replica_id
@@ -384,7 +388,7 @@ def _with_cores_manual(reduce: Callable[[jax.Array], jax.Array]) -> Callable:
 
 
 def _compilable_on_cpu(
-    strategy: Strategy,
+    mesh: Mesh,
     x: jax.Array,
     reduce: Callable[[jax.Array], jax.Array],
     *,
@@ -404,12 +408,12 @@ def _compilable_on_cpu(
 
     Other platforms and dtypes reduce as they are.
     """
-    devices = strategy.mesh.devices
+    devices = mesh.devices
     if devices.flat[0].platform != "cpu":
         return reduce(x)
     if linear and jnp.iscomplexobj(x):
         return lax.complex(reduce(jnp.real(x)), reduce(jnp.imag(x)))
-    if x.dtype == jnp.bfloat16 and devices.size != strategy.num_replicas_in_sync:
+    if x.dtype == jnp.bfloat16 and devices.size != mesh.shape[REPLICA_AXIS]:
         return reduce(x.astype(jnp.float32)).astype(jnp.bfloat16)
     return reduce(x)
 
@@ -467,26 +471,44 @@ def current_strategy() -> Strategy | None:
 
 @contextlib.contextmanager
 def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, None]:
-    """Makes ``context`` the one ``get_replica_context`` returns, and its strategy the current
-    one, while ``run`` traces the step inside the block."""
+    """Makes ``context`` the one ``get_replica_context`` returns while ``run`` traces the step
+    inside the block (``run`` has entered its strategy's ``StrategyScope``)."""
     context._replica_id = lax.axis_index(REPLICA_AXIS)  # once, outside any loop: see _index
     context._active = True
     token = _REPLICA_CONTEXT.set(context)
-    strategy_token = _STRATEGY.set(context._strategy)
     try:
         yield context
     finally:
-        _STRATEGY.reset(strategy_token)
         _REPLICA_CONTEXT.reset(token)
         context._active = False
         context._replica_id = None
 
 
-@contextlib.contextmanager
-def strategy_scope(strategy: _S) -> Generator[_S, None, None]:
-    """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends."""
-    token = _STRATEGY.set(strategy)
-    try:
-        yield strategy
-    finally:
-        _STRATEGY.reset(token)
+class StrategyScope(Generic[_S]):
+    """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends.
+
+    ``strategy.scope()`` returns one, and ``strategy.run`` enters one around every call, so
+    that the step it traces sees its strategy (``ReplicaContext.strategy``, ``ts.get_strategy``).
+    One instance is entered once at a time; nest new ones.
+
+    Example:
+      >>> strategy = ts.TPUStrategy()
+      >>> with StrategyScope(strategy):
+      ...     current_strategy() is strategy
+      True
+    """
+
+    __slots__ = ("_strategy", "_token")
+
+    def __init__(self, strategy: _S) -> None:
+        self._strategy = strategy
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> _S:
+        self._token = _STRATEGY.set(self._strategy)
+        return self._strategy
+
+    def __exit__(self, *exception: object) -> None:
+        assert self._token is not None, "exited a strategy scope that was not entered"
+        _STRATEGY.reset(self._token)
+        self._token = None

@@ -6,7 +6,7 @@ partition spec over the logical cores, as Keras 3's ``LayoutMap`` and MaxText's 
 rules do. ``strategy.place_params`` puts every leaf where its first matching rule says, on the
 strategy's mesh; a leaf no rule matches stays whole on every core. ``run`` takes placed
 arrays as they are and gives back the state it updates in the same layouts (see
-``_run._keep_layouts``), so a placement holds from step to step with one compiled program.
+``_compile._keep_layouts``), so a placement holds from step to step with one compiled program.
 
 A spec names only the logical cores, so a leaf's spec is independent of what the replica
 axis carries: a whole leaf has the same tiles on every replica, and a ``PerReplica`` leaf (a

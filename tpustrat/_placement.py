@@ -62,34 +62,41 @@ class DonationRecord:
         return bool(self._donated) and not self._donated.keys().isdisjoint(map(id, leaves))
 
 
-class PlacedLayouts:
-    """Input layouts that ``prepare`` found entirely in place, for a fast path on later calls.
+MISS = object()
+"""What ``PlacementCache.lookup`` returns for inputs it does not know in place."""
+
+
+class PlacementCache:
+    """Inputs known to be in place: the one cache ``run`` asks before it places anything.
 
     A training loop passes the same structure on every call, its leaves the arrays the last
-    step returned, already where ``run`` wants them. Per pytree structure this remembers the
-    sharding of every leaf and the block specs ``prepare`` derived; a later call whose leaves
-    are concrete arrays with the very same shardings skips ``prepare``'s per-leaf checks and
-    goes straight to ``jax.jit``, whose own C++ path checks shapes and dtypes (and ``run``
-    reports what it refuses through ``prepare``). The number of remembered structures is
-    bounded.
+    step returned, already where ``run`` wants them. The key is the call's pytree structure
+    and the sharding of every leaf; the value is the block specs ``prepare`` derived from
+    them (a function of the shardings alone). An entry is added by ``prepare`` when it finds
+    every leaf a concrete ``jax.Array`` already in place; per structure the latest shardings
+    are kept, and the number of structures is bounded. A call whose leaves have those very
+    shardings skips ``prepare``'s per-leaf checks and goes straight to ``jax.jit``, whose own
+    C++ path checks shapes and dtypes (and ``run`` reports what it refuses through
+    ``prepare``). A deleted leaf, or one in the record of donated arrays (``donated``), is
+    never in place: its call goes through ``prepare``, which refuses it.
     """
 
     def __init__(self, maxsize: int = 64):
+        self.donated = DonationRecord()
         self._maxsize = maxsize
-        self._layouts: collections.OrderedDict[Any, tuple[tuple, Any]] = collections.OrderedDict()
-        self._array_types: set[type] = set()
+        self._entries: collections.OrderedDict[Any, tuple[tuple, Any]] = collections.OrderedDict()
 
-    def match(
-        self, leaves: list[Any], structure: Any
-    ) -> tuple[NamedSharding | None, ...] | bool | None:
-        """The block specs remembered for this call's layout, or False when it is not known."""
-        entry = self._layouts.get(structure)
-        if entry is None or not self._array_types.issuperset(map(type, leaves)):
-            return False
-        shardings, block_specs = entry
-        if not laid_out_as(leaves, shardings):
-            return False
-        return block_specs
+    def lookup(self, leaves: list[Any], structure: Any) -> Any:
+        """The block specs of a call whose ``leaves`` are all in place, else ``MISS``."""
+        entry = self._entries.get(structure)
+        if entry is None or self.donated.may_hold(leaves):
+            return MISS
+        try:
+            if laid_out_as(leaves, entry[0]):
+                return entry[1]
+        except (AttributeError, TypeError):  # a leaf that is not a concrete jax.Array
+            pass
+        return MISS
 
     def remember(
         self,
@@ -97,15 +104,13 @@ class PlacedLayouts:
         structure: Any,
         block_specs: tuple[NamedSharding | None, ...] | None,
     ) -> None:
-        """Records that ``leaves`` (concrete arrays, in place) needed nothing from ``prepare``."""
-        types = set(map(type, leaves))
-        if not all(issubclass(t, jax.Array) and not issubclass(t, jax.core.Tracer) for t in types):
+        """Records that ``leaves`` are in place, needing nothing from ``prepare``."""
+        if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in leaves):
             return
-        self._array_types |= types
-        self._layouts[structure] = (shardings_of(leaves), block_specs)
-        self._layouts.move_to_end(structure)
-        while len(self._layouts) > self._maxsize:
-            self._layouts.popitem(last=False)
+        self._entries[structure] = (shardings_of(leaves), block_specs)
+        self._entries.move_to_end(structure)
+        while len(self._entries) > self._maxsize:
+            self._entries.popitem(last=False)
 
 
 _SHARDING = operator.attrgetter("sharding")
@@ -131,8 +136,7 @@ def prepare(
     num_replicas: int,
     per_replica: NamedSharding,
     replicated: NamedSharding,
-    donated: DonationRecord,
-    layouts: PlacedLayouts | None = None,
+    placed: PlacementCache,
 ) -> tuple[PyTree, tuple[NamedSharding | None, ...] | None, bool]:
     """Checks ``run``'s ``(args, kwargs)`` and places them on the mesh.
 
@@ -144,12 +148,12 @@ def prepare(
     Host int64 leaves that do not fit the 32-bit integers of a job without x64 are refused.
     ``Mirrored`` markers are unwrapped. Leaves already in place are not copied; the tree is
     rebuilt only when something moved. When nothing moved, the layout is added to
-    ``layouts`` for ``PlacedLayouts.match``.
+    ``placed``, whose record of donated arrays refuses an array given away before.
 
     Returns:
       The placed inputs; for each of their leaves (PerReplica counting as one), on a mesh
       with several logical cores, the layout of a whole-array leaf (a NamedSharding, which
-      outputs of the same place in the state keep: see ``_run.Step``), or None; None instead
+      outputs of the same place in the state keep: see ``_compile.Step``), or None; None instead
       of that tuple when every entry would be None; and whether any leaf is traced (``run``
       inside the user's ``jax.jit``).
     """
@@ -170,7 +174,7 @@ def prepare(
             traced = True
             placed_nodes.append(node)
             continue
-        if (where := donated.donated_as(x)) is not None or (
+        if (where := placed.donated.donated_as(x)) is not None or (
             isinstance(x, jax.Array) and x.is_deleted()
         ):
             name = _where(inputs, index)
@@ -214,8 +218,8 @@ def prepare(
             specs[index] = spec
         specs = tuple(specs)
     if traced or not moved:
-        if not traced and layouts is not None:
-            layouts.remember(*jax.tree.flatten(inputs), specs)
+        if not traced:
+            placed.remember(*jax.tree.flatten(inputs), specs)
         return inputs, specs, traced
     return tree.unflatten(placed_nodes), specs, traced
 

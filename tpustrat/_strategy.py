@@ -15,6 +15,7 @@ from tpustrat import (
     _cache,
     _context,
     _cross_replica,
+    _dispatch,
     _input,
     _layout,
     _logical,
@@ -22,13 +23,12 @@ from tpustrat import (
     _metrics,
     _multistep,
     _nnx,
-    _run,
     _summary,
     _values,
     _watchdog,
 )
 from tpustrat._checks import check_bool, check_int, check_leaf, describe, is_iterator
-from tpustrat._context import ReduceOp, ReplicaContext, strategy_scope
+from tpustrat._context import ReduceOp, StrategyScope
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
 from tpustrat._topology import DeviceAssignment
@@ -109,9 +109,7 @@ class TPUStrategy:
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
         self._spmd = spmd
-        self._runner = _run.Runner(
-            self._mesh, lambda row_mask: ReplicaContext(self, row_mask), max_steps_in_flight
-        )
+        self._dispatcher = _dispatch.Dispatcher(self._mesh, self._num_slices, max_steps_in_flight)
         self._multisteps = _cache.FunctionCache(_multistep.MultiStep)
 
     @property
@@ -175,14 +173,14 @@ class TPUStrategy:
           ...     ts.get_strategy() is strategy
           True
         """
-        return strategy_scope(self)
+        return StrategyScope(self)
 
     def run(
         self,
         fn: Callable[..., PyTree],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
-        options: _run.RunOptions | None = None,
+        options: _dispatch.RunOptions | None = None,
     ) -> PyTree:
         """Runs ``fn(*args, **kwargs)`` on every replica.
 
@@ -245,8 +243,8 @@ class TPUStrategy:
             if is_iterator(arg):
                 check_leaf(f"args[{i}]", arg)
         if options is None:
-            options = _run.DEFAULT_OPTIONS
-        elif not isinstance(options, _run.RunOptions):
+            options = _dispatch.DEFAULT_OPTIONS
+        elif not isinstance(options, _dispatch.RunOptions):
             raise TypeError(
                 f"strategy.run options must be a ts.RunOptions, got {type(options).__name__}; "
                 "e.g. options=ts.RunOptions(donate_argnums=(0,))"
@@ -257,7 +255,7 @@ class TPUStrategy:
                 "args of this call; donate an existing position, e.g. (0,) for the state"
             )
         args = args if type(args) is tuple else tuple(args)
-        return self._runner.run(fn, args, {} if kwargs is None else dict(kwargs), options)
+        return self._dispatcher.run(self, fn, args, {} if kwargs is None else dict(kwargs), options)
 
     def experimental_run_steps(
         self,
@@ -268,7 +266,7 @@ class TPUStrategy:
         *,
         stack_outputs: bool = False,
         unroll: int | bool = 1,
-        options: _run.RunOptions | None = None,
+        options: _dispatch.RunOptions | None = None,
     ) -> _multistep.StepsResult:
         """Runs up to ``steps_per_run`` training steps in one compiled program.
 
@@ -363,7 +361,7 @@ class TPUStrategy:
           2 programs compiled, 1 cache hits
             - <lambda> compiled again: args[0] changed shape from (4,) to (6,)...
         """
-        return self._runner.ledger.stats()
+        return self._dispatcher.ledger.stats()
 
     def reduce(self, reduce_op: ReduceOp | str, value: PyTree, axis: int | None = None) -> PyTree:
         """Combines a distributed value across replicas into one value.
@@ -399,7 +397,7 @@ class TPUStrategy:
         )
         with _watchdog.calling("reduce"):
             result = _cross_replica.reduce(op, value, axis, self.num_replicas_in_sync)
-        self._runner.window.admit_result(result)
+        self._dispatcher.window.admit_result(result)
         return result
 
     def gather(self, value: PyTree, axis: int) -> PyTree:
@@ -425,7 +423,7 @@ class TPUStrategy:
         )
         with _watchdog.calling("gather"):
             result = _cross_replica.gather(value, axis, self.num_replicas_in_sync)
-        self._runner.window.admit_result(result)
+        self._dispatcher.window.admit_result(result)
         return result
 
     def experimental_local_results(self, value: PyTree) -> tuple[PyTree, ...]:

@@ -1,12 +1,18 @@
-"""Compiling a per-replica step function into one SPMD program over the mesh."""
+"""Compiling a per-replica step function into one SPMD program over the mesh.
+
+A ``Step`` traces the user's function once per argument signature inside a ``shard_map``,
+proves which outputs are the same on every replica (``_replication``), checks the step's
+metrics (``_metrics``), keeps the layouts of updated state over the logical cores, and
+replays the trace as one ``jax.jit`` program. ``CompiledSteps`` keeps one ``Step`` per step
+function and donation, and tells compile accounting (``_accounting.Ledger``) what it builds
+and traces. Dispatching the program (the window, donation record, call accounting) is
+``_dispatch``'s.
+"""
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
 import itertools
-import signal
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,68 +25,13 @@ from jax.extend.core import Jaxpr, Literal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import (
-    _accounting,
-    _bucketing,
-    _cache,
-    _mesh,
-    _metrics,
-    _nnx,
-    _placement,
-    _replication,
-    _watchdog,
-)
-from tpustrat._checks import check_int, describe
+from tpustrat import _accounting, _cache, _mesh, _metrics, _nnx, _replication
 from tpustrat._context import ReplicaContext, replica_scope
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_distributed, is_per_replica
 
 _JAX_DONATION_WARNING = "Some donated buffers were not usable"
-_flatten = jax.tree_util.tree_flatten  # jax.tree.flatten, one call fewer on run's hot path
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """Per-call options of ``strategy.run``.
-
-    Attributes:
-      donate_argnums: positions in ``args`` whose arrays ``run`` may overwrite with its outputs
-        (the training state, typically), so that an update happens in place and memory does not
-        double. A donated argument must not be used after the call. When a donated buffer
-        cannot be reused (no output of its shape, dtype and placement), ``run`` warns once per
-        compilation, naming the buffer.
-      experimental_bucketizing_dynamic_shape: pad the per-replica leading (batch) dimension of
-        PerReplica arguments up to the next power of two, so that a stream of varying batch
-        sizes compiles at most ``ceil(log2(max)) + 1`` programs. The step reads which rows are
-        real from ``ts.get_replica_context().row_mask``; PerReplica outputs keep the padded
-        rows.
-
-    Example:
-      >>> strategy = ts.TPUStrategy()
-      >>> state = strategy.replicate(np.zeros(4, np.float32))
-      >>> new = strategy.run(lambda s: s + 1, args=(state,),
-      ...                    options=ts.RunOptions(donate_argnums=(0,)))
-      >>> state.is_deleted(), float(new.sum())
-      (True, 4.0)
-    """
-
-    donate_argnums: tuple[int, ...] = ()
-    experimental_bucketizing_dynamic_shape: bool = False
-
-    def __post_init__(self):
-        positions = self.donate_argnums
-        if not isinstance(positions, tuple):
-            raise TypeError(
-                f"donate_argnums must be a tuple of argument positions >= 0, got "
-                f"{describe(positions)}; "
-                "e.g. donate_argnums=(0,) to donate args[0]"
-            )
-        for i, position in enumerate(positions):
-            check_int(f"donate_argnums[{i}]", position, minimum=0)
-
-
-DEFAULT_OPTIONS = RunOptions()
 
 
 class Step:
@@ -97,7 +48,7 @@ class Step:
     Args:
       fn: the user's step function.
       mesh: the strategy's mesh.
-      make_context: builds the ReplicaContext for one trace, given the row mask (or None).
+      num_slices: how many slices the replicas form (for the replica context's collectives).
       on_trace: called with the abstract signature of ``(args, kwargs)`` at each trace.
       donate_argnums: positions of ``args`` whose buffers the program may reuse.
     """
@@ -106,13 +57,13 @@ class Step:
         self,
         fn: Callable[..., PyTree],
         mesh: Mesh,
-        make_context: Callable[[jax.Array | None], ReplicaContext],
+        num_slices: int,
         on_trace: Callable[[_accounting.Signature], None],
         donate_argnums: tuple[int, ...] = (),
     ):
         self.name = getattr(fn, "__qualname__", None) or repr(fn)
         self.traces = 0
-        self._fn, self._mesh, self._make_context = fn, mesh, make_context
+        self._fn, self._mesh, self._num_slices = fn, mesh, num_slices
         self._on_trace, self._donate_argnums = on_trace, donate_argnums
         # With one core per replica nothing is left to the partitioner: every axis is manual,
         # which also lets host callbacks (jax.pure_callback) run inside the step.
@@ -178,7 +129,7 @@ class Step:
                 rows = _padded_rows(local[1:], per_replica_flags[1:])
                 mask, local = jnp.arange(rows) < local[0], local[1:]
             call_args, call_kwargs = rebuild(local)
-            with replica_scope(self._make_context(mask)):
+            with replica_scope(ReplicaContext(self._mesh, self._num_slices, mask)):
                 out = _call_step(self._fn, call_args, call_kwargs)
             leaves, tree = _flatten_outputs(out)
             out_tree.append(tree)
@@ -264,189 +215,49 @@ def _hoisted_constants(name: str, outer: Jaxpr, eqn: Any) -> int:
     return lead
 
 
-class Runner:
-    """``strategy.run``'s orchestration: place the inputs, run the step, keep the books.
+class CompiledSteps:
+    """The compiled ``Step`` of each step function and donation, and its compile accounting.
 
-    One per strategy. It owns the compiled steps (weakly keyed on the step function and
-    bounded, as ``jax.jit``'s caches are), the compile accounting, the dispatch window, the
-    record of donated arrays and the layouts of inputs seen already in place (``run``'s fast
-    path), and lifts Flax NNX objects into state. ``run`` calls, in order: a repeat of the
-    last fast call (``_HotCall``), the fast path or ``_placement.prepare`` (after shape
-    bucketing), the compiled ``Step``, then the books.
+    Weakly keyed on the function and bounded, as ``jax.jit``'s caches are (``_cache``): a step
+    goes, and compile accounting forgets it, when its function is garbage collected or when it
+    is the least recently used of more than 64. A training loop calls one step function over
+    and over, so the step found last is tried first, by its function and donation.
 
     Args:
       mesh: the strategy's mesh.
-      make_context: builds the ReplicaContext of one trace, given the row mask (or None).
-      max_steps_in_flight: the dispatch window's size.
+      num_slices: how many slices the replicas form.
+      ledger: the compile accounting, told of every step built and every trace.
     """
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        make_context: Callable[[jax.Array | None], ReplicaContext],
-        max_steps_in_flight: int,
-    ):
-        self._mesh, self._make_context = mesh, make_context
-        self._num_replicas = mesh.shape[_mesh.REPLICA_AXIS]
-        self._per_replica = _mesh.per_replica_sharding(mesh)
-        self._replicated = _mesh.replicated_sharding(mesh)
-        self.window = DispatchWindow(max_steps_in_flight)
-        self.ledger = _accounting.Ledger()
-        self._step_ids = itertools.count()
-        self._steps = _cache.FunctionCache(
-            self._new_step, on_evict=lambda entry: self.ledger.forget(entry[1])
-        )
-        self._lifted = _cache.FunctionCache(
-            lambda weak_fn, options: _nnx.LiftedSteps(weak_fn, *options)
-        )
-        self._donated = _placement.DonationRecord()
-        self._layouts = _placement.PlacedLayouts()
-        self._hot: _HotCall | None = None
+    def __init__(self, mesh: Mesh, num_slices: int, ledger: _accounting.Ledger):
+        self._mesh, self._num_slices, self._ledger = mesh, num_slices, ledger
+        self._ids = itertools.count()
+        self._steps = _cache.FunctionCache(self._build, on_evict=self._forget)
+        self._last: tuple[Any, tuple[int, ...], Step, int] | None = None
 
-    def run(self, fn: Callable[..., PyTree], args: tuple, kwargs: dict, options: RunOptions):
-        """``strategy.run`` on checked arguments."""
-        if _INTERRUPTS.pending:
-            _INTERRUPTS.raise_pending()
-        inputs = (args, kwargs)
-        if _nnx.nnx_module() is not None and any(
-            map(_nnx.is_nnx_object, itertools.chain(args, kwargs.values()))
-        ):  # NNX objects at the top: not worth flattening as pytrees, which they also are
-            return self._run_nnx(fn, args, _nnx.find_objects(inputs), options)
-        leaves, structure = _flatten(inputs)
-        if options.donate_argnums and len(set(map(id, leaves))) != len(leaves):
-            unshared = _unshare_donated(args, kwargs, options.donate_argnums)
-            if unshared is not None:
-                inputs = unshared
-                leaves, structure = _flatten(inputs)
-        donated = self._donated.may_hold(leaves)
-        hot = self._hot
-        if hot is not None and not donated and hot.repeats(fn, options, structure, leaves):
-            return self._call(hot.step, hot.key, options, None, hot.block_specs, inputs, True)
-        block_specs = False
-        if not (options.experimental_bucketizing_dynamic_shape or donated):
-            block_specs = self._layouts.match(leaves, structure)
-        if block_specs is not False:  # every leaf already in place, as on the last such call
-            step, key = self._steps.get(fn, options.donate_argnums)
-            outputs = self._call(step, key, options, None, block_specs, inputs, True)
-            self._hot = _HotCall(fn, options, structure, leaves, block_specs, step, key)
-            return outputs
-        found = _nnx.find_objects(inputs)
-        if found is not None:
-            return self._run_nnx(fn, args, found, options)
-        valid_rows = None
-        if options.experimental_bucketizing_dynamic_shape:
-            inputs, valid_rows = _bucketing.pad_to_bucket(inputs)
-        inputs, block_specs, traced = self._prepare(inputs)
-        step, key = self._steps.get(fn, options.donate_argnums)
-        if traced:
-            return step(valid_rows, block_specs, *inputs)[0]
-        return self._call(step, key, options, valid_rows, block_specs, inputs, False)
+    def get(self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]) -> tuple[Step, int]:
+        """The step compiling ``fn`` with ``donate_argnums``, and its compile-accounting key."""
+        last = self._last
+        if last is not None and last[1] == donate_argnums and last[0]() == fn:
+            return last[2], last[3]
+        step, key = self._steps.get(fn, donate_argnums)
+        self._last = (_cache.reference(fn), donate_argnums, step, key)
+        return step, key
 
-    def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
-        return _placement.prepare(
-            inputs,
-            self._num_replicas,
-            self._per_replica,
-            self._replicated,
-            self._donated,
-            self._layouts,
-        )
-
-    def _call(
-        self, step: Step, key: int, options, valid_rows, block_specs, inputs, fast: bool
-    ) -> PyTree:
-        """Runs the compiled step on placed ``inputs`` and does the host's bookkeeping.
-
-        On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
-        them (a deleted buffer, a PerReplica of the wrong length), ``prepare`` says why. The
-        dispatch window waits before the step is dispatched, and a step that donates is
-        dispatched and returned under ``_INTERRUPTS``: a Ctrl-C finds the caller holding either
-        the inputs, untouched, or this call's outputs.
-        """
-        self.window.make_room()
-        if not options.donate_argnums:
-            return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
-        with _INTERRUPTS:
-            return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
-
-    def _dispatch(
-        self, step: Step, key: int, options, valid_rows, block_specs, inputs, fast: bool
-    ) -> PyTree:
-        traces, compiles = step.traces, _accounting.backend_compiles()
-        try:
-            outputs, marker = step(valid_rows, block_specs, *inputs)
-        except Exception:
-            if not fast:
-                raise
-            self._hot = None
-            try:
-                self._prepare(inputs)  # raises the clear error when an input is at fault
-            except (TypeError, ValueError) as clear:
-                raise clear from None
-            raise
-        if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
-            return outputs
-        if options.donate_argnums:
-            self._donated.add_survivors(inputs[0], options.donate_argnums)
-        retraced, compiled = step.traces != traces, _accounting.backend_compiles() != compiles
-        if retraced or compiled:
-            self._hot = None
-            bucketing = options.experimental_bucketizing_dynamic_shape
-            self.ledger.compiled(key, step.name, retraced, bucketing)
-        else:
-            self.ledger.hit()
-        _watchdog.calls["run"] += 1
-        self.window.record(marker)
-        return outputs
-
-    def _run_nnx(self, fn, args, found, options: RunOptions) -> PyTree:
-        """``run`` of a step that takes Flax NNX objects: their new state is written back."""
-        objects, structure, positions, leaves = found
-        if options.donate_argnums:
-            object_args = {
-                i for i, arg in enumerate(args) if any(map(_nnx.is_nnx_object, _nnx_leaves(arg)))
-            }
-            if not set(options.donate_argnums) <= object_args:
-                raise ValueError(
-                    f"donate_argnums {options.donate_argnums} names array arguments of a step "
-                    f"that takes NNX objects (at {sorted(object_args)}); with NNX arguments only "
-                    "the objects' state can be donated: donate their positions only"
-                )
-        steps = self._lifted.get(fn, (structure, positions))
-        graph = steps.graph(objects)
-        while _metrics.adopt(graph):  # metrics' classes swapped: split again, once
-            graph = steps.graph(objects)
-        accumulators = _metrics.Accumulators(graph, objects, self._mesh)
-        lifted = steps.get(graph)
-        donate = (0,) if options.donate_argnums else ()
-        self.window.make_room()
-        # The objects take the whole new state, or keep the old.
-        with _INTERRUPTS, accumulators.tracing():
-            out, new = self.run(
-                lifted,
-                (accumulators.values, leaves),
-                {},
-                dataclasses.replace(options, donate_argnums=donate),
-            )
-            _nnx.write_back(graph, objects, accumulators.take_blocks(new), steps.object_names)
-            accumulators.record()
-        return out
-
-    def _new_step(
+    def _build(
         self, fn: Callable[..., PyTree], donate_argnums: tuple[int, ...]
     ) -> tuple[Step, int]:
-        """A compiled step for ``fn`` and the key compile accounting knows it by."""
-        key = next(self._step_ids)
+        key = next(self._ids)
         step = Step(
             fn,
             self._mesh,
-            self._make_context,
-            on_trace=lambda signature: self.ledger.traced(key, signature),
+            self._num_slices,
+            on_trace=lambda signature: self._ledger.traced(key, signature),
             donate_argnums=donate_argnums,
         )
         target = fn.target() if isinstance(fn, _cache.WeakCallable) else fn
         origin = _cache.origin(fn)
-        self.ledger.new_step(
+        self._ledger.new_step(
             key,
             step.name,
             None if origin is None else (origin, donate_argnums),
@@ -454,163 +265,10 @@ class Runner:
         )
         return step, key
 
-
-class _HotCall:
-    """The last call that found every input in place; a training loop's next call repeats it.
-
-    A loop calls the same step, with the same options, on the arrays the last call returned.
-    Recognizing such a call costs a pytree-structure comparison and a read of each leaf's
-    sharding and deletion: no lookup of the compiled step or of the remembered layouts.
-    """
-
-    __slots__ = ("block_specs", "fn", "key", "options", "shardings", "step", "structure")
-
-    def __init__(self, fn, options: RunOptions, structure, leaves: list, block_specs, step, key):
-        self.fn = _cache.reference(fn)  # weak where possible
-        self.options, self.structure, self.block_specs = options, structure, block_specs
-        self.shardings = _placement.shardings_of(leaves)  # concrete jax.Arrays, in place
-        self.step: Step = step
-        self.key: int = key
-
-    def repeats(self, fn, options: RunOptions, structure, leaves: list) -> bool:
-        """Whether a call of ``fn`` on ``leaves`` is this call again, every input in place."""
-        if not (
-            structure == self.structure
-            and (options is self.options or options == self.options)
-            and self.fn() == fn
-        ):
-            return False
-        try:
-            return _placement.laid_out_as(leaves, self.shardings)
-        except AttributeError:  # a leaf that is not a concrete jax.Array: a number, a tracer
-            return False
-
-
-class DispatchWindow:
-    """Bounds how many steps run ahead of the host.
-
-    XLA:CPU can abort on a rendezvous timeout when many collective programs are queued at once,
-    and on any backend an unbounded queue hides the real step time. Each dispatched program
-    leaves one array here that is ready when the program is done (``Step``'s marker); when
-    more than ``size`` are pending, the window waits for the oldest. ``run`` makes room
-    before it dispatches a step (``make_room``), so that a Ctrl-C during the wait finds the
-    step's inputs untouched; ``reduce`` and ``gather`` wait after theirs (``admit``). A
-    marker deleted since (an output a later step, or the user, donated) is passed over: the
-    step that consumed it cannot finish before it.
-    """
-
-    def __init__(self, size: int):
-        self.size = check_int("max_steps_in_flight", size, minimum=1)
-        self._pending: collections.deque[jax.Array] = collections.deque()
-
-    def make_room(self) -> None:
-        """Waits while ``size`` programs pend, so that one more may be dispatched."""
-        self._wait_while_more_than(self.size - 1)
-
-    def record(self, marker: jax.Array) -> None:
-        """Records a program dispatched after ``make_room`` by a concrete array it computes."""
-        self._pending.append(marker)
-
-    def admit(self, marker: jax.Array) -> None:
-        """Records a dispatched program by a concrete array it computes (its marker), waiting
-        while more than ``size`` pend."""
-        self._pending.append(marker)
-        self._wait_while_more_than(self.size)
-
-    def _wait_while_more_than(self, count: int) -> None:
-        pending = self._pending
-        while len(pending) > count:
-            oldest = pending.popleft()
-            if not oldest.is_deleted():  # a reduce result the user donated since: its step waits
-                with _watchdog.waiting("run"):
-                    oldest.block_until_ready()
-
-    def admit_result(self, result: PyTree) -> None:
-        """``admit`` for the result of ``reduce`` or ``gather``, whose first leaf stands for
-        the program. Traced values are ignored: inside the user's ``jax.jit`` nothing is
-        dispatched."""
-        leaves = jax.tree.leaves(result)
-        if leaves and not isinstance(leaves[0], jax.core.Tracer):
-            self.admit(leaves[0])
-
-
-class _InterruptHold:
-    """Holds Ctrl-C back while a step that consumes its inputs is dispatched and returned.
-
-    A step that donates deletes its donated inputs once it is dispatched; a KeyboardInterrupt
-    raised between that and ``run``'s return would leave the caller with neither the inputs
-    nor the outputs (and NNX objects half written back). Inside the hold SIGINT is only
-    recorded, and the next ``run`` call raises the KeyboardInterrupt before it dispatches
-    anything, so the caller holds the state the interrupted call returned (a program that
-    calls ``run`` no more does not see that interrupt). Off the main thread, or under a
-    SIGINT handler of the user's own, nothing is held back. Nested holds (an NNX step's
-    state) are one hold.
-    """
-
-    def __init__(self):
-        self.pending = False
-        self._depth = 0
-        self._holding = False
-
-    def raise_pending(self) -> None:
-        """Raises the KeyboardInterrupt held back by an earlier call."""
-        self.pending = False
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> None:
-        # A KeyboardInterrupt raised in here (nothing is dispatched yet) leaves no hold behind.
-        if self._depth == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            with contextlib.suppress(ValueError):  # not the main thread, which SIGINT reaches
-                signal.signal(signal.SIGINT, self._record)
-                self._holding = True
-        self._depth += 1
-
-    def __exit__(self, *exception) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._holding:
-            self._holding = False
-            # signal.signal runs the handler of a SIGINT already received (ours) before it
-            # puts the default back.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _record(self, signum, frame) -> None:
-        del signum, frame
-        self.pending = True
-
-
-_INTERRUPTS = _InterruptHold()
-
-
-def _unshare_donated(args: tuple, kwargs: dict, donate_argnums: tuple[int, ...]):
-    """``(args, kwargs)`` with a copy for every repeat of a donated array, or None if none.
-
-    XLA cannot donate one buffer twice (tied weights: ``{"a": w, "b": w}``), nor read a
-    buffer the same call donates (``args=(x, x)`` with ``args[0]`` donated): the first
-    occurrence in a donated argument is donated, every other occurrence is a copy.
-    """
-    donated: set[int] = set()
-    parts = list(args)
-
-    def copy_repeats(tree: PyTree, is_donated: bool) -> tuple[PyTree, bool]:
-        leaves, structure = jax.tree.flatten(tree, is_leaf=_nnx.is_nnx_object)
-        copied = False
-        for k, leaf in enumerate(leaves):
-            if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
-                continue
-            if id(leaf) in donated:
-                leaves[k] = jax.device_put(leaf, leaf.sharding, may_alias=False)
-                copied = True
-            elif is_donated:
-                donated.add(id(leaf))
-        return (structure.unflatten(leaves) if copied else tree), copied
-
-    positions = sorted(set(donate_argnums))
-    changed = False
-    for i in positions + [i for i in range(len(parts)) if i not in positions]:
-        parts[i], copied = copy_repeats(parts[i], i in positions)
-        changed |= copied
-    kwargs, copied = copy_repeats(kwargs, False)
-    return (tuple(parts), kwargs) if changed or copied else None
+    def _forget(self, entry: tuple[Step, int]) -> None:
+        if self._last is not None and self._last[3] == entry[1]:
+            self._last = None
+        self._ledger.forget(entry[1])
 
 
 def _an_output_array(outputs: PyTree) -> jax.Array:
@@ -853,7 +511,3 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
 def _distributed_kind(x: Any) -> str | None:
     """``"PerReplica"`` or ``"Mirrored"`` for a distributed value, else None."""
     return type(x).__name__ if is_distributed(x) else None
-
-
-def _nnx_leaves(tree: PyTree) -> list[Any]:
-    return jax.tree.leaves(tree, is_leaf=_nnx.is_nnx_object)
