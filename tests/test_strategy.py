@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpustrat as ts
+from tpustrat import _placement
 
 
 def _replica_ids(strategy, dtype=np.float32):
@@ -386,13 +387,39 @@ def test_calls_with_placed_inputs_match_the_checked_path(strategy):
         mean = ts.get_replica_context().all_reduce("mean", i)
         return jax.tree.map(lambda w: w + mean, state)
 
-    # Call 1 places, call 2 records the layout, call 3 finds it, and calls 4-6 repeat call 3.
+    # Call 1 places, call 2 records the layout in the placement cache, calls 3-6 find it there.
     for _ in range(6):
         state = strategy.run(step, args=(state, ids))
     for k in range(12):
         np.testing.assert_allclose(np.asarray(state[f"w{k}"]), k + 6 * (n - 1) / 2)
     stats = strategy.compile_stats()
     assert (stats.num_compiles, stats.num_cache_hits) == (1, 5)
+
+
+def test_the_placement_cache_is_keyed_by_structure_and_shardings_and_refuses_gone_arrays():
+    """A lookup finds a call whose leaves have the remembered structure and shardings; a
+    deleted or donated leaf, a leaf moved elsewhere, a number or a tracer is never in place."""
+    strategy = ts.TPUStrategy()
+    cache = _placement.PlacementCache()
+    state = strategy.replicate({"a": np.zeros(3, np.float32), "b": np.ones(2, np.float32)})
+    leaves, structure = jax.tree.flatten(((state,), {}))
+    assert cache.lookup(leaves, structure) is _placement.MISS
+    cache.remember(leaves, structure, None)
+    assert cache.lookup(leaves, structure) is None  # in place; None: no layouts over cores
+    again, _ = jax.tree.flatten(((strategy.replicate(state),), {}))
+    assert cache.lookup(again, structure) is None  # other arrays, the same shardings
+    moved = [jax.device_put(leaves[0], jax.devices()[0]), leaves[1]]
+    other_structure = jax.tree.flatten(((state, state), {}))[1]
+    assert cache.lookup(moved, structure) is _placement.MISS
+    assert cache.lookup(leaves * 2, other_structure) is _placement.MISS
+    assert cache.lookup([1.0, leaves[1]], structure) is _placement.MISS
+    traced = []
+    jax.make_jaxpr(lambda x: traced.append(cache.lookup([x, leaves[1]], structure)) or x)(leaves[0])
+    assert traced == [_placement.MISS]
+    cache.donated.add(leaves[1], "args[0]['b']")
+    assert cache.lookup(leaves, structure) is _placement.MISS
+    again[0].delete()
+    assert cache.lookup(again, structure) is _placement.MISS
 
 
 def _plus_one(state):

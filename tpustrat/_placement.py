@@ -62,8 +62,7 @@ class DonationRecord:
         return bool(self._donated) and not self._donated.keys().isdisjoint(map(id, leaves))
 
 
-MISS = object()
-"""What ``PlacementCache.lookup`` returns for inputs it does not know in place."""
+MISS = object()  # what PlacementCache.lookup returns for inputs not known to be in place
 
 
 class PlacementCache:
@@ -92,7 +91,7 @@ class PlacementCache:
         if entry is None or self.donated.may_hold(leaves):
             return MISS
         try:
-            if laid_out_as(leaves, entry[0]):
+            if _laid_out_as(leaves, entry[0]):
                 return entry[1]
         except (AttributeError, TypeError):  # a leaf that is not a concrete jax.Array
             pass
@@ -107,7 +106,7 @@ class PlacementCache:
         """Records that ``leaves`` are in place, needing nothing from ``prepare``."""
         if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in leaves):
             return
-        self._entries[structure] = (shardings_of(leaves), block_specs)
+        self._entries[structure] = (_shardings_of(leaves), block_specs)
         self._entries.move_to_end(structure)
         while len(self._entries) > self._maxsize:
             self._entries.popitem(last=False)
@@ -117,16 +116,16 @@ _SHARDING = operator.attrgetter("sharding")
 _IS_DELETED = operator.methodcaller("is_deleted")
 
 
-def shardings_of(leaves: list[Any]) -> tuple[Any, ...]:
+def _shardings_of(leaves: list[Any]) -> tuple[Any, ...]:
     """The sharding of every leaf (concrete ``jax.Array`` s)."""
     return tuple(map(_SHARDING, leaves))
 
 
-def laid_out_as(leaves: list[Any], shardings: tuple[Any, ...]) -> bool:
-    """Whether ``leaves`` have exactly ``shardings`` (as from ``shardings_of``) and none is deleted.
+def _laid_out_as(leaves: list[Any], shardings: tuple[Any, ...]) -> bool:
+    """Whether ``leaves`` have exactly ``shardings`` (as from ``_shardings_of``) and none is deleted.
 
-    ``jax.jit``'s C++ path does not check for deleted buffers itself. Raises AttributeError
-    for a leaf that is not a concrete ``jax.Array`` (a number, a tracer).
+    ``jax.jit``'s C++ path does not check for deleted buffers itself. Raises AttributeError or
+    TypeError for a leaf that is not a concrete ``jax.Array`` (a number, a tracer).
     """
     return tuple(map(_SHARDING, leaves)) == shardings and not any(map(_IS_DELETED, leaves))
 
