@@ -487,9 +487,9 @@ def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, No
 class StrategyScope(Generic[_S]):
     """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends.
 
-    ``strategy.scope()`` returns one, and ``strategy.run`` enters one around every call, so
-    that the step it traces sees its strategy (``ReplicaContext.strategy``, ``ts.get_strategy``).
-    One instance is entered once at a time; nest new ones.
+    ``strategy.scope()`` returns one, and ``strategy.run`` enters one around the compiled step
+    it calls, so that the step it traces sees its strategy (``ReplicaContext.strategy``,
+    ``ts.get_strategy``). One instance is entered once at a time; nest new ones.
 
     Example:
       >>> strategy = ts.TPUStrategy()
