@@ -7,7 +7,7 @@ import contextvars
 import enum
 import functools
 from collections.abc import Callable, Generator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,10 @@ _S = TypeVar("_S", bound=Strategy)
 _REPLICA_CONTEXT: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
     "tpustrat_replica_context", default=None
 )
-_STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
+# The strategy of the innermost strategy.scope() or run. run sets it around the compiled
+# step it calls (the step traces there) with the ContextVar's own set and reset: on its hot
+# path, and inside the interrupt hold of a donating call, where no Python frame may be entered.
+CURRENT_STRATEGY: contextvars.ContextVar[Strategy | None] = contextvars.ContextVar(
     "tpustrat_strategy", default=None
 )
 
@@ -159,8 +162,8 @@ class ReplicaContext:
     def strategy(self) -> Strategy:
         """The strategy running this step (the one whose ``run`` traces it)."""
         self._check_active("strategy")
-        strategy = _STRATEGY.get()
-        assert strategy is not None, "strategy.run enters its strategy's scope"
+        strategy = CURRENT_STRATEGY.get()
+        assert strategy is not None, "strategy.run sets its strategy around the step"
         return strategy
 
     @property
@@ -466,13 +469,13 @@ def check_cross_replica(call: str, fix: str) -> None:
 def current_strategy() -> Strategy | None:
     """The strategy of the innermost ``strategy.scope()`` or ``run``, or None
     (``ts.get_strategy`` is the public, precisely typed face of this)."""
-    return _STRATEGY.get()
+    return CURRENT_STRATEGY.get()
 
 
 @contextlib.contextmanager
 def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, None]:
     """Makes ``context`` the one ``get_replica_context`` returns while ``run`` traces the step
-    inside the block (``run`` has entered its strategy's ``StrategyScope``)."""
+    inside the block (``run`` has made its strategy the current one)."""
     context._replica_id = lax.axis_index(REPLICA_AXIS)  # once, outside any loop: see _index
     context._active = True
     token = _REPLICA_CONTEXT.set(context)
@@ -484,31 +487,11 @@ def replica_scope(context: ReplicaContext) -> Generator[ReplicaContext, None, No
         context._replica_id = None
 
 
-class StrategyScope(Generic[_S]):
-    """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends.
-
-    ``strategy.scope()`` returns one, and ``strategy.run`` enters one around the compiled step
-    it calls, so that the step it traces sees its strategy (``ReplicaContext.strategy``,
-    ``ts.get_strategy``). One instance is entered once at a time; nest new ones.
-
-    Example:
-      >>> strategy = ts.TPUStrategy()
-      >>> with StrategyScope(strategy):
-      ...     current_strategy() is strategy
-      True
-    """
-
-    __slots__ = ("_strategy", "_token")
-
-    def __init__(self, strategy: _S) -> None:
-        self._strategy = strategy
-        self._token: contextvars.Token | None = None
-
-    def __enter__(self) -> _S:
-        self._token = _STRATEGY.set(self._strategy)
-        return self._strategy
-
-    def __exit__(self, *exception: object) -> None:
-        assert self._token is not None, "exited a strategy scope that was not entered"
-        _STRATEGY.reset(self._token)
-        self._token = None
+@contextlib.contextmanager
+def strategy_scope(strategy: _S) -> Generator[_S, None, None]:
+    """Makes ``strategy`` the one ``current_strategy`` returns, until the block ends."""
+    token = CURRENT_STRATEGY.set(strategy)
+    try:
+        yield strategy
+    finally:
+        CURRENT_STRATEGY.reset(token)

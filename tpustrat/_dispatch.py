@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from tpustrat import _accounting, _bucketing, _cache, _mesh, _metrics, _nnx, _placement, _watchdog
 from tpustrat._checks import check_int, describe
 from tpustrat._compile import CompiledSteps, Step
-from tpustrat._context import Strategy, StrategyScope
+from tpustrat._context import CURRENT_STRATEGY, Strategy
 from tpustrat._types import PyTree
 
 _flatten = jax.tree_util.tree_flatten  # jax.tree.flatten, one call fewer on run's hot path
@@ -141,8 +141,11 @@ class Dispatcher:
         inputs, block_specs, traced = self._prepare(inputs)
         step, key = self._steps.get(fn, options.donate_argnums)
         if traced:
-            with StrategyScope(strategy):
+            token = CURRENT_STRATEGY.set(strategy)
+            try:
                 return step(valid_rows, block_specs, *inputs)[0]
+            finally:
+                CURRENT_STRATEGY.reset(token)
         return self._call(strategy, step, key, options, valid_rows, block_specs, inputs, False)
 
     def _prepare(self, inputs: PyTree) -> tuple[PyTree, Any, bool]:
@@ -166,20 +169,32 @@ class Dispatcher:
         On the fast path the inputs were not checked leaf by leaf; when ``jax.jit`` refuses
         them (a PerReplica of the wrong length, say), ``prepare`` says why. The dispatch
         window waits before the step is dispatched, and a step that donates is dispatched and
-        returned under ``_INTERRUPTS``, the strategy's scope inside it: a Ctrl-C finds the
-        caller holding either the inputs, untouched, or this call's outputs.
+        returned under ``_INTERRUPTS``: a Ctrl-C finds the caller holding either the inputs,
+        untouched, or this call's outputs.
         """
         self.window.make_room()
         if not options.donate_argnums:
-            with StrategyScope(strategy):
-                return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
-        with _INTERRUPTS, StrategyScope(strategy):
-            return self._dispatch(step, key, options, valid_rows, block_specs, inputs, fast)
+            return self._dispatch(
+                strategy, step, key, options, valid_rows, block_specs, inputs, fast
+            )
+        with _INTERRUPTS:
+            return self._dispatch(
+                strategy, step, key, options, valid_rows, block_specs, inputs, fast
+            )
 
     def _dispatch(
-        self, step: Step, key: int, options, valid_rows, block_specs, inputs, fast: bool
+        self,
+        strategy: Strategy,
+        step: Step,
+        key: int,
+        options: RunOptions,
+        valid_rows: Any,
+        block_specs: Any,
+        inputs: PyTree,
+        fast: bool,
     ) -> PyTree:
         traces, compiles = step.traces, _accounting.backend_compiles()
+        token = CURRENT_STRATEGY.set(strategy)  # the step traces, if it does, as the strategy's
         try:
             outputs, marker = step(valid_rows, block_specs, *inputs)
         except Exception:
@@ -190,6 +205,8 @@ class Dispatcher:
             except (TypeError, ValueError) as clear:
                 raise clear from None
             raise
+        finally:
+            CURRENT_STRATEGY.reset(token)
         if isinstance(marker, jax.core.Tracer):  # inside the user's jax.jit: nothing dispatched
             return outputs
         if options.donate_argnums:

@@ -122,7 +122,7 @@ def _shardings_of(leaves: list[Any]) -> tuple[Any, ...]:
 
 
 def _laid_out_as(leaves: list[Any], shardings: tuple[Any, ...]) -> bool:
-    """Whether ``leaves`` have exactly ``shardings`` (as from ``_shardings_of``) and none is deleted.
+    """Whether ``leaves`` have exactly ``shardings`` (``_shardings_of``) and none is deleted.
 
     ``jax.jit``'s C++ path does not check for deleted buffers itself. Raises AttributeError or
     TypeError for a leaf that is not a concrete ``jax.Array`` (a number, a tracer).

@@ -28,7 +28,7 @@ from tpustrat import (
     _watchdog,
 )
 from tpustrat._checks import check_bool, check_int, check_leaf, describe, is_iterator
-from tpustrat._context import ReduceOp, StrategyScope
+from tpustrat._context import ReduceOp, strategy_scope
 from tpustrat._dataset_options import InputContext, InputOptions
 from tpustrat._input import DistributedDataset
 from tpustrat._topology import DeviceAssignment
@@ -173,7 +173,7 @@ class TPUStrategy:
           ...     ts.get_strategy() is strategy
           True
         """
-        return StrategyScope(self)
+        return strategy_scope(self)
 
     def run(
         self,
