@@ -425,7 +425,9 @@ def test_digest_of_a_sharded_leaf_holds_when_restored_cut_otherwise(tmp_path, ta
     with ts.CheckpointManager(tmp_path, eight) as manager:
         manager.save(1, {"w": w})
     strategy = _strategy(target)
-    spec = P("replica") if strategy.num_replicas_in_sync > 1 else P(None, "logical_core")
+    spec = (
+        P("replica") if strategy.num_replicas_in_sync > 1 else P(None, strategy.logical_core_axes)
+    )
     sharding = NamedSharding(strategy.mesh, spec)
     with ts.CheckpointManager(tmp_path, strategy) as manager:
         restored = manager.restore(

@@ -181,10 +181,10 @@ class _Placement:
 def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     """``strategy.place_params``: every leaf of ``tree`` laid out over the cores by ``rules``.
 
-    Leaves go onto ``mesh`` (the strategy's, its cores factored into sub-axes) with their
-    rule's spec spelled on those sub-axes (behind the replica axis for a PerReplica's
-    stacked blocks), the sharding ``run`` keeps for the state it updates; on a mesh of one
-    core per replica no leaf is tiled. NNX objects are updated in place and returned
+    Leaves go onto ``mesh`` (the strategy's) with their rule's spec, ``"logical_core"``
+    spelled as the mesh's core axes (behind the replica axis for a PerReplica's stacked
+    blocks), the sharding ``run`` keeps for the state it updates; on a mesh of one core per
+    replica no leaf is tiled. NNX objects are updated in place and returned
     themselves.
     """
     if not isinstance(rules, LayoutRules):
@@ -195,10 +195,9 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     tree = _values.unwrap_mirrored(tree)
     if _nnx.split_objects(tree) is None:
         _values.check_array_leaves("place_params", tree, "tree")
-    cores = mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
+    cores = _mesh.num_cores(mesh)
     named, rebuild = _named_leaves(tree)
     placements = rules._assign(named, cores)
-    public = _mesh.public_mesh(mesh)
 
     def put(leaf: Any, spec: P) -> Any:
         stacked = isinstance(leaf, PerReplica)
@@ -209,7 +208,7 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
                 entries.pop()
         if not entries:
             return _values.replicate(leaf, mesh)
-        sharding = _mesh.on_mesh(NamedSharding(public, P(*entries)), mesh)
+        sharding = NamedSharding(mesh, _mesh.spell_cores(P(*entries), mesh))
         array = leaf.stacked if stacked else leaf
         if not (isinstance(array, jax.Array) and array.sharding == sharding):
             array = _values.put(
@@ -345,7 +344,8 @@ def _check_spec(index: int, pattern: str, spec: Any) -> P:
                 why = (
                     "the replica axis is data parallelism's, and every replica holds the same tiles"
                     if name == _mesh.REPLICA_AXIS
-                    else "the logical cores are named as one axis"
+                    else "a rule names all of a replica's cores as one axis, whatever sub-axes "
+                    "a strategy's mesh factors them into"
                 )
             else:
                 why = "it is not an axis of the mesh"
