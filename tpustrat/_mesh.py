@@ -234,8 +234,8 @@ def spell_cores(spec: PartitionSpec, mesh: Mesh | AbstractMesh) -> PartitionSpec
       A ``PartitionSpec`` over ``mesh``'s axes.
 
     Example:
-      >>> spell_cores(PartitionSpec(None, "logical_core"), build_mesh(jax.devices(), 4))
-      PartitionSpec(None, ('logical_core.0', 'logical_core.1'))
+      >>> tuple(spell_cores(PartitionSpec(None, "logical_core"), build_mesh(jax.devices(), 4)))
+      (None, ('logical_core.0', 'logical_core.1'))
     """
     axes, cores = set(mesh.axis_names), core_axes(mesh)
 
