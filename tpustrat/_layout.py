@@ -45,8 +45,9 @@ class LayoutRules:
     (``re.search``) in the leaf's path, its keys joined with ``/`` (``params/Dense_0/kernel``,
     ``layers/0/kernel``; an optimizer's moments of that parameter, ``opt_state/0/mu/...``, match
     the same pattern), and ``spec`` gives one entry per dimension of the leaf: ``None`` to keep
-    the dimension whole, ``"logical_core"`` to cut it into one tile per core. The first rule
-    that matches wins; a leaf no rule matches stays whole on every core.
+    the dimension whole, ``"logical_core"`` to cut it into one tile per core (on a mesh whose
+    cores are factored into sub-axes, ``strategy.logical_core_axes``, the name stands for all of
+    them). The first rule that matches wins; a leaf no rule matches stays whole on every core.
 
     ``strategy.place_params`` (and ``partition_specs``) refuse, naming the leaf and the rule: a
     spec whose length is not the leaf's rank, a dimension that the number of logical cores does
