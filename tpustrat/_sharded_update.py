@@ -242,7 +242,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             for x, path in zip(shards, state_paths)
         ]
         extra_splits = [None] * len(jax.tree.leaves(extra_args))
-        (new_updates, new_local), out_splits, _ = _interpret(
+        (new_updates, new_local), out_splits, _ = _interpret_with_replica_axis(
             lambda *a, **k: tx.update(*a, **k),
             (grads, state_local, param_blocks),
             [*splits, *state_splits, *param_splits, *extra_splits],
@@ -695,6 +695,45 @@ def _interpret(
             )
     whole_shapes = [tuple(s.shape) for s in jax.tree.leaves(shapes)]
     return jax.tree.unflatten(jax.tree.structure(shapes), outs), out_splits, whole_shapes
+
+
+def _interpret_with_replica_axis(
+    fn: Callable[..., Any],
+    args: tuple,
+    splits: list[_Split | None],
+    ctx: ReplicaContext,
+    kwargs: dict | None = None,
+) -> tuple[PyTree, list[_Split | None], list[tuple[int, ...]]]:
+    """``_interpret`` on the blocks in the shape ``run`` holds them: ``(1, *block)``.
+
+    ``run`` stacks a ReplicaShard's blocks as ``(num_replicas, *block)`` and hands a step its
+    replica's ``(1, *block)`` without the leading axis. The update runs under ``jax.vmap``
+    over that axis put back (``block[None]``), so its arithmetic is on arrays of the stacked
+    buffers' own shape and XLA folds each pair of reshapes away. Run on the blocks without the
+    axis, XLA:CPU recomputes a new state block (Adam's moment) inside the fusion that writes
+    the new parameter, which then reads the old block while another fusion overwrites that
+    donated buffer in place, so it keeps a copy of every donated state block for the whole
+    step. The values are the same either way.
+    """
+    leaves, tree = jax.tree.flatten((args, kwargs or {}))
+    positions = [i for i, split in enumerate(splits) if split is not None]
+    if not positions:
+        return _interpret(fn, args, splits, ctx, kwargs)
+    found = []
+
+    def on_blocks(*blocks):
+        full = list(leaves)
+        for i, block in zip(positions, blocks):
+            full[i] = block
+        call_args, call_kwargs = tree.unflatten(full)
+        outs, out_splits, shapes = _interpret(fn, call_args, splits, ctx, call_kwargs)
+        out_leaves, out_tree = jax.tree.flatten(outs)
+        found.append((out_tree, out_splits, shapes))
+        return [jnp.asarray(x) for x in out_leaves]
+
+    outs = jax.vmap(on_blocks)(*[jnp.asarray(leaves[i])[None] for i in positions])
+    out_tree, out_splits, shapes = found[0]
+    return out_tree.unflatten([x[0] for x in outs]), out_splits, shapes
 
 
 def _whole_aval(x: Any, split: _Split | None) -> jax.ShapeDtypeStruct:
