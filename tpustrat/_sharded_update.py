@@ -354,11 +354,30 @@ def _init_outside_run(tx: Any, params: PyTree) -> PyTree:
         if _is_shard(node):
             blocks = PerReplica.from_stacked(jax.device_put(node.blocks, sharding))
             if from_nnx:  # nnx.Optimizer makes a Variable of each leaf: the blocks, not the shard
-                blocks = nnx.Variable(blocks)
+                blocks = nnx.Variable(blocks, **{SHARD_METADATA: (node.shape, node.axis)})
             return ReplicaShard(blocks, node.shape, node.axis)
         return jax.device_put(node[0], replicated)
 
     return jax.tree.map(place, stacked, is_leaf=_is_shard)
+
+
+# The metadata key, on the nnx Variable that holds a ReplicaShard's blocks in an nnx.Optimizer,
+# of the whole leaf's (shape, axis): nnx.state keeps a Variable's metadata, not the ReplicaShard
+# around it, and a checkpoint needs both to re-cut the blocks for another number of replicas.
+SHARD_METADATA = "tpustrat_replica_shard"
+
+
+def variable_shard(x: Any) -> tuple[tuple[int, ...], int] | None:
+    """The whole (shape, axis) of the ReplicaShard whose blocks the nnx Variable ``x`` holds
+    (in an ``nnx.Optimizer`` over ``ts.shard_update``); None for any other value."""
+    nnx: Any = _nnx.nnx_module()
+    if nnx is None or not isinstance(x, nnx.Variable):
+        return None
+    shard = x.get_metadata().get(SHARD_METADATA)
+    if shard is None or not isinstance(x.get_raw_value(), PerReplica):
+        return None
+    shape, axis = shard
+    return tuple(shape), axis
 
 
 def _local(tree: PyTree, num_replicas: int, name: str):
