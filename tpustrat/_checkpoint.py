@@ -799,9 +799,8 @@ def _named_leaves(state: PyTree) -> list[_Named]:
         elif isinstance(leaf, PerReplica):
             kind, value = "per_replica", leaf.stacked
         elif (shard := variable_shard(leaf)) is not None:
-            ((inner, blocks),) = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_per_replica)[
-                0
-            ]
+            flat = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_per_replica)[0]
+            ((inner, blocks),) = flat
             path, kind, value = (*path, *inner), "per_replica", blocks.stacked
         else:
             is_array = isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
