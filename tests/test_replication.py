@@ -395,6 +395,7 @@ def test_census_every_primitive_of_the_installed_jax_is_classified():
     unclassified = sorted(p.name for p in primitives if not is_classified(p))
     assert not unclassified, (
         f"JAX {jax.__version__} has primitives the replication proof has never classified: "
-        f"{unclassified}. Add each to PRESERVING, COMBINING or CALLS in tpustrat/_replication.py "
+        f"{unclassified}. Add each to PRESERVING or COMBINING in tpustrat/_replication.py (or "
+        "HIGHER_ORDER in tpustrat/_jaxpr.py) "
         "if it provably keeps a value the same on every replica, else to REVIEWED_AS_VARYING"
     )
