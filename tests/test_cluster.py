@@ -441,7 +441,8 @@ def test_dead_process_ends_the_job_after_heartbeat_timeout():
         survivor.kill()
         survivor.wait()
     assert stdout.splitlines()[-1] == "2.0"  # after gloo's connection notices
-    assert survivor.returncode == -signal.SIGABRT
+    # jaxlib 0.10 aborts (-SIGABRT); jaxlib 0.8 exits with status 1 after the same fatal log.
+    assert survivor.returncode in (-signal.SIGABRT, 1)
     assert "stopped sending heartbeats" in stderr
     assert time.monotonic() - start < 30
 
