@@ -454,8 +454,8 @@ def reshard_update_state(state: PyTree, strategy: Strategy) -> PyTree:
         )
     check_tree("state", state, opaque=lambda x: _is_shard(x) or is_distributed(x))
     num_replicas = strategy.num_replicas_in_sync
-    per_replica = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec("replica"))
-    replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+    per_replica = _mesh.per_replica_sharding(strategy.mesh)
+    replicated = _mesh.replicated_sharding(strategy.mesh)
 
     def move(node):
         if _is_shard(node):
