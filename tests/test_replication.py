@@ -246,7 +246,7 @@ def test_collectives_that_do_not_combine_every_replica_vary():
 
 @pytest.mark.skipif(
     not hasattr(parallel, "psum_start"),
-    reason="this JAX has no asynchronous collectives (jax 0.7), so no jaxpr can hold one",
+    reason="this JAX has no asynchronous collectives (no psum_start), so no jaxpr can hold one",
 )
 def test_async_collectives():
     permutation = [(i, (i + 1) % 8) for i in range(8)]
