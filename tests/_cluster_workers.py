@@ -224,7 +224,8 @@ def in_cluster(num_logical_cores):
     except ts.ClusterError as error:
         mismatch = str(error)
     strategy = ts.TPUStrategy(num_logical_cores=num_logical_cores)
-    mesh_processes = [[d.process_index for d in row] for row in strategy.mesh.devices]
+    grid = strategy.mesh.devices.reshape(strategy.num_replicas_in_sync, -1)
+    mesh_processes = [[d.process_index for d in row] for row in grid]
     return {
         "info": info,
         "same_info": again is info,

@@ -115,6 +115,31 @@ def test_restore_onto_other_meshes_without_per_replica_leaves(tmp_path, target):
     assert int(restored["step"]) == 11
 
 
+@pytest.mark.parametrize("target", [(4, 2), (2, 4)], ids=str)
+def test_leaf_tiled_over_the_cores_restores_tiled_over_another_meshes_cores(tmp_path, target):
+    """A target written for the 1x8 mesh (three core sub-axes) restores onto a mesh whose
+    cores are factored otherwise: the dimension tiled over all the cores stays so."""
+    source = ts.TPUStrategy(num_logical_cores=8)
+    values = np.arange(64, dtype=np.float32).reshape(8, 8)
+
+    def target_on_source(*spec):
+        sharding = NamedSharding(source.mesh, P(*spec))
+        return {"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=sharding)}
+
+    tiled = target_on_source(None, source.logical_core_axes)
+    with ts.CheckpointManager(tmp_path, source) as manager:
+        manager.save(1, {"w": jax.device_put(values, tiled["w"].sharding)})
+    strategy = _strategy(target)
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        restored = manager.restore(tiled)
+        two_dims = target_on_source("logical_core.0", ("logical_core.1", "logical_core.2"))
+        with pytest.raises(ValueError, match=r"target leaf 'w' cannot be laid out .* tiles 2 dim"):
+            manager.restore(two_dims)
+    want = NamedSharding(strategy.mesh, P(None, strategy.logical_core_axes))
+    assert restored["w"].sharding == want
+    np.testing.assert_array_equal(restored["w"], values)
+
+
 def test_per_replica_leaf_on_another_replica_count_names_the_leaf(saved):
     strategy = ts.TPUStrategy(num_logical_cores=2)  # 4 replicas; the checkpoint has 8
     with ts.CheckpointManager(saved, strategy) as manager:
@@ -425,7 +450,9 @@ def test_digest_of_a_sharded_leaf_holds_when_restored_cut_otherwise(tmp_path, ta
     with ts.CheckpointManager(tmp_path, eight) as manager:
         manager.save(1, {"w": w})
     strategy = _strategy(target)
-    spec = P("replica") if strategy.num_replicas_in_sync > 1 else P(None, "logical_core")
+    spec = (
+        P("replica") if strategy.num_replicas_in_sync > 1 else P(None, strategy.logical_core_axes)
+    )
     sharding = NamedSharding(strategy.mesh, spec)
     with ts.CheckpointManager(tmp_path, strategy) as manager:
         restored = manager.restore(

@@ -51,7 +51,7 @@ def test_split_of_rank_four_tiles_two_by_four_in_tf_order():
     assert "2,2,2,3" in _per_device_shapes(strategy, step, x)
     out = strategy.run(step, args=(x,))
     np.testing.assert_array_equal(np.asarray(out), x)
-    devices = list(strategy.mesh.devices[0])
+    devices = list(strategy.mesh.devices.flat)  # one replica
     placed = {}
     for shard in out.addressable_shards:  # the result keeps the tiling
         rows, cols = shard.index[1], shard.index[2]
@@ -177,7 +177,8 @@ def test_strategy_from_device_assignment(shape):
     assert strategy.num_replicas_in_sync == 8 // cores
     assert strategy.num_logical_cores == cores
     assert strategy.experimental_device_assignment is assignment
-    assert [[d.id for d in row] for row in strategy.mesh.devices] == [
+    grid = strategy.mesh.devices.reshape(strategy.num_replicas_in_sync, cores)
+    assert [[d.id for d in row] for row in grid] == [
         [d.id for d in row] for row in assignment.devices
     ]
     with pytest.raises(ValueError, match="either device_assignment or devices"):
@@ -345,7 +346,7 @@ def test_gradients_through_annotations_with_parameters_whole_or_split(cores, pla
         want = jax.tree.map(lambda a, g: a - 0.1 * g, want, grads)
     state = strategy.replicate(params)
     if placement == "split":
-        tiled = NamedSharding(strategy.mesh, P(None, "logical_core"))
+        tiled = NamedSharding(strategy.mesh, P(None, strategy.logical_core_axes))
         state = dict(state, w=jax.device_put(params["w"], tiled))
     batch = next(iter(strategy.experimental_distribute_dataset([x])))
     for _ in range(3):

@@ -105,7 +105,7 @@ def test_state_keeps_its_layout_over_the_cores_and_compiles_once(cores, start):
     strategy = ts.TPUStrategy(num_logical_cores=cores)
     w = np.ones((4, 8), np.float32)
     if start == "split":
-        w = jax.device_put(w, NamedSharding(strategy.mesh, P(None, "logical_core")))
+        w = jax.device_put(w, NamedSharding(strategy.mesh, P(None, strategy.logical_core_axes)))
         buffers = {s.data.unsafe_buffer_pointer() for s in w.addressable_shards}
         placed, _, _ = _placement.prepare(
             ((w,), {}),
@@ -133,6 +133,64 @@ def test_state_keeps_its_layout_over_the_cores_and_compiles_once(cores, start):
     per_device = {s.data.shape for s in state["w"].addressable_shards}
     assert per_device == ({(4, 8)} if start == "replicated" else {(4, 8 // cores)})
     assert int(state["n"]) == 4
+
+
+def test_every_array_the_strategy_places_lives_on_its_mesh(strategy, tmp_path):
+    """One mesh: what ``replicate``, values from a function, ``place_params``, ``run`` and a
+    restored checkpoint give back lives on ``strategy.mesh``; tiles over two dimensions too."""
+    n, cores = strategy.num_replicas_in_sync, strategy.num_logical_cores
+    axes = strategy.logical_core_axes
+    w = np.arange(32.0, dtype=np.float32).reshape(4, 8)
+    state = {
+        "replicated": strategy.replicate(w),
+        "tiled": jax.device_put(w, NamedSharding(strategy.mesh, P(None, axes))),
+        "placed": strategy.place_params(w, ts.LayoutRules([("", (None, "logical_core"))])),
+        # 2x4 and 1x8: rows over the major core sub-axis, columns over the others
+        "two_dims": jax.device_put(w, NamedSharding(strategy.mesh, P(axes[0], axes[1:] or None))),
+    }
+    ids = strategy.experimental_distribute_values_from_function(
+        lambda ctx: np.float32(ctx.replica_id_in_sync_group)
+    )
+
+    dims = [strategy.mesh.shape[axes[0]], cores // strategy.mesh.shape[axes[0]]]
+
+    def step(state, i):
+        split = strategy.experimental_split_to_logical_devices(state["replicated"], dims)
+        return jax.tree.map(lambda x: x + 1, state), split * i
+
+    out, split = strategy.run(step, args=(state, ids))
+    arrays = [*state.values(), ids.stacked, *out.values(), split.stacked]
+    with ts.CheckpointManager(tmp_path, strategy) as manager:
+        manager.save(1, {"state": out, "ids": ids})
+        restored = manager.restore({"state": out, "ids": ids})
+    arrays += [*restored["state"].values(), restored["ids"].stacked]
+    assert all(x.sharding.mesh == strategy.mesh for x in arrays)
+    for name in state:
+        np.testing.assert_array_equal(restored["state"][name], w + 1)
+        assert restored["state"][name].sharding == out[name].sharding
+    np.testing.assert_array_equal(split.stacked, np.arange(n)[:, None, None] * w)
+    tile = {(4 // dims[0], 8 // dims[1])}
+    assert {s.data.shape for s in out["two_dims"].addressable_shards} == tile
+    assert {s.data.shape for s in split.stacked.addressable_shards} == {(1, *t) for t in tile}
+
+
+def test_logical_core_in_a_spec_is_spelled_as_the_mesh_core_axes():
+    two, four = _mesh.build_mesh(jax.devices(), 2), _mesh.build_mesh(jax.devices(), 4)
+    eight = _mesh.build_mesh(jax.devices(), 8)
+    assert _mesh.spell_cores(P(None, "logical_core"), two) == P(None, "logical_core")
+    assert _mesh.spell_cores(P(("replica", "logical_core")), four) == P(
+        ("replica", "logical_core.0", "logical_core.1")
+    )
+    # another factorisation's sub-axes for all of the cores: this mesh's in their place
+    whole = P(None, ("logical_core.0", "logical_core.1", "logical_core.2"))
+    assert _mesh.spell_cores(whole, four) == P(None, ("logical_core.0", "logical_core.1"))
+    assert _mesh.spell_cores(P(None, ("logical_core.0", "logical_core.1")), two) == P(
+        None, "logical_core"
+    )
+    tiles = P("logical_core.0", "logical_core.1")
+    assert _mesh.spell_cores(tiles, eight) == tiles  # names the mesh has are kept
+    with pytest.raises(ValueError, match=r"tiles 2 dimensions over logical cores named as the"):
+        _mesh.spell_cores(tiles, two)
 
 
 def _assignment():

@@ -25,13 +25,22 @@ def _replica_ids(strategy, dtype=np.float32):
     )
 
 
+_CORE_AXES = {  # a composite core count is factored into prime sub-axes, major first
+    1: {"logical_core": 1},
+    2: {"logical_core": 2},
+    4: {"logical_core.0": 2, "logical_core.1": 2},
+    8: {"logical_core.0": 2, "logical_core.1": 2, "logical_core.2": 2},
+}
+
+
 def test_mesh_layout(strategy):
     r, c = strategy.num_replicas_in_sync, strategy.num_logical_cores
-    assert strategy.mesh.axis_names == ("replica", "logical_core")
-    assert strategy.mesh.shape == {"replica": r, "logical_core": c}
+    cores = _CORE_AXES[c]
+    assert strategy.logical_core_axes == tuple(cores)
+    assert strategy.mesh.axis_names == ("replica", *cores)
+    assert strategy.mesh.shape == {"replica": r, **cores}
     assert r * c == 8
-    ids = [[d.id for d in row] for row in strategy.mesh.devices]
-    assert ids == np.arange(8).reshape(r, c).tolist()
+    assert [d.id for d in strategy.mesh.devices.flat] == list(range(8))
 
 
 @pytest.mark.parametrize("cores", [3, 5])
@@ -498,7 +507,7 @@ def _argument_kinds(strategy):
     blocks = _split_over_replicas(strategy, np.arange(3.0 * n, dtype=np.float32))
     tiled = jax.device_put(
         np.arange(8.0 * cores, dtype=np.float32).reshape(8, cores),
-        NamedSharding(strategy.mesh, P(None, "logical_core")),
+        NamedSharding(strategy.mesh, P(None, strategy.logical_core_axes)),
     )
     return {
         "replicated": strategy.replicate(np.arange(4.0, dtype=np.float32)),

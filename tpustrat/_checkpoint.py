@@ -47,7 +47,7 @@ from tpustrat import _mesh, _metrics, _watchdog
 from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
 from tpustrat._sharded_update import ReplicaShard, reshard_update_state, variable_shard
-from tpustrat._strategy import TPUStrategy, placement_mesh
+from tpustrat._strategy import TPUStrategy
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
 
@@ -870,7 +870,7 @@ class _RestorePlan:
 
     def _abstract(self, leaf: _Named) -> Any:
         name, kind, value = leaf.name, leaf.kind, leaf.value
-        mesh = placement_mesh(self._strategy)
+        mesh = self._strategy.mesh
         if kind == "host":
             return _host_array(value)
         if kind == "per_replica":
@@ -940,7 +940,7 @@ class _RestorePlan:
                 want = jax.ShapeDtypeStruct(
                     record.shape,
                     want.dtype,
-                    sharding=_mesh.replicated_sharding(placement_mesh(self._strategy)),
+                    sharding=_mesh.replicated_sharding(self._strategy.mesh),
                 )
                 self.abstract[name] = want
             impl = _key_impl(value) if _is_key(value) else None
@@ -1000,16 +1000,20 @@ def _like(target: Any, value: Any) -> Any:
 
 
 def _target_sharding(name: str, sharding: Any, strategy: TPUStrategy) -> NamedSharding:
-    """The target's sharding moved onto the strategy's mesh; replicated if it has none."""
-    mesh = placement_mesh(strategy)
+    """The target's sharding on the strategy's mesh, its spec's logical cores spelled as that
+    mesh's core axes (``_mesh.spell_cores``); replicated if it has none."""
+    mesh = strategy.mesh
     if not isinstance(sharding, NamedSharding):
         return _mesh.replicated_sharding(mesh)
-    axes = _mesh.spec_axes(sharding.spec)
-    for candidate in (mesh, strategy.mesh):
-        if axes <= set(candidate.axis_names):
-            return NamedSharding(candidate, sharding.spec)
-    raise ValueError(
-        f"target leaf {name!r} is sharded as {sharding.spec} over axes the strategy's mesh "
-        f"{dict(strategy.mesh.shape)} does not have; give it a sharding over this strategy's "
-        "mesh"
-    )
+    try:
+        spec = _mesh.spell_cores(sharding.spec, mesh)
+    except ValueError as error:
+        raise ValueError(
+            f"target leaf {name!r} cannot be laid out on the strategy's mesh: {error}"
+        ) from None
+    if not _mesh.spec_axes(spec) <= set(mesh.axis_names):
+        raise ValueError(
+            f"target leaf {name!r} is sharded as {sharding.spec} over axes the strategy's mesh "
+            f"{dict(mesh.shape)} does not have; give it a sharding over this strategy's mesh"
+        )
+    return NamedSharding(mesh, spec)

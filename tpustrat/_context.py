@@ -32,7 +32,7 @@ class Strategy(Protocol):
 
     @property
     def mesh(self) -> Mesh:
-        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``."""
+        """The ``jax.sharding.Mesh`` of the strategy: ``"replica"``, then its core axes."""
         ...
 
     @property

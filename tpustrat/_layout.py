@@ -45,8 +45,9 @@ class LayoutRules:
     (``re.search``) in the leaf's path, its keys joined with ``/`` (``params/Dense_0/kernel``,
     ``layers/0/kernel``; an optimizer's moments of that parameter, ``opt_state/0/mu/...``, match
     the same pattern), and ``spec`` gives one entry per dimension of the leaf: ``None`` to keep
-    the dimension whole, ``"logical_core"`` to cut it into one tile per core. The first rule
-    that matches wins; a leaf no rule matches stays whole on every core.
+    the dimension whole, ``"logical_core"`` to cut it into one tile per core (on a mesh whose
+    cores are factored into sub-axes, ``strategy.logical_core_axes``, the name stands for all of
+    them). The first rule that matches wins; a leaf no rule matches stays whole on every core.
 
     ``strategy.place_params`` (and ``partition_specs``) refuse, naming the leaf and the rule: a
     spec whose length is not the leaf's rank, a dimension that the number of logical cores does
@@ -181,10 +182,10 @@ class _Placement:
 def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     """``strategy.place_params``: every leaf of ``tree`` laid out over the cores by ``rules``.
 
-    Leaves go onto ``mesh`` (the strategy's, its cores factored into sub-axes) with their
-    rule's spec spelled on those sub-axes (behind the replica axis for a PerReplica's
-    stacked blocks), the sharding ``run`` keeps for the state it updates; on a mesh of one
-    core per replica no leaf is tiled. NNX objects are updated in place and returned
+    Leaves go onto ``mesh`` (the strategy's) with their rule's spec, ``"logical_core"``
+    spelled as the mesh's core axes (behind the replica axis for a PerReplica's stacked
+    blocks), the sharding ``run`` keeps for the state it updates; on a mesh of one core per
+    replica no leaf is tiled. NNX objects are updated in place and returned
     themselves.
     """
     if not isinstance(rules, LayoutRules):
@@ -195,10 +196,9 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
     tree = _values.unwrap_mirrored(tree)
     if _nnx.split_objects(tree) is None:
         _values.check_array_leaves("place_params", tree, "tree")
-    cores = mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
+    cores = _mesh.num_cores(mesh)
     named, rebuild = _named_leaves(tree)
     placements = rules._assign(named, cores)
-    public = _mesh.public_mesh(mesh)
 
     def put(leaf: Any, spec: P) -> Any:
         stacked = isinstance(leaf, PerReplica)
@@ -209,7 +209,7 @@ def place(tree: PyTree, rules: LayoutRules, mesh: Mesh) -> PyTree:
                 entries.pop()
         if not entries:
             return _values.replicate(leaf, mesh)
-        sharding = _mesh.on_mesh(NamedSharding(public, P(*entries)), mesh)
+        sharding = NamedSharding(mesh, _mesh.spell_cores(P(*entries), mesh))
         array = leaf.stacked if stacked else leaf
         if not (isinstance(array, jax.Array) and array.sharding == sharding):
             array = _values.put(
@@ -345,7 +345,8 @@ def _check_spec(index: int, pattern: str, spec: Any) -> P:
                 why = (
                     "the replica axis is data parallelism's, and every replica holds the same tiles"
                     if name == _mesh.REPLICA_AXIS
-                    else "the logical cores are named as one axis"
+                    else "a rule names all of a replica's cores as one axis, whatever sub-axes "
+                    "a strategy's mesh factors them into"
                 )
             else:
                 why = "it is not an axis of the mesh"

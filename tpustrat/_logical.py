@@ -36,7 +36,7 @@ def split_to_logical_devices(
     """
     _check_in_replica("experimental_split_to_logical_devices", strategy)
     check_in_step_tree("tensor", tensor)
-    cores = _num_cores(mesh)
+    cores = _mesh.num_cores(mesh)
     shape = np.shape(tensor)
     if not isinstance(partition_dimensions, (list, tuple, np.ndarray)) or (
         isinstance(partition_dimensions, np.ndarray) and partition_dimensions.ndim != 1
@@ -92,7 +92,7 @@ def assign_to_logical_device(
             "experimental_spmd_xla_partitioning); use experimental_split_to_logical_devices, "
             "or build the strategy with spmd=False"
         )
-    cores = _num_cores(mesh)
+    cores = _mesh.num_cores(mesh)
     if check_int("logical_device_id", logical_device_id, minimum=0) >= cores:
         raise ValueError(
             f"logical_device_id {logical_device_id!r} is out of range: each replica has "
@@ -103,7 +103,7 @@ def assign_to_logical_device(
 
 def _spec_entries(mesh: Mesh, dims: list[int]) -> list[tuple[str, ...] | None]:
     """Gives each split dimension the next sub-axes of the cores, major first."""
-    axes = [a for a in mesh.axis_names if a != _mesh.REPLICA_AXIS]
+    axes = _mesh.core_axes(mesh)
     entries, next_axis = [], 0
     for parts in dims:
         taken, product = [], 1
@@ -136,10 +136,6 @@ def _constrain(mesh: Mesh, tensor: jax.Array, spec: P) -> jax.Array:
 
 
 _NAMES_CONTEXT_MESH = tuple(int(part) for part in jax.__version__.split(".")[:2]) >= (0, 8)
-
-
-def _num_cores(mesh: Mesh) -> int:
-    return mesh.devices.size // mesh.shape[_mesh.REPLICA_AXIS]
 
 
 def _check_in_replica(what: str, strategy: Strategy) -> None:

@@ -19,6 +19,12 @@ Use it wherever ``jax.pmap`` code named its axis: ``lax.pmean(x, ts.REPLICA_AXIS
 ``nn.BatchNorm(axis_name=ts.REPLICA_AXIS)``, ``nnx.BatchNorm(..., axis_name=ts.REPLICA_AXIS)``.
 """
 LOGICAL_CORE_AXIS = "logical_core"
+"""The name of all of a replica's logical cores in a spec (``ts.LayoutRules``, checkpoint targets).
+
+It is the mesh axis itself when the core count is 1 or prime; a composite count is factored
+into the sub-axes ``logical_core.0``, ``logical_core.1``, ..., and ``spell_cores`` writes the
+name as those.
+"""
 
 
 def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: int = 1) -> Mesh:
@@ -26,10 +32,11 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
 
     Replica ``r`` owns ``devices[r * C:(r + 1) * C]`` for ``C = num_logical_cores``. The logical
     cores are factored into prime-sized sub-axes in row-major order (8 cores become
-    ``logical_core.0`` x ``logical_core.1`` x ``logical_core.2``, each of size 2; a prime count
-    stays one ``logical_core`` axis), so that one tensor can be tiled over several of its
-    dimensions at once, as TF's ``partition_dimensions`` do. ``public_mesh`` gives the plain
-    ``("replica", "logical_core")`` view. Every axis is ``Auto``: ``run`` makes ``replica``
+    ``logical_core.0`` x ``logical_core.1`` x ``logical_core.2``, each of size 2; 4 cores
+    become two sub-axes of 2; one core or a prime count stays one ``logical_core`` axis), so
+    that one tensor can be tiled over several of its dimensions at once, as TF's
+    ``partition_dimensions`` do. This is the one mesh of the strategy (``strategy.mesh``):
+    every array it places lives on it. Every axis is ``Auto``: ``run`` makes ``replica``
     manual and leaves the cores to the partitioner.
 
     Args:
@@ -37,9 +44,11 @@ def build_mesh(devices: Sequence[jax.Device] | np.ndarray, num_logical_cores: in
       num_logical_cores: how many devices each replica spans.
 
     Returns:
-      A ``jax.sharding.Mesh`` over the devices with the replica axis first.
+      A ``jax.sharding.Mesh`` over the devices with the replica axis first, then the core axes.
 
     Example:
+      >>> build_mesh(jax.devices(), num_logical_cores=2).axis_names
+      ('replica', 'logical_core')
       >>> build_mesh(jax.devices(), num_logical_cores=4).axis_names
       ('replica', 'logical_core.0', 'logical_core.1')
     """
@@ -188,32 +197,77 @@ def _logical_core_axes(num_logical_cores: int) -> tuple[str, ...]:
     return tuple(f"{LOGICAL_CORE_AXIS}.{i}" for i in range(count))
 
 
-def public_mesh(mesh: Mesh) -> Mesh:
-    """The ``("replica", "logical_core")`` view of a strategy's mesh, over the same devices."""
-    if mesh.axis_names == (REPLICA_AXIS, LOGICAL_CORE_AXIS):
-        return mesh
-    grid = mesh.devices.reshape(mesh.devices.shape[0], -1)
-    return Mesh(grid, (REPLICA_AXIS, LOGICAL_CORE_AXIS), axis_types=(AxisType.Auto,) * 2)
+def core_axes(mesh: Mesh | AbstractMesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` that number a replica's logical cores, major to minor.
 
-
-def on_mesh(sharding: NamedSharding, mesh: Mesh | AbstractMesh) -> NamedSharding:
-    """``sharding`` expressed on ``mesh``, a strategy's mesh over the same devices.
-
-    An array placed on the public ``("replica", "logical_core")`` view names ``logical_core``,
-    which the factored mesh spells as its sub-axes ``logical_core.0``, ``logical_core.1``, ...
+    Example:
+      >>> core_axes(build_mesh(jax.devices(), num_logical_cores=8))
+      ('logical_core.0', 'logical_core.1', 'logical_core.2')
     """
-    if sharding.mesh is mesh or sharding.mesh == mesh:
-        return sharding
-    cores = tuple(name for name in mesh.axis_names if name != REPLICA_AXIS)
+    return tuple(name for name in mesh.axis_names if name != REPLICA_AXIS)
 
-    def entry(names):
-        if names is None:
-            return None
-        names = names if isinstance(names, tuple) else (names,)
-        spelled = sum((cores if n == LOGICAL_CORE_AXIS else (n,) for n in names), ())
-        return spelled[0] if len(spelled) == 1 else spelled
 
-    return NamedSharding(mesh, PartitionSpec(*(entry(e) for e in sharding.spec)))
+def num_cores(mesh: Mesh | AbstractMesh) -> int:
+    """How many logical cores each replica of ``mesh`` spans: the product of its core axes.
+
+    Example:
+      >>> num_cores(build_mesh(jax.devices(), num_logical_cores=4))
+      4
+    """
+    return int(np.prod([mesh.shape[name] for name in core_axes(mesh)], dtype=int))
+
+
+def spell_cores(spec: PartitionSpec, mesh: Mesh | AbstractMesh) -> PartitionSpec:
+    """``spec`` with its logical cores named by ``mesh``'s core axes.
+
+    ``"logical_core"`` stands for all of a replica's cores, and so does a run of another
+    mesh's core sub-axes that ``mesh`` lacks (a spec written for a strategy whose cores are
+    factored otherwise): either becomes ``mesh``'s core axes, in place. Names ``mesh`` has are
+    kept. Such a respelling tiles one dimension only, so a spec that needs it and names cores
+    on several dimensions is refused.
+
+    Args:
+      spec: a ``PartitionSpec``; each entry None, an axis name or a tuple of them.
+      mesh: the mesh the spec is for.
+
+    Returns:
+      A ``PartitionSpec`` over ``mesh``'s axes.
+
+    Example:
+      >>> tuple(spell_cores(PartitionSpec(None, "logical_core"), build_mesh(jax.devices(), 4)))
+      (None, ('logical_core.0', 'logical_core.1'))
+    """
+    axes, cores = set(mesh.axis_names), core_axes(mesh)
+
+    def foreign(name: Any) -> bool:
+        return _is_core_name(name) and (name == LOGICAL_CORE_AXIS or name not in axes)
+
+    entries = [() if e is None else e if isinstance(e, tuple) else (e,) for e in spec]
+    spelled = [i for i, names in enumerate(entries) if any(map(foreign, names))]
+    over_cores = [i for i, names in enumerate(entries) if any(map(_is_core_name, names))]
+    if spelled and len(over_cores) > 1:
+        raise ValueError(
+            f"spec {spec} tiles {len(over_cores)} dimensions over logical cores named as the "
+            f"mesh (axes {mesh.axis_names}) does not name them; tile one dimension over "
+            f"{LOGICAL_CORE_AXIS!r} (all of a replica's cores), or write the spec over the "
+            "mesh's own axes"
+        )
+    out = []
+    for names in entries:
+        if any(map(foreign, names)):
+            first = next(k for k, name in enumerate(names) if _is_core_name(name))
+            rest = [name for name in names if not _is_core_name(name)]
+            names = (*rest[:first], *cores, *rest[first:])
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def _is_core_name(name: Any) -> bool:
+    """Whether ``name`` is ``"logical_core"`` or one of its sub-axes ``"logical_core.<i>"``."""
+    if not isinstance(name, str):
+        return False
+    head, dot, index = name.partition(".")
+    return head == LOGICAL_CORE_AXIS and (not dot or index.isdigit())
 
 
 def per_replica_sharding(mesh: Mesh) -> NamedSharding:

@@ -163,9 +163,9 @@ def _shard_leaf(x: Any, mesh: jax.sharding.Mesh, num_replicas: int | None) -> An
     _check_not_placed(x, mesh)
     axis = _param_axis(np.shape(x))
     if axis is None or num_replicas is None:
-        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return jax.device_put(x, _mesh.replicated_sharding(mesh))
     blocks = _cut(np.asarray(jax.device_get(x)), axis, num_replicas)
-    per_replica = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_mesh.REPLICA_AXIS))
+    per_replica = _mesh.per_replica_sharding(mesh)
     return ReplicaShard(
         PerReplica.from_stacked(jax.device_put(blocks, per_replica)), np.shape(x), axis
     )

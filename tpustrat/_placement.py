@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpustrat._checks import check_tree
-from tpustrat._mesh import REPLICA_AXIS, on_mesh, spec_axes
+from tpustrat._mesh import REPLICA_AXIS, spec_axes
 from tpustrat._types import PyTree
 from tpustrat._values import Mirrored, PerReplica, is_distributed, put, unwrap_mirrored
 
@@ -200,10 +200,9 @@ def prepare(
             if split_over_replicas(x, replicated.mesh):
                 raise ValueError(_split_message(inputs, index, x, num_replicas))
             if model_parallel and isinstance(x.sharding, NamedSharding):
-                layout = on_mesh(x.sharding, replicated.mesh)
-                if layout is not x.sharding:  # the same buffers, named on the strategy's mesh
-                    x, moved = jax.device_put(x, layout), True
-                block_specs.append((index, layout))
+                if x.sharding.mesh != replicated.mesh:  # held whole on another mesh's devices
+                    x, moved = jax.device_put(x, replicated), True
+                block_specs.append((index, x.sharding))
         elif model_parallel and not is_per_replica:
             block_specs.append((index, replicated))
         placed_nodes.append(PerReplica.from_stacked(x) if is_per_replica else x)
@@ -229,7 +228,7 @@ def split_over_replicas(x: Any, mesh: jax.sharding.Mesh | jax.sharding.AbstractM
     return (
         isinstance(sharding, NamedSharding)
         and mesh.shape[REPLICA_AXIS] > 1
-        and _same_devices(sharding.mesh, mesh)
+        and sharding.mesh == mesh
         and REPLICA_AXIS in spec_axes(sharding.spec)
     )
 
@@ -279,7 +278,7 @@ def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
     current = x.sharding
     if current == sharding:
         return True
-    if isinstance(current, NamedSharding) and _same_devices(current.mesh, sharding.mesh):
+    if isinstance(current, NamedSharding) and current.mesh == sharding.mesh:
         spec = tuple(current.spec)
         if not per_replica:
             return True
@@ -287,23 +286,6 @@ def _is_placed(x: Any, sharding: NamedSharding, per_replica: bool) -> bool:
             return False
         return REPLICA_AXIS not in spec_axes(PartitionSpec(*spec[1:]))
     return current.is_equivalent_to(sharding, x.ndim)
-
-
-def _same_devices(
-    a: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-    b: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-) -> bool:
-    """Whether two meshes order the same devices the same way (the public and factored views)."""
-    if a is b:
-        return True
-    if not (isinstance(a, jax.sharding.Mesh) and isinstance(b, jax.sharding.Mesh)):
-        return False  # an abstract mesh names no devices
-    return (
-        a.axis_names[:1] == b.axis_names[:1] == (REPLICA_AXIS,)
-        and a.shape[REPLICA_AXIS] == b.shape[REPLICA_AXIS]
-        and a.devices.size == b.devices.size
-        and all(x == y for x, y in zip(a.devices.flat, b.devices.flat))
-    )
 
 
 def _path_name(path: tuple) -> str:

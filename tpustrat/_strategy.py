@@ -37,7 +37,7 @@ from tpustrat._values import PerReplica, ValueContext, is_per_replica
 
 
 class TPUStrategy:
-    """Synchronous data parallelism over a ``("replica", "logical_core")`` device mesh.
+    """Synchronous data parallelism over a device mesh of replicas by logical cores.
 
     ``run`` executes a step function on every replica as one compiled SPMD program; PerReplica
     arguments give each replica its own component, anything else is given whole to every
@@ -105,7 +105,6 @@ class TPUStrategy:
         else:
             grid = devices
         self._mesh = _mesh.build_mesh(grid, num_logical_cores)
-        self._public_mesh = _mesh.public_mesh(self._mesh)
         self._num_slices = _mesh.count_slices(self._mesh, num_slices)
         self._device_assignment = device_assignment
         self._spmd = spmd
@@ -116,13 +115,40 @@ class TPUStrategy:
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
-        """The ``jax.sharding.Mesh`` with axes ``("replica", "logical_core")``.
+        """The ``jax.sharding.Mesh`` every array of the strategy lives on.
 
-        Arrays the strategy places live on an equivalent mesh whose logical cores are factored
-        into prime-sized sub-axes (``logical_core.0``, ...), so that the logical-core
-        annotations can tile a tensor over several dimensions; the devices are the same.
+        Its axes are ``("replica", "logical_core")`` when each replica has one logical core or
+        a prime number of them (8x1, 4x2 on 8 devices). A composite core count is factored into
+        prime-sized sub-axes, ``("replica", "logical_core.0", "logical_core.1", ...)``, so that
+        the logical-core annotations can tile one tensor over several dimensions: 2x4 has two
+        sub-axes of 2, 1x8 three. ``logical_core_axes`` names the core axes, for a spec that
+        tiles a dimension over all of a replica's cores.
+
+        Example:
+          >>> ts.TPUStrategy(num_logical_cores=2).mesh.axis_names
+          ('replica', 'logical_core')
+          >>> ts.TPUStrategy(num_logical_cores=4).mesh.axis_names
+          ('replica', 'logical_core.0', 'logical_core.1')
         """
-        return self._public_mesh
+        return self._mesh
+
+    @property
+    def logical_core_axes(self) -> tuple[str, ...]:
+        """The axes of ``mesh`` that number a replica's logical cores, major to minor.
+
+        As one spec entry they tile a dimension over all of a replica's cores, whatever the
+        core count: ``NamedSharding(strategy.mesh, P(None, strategy.logical_core_axes))``.
+
+        Example:
+          >>> strategy = ts.TPUStrategy(num_logical_cores=4)
+          >>> strategy.logical_core_axes
+          ('logical_core.0', 'logical_core.1')
+          >>> w = jax.device_put(np.ones((2, 8)), jax.sharding.NamedSharding(
+          ...     strategy.mesh, jax.sharding.PartitionSpec(None, strategy.logical_core_axes)))
+          >>> w.addressable_shards[0].data.shape
+          (2, 2)
+        """
+        return _mesh.core_axes(self._mesh)
 
     @property
     def experimental_device_assignment(self) -> DeviceAssignment | None:
@@ -142,7 +168,7 @@ class TPUStrategy:
     @property
     def num_logical_cores(self) -> int:
         """How many devices each replica spans."""
-        return self._public_mesh.shape[_mesh.LOGICAL_CORE_AXIS]
+        return _mesh.num_cores(self._mesh)
 
     @property
     def should_checkpoint(self) -> bool:
@@ -686,13 +712,6 @@ class TPUStrategy:
         return _logical.assign_to_logical_device(
             self, self._mesh, tensor, logical_device_id, self._spmd
         )
-
-
-def placement_mesh(strategy: TPUStrategy) -> jax.sharding.Mesh:
-    """The mesh ``strategy`` places arrays on (``replicate``, ``run``): ``strategy.mesh`` with
-    its logical cores factored into prime-sized sub-axes, over the same devices. For the
-    modules above the strategy (checkpoints) that place arrays exactly as it does."""
-    return strategy._mesh
 
 
 _DEFAULT_STRATEGY: list[TPUStrategy] = []  # made on first use, then the same one

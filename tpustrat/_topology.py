@@ -311,8 +311,8 @@ class DeviceAssignment:
       core_assignment: integers ``[num_replicas, num_cores_per_replica, 4]``: the
         ``(x, y, z, core)`` point of each replica's logical cores, no point used twice.
       computation_shape: the block shape given to ``build``; ``None`` for a hand-made assignment.
-      devices: the device of every logical core, an object array ``[replicas, cores]``: reshape it
-        into a ``("replica", "logical_core")`` mesh.
+      devices: the device of every logical core, an object array ``[replicas, cores]``: the grid
+        ``TPUStrategy`` builds its mesh from.
       num_replicas: the number of replicas.
       num_cores_per_replica: the number of logical cores in each replica.
 
