@@ -246,7 +246,7 @@ def test_collectives_that_do_not_combine_every_replica_vary():
 
 @pytest.mark.skipif(
     not hasattr(parallel, "psum_start"),
-    reason="this JAX has no asynchronous collectives (jax 0.7), so no jaxpr can hold one",
+    reason="this JAX has no asynchronous collectives (no psum_start), so no jaxpr can hold one",
 )
 def test_async_collectives():
     permutation = [(i, (i + 1) % 8) for i in range(8)]
@@ -395,6 +395,7 @@ def test_census_every_primitive_of_the_installed_jax_is_classified():
     unclassified = sorted(p.name for p in primitives if not is_classified(p))
     assert not unclassified, (
         f"JAX {jax.__version__} has primitives the replication proof has never classified: "
-        f"{unclassified}. Add each to PRESERVING, COMBINING or CALLS in tpustrat/_replication.py "
+        f"{unclassified}. Add each to PRESERVING or COMBINING in tpustrat/_replication.py (or "
+        "HIGHER_ORDER in tpustrat/_jaxpr.py) "
         "if it provably keeps a value the same on every replica, else to REVIEWED_AS_VARYING"
     )

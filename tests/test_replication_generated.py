@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import io_callback
 
 import tpustrat as ts
-from tpustrat import _compile, _replication
+from tpustrat import _compile, _jaxpr, _replication
 from tpustrat._mesh import REPLICA_AXIS
 
 SIZE = 8  # every generated value is float32[SIZE]; SIZE is divisible by every replica count
@@ -608,7 +608,7 @@ def _primitives(jaxpr) -> set:
     found = set()
     for eqn in jaxpr.eqns:
         found.add(eqn.primitive)
-        for inner in _replication.inner_jaxprs(eqn.params):
+        for inner in _jaxpr.inner_jaxprs(eqn):
             found |= _primitives(inner)
     return found
 

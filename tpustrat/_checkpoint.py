@@ -17,7 +17,8 @@ A restore takes a target: the state as the new strategy would build it, or its a
 sharding on the new strategy's mesh, so restoring onto another mesh shape, fewer devices or
 another number of processes reads only the shards each process holds. A ``PerReplica`` leaf
 restores onto a strategy with the same number of replicas; a ``ts.ReplicaShard`` (the state of
-``ts.shard_update``) onto any number, moved by ``ts.reshard_update_state``.
+``ts.shard_update``, an ``nnx.Optimizer``'s over it included) onto any number, moved by
+``ts.reshard_update_state``.
 
 Steps only increase: ``save`` refuses a step below the latest, so the latest step is the last
 one saved in this process and after a restart. One manager per directory per process.
@@ -45,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpustrat import _mesh, _metrics, _watchdog
 from tpustrat._checks import check_bool, check_int, check_no_iterator, describe
 from tpustrat._prefetch import DistributedIterator
-from tpustrat._sharded_update import ReplicaShard, reshard_update_state
+from tpustrat._sharded_update import ReplicaShard, reshard_update_state, variable_shard
 from tpustrat._strategy import TPUStrategy
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
@@ -55,20 +56,6 @@ _LEAVES = "leaves"
 _INPUT = "input"
 _DIGESTS = "digests"
 _LEAVES_FILE = "leaves.json"
-
-
-# Why an nnx.Optimizer's sharded state restores onto its own replica count only, and what to do.
-_NNX_OPTIMIZER_BLOCKS = (
-    "It is the blocks of a ts.ReplicaShard held in an nnx variable, as in the state of an "
-    "nnx.Optimizer over ts.shard_update: nnx.state keeps the blocks but not the whole shape "
-    "they cut, so they restore onto {0} replicas only. To move to another number of "
-    "replicas: restore onto a strategy with {0} replicas, take the optimizer state as a pytree, "
-    "opt_state = nnx.as_pure(optimizer.opt_state) (nnx.pure on a Flax without nnx.as_pure), "
-    "and save it beside nnx.state(model); restore "
-    "that onto the new strategy into a target made there with opt_state = strategy.run(lambda "
-    "m: ts.shard_update(tx).init(nnx.as_pure(nnx.state(m, nnx.Param))), args=(model,)), and "
-    "train on with ts.shard_update(tx).update (docs/guides/fsdp.md, Checkpoints)"
-)
 
 
 class CheckpointError(RuntimeError):
@@ -788,8 +775,13 @@ def _key_impl(key: Any) -> str:
 
 
 def _is_saved_node(x: Any) -> bool:
-    """A PerReplica, or a ReplicaShard over one: saved as one stacked array."""
-    return is_per_replica(x) or (isinstance(x, ReplicaShard) and isinstance(x.blocks, PerReplica))
+    """A PerReplica, a ReplicaShard over one, or an nnx Variable holding a ReplicaShard's
+    PerReplica (an nnx.Optimizer's state): saved as one stacked array."""
+    return (
+        is_per_replica(x)
+        or (isinstance(x, ReplicaShard) and isinstance(x.blocks, PerReplica))
+        or variable_shard(x) is not None
+    )
 
 
 def _named_leaves(state: PyTree) -> list[_Named]:
@@ -806,6 +798,10 @@ def _named_leaves(state: PyTree) -> list[_Named]:
             kind, value = "per_replica", leaf.blocks.stacked
         elif isinstance(leaf, PerReplica):
             kind, value = "per_replica", leaf.stacked
+        elif (shard := variable_shard(leaf)) is not None:
+            flat = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_per_replica)[0]
+            ((inner, blocks),) = flat
+            path, kind, value = (*path, *inner), "per_replica", blocks.stacked
         else:
             is_array = isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
             kind, value = ("array" if is_array else "host"), leaf
@@ -919,15 +915,11 @@ class _RestorePlan:
             stored = (record.shape, np.dtype(record.dtype))
             if record.kind == kind == "per_replica" and record.shape[0] != want.shape[0]:
                 if record.shard is None or shard is None:
-                    said = (
-                        f"state leaf {name!r} is a PerReplica saved over {record.shape[0]} "
-                        f"replicas but this strategy has {want.shape[0]}"
-                    )
-                    if name.endswith(".blocks.value"):  # an nnx variable under a ReplicaShard
-                        raise ValueError(f"{said}. {_NNX_OPTIMIZER_BLOCKS.format(record.shape[0])}")
                     raise ValueError(
-                        f"{said}; restore it onto a strategy with {record.shape[0]} replicas "
-                        "(or drop the leaf and rebuild it per replica)"
+                        f"state leaf {name!r} is a PerReplica saved over {record.shape[0]} "
+                        f"replicas but this strategy has {want.shape[0]}; restore it onto a "
+                        f"strategy with {record.shape[0]} replicas (or drop the leaf and rebuild "
+                        "it per replica)"
                     )
                 if record.shard[0] != shard[0]:
                     problems.append(
@@ -982,7 +974,11 @@ class _RestorePlan:
                 leaves.append(
                     reshard_update_state(ReplicaShard(blocks, shape, axis), self._strategy)
                 )
-            elif isinstance(leaf, PerReplica):
+            elif isinstance(leaf, PerReplica) or variable_shard(leaf) is not None:
+                if named.name in self._reshard:  # an nnx.Optimizer's blocks: re-cut them
+                    shape, axis = self._reshard[named.name]
+                    blocks = ReplicaShard(PerReplica.from_stacked(value), shape, axis)
+                    value = reshard_update_state(blocks, self._strategy).blocks.stacked
                 inner = jax.tree.structure(leaf)  # unflattening keeps abstract targets working
                 leaves.append(inner.unflatten([value]))
             else:

@@ -11,18 +11,26 @@ from __future__ import annotations
 import jax
 from jax import lax
 
+from tpustrat._jaxpr import mark_invariant
 from tpustrat._mesh import REPLICA_AXIS
-
-HIERARCHICAL_ALL_REDUCE = "_tpustrat_hierarchical_all_reduce"
 
 
 def hierarchical_sum(x: jax.Array, num_replicas: int, num_slices: int) -> jax.Array:
     """The sum of ``x`` over every replica, reduced slice by slice (see ``all_reduce``).
 
     Replicas ``[s * P, (s + 1) * P)`` form slice ``s`` for ``P = num_replicas // num_slices``.
-    The work runs as one nested ``jax.jit`` named ``HIERARCHICAL_ALL_REDUCE``: its result is the
-    same on every replica by construction, which the replicated-output proof (``_replication``)
-    reads from that name, since the grouped collectives inside it are not whole-axis ones.
+    The result is the same on every replica by construction, which the grouped collectives
+    inside do not show the replicated-output proof (``_replication``): it is marked invariant
+    over the replica axis (``mark_invariant``), so the proof reads it as it reads a ``psum``.
+
+    Example:
+      >>> strategy = ts.TPUStrategy(num_slices=2)
+      >>> x = np.arange(16, dtype=np.float32).reshape(8, 2)
+      >>> spec = jax.sharding.PartitionSpec
+      >>> f = jax.shard_map(lambda x: hierarchical_sum(x, 8, 2), mesh=strategy.mesh,
+      ...                   in_specs=spec("replica"), out_specs=spec(), check_vma=False)
+      >>> f(x)
+      Array([[56., 64.]], dtype=float32)
     """
     per_slice = num_replicas // num_slices
     within = [list(range(s * per_slice, (s + 1) * per_slice)) for s in range(num_slices)]
@@ -38,5 +46,4 @@ def hierarchical_sum(x: jax.Array, num_replicas: int, num_slices: int) -> jax.Ar
         whole = lax.all_gather(shard, REPLICA_AXIS, axis_index_groups=within, tiled=True)
         return whole[: flat.size].reshape(x.shape)
 
-    all_reduce.__name__ = HIERARCHICAL_ALL_REDUCE  # the name the proof recognises
-    return jax.jit(all_reduce)(x)
+    return mark_invariant(all_reduce(x), (REPLICA_AXIS,), x)

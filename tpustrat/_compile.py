@@ -25,7 +25,7 @@ from jax.extend.core import Jaxpr, Literal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import _accounting, _cache, _mesh, _metrics, _nnx, _replication
+from tpustrat import _accounting, _cache, _jaxpr, _mesh, _metrics, _nnx, _replication
 from tpustrat._context import ReplicaContext, replica_scope
 from tpustrat._placement import ARRAY_TYPES
 from tpustrat._types import PyTree
@@ -348,13 +348,15 @@ def _annotated_outputs(jaxpr) -> list[bool]:
     annotated = []
     for var in jaxpr.outvars:
         eqn = producer(var)
-        while eqn is not None and eqn.primitive.name in _STACKING and len(eqn.invars) == 1:
+        while eqn is not None and eqn.primitive in _STACKING and len(eqn.invars) == 1:
             eqn = producer(eqn.invars[0])
-        annotated.append(eqn is not None and eqn.primitive.name in _replication.LAYOUT_ANNOTATIONS)
+        annotated.append(eqn is not None and eqn.primitive in _jaxpr.LAYOUT_ANNOTATIONS)
     return annotated
 
 
-_STACKING = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
+_STACKING = frozenset(
+    {_jaxpr.primitives.reshape_p, _jaxpr.primitives.broadcast_in_dim_p, _jaxpr.primitives.squeeze_p}
+)
 
 
 def _call_step(fn: Callable[..., PyTree], args: tuple, kwargs: dict) -> PyTree:
@@ -392,13 +394,13 @@ def _needs_every_axis_manual(name: str, jaxpr) -> bool:
     the whole step, and the callback runs once per device. Raises a ValueError if the step also
     lays tensors out over the logical cores, which that rules out.
     """
-    used = _replication.primitive_names(jaxpr)
-    callbacks = used & _replication.HOST_CALLBACKS
+    used = _jaxpr.primitives_in(jaxpr)
+    callbacks = sorted(p.name for p in used & _jaxpr.HOST_CALLBACKS)
     if not callbacks:
         return False
-    if used & _replication.LAYOUT_ANNOTATIONS:
+    if used & _jaxpr.LAYOUT_ANNOTATIONS:
         raise ValueError(
-            f"run({name}): the step calls the host ({', '.join(sorted(callbacks))}: "
+            f"run({name}): the step calls the host ({', '.join(callbacks)}: "
             "jax.pure_callback, io_callback or jax.debug.print) and also lays tensors out over "
             "the logical cores (experimental_split_to_logical_devices or a sharding "
             "constraint); JAX runs host callbacks only where every mesh axis is manual, which "
@@ -435,7 +437,7 @@ def check_axis_index_outside_loops(name: str, jaxpr) -> None:
     ``ReplicaContext.replica_id_in_sync_group`` and ``replica_key`` read the index once, at the
     top of the step, wherever the step uses them.
     """
-    if _replication.reads_axis_index_in_loop(jaxpr):
+    if _jaxpr.reads_axis_index_in_loop(jaxpr):
         raise ValueError(
             f"run({name}): the step reads lax.axis_index inside a loop (lax.scan, fori_loop or "
             "while_loop, experimental_run_steps' scan included), which XLA:CPU of jaxlib "

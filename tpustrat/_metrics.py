@@ -46,12 +46,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
-from jax.extend.core import primitives as _primitives
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tpustrat import _nnx, _replication
+from tpustrat import _jaxpr, _nnx, _replication
+from tpustrat._jaxpr import primitives as prim
 from tpustrat._mesh import REPLICA_AXIS
 from tpustrat._types import PyTree
 from tpustrat._values import PerReplica, is_per_replica
@@ -430,7 +430,7 @@ def check_step(
     # of the step itself, and each accumulator's whole update (which covers values added inside
     # loops and calls). The accumulators' inputs count as replicated, so that an update varies
     # exactly when what it adds does.
-    inner = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    inner, _ = _jaxpr.open_jaxpr(jaxpr)
     probe = inner.replace(outvars=[*inner.outvars, *(var for _, var in contributions)])
     replicated_in = [
         frozenset() if i in inputs else frozenset(axes) for i, axes in enumerate(in_axes)
@@ -476,21 +476,22 @@ class _Mixed(NamedTuple):
 _Value = _Clean | _Block | _Added | _Mixed
 _CLEAN = _Clean(False)
 
-_ADDS = frozenset({_primitives.add_p, _primitives.add_jaxvals_p})
+_ADDS = frozenset({prim.add_p, prim.add_jaxvals_p})
 # Unary primitives that move a value's elements without combining them, when they keep its size.
 _MOVES = frozenset(
     {
-        _primitives.reshape_p,
-        _primitives.squeeze_p,
-        _primitives.broadcast_in_dim_p,
-        _primitives.slice_p,
-        _primitives.dynamic_slice_p,
-        _primitives.transpose_p,
-        _primitives.copy_p,
-        _primitives.convert_element_type_p,
+        prim.reshape_p,
+        prim.squeeze_p,
+        prim.broadcast_in_dim_p,
+        prim.slice_p,
+        prim.dynamic_slice_p,
+        prim.transpose_p,
+        prim.copy_p,
+        prim.convert_element_type_p,
     }
 )
-_COMBINING_NAMES = frozenset(p.name for p in _replication.COMBINING)
+# Collectives whose result is the same on every replica of a group, and tpustrat's own.
+_COMBINING = _replication.COMBINING | {_jaxpr.INVARIANT}
 
 
 def check_additive(
@@ -524,7 +525,7 @@ def check_additive(
     Raises:
       ValueError: an accumulator output is not its own input, unchanged or added to.
     """
-    inner = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    inner, _ = _jaxpr.open_jaxpr(jaxpr)
     values = [_Block(inputs[i]) if i in inputs else _CLEAN for i in range(len(inner.invars))]
     contributions: list[tuple[int, Any]] = []
     out = _analyze(inner, values, contributions)
@@ -555,18 +556,16 @@ def check_additive(
 def _analyze(
     jaxpr: Jaxpr, inputs: Sequence[_Value], contributions: list | None = None
 ) -> list[_Value]:
-    env: dict[Any, _Value] = dict(zip(jaxpr.invars, inputs))
-    env.update((v, _CLEAN) for v in jaxpr.constvars)
-
-    def read(atom) -> _Value:
-        return _CLEAN if isinstance(atom, Literal) else env[atom]
-
-    for eqn in jaxpr.eqns:
-        env.update(zip(eqn.outvars, _equation(eqn, [read(a) for a in eqn.invars], contributions)))
-    return [read(v) for v in jaxpr.outvars]
+    return _jaxpr.walk(
+        jaxpr,
+        inputs,
+        lambda eqn, ins: _equation(eqn, ins, contributions),
+        constants=[_CLEAN] * len(jaxpr.constvars),
+        literal=lambda _: _CLEAN,
+    )
 
 
-def _equation(eqn, inputs: list[_Value], contributions: list | None) -> list[_Value]:
+def _equation(eqn: JaxprEqn, inputs: list[_Value], contributions: list | None) -> list[_Value]:
     primitive, n_out = eqn.primitive, len(eqn.outvars)
     if all(isinstance(v, _Clean) for v in inputs):
         collective = any(isinstance(v, _Clean) and v.collective for v in inputs)
@@ -588,12 +587,9 @@ def _equation(eqn, inputs: list[_Value], contributions: list | None) -> list[_Va
         block = inputs[0]
         if all(isinstance(v, _Clean) for v in inputs[1:]):  # dynamic_slice's indices
             return [block]
-    elif primitive in _replication.CALLS:
-        inner = eqn.params[_replication.CALLS[primitive]]
-        inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
-        if len(inner.invars) == len(inputs) and len(inner.outvars) == n_out:
-            return _analyze(inner, inputs)
-    elif primitive is _primitives.scan_p:
+    elif (body := _jaxpr.call_body(eqn, per_device=True)) is not None:
+        return _analyze(body[0], inputs)
+    elif primitive is prim.scan_p:
         return _scan(eqn, inputs)
     return [_Mixed(primitive.name)] * n_out
 
@@ -602,22 +598,19 @@ def _keeps_size(eqn) -> bool:
     source, result = eqn.invars[0].aval, eqn.outvars[0].aval
     if np.prod(source.shape, dtype=int) != np.prod(result.shape, dtype=int):
         return False
-    if eqn.primitive is _primitives.convert_element_type_p:
+    if eqn.primitive is prim.convert_element_type_p:
         return eqn.params["new_dtype"] == source.dtype
     return True
 
 
-def _combines(eqn) -> bool:
+def _combines(eqn: JaxprEqn) -> bool:
     """Whether the equation, or a computation inside it, is a combining collective."""
-    if eqn.primitive in _replication.COMBINING:
+    if eqn.primitive in _COMBINING:
         return True
-    return any(
-        _replication.primitive_names(inner) & _COMBINING_NAMES
-        for inner in _replication.inner_jaxprs(eqn.params)
-    )
+    return any(_jaxpr.primitives_in(inner) & _COMBINING for inner in _jaxpr.inner_jaxprs(eqn))
 
 
-def _scan(eqn, inputs: list[_Value]) -> list[_Value]:
+def _scan(eqn: JaxprEqn, inputs: list[_Value]) -> list[_Value]:
     n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
     body = eqn.params["jaxpr"].jaxpr
     consts = inputs[:n_consts]

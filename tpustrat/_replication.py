@@ -11,135 +11,96 @@ on the allow-list below (a deterministic function of its inputs: elementwise mat
 dots, reductions over local axes, slicing, sorting, linear algebra, counter-based random bits)
 and any computation it applies (``lax.reduce``'s, say) is made of such primitives too; control
 flow and calls are followed exactly (a ``cond`` on a varying predicate varies, loop carries
-reach a fixed point); everything else (``rng_uniform``, host callbacks, ``ppermute``,
-``all_to_all``, ``psum_scatter``, unknown or new primitives) varies along every axis. A
-replicated result is never wrong, only sometimes missed. The proof assumes, as tf.distribute's
-Mirrored values do, that one program given the same inputs computes the same outputs on every
-device.
+reach a fixed point); the markers of ``_jaxpr`` are read as they say (``mark_varying``: varies
+along its axes; ``mark_invariant``: one of tpustrat's collectives combined its axes);
+everything else (``rng_uniform``, host callbacks, ``ppermute``, ``all_to_all``,
+``psum_scatter``, unknown or new primitives) varies along every axis. A replicated result is
+never wrong, only sometimes missed. The proof assumes, as tf.distribute's Mirrored values do,
+that one program given the same inputs computes the same outputs on every device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from types import ModuleType
-from typing import Any
 
-import jax.lax
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
-from jax.extend.core import primitives as _public
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Primitive
 
-# isort: split
-# JAX has no public name for these primitives (jax.extend.core.primitives lists most others):
-# the varying-type cast, resharding, the invariant and asynchronous collectives, shard_map,
-# typed random keys and some linear algebra. This is tpustrat's only import from jax._src.
-from jax._src import ad_checkpoint as _ad_checkpoint_module
-from jax._src import core as _core_module
-from jax._src import pjit as _pjit_module
-from jax._src import shard_alike as _shard_alike_module
-from jax._src import shard_map as _shard_map_module
-from jax._src.lax import lax as _lax_module
-from jax._src.lax import linalg as _linalg_module
-from jax._src.lax import parallel as _parallel_module
-from jax._src.random import prng as _prng_module
-
-# isort: split
-from tpustrat._collectives import HIERARCHICAL_ALL_REDUCE
+from tpustrat import _jaxpr
+from tpustrat._jaxpr import primitives as prim
 from tpustrat._mesh import REPLICA_AXIS
-
-
-class _Present:
-    """The primitives a module of this JAX has, and None for those it lacks.
-
-    The tables name primitives of the newest JAX; an older one (down to the 0.7 that
-    pyproject.toml claims) lacks a few, and what it lacks cannot occur in its jaxprs.
-    """
-
-    def __init__(self, module: ModuleType):
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name, None)
-
-
-public, lax = _Present(_public), _Present(jax.lax)
-_core, _pjit = _Present(_core_module), _Present(_pjit_module)
-_shard_alike, _shard_map = _Present(_shard_alike_module), _Present(_shard_map_module)
-_lax, _linalg = _Present(_lax_module), _Present(_linalg_module)
-_parallel, _prng = _Present(_parallel_module), _Present(_prng_module)
-_ad_checkpoint = _Present(_ad_checkpoint_module)
 
 # Deterministic functions of their inputs: the output varies exactly when an input does.
 PRESERVING: frozenset[Primitive] = frozenset(
     {
         # elementwise arithmetic, comparisons, logic and special functions
         *(
-            public.abs_p, public.acos_p, public.acosh_p, public.add_jaxvals_p, public.add_p,
-            public.and_p, public.asin_p, public.asinh_p, public.atan2_p, public.atan_p,
-            public.atanh_p, public.bessel_i0e_p, public.bessel_i1e_p, public.cbrt_p,
-            public.ceil_p, public.clamp_p, public.clz_p, public.complex_p, public.conj_p,
-            public.cos_p, public.cosh_p, public.digamma_p, public.div_p, public.eq_p,
-            public.eq_to_p, public.erf_inv_p, public.erf_p, public.erfc_p, public.exp2_p,
-            public.exp_p, public.expm1_p, public.floor_p, public.ge_p, public.gt_p,
-            public.igamma_grad_a_p, public.igamma_p, public.igammac_p, public.imag_p,
-            public.integer_pow_p, public.is_finite_p, public.le_p, public.le_to_p,
-            public.lgamma_p, public.log1p_p, public.log_p, public.logistic_p, public.lt_p,
-            public.lt_to_p, public.max_p, public.min_p, public.mul_p, public.ne_p,
-            public.neg_p, public.nextafter_p, public.not_p, public.or_p, public.polygamma_p,
-            public.population_count_p, public.pow_p, public.real_p,
-            public.regularized_incomplete_beta_p, public.rem_p, public.round_p, public.rsqrt_p,
-            public.select_n_p, public.shift_left_p, public.shift_right_arithmetic_p,
-            public.shift_right_logical_p, public.sign_p, public.sin_p, public.sinh_p,
-            public.sqrt_p, public.square_p, public.sub_p, public.tan_p, public.tanh_p,
-            public.xor_p, public.zeta_p, lax.mulhi_p,
+            prim.abs_p, prim.acos_p, prim.acosh_p, prim.add_jaxvals_p, prim.add_p,
+            prim.and_p, prim.asin_p, prim.asinh_p, prim.atan2_p, prim.atan_p,
+            prim.atanh_p, prim.bessel_i0e_p, prim.bessel_i1e_p, prim.cbrt_p,
+            prim.ceil_p, prim.clamp_p, prim.clz_p, prim.complex_p, prim.conj_p,
+            prim.cos_p, prim.cosh_p, prim.digamma_p, prim.div_p, prim.eq_p,
+            prim.eq_to_p, prim.erf_inv_p, prim.erf_p, prim.erfc_p, prim.exp2_p,
+            prim.exp_p, prim.expm1_p, prim.floor_p, prim.ge_p, prim.gt_p,
+            prim.igamma_grad_a_p, prim.igamma_p, prim.igammac_p, prim.imag_p,
+            prim.integer_pow_p, prim.is_finite_p, prim.le_p, prim.le_to_p,
+            prim.lgamma_p, prim.log1p_p, prim.log_p, prim.logistic_p, prim.lt_p,
+            prim.lt_to_p, prim.max_p, prim.min_p, prim.mul_p, prim.ne_p,
+            prim.neg_p, prim.nextafter_p, prim.not_p, prim.or_p, prim.polygamma_p,
+            prim.population_count_p, prim.pow_p, prim.real_p,
+            prim.regularized_incomplete_beta_p, prim.rem_p, prim.round_p, prim.rsqrt_p,
+            prim.select_n_p, prim.shift_left_p, prim.shift_right_arithmetic_p,
+            prim.shift_right_logical_p, prim.sign_p, prim.sin_p, prim.sinh_p,
+            prim.sqrt_p, prim.square_p, prim.sub_p, prim.tan_p, prim.tanh_p,
+            prim.xor_p, prim.zeta_p, prim.mulhi_p,
         ),
         # types, layout and identities
         *(
-            public.bitcast_convert_type_p, public.broadcast_in_dim_p, public.concatenate_p,
-            public.convert_element_type_p, public.copy_p, public.device_put_p, public.iota_p,
-            public.pad_p, public.reduce_precision_p, public.reshape_p, public.rev_p,
-            public.sharding_constraint_p, public.squeeze_p, public.stop_gradient_p,
-            public.transpose_p, lax.optimization_barrier_p, lax.split_p, lax.tile_p,
-            _core.pvary_p, _pjit.reshard_p, _pjit.layout_constraint_p,
-            _shard_alike.shard_alike_p,
+            prim.bitcast_convert_type_p, prim.broadcast_in_dim_p, prim.concatenate_p,
+            prim.convert_element_type_p, prim.copy_p, prim.device_put_p, prim.iota_p,
+            prim.pad_p, prim.reduce_precision_p, prim.reshape_p, prim.rev_p,
+            prim.sharding_constraint_p, prim.squeeze_p, prim.stop_gradient_p,
+            prim.transpose_p, prim.optimization_barrier_p, prim.split_p, prim.tile_p,
+            prim.pvary_p, prim.reshard_p, prim.layout_constraint_p,
+            prim.shard_alike_p,
         ),
         # indexing, reductions over local axes, scans, sorting, windows
         *(
-            public.approx_top_k_p, public.argmax_p, public.argmin_p, public.cumlogsumexp_p,
-            public.cummax_p, public.cummin_p, public.cumprod_p, public.cumsum_p,
-            public.dynamic_slice_p, public.dynamic_update_slice_p, public.gather_p,
-            public.reduce_and_p, public.reduce_max_p, public.reduce_min_p, public.reduce_or_p,
-            public.reduce_p, public.reduce_prod_p, public.reduce_sum_p, public.reduce_xor_p,
-            public.reduce_window_max_p, public.reduce_window_min_p, public.reduce_window_p,
-            public.reduce_window_sum_p, public.scatter_add_p, public.scatter_max_p,
-            public.scatter_min_p, public.scatter_mul_p, public.scatter_p,
-            public.select_and_gather_add_p, public.select_and_scatter_add_p,
-            public.select_and_scatter_p, public.slice_p, public.sort_p, public.top_k_p,
-            lax.scatter_sub_p,
+            prim.approx_top_k_p, prim.argmax_p, prim.argmin_p, prim.cumlogsumexp_p,
+            prim.cummax_p, prim.cummin_p, prim.cumprod_p, prim.cumsum_p,
+            prim.dynamic_slice_p, prim.dynamic_update_slice_p, prim.gather_p,
+            prim.reduce_and_p, prim.reduce_max_p, prim.reduce_min_p, prim.reduce_or_p,
+            prim.reduce_p, prim.reduce_prod_p, prim.reduce_sum_p, prim.reduce_xor_p,
+            prim.reduce_window_max_p, prim.reduce_window_min_p, prim.reduce_window_p,
+            prim.reduce_window_sum_p, prim.scatter_add_p, prim.scatter_max_p,
+            prim.scatter_min_p, prim.scatter_mul_p, prim.scatter_p,
+            prim.select_and_gather_add_p, prim.select_and_scatter_add_p,
+            prim.select_and_scatter_p, prim.slice_p, prim.sort_p, prim.top_k_p,
+            prim.scatter_sub_p,
         ),
         # dots, convolutions, FFTs and linear algebra
         *(
-            public.conv_general_dilated_p, public.dot_general_p, public.fft_p,
-            public.cholesky_p, public.eig_p, public.eigh_p, public.hessenberg_p,
-            public.householder_product_p, public.lu_p, public.qr_p, public.schur_p,
-            public.svd_p, public.triangular_solve_p, public.tridiagonal_p,
-            public.tridiagonal_solve_p, _lax.ragged_dot_general_p,
-            _linalg.lu_pivots_to_permutation_p, _linalg.geqrf_p, _linalg.geqp3_p,
-            _linalg.ormqr_p, _linalg.cholesky_update_p, _linalg.symmetric_product_p,
+            prim.conv_general_dilated_p, prim.dot_general_p, prim.fft_p,
+            prim.cholesky_p, prim.eig_p, prim.eigh_p, prim.hessenberg_p,
+            prim.householder_product_p, prim.lu_p, prim.qr_p, prim.schur_p,
+            prim.svd_p, prim.triangular_solve_p, prim.tridiagonal_p,
+            prim.tridiagonal_solve_p, prim.ragged_dot_general_p,
+            prim.lu_pivots_to_permutation_p, prim.geqrf_p, prim.geqp3_p,
+            prim.ormqr_p, prim.cholesky_update_p, prim.symmetric_product_p,
         ),
         # counter-based random numbers: a function of the key (rng_uniform is not: it varies)
         *(
-            public.random_bits_p, public.random_fold_in_p, public.random_gamma_p,
-            public.random_seed_p, public.random_split_p, public.rng_bit_generator_p,
-            public.threefry2x32_p, _prng.random_wrap_p, _prng.random_unwrap_p,
-            _prng.iota_2x32_shape_p,
+            prim.random_bits_p, prim.random_fold_in_p, prim.random_gamma_p,
+            prim.random_seed_p, prim.random_split_p, prim.rng_bit_generator_p,
+            prim.threefry2x32_p, prim.random_wrap_p, prim.random_unwrap_p,
+            prim.iota_2x32_shape_p,
         ),
         # collectives that give each replica the value it had (pbroadcast keeps it, to be safe)
         # and the ends of asynchronous collectives, which pass on what their start produced
         *(
-            _parallel.pbroadcast_p, _parallel.pbroadcast_start_p, _parallel.all_gather_done_p,
-            _parallel.psum_done_p, _parallel.reduce_scatter_done_p,
-            _parallel.all_to_all_done_p, _parallel.pbroadcast_done_p,
-            _parallel.ppermute_done_p,
+            prim.pbroadcast_p, prim.pbroadcast_start_p, prim.all_gather_done_p,
+            prim.psum_done_p, prim.reduce_scatter_done_p,
+            prim.all_to_all_done_p, prim.pbroadcast_done_p,
+            prim.ppermute_done_p,
         ),
     }
     - {None}
@@ -148,27 +109,13 @@ PRESERVING: frozenset[Primitive] = frozenset(
 # Collectives whose result every replica receives whole, when they combine the replica axis.
 COMBINING: frozenset[Primitive] = frozenset(
     {
-        public.psum_p, public.pmax_p, public.pmin_p, public.all_gather_p,
-        _parallel.psum_invariant_p, _parallel.all_gather_invariant_p,
-        _parallel.psum_start_p, _parallel.psum_invariant_start_p,
-        _parallel.all_gather_start_p,
+        prim.psum_p, prim.pmax_p, prim.pmin_p, prim.all_gather_p,
+        prim.psum_invariant_p, prim.all_gather_invariant_p,
+        prim.psum_start_p, prim.psum_invariant_start_p,
+        prim.all_gather_start_p,
     }
     - {None}
 )  # fmt: skip
-
-# Calls whose single inner jaxpr (under this parameter) takes the call's inputs and gives its
-# outputs; the proof follows them.
-_CALL_PARAMETERS: dict[Any, str] = {
-    public.jit_p: "jaxpr",
-    public.closed_call_p: "call_jaxpr",
-    public.call_p: "call_jaxpr",
-    public.remat_p: "jaxpr",
-    _ad_checkpoint.remat_p: "jaxpr",  # named "remat2" in older JAX, where it is not public
-    public.custom_jvp_call_p: "call_jaxpr",
-    public.custom_vjp_call_p: "call_jaxpr",
-    _shard_map.shard_map_p: "jaxpr",
-}
-CALLS: dict[Primitive, str] = {p: name for p, name in _CALL_PARAMETERS.items() if p is not None}
 
 # Primitives reviewed and left to vary, by name: the default for every primitive without a rule,
 # listed so that the census test (tests/test_replication.py) can tell them from new ones.
@@ -220,56 +167,9 @@ REVIEWED_AS_VARYING: frozenset[str] = frozenset(
 )  # fmt: skip
 
 
-# Host callbacks, which JAX runs only where every mesh axis is manual, and the layout annotations
-# that need an axis left to the partitioner (by name: this only picks how ``run`` traces).
-HOST_CALLBACKS = frozenset(
-    {"pure_callback", "io_callback", "debug_callback", "debug_print", "buffer_callback"}
-)
-LAYOUT_ANNOTATIONS = frozenset({"sharding_constraint", "reshard", "layout_constraint"})
-
-
-def primitive_names(jaxpr: Jaxpr | ClosedJaxpr) -> frozenset[str]:
-    """The names of every primitive in ``jaxpr``, inner jaxprs (calls, control flow) included."""
-    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for inner in inner_jaxprs(eqn.params):
-            names |= primitive_names(inner)
-    return frozenset(names)
-
-
-def reads_axis_index_in_loop(jaxpr: Jaxpr | ClosedJaxpr, in_loop: bool = False) -> bool:
-    """Whether ``jaxpr`` reads ``axis_index`` inside a ``while`` or ``scan`` body, at any depth."""
-    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-    for eqn in jaxpr.eqns:
-        if in_loop and eqn.primitive is public.axis_index_p:
-            return True
-        inner_in_loop = in_loop or eqn.primitive in (public.while_p, public.scan_p)
-        if any(
-            reads_axis_index_in_loop(inner, inner_in_loop) for inner in inner_jaxprs(eqn.params)
-        ):
-            return True
-    return False
-
-
-def inner_jaxprs(params: dict[str, Any]) -> list[Jaxpr | ClosedJaxpr]:
-    """The jaxprs among an equation's parameters (branches, bodies, reduction computations)."""
-    return [
-        inner
-        for value in params.values()
-        for inner in (value if isinstance(value, (tuple, list)) else (value,))
-        if isinstance(inner, (Jaxpr, ClosedJaxpr))
-    ]
-
-
 def _only_preserving(jaxpr: Jaxpr | ClosedJaxpr) -> bool:
     """Whether every primitive of ``jaxpr``, inner jaxprs included, is in PRESERVING."""
-    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-    return all(
-        eqn.primitive in PRESERVING and all(map(_only_preserving, inner_jaxprs(eqn.params)))
-        for eqn in jaxpr.eqns
-    )
+    return _jaxpr.primitives_in(jaxpr) <= PRESERVING
 
 
 def is_classified(primitive: Primitive) -> bool:
@@ -277,8 +177,8 @@ def is_classified(primitive: Primitive) -> bool:
     return (
         primitive in PRESERVING
         or primitive in COMBINING
-        or primitive in CALLS
-        or primitive in (public.cond_p, public.scan_p, public.while_p, public.axis_index_p)
+        or primitive in _jaxpr.HIGHER_ORDER
+        or primitive in (prim.axis_index_p, _jaxpr.VARYING, _jaxpr.INVARIANT)
         or primitive.name in REVIEWED_AS_VARYING
     )
 
@@ -308,10 +208,15 @@ def varying_outputs(
 
     Returns:
       One bool per output; False means provably identical on every replica.
+
+    Example:
+      >>> step = lambda x, w: (jax.lax.psum(x, "replica") * w, x * w)
+      >>> jaxpr = jax.make_jaxpr(step, axis_env=[("replica", 8)])(1.0, 2.0)
+      >>> varying_outputs(jaxpr, [True, False])
+      [False, True]
     """
     combined_axes = frozenset(combined_axes)
-    if isinstance(jaxpr, ClosedJaxpr):
-        jaxpr = jaxpr.jaxpr
+    jaxpr, _ = _jaxpr.open_jaxpr(jaxpr)
     if len(varying_inputs) != len(jaxpr.invars):
         raise ValueError(f"{len(varying_inputs)} flags for {len(jaxpr.invars)} inputs")
     inputs = [
@@ -325,28 +230,25 @@ def varying_outputs(
 
 def _varying_axes(jaxpr: Jaxpr | ClosedJaxpr, inputs: list[Axes], every: Axes) -> list[Axes]:
     """The axes along which each output of ``jaxpr`` may differ (``every``: all of them)."""
-    if isinstance(jaxpr, ClosedJaxpr):
-        jaxpr = jaxpr.jaxpr
-    varies: dict[Any, Axes] = dict(zip(jaxpr.invars, inputs))
-    varies.update({v: _NONE for v in jaxpr.constvars})
-
-    def read(atom) -> Axes:
-        return _NONE if isinstance(atom, Literal) else varies.get(atom, every)
-
-    for eqn in jaxpr.eqns:
-        varies.update(zip(eqn.outvars, _equation(eqn, [read(v) for v in eqn.invars], every)))
-    return [read(v) for v in jaxpr.outvars]
+    jaxpr, _ = _jaxpr.open_jaxpr(jaxpr)
+    return _jaxpr.walk(
+        jaxpr,
+        inputs,
+        lambda eqn, ins: _equation(eqn, ins, every),
+        constants=[_NONE] * len(jaxpr.constvars),
+        literal=lambda _: _NONE,
+    )
 
 
 def _union(sets) -> Axes:
     return frozenset().union(*sets)
 
 
-def _equation(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
+def _equation(eqn: JaxprEqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     primitive = eqn.primitive
     n_out = len(eqn.outvars)
     if primitive in PRESERVING:
-        if not all(map(_only_preserving, inner_jaxprs(eqn.params))):
+        if not all(map(_only_preserving, _jaxpr.inner_jaxprs(eqn))):
             return [every] * n_out  # it applies a computation (lax.reduce's) that may vary
         return [_union(inputs)] * n_out
     if primitive in COMBINING:
@@ -354,28 +256,29 @@ def _equation(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
             return [every] * n_out  # combines groups of devices, not whole axes
         # Every device of a group along the named axes receives the same result.
         return [_union(inputs) - _named_axes(eqn.params)] * n_out
-    if primitive is public.axis_index_p:
+    if primitive is prim.axis_index_p:
         return [_named_axes(eqn.params) & every] * n_out
-    if primitive is public.jit_p and eqn.params.get("name") == HIERARCHICAL_ALL_REDUCE:
-        # tpustrat's own all-reduce over every replica, by slices: it combines the replica axis
-        return [_union(inputs) - {REPLICA_AXIS}] * n_out
-    if primitive is public.cond_p:
+    if primitive is _jaxpr.VARYING:
+        return [(_union(inputs) | _jaxpr.marked_axes(eqn)) & every]
+    if primitive is _jaxpr.INVARIANT:
+        # tpustrat's own collectives (the hierarchical all-reduce) vouch for their result
+        return [inputs[1] - _jaxpr.marked_axes(eqn)]
+    if primitive is prim.cond_p:
         if inputs[0]:
             return [every] * n_out  # devices may take different branches
         branches = [_varying_axes(b, inputs[1:], every) for b in eqn.params["branches"]]
         return [_union(column) for column in zip(*branches)]
-    if primitive is public.scan_p:
+    if primitive is prim.scan_p:
         return _scan(eqn, inputs, every)
-    if primitive is public.while_p:
+    if primitive is prim.while_p:
         return _while(eqn, inputs, every)
-    if primitive in CALLS:
-        inner = eqn.params[CALLS[primitive]]
-        if _arity(inner) == (len(inputs), n_out):
-            return _varying_axes(inner, inputs, every)
+    body = _jaxpr.call_body(eqn, per_device=True)
+    if body is not None:
+        return _varying_axes(body[0], inputs, every)
     return [every] * n_out  # callbacks, ppermute, rng_uniform, unknown primitives, ...
 
 
-def _scan(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
+def _scan(eqn: JaxprEqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
     consts, carry, xs = (
         inputs[:n_consts],
@@ -390,7 +293,7 @@ def _scan(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
         carry = new_carry
 
 
-def _while(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
+def _while(eqn: JaxprEqn, inputs: list[Axes], every: Axes) -> list[Axes]:
     n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     cond_consts, body_consts = inputs[:n_cond], inputs[n_cond : n_cond + n_body]
     carry = inputs[n_cond + n_body :]
@@ -402,11 +305,6 @@ def _while(eqn, inputs: list[Axes], every: Axes) -> list[Axes]:
         if new_carry == carry:
             return carry
         carry = new_carry
-
-
-def _arity(jaxpr: Jaxpr | ClosedJaxpr) -> tuple[int, int]:
-    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
-    return len(jaxpr.invars), len(jaxpr.outvars)
 
 
 def _named_axes(params) -> frozenset:

@@ -27,7 +27,7 @@ summed whole, nothing else. Any other equation that takes a block (a cumulative 
 reshape across the cut axis, a primitive it does not know) raises a ValueError
 naming the primitive, the code of the transformation that made it and the leaf, and saying to
 use plain optax for it: the analysis fails closed rather than train on a wrong update. It reads
-jaxprs through the public ``jax.extend.core`` only.
+jaxprs through ``_jaxpr``, keyed on JAX's primitive objects.
 
 Sharded parameters. A parameter that is a ``ReplicaShard`` (``ts.shard_params``) keeps its
 own cut, and its gradient arrives as a block already reduced over the replicas; its update
@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, JaxprEqn
 
-from tpustrat import _mesh, _nnx
+from tpustrat import _jaxpr, _mesh, _nnx
 from tpustrat._checks import check_int, check_leaf, check_tree, describe
 from tpustrat._context import ReduceOp, ReplicaContext, Strategy, get_replica_context
+from tpustrat._jaxpr import primitives as prim
 from tpustrat._types import PyTree
 from tpustrat._values import Mirrored, PerReplica, is_distributed
 
@@ -242,7 +243,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
             for x, path in zip(shards, state_paths)
         ]
         extra_splits = [None] * len(jax.tree.leaves(extra_args))
-        (new_updates, new_local), out_splits, _ = _interpret(
+        (new_updates, new_local), out_splits, _ = _interpret_with_replica_axis(
             lambda *a, **k: tx.update(*a, **k),
             (grads, state_local, param_blocks),
             [*splits, *state_splits, *param_splits, *extra_splits],
@@ -260,7 +261,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
                 block = _keep_block(x, out, split, split.leaf, ctx)
                 update_leaves.append(ReplicaShard(block, shard.shape, shard.axis))
         new_updates = _mark_per_replica(
-            jax.tree.structure(updates, is_leaf=_is_shard).unflatten(update_leaves), ctx
+            jax.tree.structure(updates, is_leaf=_is_shard).unflatten(update_leaves)
         )
         new_leaves = []
         for new, split, old, path in zip(
@@ -273,7 +274,7 @@ def shard_update(tx: Any, reduce_op: ReduceOp | str = ReduceOp.MEAN) -> ShardedU
                 new, split, _Split(old.axis, old.shape[old.axis]), "state" + path, ctx
             )
             new_leaves.append(ReplicaShard(block, old.shape, old.axis))
-        return new_updates, _mark_per_replica(state_tree.unflatten(new_leaves), ctx)
+        return new_updates, _mark_per_replica(state_tree.unflatten(new_leaves))
 
     return ShardedUpdate(init, update)
 
@@ -295,7 +296,7 @@ def _init(tx: Any, params: PyTree, ctx: Any) -> PyTree:
             split = param_layouts[shape]
             leaf = leaf if split is None else _own_block(leaf, split, ctx)
         state.append(leaf if split is None else ReplicaShard(leaf, shape, split.axis))
-    return _mark_per_replica(treedef.unflatten(state), ctx)
+    return _mark_per_replica(treedef.unflatten(state))
 
 
 class _VmappedReplicas:
@@ -354,11 +355,30 @@ def _init_outside_run(tx: Any, params: PyTree) -> PyTree:
         if _is_shard(node):
             blocks = PerReplica.from_stacked(jax.device_put(node.blocks, sharding))
             if from_nnx:  # nnx.Optimizer makes a Variable of each leaf: the blocks, not the shard
-                blocks = nnx.Variable(blocks)
+                blocks = nnx.Variable(blocks, **{SHARD_METADATA: (node.shape, node.axis)})
             return ReplicaShard(blocks, node.shape, node.axis)
         return jax.device_put(node[0], replicated)
 
     return jax.tree.map(place, stacked, is_leaf=_is_shard)
+
+
+# The metadata key, on the nnx Variable that holds a ReplicaShard's blocks in an nnx.Optimizer,
+# of the whole leaf's (shape, axis): nnx.state keeps a Variable's metadata, not the ReplicaShard
+# around it, and a checkpoint needs both to re-cut the blocks for another number of replicas.
+SHARD_METADATA = "tpustrat_replica_shard"
+
+
+def variable_shard(x: Any) -> tuple[tuple[int, ...], int] | None:
+    """The whole (shape, axis) of the ReplicaShard whose blocks the nnx Variable ``x`` holds
+    (in an ``nnx.Optimizer`` over ``ts.shard_update``); None for any other value."""
+    nnx: Any = _nnx.nnx_module()
+    if nnx is None or not isinstance(x, nnx.Variable):
+        return None
+    shard = x.get_metadata().get(SHARD_METADATA)
+    if shard is None or not isinstance(x.get_raw_value(), PerReplica):
+        return None
+    shape, axis = shard
+    return tuple(shape), axis
 
 
 def _local(tree: PyTree, num_replicas: int, name: str):
@@ -570,20 +590,19 @@ def _whole_update(x: jax.Array, split: _Split | None, ctx: ReplicaContext) -> ja
     return _gather_block(x, split, ctx)
 
 
-def _mark_per_replica(state: PyTree, ctx: ReplicaContext) -> PyTree:
+def _mark_per_replica(state: PyTree) -> PyTree:
     """Makes every ReplicaShard's block come out of ``run`` as a PerReplica.
 
     A block that does not depend on the replica (the zeros ``init`` makes) would otherwise be
-    proven the same on every replica and returned whole. Selecting between the block and
-    itself on the replica index marks it as varying for that proof; XLA folds the select away.
+    proven the same on every replica and returned whole; the marker of varying values
+    (``_jaxpr.mark_varying``) says it is not.
     """
 
     def mark(node):
         if not _is_shard(node):
             return node
-        block = jnp.asarray(node.blocks)
-        first = jnp.broadcast_to(ctx.replica_id_in_sync_group >= 0, block.shape)
-        return ReplicaShard(lax.select(first, block, block), node.shape, node.axis)
+        block = _jaxpr.mark_varying(jnp.asarray(node.blocks), (_mesh.REPLICA_AXIS,))
+        return ReplicaShard(block, node.shape, node.axis)
 
     return jax.tree.map(mark, state, is_leaf=_is_shard)
 
@@ -630,30 +649,34 @@ def _replica_context(what: str) -> ReplicaContext:
 # The block-wise interpreter.
 
 _ELEMENTWISE = frozenset(
-    {"abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh",
-     "bessel_i0e", "bessel_i1e", "cbrt", "ceil", "clamp", "clz", "complex", "conj",
-     "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "eq", "erf",
-     "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "igamma", "igammac", "imag",
-     "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min",
-     "mul", "ne", "neg", "nextafter", "not", "or", "polygamma", "population_count", "pow", "real",
-     "reduce_precision", "rem", "round", "rsqrt", "select_n", "shift_left",
-     "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square",
-     "sub", "tan", "tanh", "xor", "zeta"}
+    {
+        prim.abs_p, prim.acos_p, prim.acosh_p, prim.add_p, prim.and_p, prim.asin_p,
+        prim.asinh_p, prim.atan_p, prim.atan2_p, prim.atanh_p, prim.bessel_i0e_p,
+        prim.bessel_i1e_p, prim.cbrt_p, prim.ceil_p, prim.clamp_p, prim.clz_p, prim.complex_p,
+        prim.conj_p, prim.convert_element_type_p, prim.copy_p, prim.cos_p, prim.cosh_p,
+        prim.digamma_p, prim.div_p, prim.eq_p, prim.erf_p, prim.erf_inv_p, prim.erfc_p,
+        prim.exp_p, prim.exp2_p, prim.expm1_p, prim.floor_p, prim.ge_p, prim.gt_p,
+        prim.igamma_p, prim.igammac_p, prim.imag_p, prim.integer_pow_p, prim.is_finite_p,
+        prim.le_p, prim.lgamma_p, prim.log_p, prim.log1p_p, prim.logistic_p, prim.lt_p,
+        prim.max_p, prim.min_p, prim.mul_p, prim.ne_p, prim.neg_p, prim.nextafter_p,
+        prim.not_p, prim.or_p, prim.polygamma_p, prim.population_count_p, prim.pow_p,
+        prim.real_p, prim.reduce_precision_p, prim.rem_p, prim.round_p, prim.rsqrt_p,
+        prim.select_n_p, prim.shift_left_p, prim.shift_right_arithmetic_p,
+        prim.shift_right_logical_p, prim.sign_p, prim.sin_p, prim.sinh_p, prim.sqrt_p,
+        prim.square_p, prim.sub_p, prim.tan_p, prim.tanh_p, prim.xor_p, prim.zeta_p,
+    }
+    - {None}
 )  # fmt: skip
 # reduction -> (the value padding must hold, the collective that completes it)
 _REDUCTIONS = {
-    "reduce_sum": (0, "sum"),
-    "reduce_max": (-np.inf, "max"),
-    "reduce_min": (np.inf, "min"),
-    "reduce_or": (False, "max"),
-    "reduce_and": (True, "min"),
+    prim.reduce_sum_p: (0, "sum"),
+    prim.reduce_max_p: (-np.inf, "max"),
+    prim.reduce_min_p: (np.inf, "min"),
+    prim.reduce_or_p: (False, "max"),
+    prim.reduce_and_p: (True, "min"),
 }
 # Annotations of where a value is laid out; inside ``run`` every value is the replica's own.
-_LAYOUT_ONLY = frozenset({"reshard", "sharding_constraint"})
-_INLINED = frozenset(
-    {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
-     "custom_vjp_call", "custom_vjp_call_jaxpr"}
-)  # fmt: skip
+_LAYOUT_ONLY = frozenset({prim.reshard_p, prim.sharding_constraint_p} - {None})
 
 
 def _interpret(
@@ -697,6 +720,45 @@ def _interpret(
     return jax.tree.unflatten(jax.tree.structure(shapes), outs), out_splits, whole_shapes
 
 
+def _interpret_with_replica_axis(
+    fn: Callable[..., Any],
+    args: tuple,
+    splits: list[_Split | None],
+    ctx: ReplicaContext,
+    kwargs: dict | None = None,
+) -> tuple[PyTree, list[_Split | None], list[tuple[int, ...]]]:
+    """``_interpret`` on the blocks in the shape ``run`` holds them: ``(1, *block)``.
+
+    ``run`` stacks a ReplicaShard's blocks as ``(num_replicas, *block)`` and hands a step its
+    replica's ``(1, *block)`` without the leading axis. The update runs under ``jax.vmap``
+    over that axis put back (``block[None]``), so its arithmetic is on arrays of the stacked
+    buffers' own shape and XLA folds each pair of reshapes away. Run on the blocks without the
+    axis, XLA:CPU recomputes a new state block (Adam's moment) inside the fusion that writes
+    the new parameter, which then reads the old block while another fusion overwrites that
+    donated buffer in place, so it keeps a copy of every donated state block for the whole
+    step. The values are the same either way.
+    """
+    leaves, tree = jax.tree.flatten((args, kwargs or {}))
+    positions = [i for i, split in enumerate(splits) if split is not None]
+    if not positions:
+        return _interpret(fn, args, splits, ctx, kwargs)
+    found = []
+
+    def on_blocks(*blocks):
+        full = list(leaves)
+        for i, block in zip(positions, blocks):
+            full[i] = block
+        call_args, call_kwargs = tree.unflatten(full)
+        outs, out_splits, shapes = _interpret(fn, call_args, splits, ctx, call_kwargs)
+        out_leaves, out_tree = jax.tree.flatten(outs)
+        found.append((out_tree, out_splits, shapes))
+        return [jnp.asarray(x) for x in out_leaves]
+
+    outs = jax.vmap(on_blocks)(*[jnp.asarray(leaves[i])[None] for i in positions])
+    out_tree, out_splits, shapes = found[0]
+    return out_tree.unflatten([x[0] for x in outs]), out_splits, shapes
+
+
 def _whole_aval(x: Any, split: _Split | None) -> jax.ShapeDtypeStruct:
     """The shape and dtype of the whole leaf of which ``x`` is the block ``split`` says."""
     aval = jax.typeof(x)
@@ -711,59 +773,42 @@ def _eval(jaxpr: Jaxpr, consts, args, splits, ctx: ReplicaContext, caller: str =
 
     ``caller`` says where the call whose body ``jaxpr`` is was made, for error messages.
     """
-    values, where = {}, {}
 
-    def read(atom):
-        if isinstance(atom, Literal):
-            return atom.val, None
-        return values[atom], where.get(atom)
-
-    for var, value in zip(jaxpr.constvars, consts):
-        values[var] = value
-    for var, value, split in zip(jaxpr.invars, args, splits):
-        values[var], where[var] = value, split
-    for eqn in jaxpr.eqns:
-        ins, in_splits = zip(*map(read, eqn.invars)) if eqn.invars else ((), ())
+    def equation(eqn, inputs):
+        ins, in_splits = zip(*inputs) if inputs else ((), ())
         if any(s is not None for s in in_splits):
             outs, out_splits = _equation(eqn, list(ins), list(in_splits), ctx, caller)
         else:  # whole values only: the equation runs as traced, on the whole shapes
-            outs, out_splits = _bind(eqn, list(ins)), [None] * len(eqn.outvars)
-        for var, value, split in zip(eqn.outvars, outs, out_splits):
-            values[var], where[var] = value, split
-    results = [read(v) for v in jaxpr.outvars]
+            outs, out_splits = _jaxpr.bind(eqn, ins), [None] * len(eqn.outvars)
+        return list(zip(outs, out_splits))
+
+    results = _jaxpr.walk(
+        jaxpr,
+        list(zip(args, splits)),
+        equation,
+        constants=[(value, None) for value in consts],
+        literal=lambda value: (value, None),
+    )
     return [r[0] for r in results], [r[1] for r in results]
-
-
-def _bind(eqn, ins, **overrides):
-    params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
-    # jax < 0.8 returns (subfuns, params); later versions fold the subfuns into the params.
-    subfuns, params = params if isinstance(params, tuple) else ((), params)
-    out = eqn.primitive.bind(*subfuns, *ins, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _whole_shape(atom) -> tuple[int, ...]:
     return tuple(atom.aval.shape)
 
 
-def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
+def _equation(eqn: JaxprEqn, ins, splits, ctx: ReplicaContext, caller: str):
     """One equation with at least one block among its inputs."""
-    name = eqn.primitive.name
+    primitive = eqn.primitive
     where = _source(eqn) or caller
     n_out = len(eqn.outvars)
-    if name == "cond":
+    if primitive is prim.cond_p:
         return _cond(eqn, ins, splits, ctx, where)
-    if name in _INLINED:
-        inner = [v for v in eqn.params.values() if isinstance(v, (Jaxpr, ClosedJaxpr))]
-        if len(inner) == 1:
-            body = inner[0]
-            consts = body.consts if isinstance(body, ClosedJaxpr) else ()
-            body = body.jaxpr if isinstance(body, ClosedJaxpr) else body
-            if len(body.invars) == len(ins):
-                return _eval(body, consts, ins, splits, ctx, where)
+    body = _jaxpr.call_body(eqn, per_device=False)
+    if body is not None:
+        return _eval(*body, ins, splits, ctx, where)
     if any(isinstance(s, _Raveled) for s in splits):
         return _raveled(eqn, ins, splits, where)
-    if name in _ELEMENTWISE:
+    if primitive in _ELEMENTWISE:
         axes = {s.axis for s in splits if isinstance(s, _Split)}
         if len(axes) > 1:
             raise _unsupported(eqn, where, splits, "combines blocks cut along different axes")
@@ -774,35 +819,36 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
             else _cut_whole(eqn, where, splits, x, _whole_shape(atom), split, ctx)
             for x, s, atom in zip(ins, splits, eqn.invars)
         ]
-        return _bind(eqn, ins), [split] * n_out
-    if name in _REDUCTIONS:
+        return _jaxpr.bind(eqn, ins), [split] * n_out
+    if primitive in _REDUCTIONS:
         return _reduce(eqn, ins[0], splits[0], ctx)
-    if name == "dot_general":
+    if primitive is prim.dot_general_p:
         return _contract(eqn, ins, splits, ctx, where)
     split = splits[0] if len(splits) == 1 else None
     if split is None:
         raise _unsupported(eqn, where, splits, "is not known to work block by block")
     x, shape = ins[0], _whole_shape(eqn.invars[0])
     length = np.shape(x)[split.axis]
-    if name in _LAYOUT_ONLY:  # says where the value lives, not what it is
+    if primitive in _LAYOUT_ONLY:  # says where the value lives, not what it is
         return [x], [split]
-    if name == "broadcast_in_dim":
+    if primitive is prim.broadcast_in_dim_p:
         axis = eqn.params["broadcast_dimensions"][split.axis]
         new_shape = list(eqn.params["shape"])
         new_shape[axis] = length
-        return _bind(eqn, [x], shape=tuple(new_shape)), [split._replace(axis=axis)]
-    if name == "transpose":
-        return _bind(eqn, [x]), [split._replace(axis=eqn.params["permutation"].index(split.axis))]
-    if name == "squeeze":
+        return _jaxpr.bind(eqn, [x], shape=tuple(new_shape)), [split._replace(axis=axis)]
+    if primitive is prim.transpose_p:
+        axis = eqn.params["permutation"].index(split.axis)
+        return _jaxpr.bind(eqn, [x]), [split._replace(axis=axis)]
+    if primitive is prim.squeeze_p:
         axis = split.axis - sum(d < split.axis for d in eqn.params["dimensions"])
-        return _bind(eqn, [x]), [split._replace(axis=axis)]
-    if name == "reshape" and eqn.params.get("dimensions") is None:
+        return _jaxpr.bind(eqn, [x]), [split._replace(axis=axis)]
+    if primitive is prim.reshape_p and eqn.params.get("dimensions") is None:
         new = list(eqn.params["new_sizes"])
         before = int(np.prod(shape[: split.axis]))
         for axis in range(len(new)):
             if int(np.prod(new[:axis])) == before and new[axis] == split.size:
                 new[axis] = length
-                return _bind(eqn, [x], new_sizes=tuple(new)), [split._replace(axis=axis)]
+                return _jaxpr.bind(eqn, [x], new_sizes=tuple(new)), [split._replace(axis=axis)]
         if len(new) == 1:  # flattened whole: only a dot product or a sum may follow
             flat = jnp.ravel(_fill_padding(x, split, ctx, 0))
             return [flat], [_Raveled(split.axis, split.size, shape, split.leaf)]
@@ -813,22 +859,24 @@ def _equation(eqn, ins, splits, ctx: ReplicaContext, caller: str):
 
 
 # Unary or binary primitives that keep zero padding zero when every operand has it.
-_ZERO_PRESERVING = frozenset({"mul", "neg", "conj", "real", "convert_element_type", "copy"})
+_ZERO_PRESERVING = frozenset(
+    {prim.mul_p, prim.neg_p, prim.conj_p, prim.real_p, prim.convert_element_type_p, prim.copy_p}
+)
 
 
 def _raveled(eqn, ins, splits, where: str):
     """An equation on flattened blocks: a product of them, or their sum or dot product."""
     kinds = {(s.axis, s.size, s.shape) if isinstance(s, _Raveled) else s for s in splits}
     if len(kinds) == 1 and all(isinstance(s, _Raveled) for s in splits):
-        name = eqn.primitive.name
-        if name in _ZERO_PRESERVING and eqn.primitive.multiple_results is False:
-            return _bind(eqn, ins), [splits[0]]
-        total = name == "reduce_sum" and tuple(eqn.params["axes"]) == (0,)
-        if name == "dot_general":
+        primitive = eqn.primitive
+        if primitive in _ZERO_PRESERVING and primitive.multiple_results is False:
+            return _jaxpr.bind(eqn, ins), [splits[0]]
+        total = primitive is prim.reduce_sum_p and tuple(eqn.params["axes"]) == (0,)
+        if primitive is prim.dot_general_p:
             (contracting, batch) = eqn.params["dimension_numbers"]
             total = tuple(map(tuple, contracting)) == ((0,), (0,)) and not any(batch)
         if total:
-            return [lax.psum(_bind(eqn, ins)[0], _mesh.REPLICA_AXIS)], [None]
+            return [lax.psum(_jaxpr.bind(eqn, ins)[0], _mesh.REPLICA_AXIS)], [None]
     raise _unsupported(
         eqn, where, splits, "takes a flattened leaf other than into a product, sum or dot product"
     )
@@ -850,11 +898,11 @@ def _reduce(eqn, x, split: _Split, ctx: ReplicaContext):
     axes = tuple(eqn.params["axes"])
     if split.axis not in axes:
         axis = split.axis - sum(a < split.axis for a in axes)
-        return _bind(eqn, [x]), [split._replace(axis=axis)]
-    fill, combine = _REDUCTIONS[eqn.primitive.name]
+        return _jaxpr.bind(eqn, [x]), [split._replace(axis=axis)]
+    fill, combine = _REDUCTIONS[eqn.primitive]
     if jnp.issubdtype(x.dtype, jnp.integer) and not np.isfinite(fill):
         fill = jnp.iinfo(x.dtype).min if fill < 0 else jnp.iinfo(x.dtype).max
-    (local,) = _bind(eqn, [_fill_padding(x, split, ctx, fill)])
+    (local,) = _jaxpr.bind(eqn, [_fill_padding(x, split, ctx, fill)])
     if combine == "sum":
         return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
     as_int = local.dtype == jnp.bool_
@@ -880,7 +928,7 @@ def _contract(eqn, ins, splits, ctx: ReplicaContext, where: str):
         if other.axis != paired:
             break
         ins = [_fill_padding(x, s, ctx, 0) for x, s in zip(ins, (split, other)[:: 1 - 2 * side])]
-        (local,) = _bind(eqn, ins)
+        (local,) = _jaxpr.bind(eqn, ins)
         return [lax.psum(local, _mesh.REPLICA_AXIS)], [None]
     if sum(isinstance(s, _Split) for s in splits) == 1:
         side = 0 if isinstance(splits[0], _Split) else 1
@@ -889,7 +937,7 @@ def _contract(eqn, ins, splits, ctx: ReplicaContext, where: str):
             free = [[d for d in range(len(shapes[k])) if d not in (*contracting[k], *batch[k])]
                     for k in (0, 1)]  # fmt: skip
             axis = len(batch[0]) + (len(free[0]) if side else 0) + free[side].index(split.axis)
-            return _bind(eqn, ins), [split._replace(axis=axis)]
+            return _jaxpr.bind(eqn, ins), [split._replace(axis=axis)]
     raise _unsupported(eqn, where, splits, "mixes elements along the cut axis in a product")
 
 
