@@ -6,7 +6,7 @@ Workload: step_overhead's MLP 64-512-512-10, global batch 256, SGD, 8 replicas. 
   (B) hand-written best  ``jax.jit(jax.shard_map(...), donate_argnums=0)``, 4 steps in flight
                          (it waits on the loss, which nothing donates);
   (C) tpustrat loop      a distributed dataset of host batches (prefetched onto the devices),
-                         ``experimental_run_steps`` with 8 steps per program, state donated;
+                         ``run_steps`` with 8 steps per program, state donated;
   (D) hand-written naive ``jax.jit(jax.shard_map(...))`` fed the host batch (numpy) every step,
                          no donation, reading the loss every step (``float(loss)``);
   (E) hand-written ceiling (C)'s 8 steps per program written by hand (``lax.scan`` in one
@@ -164,7 +164,7 @@ def make_own(params, x, y) -> Callable[[int], float]:
         p = holder["params"]
         start = time.perf_counter()
         for _ in range(steps // STEPS_PER_RUN):
-            p = strategy.experimental_run_steps(
+            p = strategy.run_steps(
                 _step_with_loss, p, iterator, STEPS_PER_RUN, options=donate
             ).state
         jax.block_until_ready(p)

@@ -1,4 +1,4 @@
-"""Steps per second with N steps per compiled program (``strategy.experimental_run_steps``).
+"""Steps per second with N steps per compiled program (``strategy.run_steps``).
 
 Two tiny workloads on 8 replicas, global batch 64, where per-step dispatch matters most:
   train  a linear model (16 -> 4) trained with SGD: one all-reduce of the gradient per step;
@@ -79,7 +79,7 @@ def main() -> None:
                 if steps_per_run == 1:
                     w, _ = strategy.run(step, args=(w, next(source)))
                 else:
-                    w, _, _ = strategy.experimental_run_steps(step, w, source, steps_per_run)
+                    w, _, _ = strategy.run_steps(step, w, source, steps_per_run)
             jax.block_until_ready(w)
             state["w"] = w
             return total_steps / (time.perf_counter() - start)

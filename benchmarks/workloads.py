@@ -14,7 +14,7 @@ and global under jax.jit). Variants, same model, same global batch, same optimiz
       Adam), ``model.fit`` under ``keras.distribution.DataParallel`` (JAX backend), when keras
       is installed (the ``bench`` extra);
   (d) tpustrat run: ``strategy.run(step, args=(state, batch))`` with no options, the plain loop;
-  (e) tpustrat run_steps: ``strategy.experimental_run_steps`` over a distributed dataset
+  (e) tpustrat run_steps: ``strategy.run_steps`` over a distributed dataset
       (host batches prefetched onto the devices), 4 steps per program (``--steps-per-run``),
       state donated; for the CNN on CPU with ``unroll=True`` (XLA:CPU runs convolutions inside
       a loop many times slower), otherwise (or with ``--scan-loop``) as one ``lax.scan`` loop;
@@ -388,7 +388,7 @@ def make_tpustrat_run(strategy, update, params, opt_state, x, y) -> Variant:
 
 
 def _run_steps_loop(strategy, unroll, step, state, x, y) -> Variant:
-    """``experimental_run_steps`` over a prefetching dataset of host batches, state donated."""
+    """``run_steps`` over a prefetching dataset of host batches, state donated."""
     donate = ts.RunOptions(donate_argnums=(0,))
     memory = _tpustrat_memory(strategy, step, state, per_replica_batch(strategy, x, y), donate)
     holder = {"state": state}
@@ -399,7 +399,7 @@ def _run_steps_loop(strategy, unroll, step, state, x, y) -> Variant:
         state = holder["state"]
         start = time.perf_counter()
         for _ in range(steps // STEPS_PER_RUN[0]):
-            state = strategy.experimental_run_steps(
+            state = strategy.run_steps(
                 step, state, iterator, STEPS_PER_RUN[0], unroll=unroll, options=donate
             ).state
         jax.block_until_ready(state)

@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     test_data = digits.eval_batches(data.test_images, data.test_labels, global_batch_size)
     correct = examples = 0
     for batch, mask in strategy.experimental_distribute_dataset(
-        test_data, ts.InputOptions(experimental_mask=True)
+        test_data, ts.InputOptions(mask=True)
     ):
         batch_correct, batch_examples = strategy.run(eval_step, args=(state, batch, mask))
         correct += int(batch_correct)

@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     test_data = digits.eval_batches(data.test_images, data.test_labels, global_batch_size)
     accuracy = nnx.metrics.Accuracy()
     for batch, mask in strategy.experimental_distribute_dataset(
-        test_data, ts.InputOptions(experimental_mask=True)
+        test_data, ts.InputOptions(mask=True)
     ):
         strategy.run(eval_step, args=(state.params, accuracy, batch, mask))
     correct, examples = round(float(accuracy.total[...])), int(accuracy.count[...])

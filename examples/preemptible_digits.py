@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     correct = examples = 0
     test_data = digits.eval_batches(data.test_images, data.test_labels, global_batch_size)
     for batch, mask in strategy.experimental_distribute_dataset(
-        test_data, ts.InputOptions(experimental_mask=True)
+        test_data, ts.InputOptions(mask=True)
     ):
         batch_correct, batch_examples = strategy.run(eval_step, args=(state["train"], batch, mask))
         correct += int(strategy.reduce("mean", batch_correct))

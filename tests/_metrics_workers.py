@@ -29,7 +29,7 @@ def _step(metrics, batch, mask):
 
 def _accumulate(strategy):
     rows = [tuple(a[i : i + GLOBAL_BATCH] for a in data()) for i in range(0, ROWS, GLOBAL_BATCH)]
-    options = ts.InputOptions(experimental_mask=True, global_batch_size=GLOBAL_BATCH)
+    options = ts.InputOptions(mask=True, global_batch_size=GLOBAL_BATCH)
     metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
     reads = []
     for _ in range(2):  # an epoch, a read, a reset, another epoch

@@ -289,7 +289,7 @@ def test_collectives_of_zero_size_values_and_wrong_values():
 
 
 def test_replica_id_and_key_inside_loops(strategy):
-    """The context's replica index inside a fori_loop and experimental_run_steps' scan: small
+    """The context's replica index inside a fori_loop and run_steps' scan: small
     loops that read the device's index, which XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
     process compiling unless the index is read outside them."""
     n = strategy.num_replicas_in_sync
@@ -315,7 +315,7 @@ def test_replica_id_and_key_inside_loops(strategy):
         return total, total
 
     batches = iter([ts.PerReplica([np.int32(s + 1)] * n) for s in range(4)])
-    total, _, num_steps = strategy.experimental_run_steps(run_step, np.int32(0), batches, 4)
+    total, _, num_steps = strategy.run_steps(run_step, np.int32(0), batches, 4)
     assert num_steps == 4
     assert [int(t) for t in strategy.experimental_local_results(total)] == [
         (1 + 2 + 3 + 4) * r for r in range(n)

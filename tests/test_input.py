@@ -22,7 +22,7 @@ import tpustrat as ts
 from tpustrat._batching import Layout
 from tpustrat._dataset_options import InputContext, InputOptions
 
-MASKED = InputOptions(experimental_mask=True)
+MASKED = InputOptions(mask=True)
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_mask_marks_real_rows_and_padding_copies_a_real_row(strategy):
 
 
 def test_global_batch_size_option_sets_the_static_shape(eight):
-    options = InputOptions(experimental_mask=True, global_batch_size=24)
+    options = InputOptions(mask=True, global_batch_size=24)
     (batch, mask), (_, full_mask) = eight.experimental_distribute_dataset(
         _batches([10, 24]), options
     )
@@ -177,7 +177,7 @@ def test_partial_batch_without_mask_raises_after_the_full_batches(eight):
         ValueError, match="batch 2 has 5 rows, fewer than the static global batch of 16"
     ) as error:
         next(iterator)
-    assert "experimental_mask=True" in str(error.value)
+    assert "mask=True" in str(error.value)
     assert "drop_remainder=True" in str(error.value)
 
 
@@ -222,7 +222,7 @@ def test_datasets_from_function_train_on_the_global_batch(strategy):
 
 
 def test_per_replica_partial_batch_is_masked(eight):
-    options = InputOptions(experimental_mask=True, global_batch_size=32)
+    options = InputOptions(mask=True, global_batch_size=32)
     batches = _batches([4] * 8 + [4, 1])  # a full step, then replica 1's batch is partial
     dist = eight.distribute_datasets_from_function(lambda ctx: batches, options)
     assert len(dist) == 2
@@ -505,7 +505,7 @@ def test_a_process_keeps_only_its_replicas_rows(eight):
 
 def test_mask_and_drop_remainder_together_are_refused():
     with pytest.raises(ValueError, match="either padded and masked or dropped; choose one"):
-        InputOptions(experimental_mask=True, drop_remainder=True)
+        InputOptions(mask=True, drop_remainder=True)
 
 
 # --- Per-replica batches stay whole on their replica --------------------------------------------
@@ -560,7 +560,7 @@ def test_partial_steps_of_per_replica_batches(strategy, global_batch_size):
             continue  # a whole step, not a partial one
         expected = _expected_steps(elements, n, static_rows)
         masked = strategy.distribute_datasets_from_function(
-            lambda ctx, e=elements: e, InputOptions(experimental_mask=True, global_batch_size=size)
+            lambda ctx, e=elements: e, InputOptions(mask=True, global_batch_size=size)
         )
         steps = [(_per_replica(b["id"]), _per_replica(m)) for b, m in masked]
         assert len(steps) == len(expected) == len(masked), case
@@ -587,7 +587,7 @@ def test_partial_steps_of_per_replica_batches(strategy, global_batch_size):
             short = f"per-replica batch {len(elements) - 1} has {last_rows} of {rows} rows"
         else:  # one replica: each per-replica batch is a step
             short = f"batch {full} has {last_rows} rows, fewer than the static step"
-        with pytest.raises(ValueError, match=f"{short}.*experimental_mask=True") as error:
+        with pytest.raises(ValueError, match=f"{short}.*mask=True") as error:
             next(refusing)
         assert "drop_remainder=True" in str(error.value), case
 
@@ -638,9 +638,7 @@ def test_a_batch_that_changes_shape_is_refused_before_run_steps_stacks_it(eight)
         match=r"batch 2 leaf \['x'\] is float32\[B, 3\] but in batch 0 it is "
         r"float32\[B, 2\]",
     ):
-        eight.experimental_run_steps(
-            lambda state, batch: (state, batch["x"].sum()), np.float32(0), iterator, 3
-        )
+        eight.run_steps(lambda state, batch: (state, batch["x"].sum()), np.float32(0), iterator, 3)
 
 
 # --- Interpreter exit with prefetch threads still running ---------------------------------------
@@ -820,18 +818,18 @@ def test_options_refuse_wrong_types_and_values(record, name, value, error, match
 
 def test_options_take_numpy_scalars_and_store_python_ones():
     options = InputOptions(
-        experimental_mask=np.bool_(True),
+        mask=np.bool_(True),
         experimental_fetch_to_device=np.False_,
         experimental_per_replica_buffer_size=np.int64(3),
         global_batch_size=np.int32(16),
     )
     assert options == InputOptions(
-        experimental_mask=True,
+        mask=True,
         experimental_fetch_to_device=False,
         experimental_per_replica_buffer_size=3,
         global_batch_size=16,
     )
-    assert type(options.experimental_mask) is bool
+    assert type(options.mask) is bool
     assert type(options.global_batch_size) is int
 
 

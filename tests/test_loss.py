@@ -50,7 +50,7 @@ def test_masked_partial_batch_gives_the_gradient_of_the_real_rows(strategy):
     y = rng.normal(size=(29,)).astype(np.float32)
     w = np.float32([0.5, -1.0, 2.0])
     dataset = [(x[:16], y[:16]), (x[16:], y[16:])]
-    options = ts.InputOptions(experimental_mask=True)
+    options = ts.InputOptions(mask=True)
 
     def step(w, batch, mask):
         features, targets = batch

@@ -36,7 +36,7 @@ def _data(seed: int = 0):
 
 def _batches(strategy: ts.TPUStrategy, data) -> list:
     """The global batches of ``data`` on the replicas, the last partial one padded and masked."""
-    options = ts.InputOptions(experimental_mask=True, global_batch_size=GLOBAL_BATCH)
+    options = ts.InputOptions(mask=True, global_batch_size=GLOBAL_BATCH)
     rows = [tuple(a[i : i + GLOBAL_BATCH] for a in data) for i in range(0, ROWS, GLOBAL_BATCH)]
     return list(strategy.experimental_distribute_dataset(rows, options))
 
@@ -115,13 +115,13 @@ def test_run_steps_accumulates_as_run_does(strategy):
         _update(metrics, *batch)
         return state, metrics.loss.compute()  # the replica's own value, read in the step
 
-    # experimental_run_steps stacks batches of one shape: the two full batches, then the last.
+    # run_steps stacks batches of one shape: the two full batches, then the last.
     batches = iter(_batches(strategy, data))
-    result = strategy.experimental_run_steps(steps_step, (metrics,), batches, 2)
+    result = strategy.run_steps(steps_step, (metrics,), batches, 2)
     assert result.num_steps == 2
     assert result.state[0] is metrics
     assert isinstance(result.outputs, ts.PerReplica), "a read in the step is per replica"
-    strategy.experimental_run_steps(steps_step, (metrics,), batches, 2)
+    strategy.run_steps(steps_step, (metrics,), batches, 2)
     _assert_reads(metrics, _one_device(data))
 
 
@@ -231,7 +231,7 @@ def test_a_matrix_shaped_like_the_replica_axis_is_read_whole():
     labels = rng.integers(0, 8, 64).astype(np.int32)
     predictions = rng.integers(0, 8, 64).astype(np.int32)
     ((rows, mask),) = strategy.experimental_distribute_dataset(
-        [(labels, predictions)], ts.InputOptions(experimental_mask=True)
+        [(labels, predictions)], ts.InputOptions(mask=True)
     )
     step = lambda c, r, m: c.update(labels=r[0], predictions=r[1], mask=m)
     expected = np.zeros((8, 8), np.int32)
@@ -431,7 +431,7 @@ def test_generated_steps_read_as_one_device_or_raise(seed):
     chains = _program(rng)
     strategy = _strategy(MESH_SHAPES[seed % len(MESH_SHAPES)])
     x = np.random.default_rng(seed).normal(size=(24, 2)).astype(np.float32)
-    options = ts.InputOptions(experimental_mask=True, global_batch_size=GLOBAL_BATCH)
+    options = ts.InputOptions(mask=True, global_batch_size=GLOBAL_BATCH)
     batches = list(strategy.experimental_distribute_dataset([x[:16], x[16:]], options))
     sums = Sums()
     refused = any(op in REFUSED for chain in chains.values() for op in chain)
@@ -458,7 +458,7 @@ def test_generated_steps_read_as_one_device_or_raise(seed):
 
 def _reads_as_one_device(chains, strategy, seed) -> bool:
     x = np.random.default_rng(seed).normal(size=(24, 2)).astype(np.float32)
-    options = ts.InputOptions(experimental_mask=True, global_batch_size=GLOBAL_BATCH)
+    options = ts.InputOptions(mask=True, global_batch_size=GLOBAL_BATCH)
     sums, reference = Sums(), Sums()
     for rows, mask in strategy.experimental_distribute_dataset([x[:16], x[16:]], options):
         strategy.run(_step(chains, local=True), args=(sums, rows, mask))

@@ -1,4 +1,4 @@
-"""experimental_run_steps: N steps in one program, equal to N separate run calls."""
+"""run_steps: N steps in one program, equal to N separate run calls."""
 
 import jax
 import numpy as np
@@ -58,7 +58,7 @@ def test_equals_separate_runs(strategy, steps_per_run, unroll):
     iterator = iter(batches)
     fused_losses = []
     for _ in range(8 // steps_per_run):
-        fused, stacked, num = strategy.experimental_run_steps(
+        fused, stacked, num = strategy.run_steps(
             _train_step, fused, iterator, steps_per_run, stack_outputs=True, unroll=unroll
         )
         assert num == steps_per_run
@@ -79,7 +79,7 @@ def test_end_of_data_runs_the_remainder_then_stops_and_counts_every_program(comp
     counts, losses = [], []
     while True:
         try:
-            state, stacked, num = strategy.experimental_run_steps(
+            state, stacked, num = strategy.run_steps(
                 _train_step, state, iterator, 4, stack_outputs=True
             )
         except StopIteration:
@@ -91,7 +91,7 @@ def test_end_of_data_runs_the_remainder_then_stops_and_counts_every_program(comp
     assert stats.num_compiles == compile_count() - before == 2  # 4 steps, then 1
     assert stats.recompiles == ()  # a shorter group is a program of its own, not a recompile
     with pytest.raises(StopIteration):  # and stays ended
-        strategy.experimental_run_steps(_train_step, state, iterator, 4)
+        strategy.run_steps(_train_step, state, iterator, 4)
 
     separate, separate_losses = _initial_state(strategy), []
     for batch in batches:
@@ -110,7 +110,7 @@ def test_per_replica_outputs_stack_after_the_replica_axis():
         x, _ = batch
         return total + ts.get_replica_context().all_reduce("sum", x.sum()), x.sum()
 
-    total, local, num_steps = strategy.experimental_run_steps(
+    total, local, num_steps = strategy.run_steps(
         step, np.float32(0), iter(batches), 3, stack_outputs=True
     )
     assert num_steps == 3
@@ -125,10 +125,10 @@ def test_repeated_calls_compile_once(compile_count):
     strategy = ts.TPUStrategy()
     iterator = iter(_batches(strategy, 12))
     state = _initial_state(strategy)
-    state, _, _ = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+    state, _, _ = strategy.run_steps(_train_step, state, iterator, 4)
     before = compile_count()
     for _ in range(2):
-        state, _, _ = strategy.experimental_run_steps(_train_step, state, iterator, 4)
+        state, _, _ = strategy.run_steps(_train_step, state, iterator, 4)
     assert compile_count() == before
 
 
@@ -138,9 +138,7 @@ def test_unroll_true_writes_the_steps_out_without_a_loop():
     for unroll, loops in [(1, True), (True, False), (2, True), (False, True)]:
 
         def program(state, *batches, unroll=unroll):
-            return strategy.experimental_run_steps(
-                _train_step, state, iter(batches), 4, unroll=unroll
-            ).state
+            return strategy.run_steps(_train_step, state, iter(batches), 4, unroll=unroll).state
 
         hlo = jax.jit(program).lower(_initial_state(strategy), *batches).as_text()
         assert (" while(" in hlo or "stablehlo.while" in hlo) == loops, unroll
@@ -149,14 +147,14 @@ def test_unroll_true_writes_the_steps_out_without_a_loop():
 def test_errors():
     strategy = ts.TPUStrategy()
     with pytest.raises(ValueError, match="steps_per_run must be an int >= 1, got 0"):
-        strategy.experimental_run_steps(_train_step, None, iter([]), 0)
+        strategy.run_steps(_train_step, None, iter([]), 0)
     with pytest.raises(ValueError, match="unroll must be an int >= 1, got 0"):
-        strategy.experimental_run_steps(_train_step, None, iter([]), 2, unroll=0)
+        strategy.run_steps(_train_step, None, iter([]), 2, unroll=0)
     with pytest.raises(TypeError, match="unroll must be an int, got str '2'"):
-        strategy.experimental_run_steps(_train_step, None, iter([]), 2, unroll="2")
+        strategy.run_steps(_train_step, None, iter([]), 2, unroll="2")
     batches = iter(_batches(strategy, 2))
     with pytest.raises(TypeError, match=r"needs fn\(state, batch\) -> \(state, outputs\)"):
-        strategy.experimental_run_steps(lambda s, b: s, np.float32(0), batches, 2)
+        strategy.run_steps(lambda s, b: s, np.float32(0), batches, 2)
 
 
 def test_a_step_that_changes_the_state_dtype_is_refused():
@@ -169,7 +167,7 @@ def test_a_step_that_changes_the_state_dtype_is_refused():
     with pytest.raises(
         TypeError, match=r"returned a state leaf of float32\[\] for one of int32\[\]"
     ):
-        strategy.experimental_run_steps(step, np.int32(0), batches, 2)
+        strategy.run_steps(step, np.int32(0), batches, 2)
 
 
 def test_a_dataset_or_list_instead_of_an_iterator_is_refused():
@@ -178,8 +176,8 @@ def test_a_dataset_or_list_instead_of_an_iterator_is_refused():
     dataset = strategy.experimental_distribute_dataset([np.zeros((8, 3), np.float32)] * 3)
     for source in (batches, dataset):
         with pytest.raises(TypeError, match=r"takes an iterator, got a .*pass iter\(dataset\)"):
-            strategy.experimental_run_steps(_train_step, _initial_state(strategy), source, 2)
-    result = strategy.experimental_run_steps(
+            strategy.run_steps(_train_step, _initial_state(strategy), source, 2)
+    result = strategy.run_steps(
         lambda total, x: (total + x.sum(), x.sum()), np.float32(0), iter(dataset), 2
     )
     assert result.num_steps == 2
@@ -193,12 +191,8 @@ def test_batches_of_another_shape_name_the_leaf_and_both_shapes():
         match=r"batch\[0\] is a PerReplica of float32\[4, 3\] in batch 0 but a PerReplica of "
         r"float32\[3, 3\] in batch 1; .*pad the last partial batch",
     ):
-        strategy.experimental_run_steps(
-            _train_step, _initial_state(strategy), iter([(x, y), (short_x, y)]), 2
-        )
+        strategy.run_steps(_train_step, _initial_state(strategy), iter([(x, y), (short_x, y)]), 2)
     with pytest.raises(ValueError, match=r"batch 1 has structure .* but batch 0 has"):
-        strategy.experimental_run_steps(
-            _train_step, _initial_state(strategy), iter([(x, y), (x, y, y)]), 2
-        )
+        strategy.run_steps(_train_step, _initial_state(strategy), iter([(x, y), (x, y, y)]), 2)
     with pytest.raises(TypeError, match="needs a callable step fn"):
-        strategy.experimental_run_steps(None, np.float32(0), iter([(x, y)]), 1)
+        strategy.run_steps(None, np.float32(0), iter([(x, y)]), 1)

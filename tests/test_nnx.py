@@ -296,7 +296,7 @@ def test_linen_dropout_with_replica_key_differs_per_replica():
 
 
 def _steps_step(state, batch):
-    """An experimental_run_steps step over (model, optimizer, metrics): updates them in place."""
+    """An run_steps step over (model, optimizer, metrics): updates them in place."""
     model, optimizer, metrics = state
     return state, train_step(model, optimizer, metrics, batch)
 
@@ -312,7 +312,7 @@ def test_run_steps_updates_nnx_objects_in_place_as_run_does(donate):
         last_loss = strategy.run(train_step, args=(*reference, batch), options=options)
     objects = strategy.replicate(_objects())
     batches = iter(strategy.experimental_distribute_dataset(dataset))
-    result = strategy.experimental_run_steps(_steps_step, objects, batches, 4, options=options)
+    result = strategy.run_steps(_steps_step, objects, batches, 4, options=options)
     assert result.num_steps == 4
     assert all(got is want for got, want in zip(result.state, objects)), "the caller's objects"
     model, optimizer, metrics = objects
@@ -338,7 +338,7 @@ def test_run_steps_keeps_array_leaves_next_to_nnx_objects():
         return (model, count + 1), count
 
     batches = iter([ts.PerReplica([np.float32(1)] * 8)] * 3)
-    result = strategy.experimental_run_steps(step, (model, np.int32(0)), batches, 3)
+    result = strategy.run_steps(step, (model, np.int32(0)), batches, 3)
     assert result.state[0] is model and int(result.state[1]) == 3 and int(result.outputs) == 2
     np.testing.assert_allclose(np.asarray(model.kernel[...]), kernel + 24.0)
 

@@ -86,7 +86,7 @@ def test_gradient_accumulation_equals_the_large_batch_step(strategy):
     state = strategy.replicate((params, tx.init(params)))
     iterator = iter(strategy.experimental_distribute_dataset(micro_batches))
     for _ in range(large_steps):
-        state, _, num_steps = strategy.experimental_run_steps(step, state, iterator, MICRO_STEPS)
+        state, _, num_steps = strategy.run_steps(step, state, iterator, MICRO_STEPS)
         assert num_steps == MICRO_STEPS
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state[0], expected

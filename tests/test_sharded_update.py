@@ -220,7 +220,7 @@ def test_state_runs_in_experimental_run_steps():
     ]
     params = strategy.replicate(_params())
     state = (params, strategy.run(tx.init, args=(params,)))
-    result = strategy.experimental_run_steps(
+    result = strategy.run_steps(
         step, state, iter(batches), 4, options=ts.RunOptions(donate_argnums=(0,))
     )
     params = strategy.replicate(_params())

@@ -819,7 +819,7 @@ def test_a_per_replica_of_another_replica_count_names_both_counts():
     for call in (
         lambda: eight.run(lambda v: v, args=(value,)),
         lambda: jax.jit(lambda v: eight.run(lambda u: u, args=(v,)))(value),
-        lambda: eight.experimental_run_steps(lambda s, b: (s, b), np.float32(0), iter([value]), 1),
+        lambda: eight.run_steps(lambda s, b: (s, b), np.float32(0), iter([value]), 1),
     ):
         with pytest.raises(ValueError, match="PerReplica with 4 components but the strategy has 8"):
             call()

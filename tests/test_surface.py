@@ -418,8 +418,8 @@ def _entries(strategy: ts.TPUStrategy, tmp_path: pathlib.Path) -> list[Entry]:
             },
         ),
         Entry(
-            "strategy.experimental_run_steps",
-            lambda fn, state, iterator, steps_per_run: strategy.experimental_run_steps(
+            "strategy.run_steps",
+            lambda fn, state, iterator, steps_per_run: strategy.run_steps(
                 fn, state, iterator, steps_per_run
             ),
             {
@@ -442,7 +442,7 @@ def _entries(strategy: ts.TPUStrategy, tmp_path: pathlib.Path) -> list[Entry]:
             {
                 "experimental_fetch_to_device": lambda: True,
                 "experimental_per_replica_buffer_size": lambda: 2,
-                "experimental_mask": lambda: False,
+                "mask": lambda: False,
                 "drop_remainder": lambda: False,
                 "global_batch_size": lambda: None,
                 "shard_by_process": lambda: False,

@@ -156,23 +156,23 @@ class Batcher:
             raise ValueError(
                 f"batch {index} has {size} rows, more than the static {self._layout.batch_name} of "
                 f"{static_size}; pass InputOptions(global_batch_size=...) set to the largest "
-                "global batch, with experimental_mask=True to pad the smaller ones"
+                "global batch, with mask=True to pad the smaller ones"
             )
         if size < static_size or short is not None:
             if self._options.drop_remainder:
                 return None
-            if not self._options.experimental_mask:
+            if not self._options.mask:
                 what = short or (
                     f"batch {index} has {size} rows, fewer than the static "
                     f"{self._layout.batch_name} of {static_size}"
                 )
                 raise ValueError(
-                    f"{what}: a partial {noun}. Pass InputOptions(experimental_mask=True) to pad "
+                    f"{what}: a partial {noun}. Pass InputOptions(mask=True) to pad "
                     "it and get (batch, mask) elements, or InputOptions(drop_remainder=True) to "
                     "drop it"
                 )
         arrays = [_pad(a, static_size) for a in batch.arrays]
-        masked = self._options.experimental_mask
+        masked = self._options.mask
         if masked:
             arrays.append(np.arange(static_size) < size if real is None else real)
         placed = [
@@ -192,7 +192,7 @@ class Batcher:
                 f"{layout.batch_name} {static_size} (batch {index}) is not divisible by "
                 f"{layout.num_slices} {layout.slices_name}; use a batch size that is a multiple "
                 f"of {layout.num_slices}, or, if this batch is partial, pass "
-                "InputOptions(global_batch_size=...) and experimental_mask=True"
+                "InputOptions(global_batch_size=...) and mask=True"
             )
 
     def _place(self, arrays: list[np.ndarray], static_size: int) -> list[Any]:

@@ -440,7 +440,7 @@ def check_axis_index_outside_loops(name: str, jaxpr) -> None:
     if _jaxpr.reads_axis_index_in_loop(jaxpr):
         raise ValueError(
             f"run({name}): the step reads lax.axis_index inside a loop (lax.scan, fori_loop or "
-            "while_loop, experimental_run_steps' scan included), which XLA:CPU of jaxlib "
+            "while_loop, run_steps' scan included), which XLA:CPU of jaxlib "
             f"{jaxlib.__version__} aborts the process compiling; read it once outside the loop, "
             "or use ts.get_replica_context().replica_id_in_sync_group (or replica_key), which "
             "reads it at the top of the step; jaxlib 0.8.1 and later compile it"

@@ -349,7 +349,7 @@ class ReplicaContext:
         """The replica index that ``replica_scope`` read at the top of the step.
 
         Read there once rather than where the step asks for it, which may be inside a loop
-        (its own, or ``experimental_run_steps``'s scan): XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
+        (its own, or ``run_steps``'s scan): XLA:CPU of jaxlib 0.7.0 to 0.8.0 aborts the
         process compiling a small loop that reads the device's index (see
         ``_compile.check_axis_index_outside_loops``). The value is the same.
         """

@@ -72,7 +72,7 @@ class InputOptions:
         ``strategy.run`` copies them when it is called.
       experimental_per_replica_buffer_size: how many batches the background thread keeps ready
         ahead of the step; 0 reads and places each batch synchronously in ``next`` (no thread).
-      experimental_mask: make every element ``(batch, mask)`` and pad a partial batch to the
+      mask: make every element ``(batch, mask)`` and pad a partial batch to the
         static shape; ``mask`` marks the real rows (the module docstring of ``tpustrat._input``
         gives the recipe).
       drop_remainder: drop a batch with fewer rows than the static shape, as tf.data does.
@@ -89,13 +89,13 @@ class InputOptions:
         nothing.
 
     Example:
-      >>> InputOptions(experimental_mask=True).experimental_per_replica_buffer_size
+      >>> InputOptions(mask=True).experimental_per_replica_buffer_size
       2
     """
 
     experimental_fetch_to_device: bool = True
     experimental_per_replica_buffer_size: int = 2
-    experimental_mask: bool = False
+    mask: bool = False
     drop_remainder: bool = False
     global_batch_size: int | None = None
     shard_by_process: bool = False
@@ -113,16 +113,16 @@ class InputOptions:
         if self.global_batch_size is not None:
             size = check_int("global_batch_size", self.global_batch_size, minimum=1)
             object.__setattr__(self, "global_batch_size", size)
-        if self.experimental_mask and self.drop_remainder:
+        if self.mask and self.drop_remainder:
             raise ValueError(
-                "InputOptions got experimental_mask=True and drop_remainder=True: a partial "
+                "InputOptions got mask=True and drop_remainder=True: a partial "
                 "batch is either padded and masked or dropped; choose one"
             )
 
 
 _BOOL_FIELDS = (
     "experimental_fetch_to_device",
-    "experimental_mask",
+    "mask",
     "drop_remainder",
     "shard_by_process",
 )

@@ -12,7 +12,7 @@ the devices while the current step runs.
 Every batch has one static shape, the first batch's (or ``InputOptions.global_batch_size``), so
 a step compiles once. A last batch with fewer rows is never dropped silently: by default it
 raises a ValueError; with ``InputOptions(drop_remainder=True)`` it is dropped; with
-``InputOptions(experimental_mask=True)`` it is padded to the static shape, with copies of its
+``InputOptions(mask=True)`` it is padded to the static shape, with copies of its
 first row so that the step computes nothing NaN, and every element becomes ``(batch, mask)``
 where ``mask`` is a PerReplica bool of shape ``(B / R,)`` per replica, True on real rows. Full
 batches carry an all-True mask, so the structure never changes and nothing recompiles.
@@ -29,7 +29,7 @@ replicas, divide by the number of real examples::
       return loss_sum / count     # or return both and sum them over the epoch on the host
 
   for batch, mask in strategy.experimental_distribute_dataset(
-          dataset, ts.InputOptions(experimental_mask=True)):
+          dataset, ts.InputOptions(mask=True)):
       loss = strategy.run(step, args=(params, batch, mask))
 
 For gradients, differentiate ``jnp.sum(per_example * weight) / count`` (``count`` being the

@@ -28,7 +28,7 @@ def compute_average_loss(
     ``reduce_op="sum"`` for the same reason). Outside ``run`` the call sees the whole batch and
     returns its mean.
 
-    With ``mask`` (the ``(B / R,)`` bool mask of ``ts.InputOptions(experimental_mask=True)``),
+    With ``mask`` (the ``(B / R,)`` bool mask of ``ts.InputOptions(mask=True)``),
     padding rows contribute nothing and the divisor is the number of real rows over all
     replicas (one all-reduce of a count), so a partial last batch gives the gradient of the mean
     over its real examples alone.

@@ -16,7 +16,7 @@ from tpustrat._values import PerReplica, is_per_replica
 
 
 class StepsResult(NamedTuple):
-    """What ``strategy.experimental_run_steps`` returns.
+    """What ``strategy.run_steps`` returns.
 
     Attributes:
       state: the state after the last step; Flax NNX objects in it are the caller's own,
@@ -29,7 +29,7 @@ class StepsResult(NamedTuple):
       >>> strategy = ts.TPUStrategy()
       >>> batches = iter([ts.PerReplica([np.float32(1)] * 8)] * 5)
       >>> step = lambda total, x: (total + x, x)
-      >>> [strategy.experimental_run_steps(step, np.float32(0), batches, 4).num_steps
+      >>> [strategy.run_steps(step, np.float32(0), batches, 4).num_steps
       ...  for _ in range(2)]
       [4, 1]
     """
@@ -69,7 +69,7 @@ class MultiStep:
             result = self.fn(carry.state(values), batch)
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise TypeError(
-                    f"experimental_run_steps needs fn(state, batch) -> (state, outputs); "
+                    f"run_steps needs fn(state, batch) -> (state, outputs); "
                     f"{self.__qualname__} returned a {type(result).__name__}"
                 )
             new_state, outputs = result
@@ -135,7 +135,7 @@ class _Carry:
             if graphdef != self._graphdef:
                 raise TypeError(
                     f"{name} changed the structure of the NNX objects in its state (it added "
-                    "or removed a variable, or swapped a submodule); experimental_run_steps "
+                    "or removed a variable, or swapped a submodule); run_steps "
                     "carries the objects' state through every step unchanged in structure"
                 )
         arrays = [x for i, x in enumerate(leaves) if i not in positions]
@@ -181,7 +181,7 @@ def check_batches(batches: Sequence[PyTree]) -> None:
                 name = f"batch{jax.tree_util.keystr(path)}"
                 raise ValueError(
                     f"{name} is {_describe(a)} in batch 0 but {_describe(b)} in batch {k}; "
-                    "experimental_run_steps stacks its batches, which must agree in shape and "
+                    "run_steps stacks its batches, which must agree in shape and "
                     "dtype: pad the last partial batch (ts.InputOptions), or run batches of "
                     "another shape with strategy.run"
                 )
@@ -206,5 +206,5 @@ def _check_same_structure(batches: tuple[PyTree, ...]) -> None:
         if jax.tree.structure(batch) != first:
             raise ValueError(
                 f"batch {k} has structure {jax.tree.structure(batch)} but batch 0 has {first}; "
-                "experimental_run_steps needs batches of one structure"
+                "run_steps needs batches of one structure"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import jax
 
@@ -65,7 +65,7 @@ class StepProfiler:
         self._tracing = False
 
     @contextlib.contextmanager
-    def step(self, step: int) -> Iterator[None]:
+    def step(self, step: int) -> Generator[None, None, None]:
         """Marks ``step`` for the profiler, and starts or stops the trace at the range's ends."""
         step = check_int("step", step, minimum=0)
         if self.first <= step <= self.last and not self._tracing and not self.traced_steps:

@@ -283,7 +283,7 @@ class TPUStrategy:
         args = args if type(args) is tuple else tuple(args)
         return self._dispatcher.run(self, fn, args, {} if kwargs is None else dict(kwargs), options)
 
-    def experimental_run_steps(
+    def run_steps(
         self,
         fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
         state: PyTree,
@@ -335,7 +335,7 @@ class TPUStrategy:
           >>> total, steps = np.float32(0), []
           >>> while True:
           ...     try:
-          ...         total, _, num_steps = strategy.experimental_run_steps(step, total, batches, 3)
+          ...         total, _, num_steps = strategy.run_steps(step, total, batches, 3)
           ...     except StopIteration:
           ...         break
           ...     steps.append(num_steps)
@@ -344,7 +344,7 @@ class TPUStrategy:
         """
         if not callable(fn):
             raise TypeError(
-                f"experimental_run_steps needs a callable step fn(state, batch) -> (state, "
+                f"run_steps needs a callable step fn(state, batch) -> (state, "
                 f"outputs), got {describe(fn)}"
             )
         check_int("steps_per_run", steps_per_run, minimum=1)
@@ -352,7 +352,7 @@ class TPUStrategy:
             unroll = check_int("unroll", unroll, minimum=1)
         if not isinstance(iterator, Iterator):
             raise TypeError(
-                f"experimental_run_steps takes an iterator, got a {type(iterator).__name__}, "
+                f"run_steps takes an iterator, got a {type(iterator).__name__}, "
                 "which would give its first batches again on every call (so a loop until "
                 "StopIteration would never end); pass iter(dataset) once and the same iterator "
                 "to every call"
