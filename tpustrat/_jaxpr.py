@@ -54,7 +54,11 @@ from jax._src import shard_map as _shard_map
 from jax._src.lax import lax as _lax
 from jax._src.lax import linalg as _linalg
 from jax._src.lax import parallel as _parallel
-from jax._src.random import prng as _prng
+
+try:
+    from jax._src.random import prng as _prng
+except ImportError:  # JAX 0.7.0: jax._src.random is a module, and prng sits beside it
+    from jax._src import prng as _prng
 
 T = TypeVar("T")
 
