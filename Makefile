@@ -24,11 +24,13 @@ export NO_MKDOCS_2_WARNING := 1
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "build>=1.2"
+	rm -rf build/lib build/bdist.*  # setuptools' staging, which would carry a deleted module into the wheel
 	$(PY) -m build --quiet --wheel --outdir dist .
 	$(PY) -m pip install --quiet "$(WHEEL)[test,examples,docs,dev]"
 	touch $@
 
 $(WHEEL): $(SOURCES) | $(DEPS)
+	rm -rf build/lib build/bdist.*  # setuptools' staging, which would carry a deleted module into the wheel
 	$(PY) -m build --quiet --wheel --outdir dist .
 
 $(VENV)/.wheel: $(WHEEL)
