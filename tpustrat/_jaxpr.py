@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
@@ -58,7 +59,7 @@ from jax._src.lax import parallel as _parallel
 try:
     from jax._src.random import prng as _prng
 except ImportError:  # JAX 0.7.0: jax._src.random is a module, and prng sits beside it
-    from jax._src import prng as _prng
+    _prng = importlib.import_module("jax._src.prng")
 
 T = TypeVar("T")
 
